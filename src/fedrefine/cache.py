@@ -1,0 +1,93 @@
+"""KV caches: per-layer access over transformers' Cache API, byte counts, layer maps, rotary helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import Cache, DynamicCache
+
+#: One layer's cache: keys and values, each (batch, kv_heads, seq, head_dim).
+LayerKV = tuple[Tensor, Tensor]
+LayerMapKind = Literal["bottom_up", "top_down", "uniform"]
+
+
+def cache_to_layers(cache: Cache) -> list[LayerKV]:
+    """Per-layer (K, V) tensors of a transformers Cache (views, not copies)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"Expected a transformers Cache with per-layer storage, got {type(cache).__name__}.")
+    out = []
+    for index, layer in enumerate(layers):
+        if getattr(layer, "keys", None) is None or not layer.keys.numel():
+            raise ValueError(f"Cache layer {index} is empty: run a prefill before reading the cache.")
+        out.append((layer.keys, layer.values))
+    return out
+
+
+def layers_to_cache(layers: Sequence[LayerKV]) -> DynamicCache:
+    """A DynamicCache holding the given per-layer (K, V) tensors."""
+    return DynamicCache(ddp_cache_data=[(k, v) for k, v in layers])
+
+
+def kv_nbytes(layers: Sequence[LayerKV]) -> int:
+    """Exact bytes held by per-layer K/V tensors."""
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+
+
+def kv_bytes_per_token(layers: Sequence[LayerKV]) -> int:
+    """Bytes of K and V for one token of one sequence, over all given layers."""
+    total = 0
+    for k, v in layers:
+        total += k.shape[1] * k.shape[3] * k.element_size() + v.shape[1] * v.shape[3] * v.element_size()
+    return total
+
+
+def layer_map(kind: LayerMapKind, receiver_layers: int, sender_layers: int) -> list[int]:
+    """For each receiver layer, the sender layer whose cache feeds its fuser.
+
+    - ``bottom_up`` (FedRefine): receiver layer l <- sender layer l, clamped to the sender's top.
+    - ``top_down`` (C2C reference): the top layers align; receiver l <- sender S - T + l, clamped at 0.
+    - ``uniform``: depth-proportional; first to first and last to last.
+    """
+    if receiver_layers < 1 or sender_layers < 1:
+        raise ValueError(f"Depths must be positive, got receiver={receiver_layers}, sender={sender_layers}.")
+    T, S = receiver_layers, sender_layers
+    if kind == "bottom_up":
+        return [min(t, S - 1) for t in range(T)]
+    if kind == "top_down":
+        return [max(S - T + t, 0) for t in range(T)]
+    if kind == "uniform":
+        if T == 1:
+            return [S - 1]
+        return [round(t * (S - 1) / (T - 1)) for t in range(T)]
+    raise ValueError(f"Unknown layer map {kind!r}; choose 'bottom_up', 'top_down' or 'uniform'.")
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids for a (left- or right-) padded batch: 0 at each sample's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def rotary_cos_sin(rotary_embedding: nn.Module, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of a model's own rotary embedding at ``position_ids``, shaped (B, 1, N, head_dim)."""
+    probe = torch.zeros((), dtype=dtype, device=position_ids.device)
+    cos, sin = rotary_embedding(probe, position_ids)
+    return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, N, D) states by the given angles (HF's half-split RoPE convention)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def remove_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Inverse of :func:`apply_rotary`: rotate by the negative angles (and undo any attention scaling)."""
+    return (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)

@@ -1,0 +1,245 @@
+"""Fusers: trainable maps from a sender's KV cache into a receiver's cache space (C2C).
+
+Per receiver layer, separately for keys and values (shapes (B, H, N, D))::
+
+    h = FFN(W_in [s ; t] + b_in)                  trunk over sender s and receiver t
+    p = W_out FFN^(L-2)(h) + b_out                projected cache   (B, H_t, N, D_t)
+    w = sigmoid(W_w FFN(h) + b_w)                 per-token, per-head weight (B, H_t, N, 1)
+    delta = g * w * p                             g: the layer's binary-concrete gate
+
+and the receiver's cache becomes ``X_t + delta`` (residual fusion). Keys enter and leave
+without rotary embedding: the caller removes each model's RoPE before and re-applies the
+receiver's after, so models with different rotary bases are fused in a position-free space.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fedrefine.cache import LayerKV, LayerMapKind, layer_map
+from fedrefine.participants import ParticipantIdentity
+
+FORMAT_NAME = "fedrefine.fuser"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "fuser.safetensors"
+METADATA_FILE = "fuser.json"
+
+
+class FuserPairMismatchError(ValueError):
+    """A fuser was trained for another sender/receiver pair than the one it is loaded into."""
+
+
+@dataclass
+class FuserConfig:
+    """Size and behaviour of a fuser. ``hidden_size=1024, num_blocks=3`` is the C2C reference size."""
+
+    hidden_size: int = 256
+    num_blocks: int = 3
+    ffn_multiplier: float = 1.0
+    dropout: float = 0.1
+    layer_map: LayerMapKind = "bottom_up"
+    gate_init: float = 1.0
+    temperature_start: float = 1.0
+    temperature_end: float = 0.001
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be at least 2 (trunk + weight head), got {self.num_blocks}.")
+        if self.hidden_size < 1:
+            raise ValueError(f"hidden_size must be positive, got {self.hidden_size}.")
+
+
+class FeedForwardBlock(nn.Module):
+    """Pre-norm residual MLP: x + Dropout(W2 GELU(W1 RMSNorm(x)))."""
+
+    def __init__(self, dim: int, inner_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(dim)
+        self.up = nn.Linear(dim, inner_dim)
+        self.down = nn.Linear(inner_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.dropout(self.down(nn.functional.gelu(self.up(self.norm(x)))))
+
+
+class StreamFuser(nn.Module):
+    """One stream (K or V) of one layer: trunk, projection head and per-head weight head."""
+
+    def __init__(self, sender_dim: int, receiver_heads: int, receiver_head_dim: int, config: FuserConfig) -> None:
+        super().__init__()
+        hidden, inner = config.hidden_size, max(1, round(config.hidden_size * config.ffn_multiplier))
+        receiver_dim = receiver_heads * receiver_head_dim
+        self.receiver_heads = receiver_heads
+        self.sender_norm = nn.RMSNorm(sender_dim)
+        self.receiver_norm = nn.RMSNorm(receiver_dim)
+        self.input = nn.Linear(sender_dim + receiver_dim, hidden)
+        self.trunk = FeedForwardBlock(hidden, inner, config.dropout)
+        self.projection_blocks = nn.Sequential(
+            *(FeedForwardBlock(hidden, inner, config.dropout) for _ in range(config.num_blocks - 2))
+        )
+        self.projection = nn.Linear(hidden, receiver_dim)
+        self.weight_block = FeedForwardBlock(hidden, inner, config.dropout)
+        self.weight_head = nn.Linear(hidden, receiver_heads)
+        # Start as the identity map on the receiver's cache: nothing is added until trained.
+        nn.init.zeros_(self.projection.weight)
+        nn.init.zeros_(self.projection.bias)
+
+    def forward(self, sender: Tensor, receiver: Tensor) -> Tensor:
+        """Weighted projection ``w * p`` (B, H_t, N, D_t) from sender (B, H_s, N, D_s) and receiver states."""
+        batch, _, length, head_dim = receiver.shape
+        s = self.sender_norm(sender.transpose(1, 2).flatten(2))
+        t = self.receiver_norm(receiver.transpose(1, 2).flatten(2))
+        h = self.trunk(self.input(torch.cat((s, t), dim=-1)))
+        p = self.projection(self.projection_blocks(h)).view(batch, length, self.receiver_heads, head_dim)
+        w = torch.sigmoid(self.weight_head(self.weight_block(h))).unsqueeze(-1)
+        return (w * p).transpose(1, 2)
+
+
+class ConcreteGate(nn.Module):
+    """Per-layer gate: binary-concrete sample with logistic noise in training, ``logit > 0`` in eval."""
+
+    def __init__(self, init: float) -> None:
+        super().__init__()
+        self.logit = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, temperature: Tensor) -> Tensor:
+        if not self.training:
+            return (self.logit > 0).to(self.logit.dtype)
+        u = torch.rand((), device=self.logit.device).clamp(1e-6, 1 - 1e-6)
+        noise = torch.log(u) - torch.log1p(-u)  # logistic, so P(open) = sigmoid(logit)
+        return torch.sigmoid((self.logit + noise) / temperature)
+
+
+class LayerFuser(nn.Module):
+    """Fuser for one receiver layer: K and V streams plus the layer's gate."""
+
+    def __init__(self, sender: ParticipantIdentity, receiver: ParticipantIdentity, config: FuserConfig) -> None:
+        super().__init__()
+        sender_dim = sender.num_kv_heads * sender.head_dim
+        self.key = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config)
+        self.value = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config)
+        self.gate = ConcreteGate(config.gate_init)
+
+    def forward(self, sender: LayerKV, receiver: LayerKV, temperature: Tensor) -> LayerKV:
+        """Deltas (dK, dV) to add to the receiver's (unrotated) K and V at the fused positions."""
+        g = self.gate(temperature)
+        return g * self.key(sender[0], receiver[0]), g * self.value(sender[1], receiver[1])
+
+
+class Fuser(nn.Module):
+    """All layer fusers for one ordered pair sender -> receiver, with the layer map and gates."""
+
+    def __init__(
+        self, sender: ParticipantIdentity, receiver: ParticipantIdentity, config: FuserConfig | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config or FuserConfig()
+        self.sender = sender
+        self.receiver = receiver
+        self.layer_map = layer_map(self.config.layer_map, receiver.num_layers, sender.num_layers)
+        self.layers = nn.ModuleList(LayerFuser(sender, receiver, self.config) for _ in range(receiver.num_layers))
+        self.register_buffer("temperature", torch.tensor(self.config.temperature_start), persistent=False)
+
+    def anneal(self, progress: float) -> None:
+        """Set the gate temperature geometrically between start and end for ``progress`` in [0, 1]."""
+        progress = min(max(progress, 0.0), 1.0)
+        start, end = self.config.temperature_start, self.config.temperature_end
+        self.temperature.fill_(start * (end / start) ** progress)
+
+    def open_layers(self) -> list[bool]:
+        """Which layers fuse: all in training (soft gates), those with ``logit > 0`` in eval (one host sync)."""
+        if self.training:
+            return [True] * len(self.layers)
+        return torch.stack([layer.gate.logit for layer in self.layers]).gt(0).tolist()
+
+    def gate_logits(self) -> Tensor:
+        return torch.stack([layer.gate.logit.detach() for layer in self.layers])
+
+    def sender_layers_needed(self) -> list[int]:
+        """Sender layers that open gates read: only these need to be transmitted."""
+        return sorted({self.layer_map[i] for i, is_open in enumerate(self.open_layers()) if is_open})
+
+    def forward(self, sender: list[LayerKV | None], receiver: list[LayerKV]) -> list[LayerKV | None]:
+        """Per receiver layer, (dK, dV) deltas, or None for a layer whose gate is closed.
+
+        ``sender[j]`` holds the sender's layer-j K/V gathered at the receiver's positions
+        (None for layers not needed); ``receiver[l]`` the receiver's layer-l K/V.
+        """
+        if len(receiver) != len(self.layers):
+            raise ValueError(f"Receiver cache has {len(receiver)} layers, fuser expects {len(self.layers)}.")
+        deltas: list[LayerKV | None] = []
+        for index, is_open in enumerate(self.open_layers()):
+            source = sender[self.layer_map[index]]
+            if not is_open or source is None:
+                deltas.append(None)
+                continue
+            deltas.append(self.layers[index](source, receiver[index], self.temperature))
+        return deltas
+
+    # --- persistence -------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "sender": self.sender.to_dict(),
+            "receiver": self.receiver.to_dict(),
+            "config": asdict(self.config),
+            "layer_map": self.layer_map,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``fuser.safetensors`` (weights) and ``fuser.json`` (pair identity, config, layer map)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": FORMAT_NAME})
+        (directory / METADATA_FILE).write_text(json.dumps(self.metadata(), indent=2) + "\n")
+        return directory
+
+    @staticmethod
+    def read_metadata(directory: str | Path) -> dict[str, Any]:
+        path = Path(directory) / METADATA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"No fuser at {directory}: {METADATA_FILE} is missing.")
+        metadata = json.loads(path.read_text())
+        if metadata.get("format") != FORMAT_NAME or metadata.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} is not a FedRefine fuser of format version {FORMAT_VERSION}.")
+        return metadata
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        sender: ParticipantIdentity,
+        receiver: ParticipantIdentity,
+        map_location: str | torch.device = "cpu",
+    ) -> Fuser:
+        """Load a saved fuser for exactly this pair; any other pair is refused."""
+        metadata = cls.read_metadata(directory)
+        saved_sender = ParticipantIdentity.from_dict(metadata["sender"])
+        saved_receiver = ParticipantIdentity.from_dict(metadata["receiver"])
+        if (saved_sender, saved_receiver) != (sender, receiver):
+            raise FuserPairMismatchError(
+                f"The fuser in {directory} was trained for {saved_sender.key} -> {saved_receiver.key}, "
+                f"but this pair is {sender.key} -> {receiver.key}. Load the fuser trained for this pair, "
+                f"or train one with `fedrefine fit`."
+            )
+        fuser = cls(sender, receiver, FuserConfig(**metadata["config"]))
+        if fuser.layer_map != metadata["layer_map"]:
+            raise ValueError(f"Layer map in {directory} does not match its layer_map kind; the file was edited.")
+        fuser.load_state_dict(load_file(Path(directory) / WEIGHTS_FILE, device=str(map_location)), strict=True)
+        return fuser.to(map_location)
+
+
+def fuser_parameter_count(sender: ParticipantIdentity, receiver: ParticipantIdentity, config: FuserConfig) -> int:
+    """Trainable parameters of a fuser for this pair, computed without building the LLMs."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in Fuser(sender, receiver, config).parameters())

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from fedrefine.cache import (
+    apply_rotary,
+    cache_to_layers,
+    kv_bytes_per_token,
+    kv_nbytes,
+    layer_map,
+    layers_to_cache,
+    positions_from_mask,
+    remove_rotary,
+    rotary_cos_sin,
+)
+
+
+def test_cache_round_trip_continues_like_the_original(receiver):
+    ids = torch.randint(10, 200, (2, 9))
+    with torch.no_grad():
+        full = receiver.model(ids).logits
+        prefix = receiver.model(ids[:, :6], use_cache=True)
+        layers = [(k.clone(), v.clone()) for k, v in cache_to_layers(prefix.past_key_values)]
+        rebuilt = layers_to_cache(layers)
+        rest = receiver.model(ids[:, 6:], past_key_values=rebuilt).logits
+    assert len(layers) == 3 and layers[0][0].shape == (2, 2, 6, 16)
+    assert torch.allclose(rest, full[:, 6:], atol=1e-5)
+
+
+def test_bytes_are_exact():
+    layers = [(torch.zeros(2, 3, 5, 8), torch.zeros(2, 3, 5, 8, dtype=torch.bfloat16))] * 4
+    assert kv_nbytes(layers) == 4 * (2 * 3 * 5 * 8 * 4 + 2 * 3 * 5 * 8 * 2)
+    assert kv_bytes_per_token(layers) == 4 * (3 * 8 * 4 + 3 * 8 * 2)
+
+
+def test_layer_maps_between_depths():
+    assert layer_map("bottom_up", 28, 24) == list(range(24)) + [23] * 4
+    assert layer_map("top_down", 28, 24) == [0, 0, 0, 0] + list(range(24))
+    uniform = layer_map("uniform", 28, 24)
+    assert uniform[0] == 0 and uniform[-1] == 23 and uniform == sorted(uniform)
+    assert layer_map("bottom_up", 28, 16) == list(range(16)) + [15] * 12
+    assert layer_map("top_down", 28, 16) == [0] * 12 + list(range(16))
+    assert layer_map("bottom_up", 16, 28) == list(range(16))
+    assert layer_map("top_down", 16, 28) == list(range(12, 28))
+    assert layer_map("uniform", 16, 28) == [round(t * 27 / 15) for t in range(16)]
+    with pytest.raises(ValueError, match="Unknown layer map 'sideways'"):
+        layer_map("sideways", 2, 2)
+
+
+def test_positions_follow_each_samples_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_rotary_removal_inverts_the_models_own_rotation(llama_sender):
+    positions = torch.arange(7)[None]
+    cos, sin = rotary_cos_sin(llama_sender.rotary_embedding, positions, torch.float32)
+    x = torch.randn(1, 3, 7, 8)
+    rotated = apply_rotary(x, cos, sin)
+    assert not torch.allclose(rotated, x)
+    assert torch.allclose(remove_rotary(rotated, cos, sin), x, atol=1e-5)
+
+
+def test_removing_rotary_from_cached_keys_makes_them_position_free(receiver):
+    """The same token at two positions has different cached keys, but equal unrotated layer-0 keys."""
+    ids = torch.tensor([[50, 60, 70, 50]])
+    with torch.no_grad():
+        keys = cache_to_layers(receiver.model(ids, use_cache=True).past_key_values)[0][0]
+    cos, sin = rotary_cos_sin(receiver.rotary_embedding, torch.arange(4)[None], torch.float32)
+    plain = remove_rotary(keys, cos, sin)
+    assert not torch.allclose(keys[:, :, 0], keys[:, :, 3], atol=1e-4)
+    assert torch.allclose(plain[:, :, 0], plain[:, :, 3], atol=1e-5)

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from fedrefine.fuser import ConcreteGate, Fuser, FuserConfig, FuserPairMismatchError, fuser_parameter_count
+from fedrefine.participants import ParticipantIdentity, real_model_config
+
+
+def identity(hub_id):
+    return ParticipantIdentity.from_config(real_model_config(hub_id), hub_id, "main")
+
+
+def random_layers(ident, length=5, batch=2):
+    return [
+        (torch.randn(batch, ident.num_kv_heads, length, ident.head_dim), torch.randn(batch, ident.num_kv_heads, length, ident.head_dim))
+        for _ in range(ident.num_layers)
+    ]
+
+
+@pytest.mark.parametrize("sender_name", ["llama_sender", "qwen2_sender"])
+def test_fuser_outputs_receiver_shapes_for_heterogeneous_pairs(request, receiver, sender_name):
+    sender = request.getfixturevalue(sender_name)
+    fuser = Fuser(sender.identity, receiver.identity, FuserConfig(hidden_size=16))
+    deltas = fuser(random_layers(sender.identity), random_layers(receiver.identity))
+    assert len(deltas) == receiver.identity.num_layers
+    for dk, dv in deltas:
+        assert dk.shape == dv.shape == (2, 2, 5, 16)
+
+
+def test_reference_size_matches_c2c_and_default_is_slimmer():
+    receiver, sender = identity("Qwen/Qwen3-0.6B"), identity("Qwen/Qwen2.5-0.5B-Instruct")
+    reference = fuser_parameter_count(sender, receiver, FuserConfig(hidden_size=1024, num_blocks=3))
+    default = fuser_parameter_count(sender, receiver, FuserConfig())
+    per_layer = reference / receiver.num_layers
+    assert 16e6 < per_layer < 18e6  # "~17M parameters per layer" for this pair
+    assert default < reference / 5
+
+
+def test_gate_uses_logistic_noise_so_training_matches_the_eval_threshold():
+    gate = ConcreteGate(0.0).train()
+    samples = torch.stack([gate(torch.tensor(0.01)) for _ in range(4000)])
+    # logistic noise: P(open at logit 0) = 0.5 (Gumbel noise would give 0.63)
+    assert abs((samples > 0.5).float().mean().item() - 0.5) < 0.04
+    gate.eval()
+    assert gate(torch.tensor(1.0)).item() == 0.0
+    gate.logit.data.fill_(0.3)
+    assert gate(torch.tensor(1.0)).item() == 1.0
+
+
+def test_temperature_anneals_geometrically(receiver, llama_sender):
+    fuser = Fuser(llama_sender.identity, receiver.identity, FuserConfig(temperature_start=1.0, temperature_end=0.01))
+    fuser.anneal(0.0)
+    assert fuser.temperature.item() == pytest.approx(1.0)
+    fuser.anneal(0.5)
+    assert fuser.temperature.item() == pytest.approx(0.1)
+    fuser.anneal(1.0)
+    assert fuser.temperature.item() == pytest.approx(0.01)
+
+
+def test_closed_gates_skip_layers_and_their_sender_layers(receiver, qwen2_sender):
+    fuser = Fuser(qwen2_sender.identity, receiver.identity, FuserConfig(hidden_size=8, layer_map="top_down")).eval()
+    fuser.layers[0].gate.logit.data.fill_(-1.0)
+    assert fuser.layer_map == [1, 2, 3]
+    assert fuser.sender_layers_needed() == [2, 3]
+    deltas = fuser(random_layers(qwen2_sender.identity), random_layers(receiver.identity))
+    assert deltas[0] is None and deltas[1] is not None
+
+
+def test_save_load_round_trip_and_mismatched_pair_is_refused(receiver, llama_sender, qwen2_sender, tmp_path):
+    fuser = Fuser(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=16, dropout=0.0))
+    for p in fuser.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    for layer in fuser.layers:
+        layer.gate.logit.data.fill_(1.0)
+    fuser.eval().save(tmp_path / "f")
+    assert (tmp_path / "f" / "fuser.safetensors").is_file() and (tmp_path / "f" / "fuser.json").is_file()
+    loaded = Fuser.load(tmp_path / "f", llama_sender.identity, receiver.identity).eval()
+    s, r = random_layers(llama_sender.identity), random_layers(receiver.identity)
+    for (a, b), (c, d) in zip(fuser(s, r), loaded(s, r)):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    with pytest.raises(FuserPairMismatchError) as err:
+        Fuser.load(tmp_path / "f", qwen2_sender.identity, receiver.identity)
+    message = str(err.value)
+    assert llama_sender.identity.key in message and qwen2_sender.identity.key in message
+    assert receiver.identity.key in message
+
+
+def test_load_refuses_tampered_weights(receiver, llama_sender, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    fuser = Fuser(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=16))
+    fuser.save(tmp_path)
+    tensors = load_file(tmp_path / "fuser.safetensors")
+    tensors.pop(next(iter(tensors)))
+    save_file(tensors, tmp_path / "fuser.safetensors")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        Fuser.load(tmp_path, llama_sender.identity, receiver.identity)

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from fedrefine.participants import (
+    REAL_MODELS,
+    ParticipantLoadError,
+    build_random_participant,
+    load_participant,
+    real_model_config,
+    ParticipantIdentity,
+)
+
+
+def test_load_from_local_directory_is_frozen_and_identified(receiver, tmp_path):
+    receiver.model.save_pretrained(tmp_path)
+    receiver.tokenizer.save_pretrained(tmp_path)
+    loaded = load_participant(str(tmp_path), dtype="bfloat16", name="tiny/receiver")
+    assert not loaded.model.training
+    assert all(not p.requires_grad for p in loaded.model.parameters())
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    ident = loaded.identity
+    assert (ident.name_or_path, ident.revision) == ("tiny/receiver", "local")
+    assert ident.architecture == "Qwen3ForCausalLM"
+    assert (ident.num_layers, ident.num_kv_heads, ident.head_dim) == (3, 2, 16)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        expected = receiver.model(ids).logits
+        got = loaded.model(ids).logits.float()
+    assert torch.allclose(expected, got, atol=0.1)  # bf16 copy of the same weights
+
+
+def test_unreachable_hub_id_fails_fast_and_names_local_path(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ParticipantLoadError, match="local directory") as err:
+        load_participant("nobody-here/definitely-not-a-model")
+    assert "nobody-here/definitely-not-a-model" in str(err.value)
+
+
+def test_unknown_dtype_is_a_clear_error(receiver, tmp_path):
+    receiver.model.save_pretrained(tmp_path)
+    receiver.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="Unknown dtype 'fp99'"):
+        load_participant(str(tmp_path), dtype="fp99")
+
+
+@pytest.mark.parametrize(
+    "hub_id, layers, kv_heads, head_dim",
+    [
+        ("Qwen/Qwen3-0.6B", 28, 8, 128),
+        ("Qwen/Qwen2.5-0.5B-Instruct", 24, 2, 64),
+        ("Qwen/Qwen2.5-Coder-0.5B-Instruct", 24, 2, 64),
+        ("Qwen/Qwen2.5-1.5B-Instruct", 28, 2, 128),
+        ("meta-llama/Llama-3.2-1B-Instruct", 16, 8, 64),
+    ],
+)
+def test_shipped_real_configs_have_the_real_shapes(hub_id, layers, kv_heads, head_dim):
+    ident = ParticipantIdentity.from_config(real_model_config(hub_id), hub_id, "main")
+    assert (ident.num_layers, ident.num_kv_heads, ident.head_dim) == (layers, kv_heads, head_dim)
+
+
+def test_all_case_study_models_are_shipped():
+    assert len(REAL_MODELS) == 5
+
+
+@pytest.mark.parametrize("hub_id", ["Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct"])
+def test_random_participant_with_real_shape_runs(hub_id):
+    # Two layers and a small local vocabulary keep it light; heads and head dims are the real ones.
+    participant = build_random_participant(hub_id, num_hidden_layers=2)
+    ident = participant.identity
+    assert ident.num_layers == 2 and ident.revision == "random-0"
+    with torch.no_grad():
+        out = participant.model(torch.tensor([[1, 2, 3, 4]]), use_cache=True)
+    keys = out.past_key_values.layers[0].keys
+    assert keys.shape == (1, ident.num_kv_heads, 4, ident.head_dim)
