@@ -7,7 +7,7 @@ rendered text: template tokens differ per model and are never fused.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedrefine.participants import Participant
 
@@ -77,10 +77,15 @@ def render_chat(
 
 
 def encode_chat(
-    participant: Participant, messages: Sequence[Message], add_generation_prompt: bool = True
+    participant: Participant, messages: Sequence[Message], add_generation_prompt: bool = True, suffix: str = ""
 ) -> EncodedChat:
-    """Render and tokenize ``messages`` with the participant's own template and tokenizer."""
+    """Render and tokenize ``messages`` with the participant's own template and tokenizer.
+
+    ``suffix`` is appended to the rendered text (e.g. the start of the assistant's answer); it
+    is not message content and is never aligned.
+    """
     text, spans = render_chat(participant, messages, add_generation_prompt)
+    text += suffix
     encoding = participant.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return EncodedChat(
         text=text,
@@ -89,3 +94,8 @@ def encode_chat(
         content_spans=spans,
         contents=[m["content"] for m in messages],
     )
+
+
+def truncate_chat(chat: EncodedChat, num_tokens: int) -> EncodedChat:
+    """The first ``num_tokens`` tokens of an encoding (text and spans are kept)."""
+    return replace(chat, input_ids=chat.input_ids[:num_tokens], offsets=chat.offsets[:num_tokens])

@@ -28,7 +28,7 @@ from fedrefine.cache import (
     remove_rotary,
     rotary_cos_sin,
 )
-from fedrefine.chat import Message, encode_chat
+from fedrefine.chat import EncodedChat, Message, encode_chat
 from fedrefine.fuser import Fuser
 from fedrefine.message import KVMessage, prefill_message
 from fedrefine.participants import Participant
@@ -64,7 +64,25 @@ class PairBatch:
         return self.receiver_input_ids.shape[0]
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
+def encode_response(participant: Participant, response: str) -> list[int]:
+    """Token ids of an assistant response, closed by the participant's end-of-turn token."""
+    ids = participant.tokenizer(response, add_special_tokens=False)["input_ids"]
+    return [*ids, participant.end_of_turn_token_id]
+
+
+def make_pair_example(
+    receiver_chat: EncodedChat, sender_chat: EncodedChat, response_ids: list[int] | None = None
+) -> PairExample:
+    """Align two encodings of the same messages into a :class:`PairExample`."""
+    return PairExample(
+        receiver_ids=receiver_chat.input_ids,
+        sender_ids=sender_chat.input_ids,
+        alignment=align_tokens(receiver_chat, sender_chat),
+        response_ids=response_ids,
+    )
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -89,8 +107,8 @@ def collate_pair_examples(examples: Sequence[PairExample], receiver_pad_id: int,
     """Pad a list of examples into a :class:`PairBatch`; alignment indices follow the sender's padding."""
     if not examples:
         raise ValueError("Cannot collate an empty batch.")
-    receiver_ids, receiver_mask = _left_pad([e.receiver_ids for e in examples], receiver_pad_id)
-    sender_ids, sender_mask = _left_pad([e.sender_ids for e in examples], sender_pad_id)
+    receiver_ids, receiver_mask = left_pad([e.receiver_ids for e in examples], receiver_pad_id)
+    sender_ids, sender_mask = left_pad([e.sender_ids for e in examples], sender_pad_id)
     alignment = torch.full(receiver_ids.shape, -1, dtype=torch.long)
     for i, example in enumerate(examples):
         sender_shift = sender_ids.shape[1] - len(example.sender_ids)
@@ -127,16 +145,8 @@ class C2CPair(nn.Module):
         """Encode a prompt (messages) for both models, align them, and tokenize an optional response."""
         receiver_chat = encode_chat(self.receiver, messages, add_generation_prompt=True)
         sender_chat = encode_chat(self.sender, messages, add_generation_prompt=True)
-        response_ids = None
-        if response is not None:
-            tokenizer = self.receiver.tokenizer
-            response_ids = [*tokenizer(response, add_special_tokens=False)["input_ids"], self.receiver.end_of_turn_token_id]
-        return PairExample(
-            receiver_ids=receiver_chat.input_ids,
-            sender_ids=sender_chat.input_ids,
-            alignment=align_tokens(receiver_chat, sender_chat),
-            response_ids=response_ids,
-        )
+        response_ids = None if response is None else encode_response(self.receiver, response)
+        return make_pair_example(receiver_chat, sender_chat, response_ids)
 
     def collate(self, examples: Sequence[PairExample]) -> PairBatch:
         return collate_pair_examples(examples, self.receiver.tokenizer.pad_token_id, self.sender.tokenizer.pad_token_id)

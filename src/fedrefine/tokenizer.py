@@ -52,8 +52,9 @@ DEFAULT_CORPUS = (
     "Café, naïve, déjà vu, 東京, Ünïcödé and emoji 🙂 appear so that multi-byte characters are tested.",
     "user assistant system: you are a helpful assistant. Answer with the letter of the correct option.",
 )
-# Line breaks appear in every chat template; make sure every tokenizer knows them.
-_FORMAT_TEXT = "user\nassistant\n\nsystem\n"
+# Line breaks appear in every chat template, and option letters follow a space in answers:
+# make sure every tokenizer knows them (so " A" ... " E" can be single tokens).
+_FORMAT_TEXT = "user\nassistant\n\nsystem\n" + " ".join(f"answer is {letter}" for letter in "ABCDE" * 20)
 
 
 def build_tokenizer(

@@ -1,0 +1,148 @@
+"""Multiple-choice questions in the OpenBookQA schema: validation, the zero-shot prompt, option scoring.
+
+The prompt is one user message; the assistant's answer starts with :data:`ANSWER_PREFIX` and
+the model is scored by its next-token logits over the option letters (deterministic).
+The toy world trains its tiny models on exactly this rendering.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedrefine.chat import EncodedChat, Message, encode_chat, truncate_chat
+from fedrefine.participants import Participant
+
+ANSWER_PREFIX = "The correct answer is"
+INSTRUCTION = "Answer with the letter of the correct option."
+REQUIRED_FIELDS = ("id", "question_stem", "choices", "answerKey")
+
+
+class DatasetSchemaError(ValueError):
+    """A row does not follow the OpenBookQA schema."""
+
+
+@dataclass(frozen=True)
+class MultipleChoiceItem:
+    """One question: id, stem, option texts and labels, and the correct label."""
+
+    id: str
+    question_stem: str
+    choices: tuple[str, ...]
+    labels: tuple[str, ...]
+    answer_key: str
+
+    @property
+    def answer_index(self) -> int:
+        return self.labels.index(self.answer_key)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], where: str = "row") -> MultipleChoiceItem:
+        """Validate one OpenBookQA-schema row (id, question_stem, choices{text,label}, answerKey)."""
+        missing = [f for f in REQUIRED_FIELDS if f not in row]
+        if missing:
+            raise DatasetSchemaError(
+                f"{where} is missing field(s) {missing}; OpenBookQA rows need {list(REQUIRED_FIELDS)} "
+                f"with choices = {{'text': [...], 'label': [...]}}."
+            )
+        choices = row["choices"]
+        if not isinstance(choices, Mapping) or "text" not in choices or "label" not in choices:
+            raise DatasetSchemaError(f"{where}: 'choices' must be a mapping with 'text' and 'label' lists.")
+        texts, labels = tuple(str(t) for t in choices["text"]), tuple(str(label) for label in choices["label"])
+        if len(texts) != len(labels) or len(labels) < 2:
+            raise DatasetSchemaError(f"{where}: 'choices' needs at least two options with one label each.")
+        if len(set(labels)) != len(labels):
+            raise DatasetSchemaError(f"{where}: option labels {list(labels)} are not unique.")
+        answer = str(row["answerKey"]).strip()
+        if answer not in labels:
+            raise DatasetSchemaError(
+                f"{where} (id {row['id']!r}): answerKey {answer!r} is not among the option labels {list(labels)}; "
+                f"fix the answerKey or the labels."
+            )
+        return cls(str(row["id"]), str(row["question_stem"]), texts, labels, answer)
+
+
+def question_text(item: MultipleChoiceItem) -> str:
+    """The user message: question, lettered options, instruction."""
+    options = "\n".join(f"{label}. {text}" for label, text in zip(item.labels, item.choices))
+    return f"Question: {item.question_stem}\n{options}\n{INSTRUCTION}"
+
+
+def question_messages(item: MultipleChoiceItem) -> list[Message]:
+    return [{"role": "user", "content": question_text(item)}]
+
+
+def answer_text(label: str) -> str:
+    """The assistant's full answer for ``label`` (what tiny models are trained to produce)."""
+    return f"{ANSWER_PREFIX} {label}."
+
+
+@dataclass(frozen=True)
+class EncodedQuestion:
+    """A question encoded for one participant: the prompt up to the letter and each letter's token id."""
+
+    chat: EncodedChat
+    option_token_ids: tuple[int, ...]
+
+
+def encode_question(participant: Participant, item: MultipleChoiceItem) -> EncodedQuestion:
+    """Encode the prompt through :data:`ANSWER_PREFIX` and find the token that names each option.
+
+    The prompt is tokenized with each label appended; the tokens all variants share are the
+    context, and the first token where they differ names the option. Tokenizers that merge
+    the letter with the space before it and those that do not are both handled.
+    """
+    messages = question_messages(item)
+    variants = [encode_chat(participant, messages, suffix=f"{ANSWER_PREFIX} {label}") for label in item.labels]
+    ids = [v.input_ids for v in variants]
+    shared = 0
+    while all(len(row) > shared for row in ids) and len({row[shared] for row in ids}) == 1:
+        shared += 1
+    candidates = tuple(row[shared] if len(row) > shared else -1 for row in ids)
+    if -1 in candidates or len(set(candidates)) != len(candidates):
+        raise ValueError(
+            f"Tokenizer of {participant.name} cannot tell the option labels {list(item.labels)} apart by one token "
+            f"after {ANSWER_PREFIX!r}; use single-character labels."
+        )
+    return EncodedQuestion(truncate_chat(variants[0], shared), candidates)
+
+
+def option_logits(next_token_logits: Tensor, option_token_ids: Sequence[Sequence[int]]) -> Tensor:
+    """Gather (B, options) logits of each row's option tokens from (B, V) next-token logits."""
+    index = torch.tensor(option_token_ids, device=next_token_logits.device)
+    return next_token_logits.gather(1, index)
+
+
+_LETTER = re.compile(r"(?:answer is|answer:)\s*\(?([A-Z])\b|^\s*\(?([A-Z])[.)]?(?:\s|$)", re.IGNORECASE)
+
+
+def extract_choice(text: str, labels: Sequence[str]) -> str | None:
+    """The option label a generated answer names, or None (counted wrong, never skipped)."""
+    for match in _LETTER.finditer(text):
+        letter = (match.group(1) or match.group(2)).upper()
+        if letter in labels:
+            return letter
+    standalone = [t for t in re.findall(r"\b([A-Z])\b", text) if t in labels]
+    return standalone[0] if len(set(standalone)) == 1 else None
+
+
+@torch.no_grad()
+def predict_alone(participant: Participant, items: Sequence[MultipleChoiceItem], batch_size: int = 16) -> list[int]:
+    """Predicted option index of each item by the participant alone (argmax over option-letter logits)."""
+    from fedrefine.cache import positions_from_mask
+    from fedrefine.pair import left_pad
+
+    predictions: list[int] = []
+    for start in range(0, len(items), batch_size):
+        encoded = [encode_question(participant, item) for item in items[start : start + batch_size]]
+        ids, mask = left_pad([e.chat.input_ids for e in encoded], participant.tokenizer.pad_token_id)
+        ids, mask = ids.to(participant.device), mask.to(participant.device)
+        logits = participant.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        scores = option_logits(logits[:, -1].float(), [e.option_token_ids for e in encoded])
+        predictions.extend(scores.argmax(-1).tolist())
+    return predictions
