@@ -26,12 +26,14 @@ def _char_owners(encoded: EncodedChat) -> list[int]:
     return owners
 
 
-def align_tokens(receiver: EncodedChat, sender: EncodedChat) -> list[int]:
+def align_tokens(receiver: EncodedChat, sender: EncodedChat, strict: bool = True) -> list[int]:
     """For every receiver token, the sender token index it reads from, or ``UNALIGNED`` (-1).
 
-    Both encodings must hold the same messages' contents (same order, same text).
+    Both encodings must hold the same messages' contents (same order, same text). With
+    ``strict=False`` (used by controls that feed the sender another text) contents may differ:
+    the same character offset within each message is used, clamped to the sender's message.
     """
-    if receiver.contents != sender.contents:
+    if len(receiver.contents) != len(sender.contents) or (strict and receiver.contents != sender.contents):
         raise ValueError(
             "Residual fusion needs the sender and receiver to read the same messages; got different contents. "
             "Use concat fusion for different texts."
@@ -44,8 +46,8 @@ def align_tokens(receiver: EncodedChat, sender: EncodedChat) -> list[int]:
         last_char = end - 1
         for message_index, (span_start, span_end) in enumerate(receiver.content_spans):
             if span_start <= last_char < span_end:
-                sender_start, _ = sender.content_spans[message_index]
-                char = sender_start + (last_char - span_start)
+                sender_start, sender_end = sender.content_spans[message_index]
+                char = min(sender_start + (last_char - span_start), sender_end - 1)
                 # A character no sender token covers (e.g. dropped whitespace): use the nearest
                 # covered character before it within the same message.
                 while char >= sender_start and owners[char] == UNALIGNED:

@@ -71,13 +71,13 @@ def encode_response(participant: Participant, response: str) -> list[int]:
 
 
 def make_pair_example(
-    receiver_chat: EncodedChat, sender_chat: EncodedChat, response_ids: list[int] | None = None
+    receiver_chat: EncodedChat, sender_chat: EncodedChat, response_ids: list[int] | None = None, strict: bool = True
 ) -> PairExample:
-    """Align two encodings of the same messages into a :class:`PairExample`."""
+    """Align two encodings of the same messages into a :class:`PairExample` (see :func:`align_tokens`)."""
     return PairExample(
         receiver_ids=receiver_chat.input_ids,
         sender_ids=sender_chat.input_ids,
-        alignment=align_tokens(receiver_chat, sender_chat),
+        alignment=align_tokens(receiver_chat, sender_chat, strict=strict),
         response_ids=response_ids,
     )
 
@@ -198,10 +198,11 @@ class C2CPair(nn.Module):
             )
         return fused
 
-    def forward(self, batch: PairBatch, fuse: bool = True) -> Tensor:
+    def forward(self, batch: PairBatch, fuse: bool = True, message: KVMessage | None = None) -> Tensor:
         """Receiver logits for the last prompt token and every response token, (B, 1 + R, V).
 
-        With ``fuse=False`` (or every gate closed) this is exactly the receiver alone.
+        With ``fuse=False`` (or every gate closed) this is exactly the receiver alone. A given
+        ``message`` replaces the sender's own prefill (used by controls).
         """
         prompt_ids, prompt_mask = batch.receiver_input_ids, batch.receiver_attention_mask
         if batch.response_ids is not None:
@@ -211,7 +212,7 @@ class C2CPair(nn.Module):
             full_ids, full_mask = prompt_ids, prompt_mask
         positions = positions_from_mask(full_mask)
         cut = prompt_ids.shape[1] - 1
-        cache = self.prefill_receiver(full_ids[:, :cut], full_mask[:, :cut], positions[:, :cut], batch, fuse)
+        cache = self.prefill_receiver(full_ids[:, :cut], full_mask[:, :cut], positions[:, :cut], batch, fuse, message)
         output = self.receiver_model(
             input_ids=full_ids[:, cut:],
             attention_mask=full_mask,
@@ -221,8 +222,35 @@ class C2CPair(nn.Module):
         )
         return output.logits
 
+    @torch.no_grad()
+    def generate(
+        self, batch: PairBatch, max_new_tokens: int = 64, fuse: bool = True, message: KVMessage | None = None
+    ) -> list[list[int]]:
+        """Greedy continuation of each prompt over the fused cache; new token ids per sample (up to eos)."""
+        ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
+        positions = positions_from_mask(mask)
+        cut = ids.shape[1] - 1
+        cache = self.prefill_receiver(ids[:, :cut], mask[:, :cut], positions[:, :cut], batch, fuse, message)
+        tokenizer = self.receiver.tokenizer
+        output = self.receiver_model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=self.receiver.end_of_turn_token_id,
+        )
+        return [trim_at_eos(row[ids.shape[1] :].tolist(), self.receiver.end_of_turn_token_id) for row in output]
+
     def prefill_receiver(
-        self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, batch: PairBatch, fuse: bool = True
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        positions: Tensor,
+        batch: PairBatch,
+        fuse: bool = True,
+        message: KVMessage | None = None,
     ):
         """The receiver's cache over ``input_ids`` (the prompt but its last token), fused unless ``fuse=False``."""
         with torch.no_grad():
@@ -230,7 +258,14 @@ class C2CPair(nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True
             )
         cache = output.past_key_values
-        message = self.send(batch) if fuse else None
+        if not fuse:
+            return cache
+        message = message if message is not None else self.send(batch)
         if message is None:
             return cache
         return layers_to_cache(self.fuse(cache_to_layers(cache), positions, message, batch))
+
+
+def trim_at_eos(token_ids: list[int], eos_token_id: int) -> list[int]:
+    """Generated ids up to (not including) the first end-of-turn token."""
+    return token_ids[: token_ids.index(eos_token_id)] if eos_token_id in token_ids else token_ids

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -30,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fedrefine.hub import hub_offline
 from fedrefine.tokenizer import ChatStyle, TokenizerKind, build_tokenizer
 
 Architecture = Literal["qwen3", "qwen2", "llama"]
@@ -149,16 +147,6 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return resolved
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _chat_kwargs_for(config: PreTrainedConfig) -> dict[str, Any]:
     return dict(DEFAULT_CHAT_TEMPLATE_KWARGS.get(getattr(config, "model_type", ""), {}))
 
@@ -190,8 +178,7 @@ def load_participant(
             AutoConfig.from_pretrained(name_or_path, revision=revision, local_files_only=True)
             load_kwargs["local_files_only"] = True
         except OSError:
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-            if offline or not _hub_reachable():
+            if hub_offline():
                 raise ParticipantLoadError(
                     f"Cannot load {name_or_path!r}: it is not a local directory, it is not in the Hugging Face "
                     f"cache, and the hub is not reachable (offline). Download it on a connected machine "

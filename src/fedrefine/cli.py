@@ -1,0 +1,79 @@
+"""The ``fedrefine`` console script: LightningCLI subcommands fit / validate / test / predict."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+from fedrefine.data.module import C2CDataModule
+from fedrefine.fuser import FuserPairMismatchError
+from fedrefine.multiple_choice import DatasetSchemaError
+from fedrefine.participants import ParticipantLoadError
+from fedrefine.training import C2CModule
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Saves the resolved config next to the logs and hands it to W&B, so runs can be compared."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if isinstance(trainer.logger, WandbLogger):
+            config = self.parser.dump(self.config, skip_none=False, format="json")
+            trainer.logger.experiment.config.update({"fedrefine_config": config}, allow_val_change=True)
+
+
+class FedRefineCLI(LightningCLI):
+    """LightningCLI with W&B run names derived from the pair when none is given."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config)
+        logger = config.get("trainer", {}).get("logger")
+        for entry in logger if isinstance(logger, list) else [logger]:
+            if not hasattr(entry, "get") or not str(entry.get("class_path", "")).endswith("WandbLogger"):
+                continue
+            init_args = entry.get("init_args")
+            if init_args is not None and not init_args.get("name"):
+                init_args["name"] = f"{self.subcommand}:{_short(config, 'sender')}->{_short(config, 'receiver')}"
+
+
+def _short(config, role: str) -> str:
+    source = config["model"][role]
+    args = source.get("init_args", {}) if hasattr(source, "get") else {}
+    for key in ("name", "name_or_path", "hub_id", "role"):
+        if args.get(key):
+            return str(args[key]).rsplit("/", 1)[-1]
+    spec = args.get("spec")
+    return str(spec.get("name")) if hasattr(spec, "get") else role
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> FedRefineCLI:
+    """Build (and by default run) the CLI; ``args`` default to ``sys.argv[1:]``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return FedRefineCLI(
+        C2CModule,
+        C2CDataModule,
+        save_config_callback=LogConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        seed_everything_default=0,
+        args=args,
+        run=run,
+    )
+
+
+#: Errors that name a user mistake and its fix: shown without a traceback.
+USER_ERRORS = (ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, ConnectionError, FileNotFoundError)
+
+
+def main() -> None:
+    try:
+        build_cli()
+    except USER_ERRORS as err:
+        print(f"fedrefine: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

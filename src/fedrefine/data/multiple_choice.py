@@ -1,0 +1,62 @@
+"""Multiple-choice evaluation data (OpenBookQA schema) with the partners the controls need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import islice
+
+from torch.utils.data import Dataset
+
+from fedrefine.data.sources import open_dataset
+from fedrefine.multiple_choice import MultipleChoiceItem
+
+
+def load_questions(
+    path_or_id: str, split: str, config_name: str | None = "main", limit: int | None = None, option: str = "path"
+) -> list[MultipleChoiceItem]:
+    """Every row of the split (or the first ``limit``), validated; a bad row is an error naming it."""
+    rows = open_dataset(path_or_id, split, config_name, streaming=True, option=option)
+    items = [
+        MultipleChoiceItem.from_row(row, where=f"{path_or_id} [{split}] row {index}")
+        for index, row in enumerate(islice(rows, limit))
+    ]
+    if not items:
+        raise ValueError(f"{path_or_id} [{split}] holds no questions.")
+    return items
+
+
+def reorder_options(item: MultipleChoiceItem, shift: int = 1) -> MultipleChoiceItem:
+    """The same question with option texts rotated under fixed labels (the correct letter moves)."""
+    n = len(item.choices)
+    texts = tuple(item.choices[(i - shift) % n] for i in range(n))
+    answer = item.labels[(item.answer_index + shift) % n]
+    return MultipleChoiceItem(f"{item.id}/reordered", item.question_stem, texts, item.labels, answer)
+
+
+@dataclass(frozen=True)
+class QuestionWithControls:
+    """A question, a different question with another correct letter, and the question with options reordered."""
+
+    item: MultipleChoiceItem
+    mismatched: MultipleChoiceItem
+    reordered: MultipleChoiceItem
+
+
+class QuestionDataset(Dataset):
+    """Questions in a fixed order, each with its control partners (deterministic)."""
+
+    def __init__(self, items: list[MultipleChoiceItem]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> QuestionWithControls:
+        item = self.items[index]
+        partner = item
+        for step in range(1, len(self.items)):
+            candidate = self.items[(index + step) % len(self.items)]
+            if candidate.answer_key != item.answer_key and candidate.question_stem != item.question_stem:
+                partner = candidate
+                break
+        return QuestionWithControls(item, partner, reorder_options(item))
