@@ -44,7 +44,7 @@ class MultipleChoiceItem:
     @classmethod
     def from_row(cls, row: Mapping[str, Any], where: str = "row") -> MultipleChoiceItem:
         """Validate one OpenBookQA-schema row (id, question_stem, choices{text,label}, answerKey)."""
-        missing = [f for f in REQUIRED_FIELDS if f not in row]
+        missing = [f for f in REQUIRED_FIELDS if row.get(f) is None]
         if missing:
             raise DatasetSchemaError(
                 f"{where} is missing field(s) {missing}; OpenBookQA rows need {list(REQUIRED_FIELDS)} "

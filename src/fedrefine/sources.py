@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from fedrefine.participants import (
@@ -20,6 +21,11 @@ class ParticipantSource(ABC):
     @abstractmethod
     def load(self) -> Participant:
         """The frozen participant."""
+
+    def describe(self) -> dict[str, Any]:
+        """``class_path`` and ``init_args`` as plain values (for hyper-parameters and logs)."""
+        init_args = {k: asdict(v) if is_dataclass(v) else v for k, v in vars(self).items()}
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}
 
 
 class HubParticipant(ParticipantSource):

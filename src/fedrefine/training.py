@@ -9,6 +9,8 @@ Checkpoints hold the fuser and training state only, never the frozen LLMs.
 from __future__ import annotations
 
 import json
+import warnings
+from dataclasses import asdict
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +29,11 @@ from fedrefine.evaluation import AnswerMode, QuestionBatch, encode_questions, ru
 from fedrefine.fuser import Fuser, FuserConfig, FuserPairMismatchError
 from fedrefine.pair import C2CPair, PairBatch, PairExample, encode_response
 from fedrefine.sources import ParticipantSource
+
+# The frozen LLMs stay in eval mode on purpose, and batches are encoded by the module (it knows the
+# tokenizers): Lightning's warnings about both are expected here.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*overridden `(on_before_batch_transfer|transfer_batch_to_device)`.*")
 
 FUSER_PREFIX = "pair.fuser."
 MAX_OPTIONS = 26
@@ -71,12 +78,15 @@ class C2CModule(L.LightningModule):
         gate_log_every: int = 50,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        fuser = fuser or FuserConfig()
+        # Plain values only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["receiver", "sender", "fuser"])
+        self.hparams.update(receiver=receiver.describe(), sender=sender.describe(), fuser=asdict(fuser))
         receiver_participant, sender_participant = receiver.load(), sender.load()
         if fuser_path is not None:
             fuser_module = Fuser.load(fuser_path, sender_participant.identity, receiver_participant.identity)
         else:
-            fuser_module = Fuser(sender_participant.identity, receiver_participant.identity, fuser or FuserConfig())
+            fuser_module = Fuser(sender_participant.identity, receiver_participant.identity, fuser)
         self.pair = C2CPair(receiver_participant, sender_participant, fuser_module)
         self.export_dir = export_dir
         self.learning_rate, self.weight_decay, self.warmup_fraction = learning_rate, weight_decay, warmup_fraction

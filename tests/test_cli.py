@@ -1,0 +1,41 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedrefine.cli import build_cli
+
+CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses_against_the_cli(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["model"]["receiver"]["class_path"].startswith("fedrefine.")
+    assert resolved["model"]["sender"]["class_path"].startswith("fedrefine.")
+
+
+def test_configs_exist_for_the_design_pairs():
+    names = {p.name for p in CONFIGS}
+    assert {"qwen3_llama.yaml", "qwen3_qwen25.yaml", "tiny.yaml"} <= names
+
+
+def test_tiny_fit_test_and_predict_from_the_command_line(tmp_path, capsys):
+    root = tmp_path / "run"
+    common = ["--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(root),
+              "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false"]
+    build_cli(["fit", *common, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+               "--model.export_dir", str(root / "fuser")])
+    assert (root / "fuser" / "fuser.json").is_file()
+    build_cli(["test", *common, "--model.fuser_path", str(root / "fuser")])
+    results = json.loads((root / "test_results.json").read_text())
+    assert [r["route"] for r in results["rows"]] == ["receiver", "sender", "c2c"]
+    assert all(r["questions"] == 12 for r in results["rows"])
+    capsys.readouterr()
+    build_cli(["predict", *common, "--model.fuser_path", str(root / "fuser"), "--model.max_new_tokens", "3",
+               "--data.predict_prompts", "[What conducts heat?]"])
+    assert "What conducts heat?" in capsys.readouterr().out
