@@ -54,10 +54,10 @@ def test_loss_covers_the_response_tokens_only(tmp_path):
     full_mask = torch.cat((batch.receiver_attention_mask, batch.response_mask), 1)
     from fedrefine.cache import positions_from_mask
     with torch.no_grad():
-        for layer in module.pair.fuser.layers:  # closed gates: the loss is the receiver's own
+        for layer in module.fuser.layers:  # closed gates: the loss is the receiver's own
             layer.gate.logit.fill_(-1.0)
-        loss = module.response_loss(batch)
-        logits = module.pair.receiver_model(full_ids, attention_mask=full_mask, position_ids=positions_from_mask(full_mask)).logits
+        loss = module.response_loss(module.fused, batch)
+        logits = module.fused.receiver_model(full_ids, attention_mask=full_mask, position_ids=positions_from_mask(full_mask)).logits
     prompt_len = batch.receiver_input_ids.shape[1]
     manual, count = 0.0, 0
     for i in range(3):
@@ -71,14 +71,14 @@ def test_loss_covers_the_response_tokens_only(tmp_path):
 
 def test_one_training_step_changes_only_the_fuser(tmp_path):
     module = make_module()
-    frozen = {n: p.clone() for n, p in [*module.pair.receiver_model.named_parameters(), *module.pair.sender_model.named_parameters()]}
-    fuser_before = {n: p.clone() for n, p in module.pair.fuser.named_parameters()}
+    frozen = {n: p.clone() for n, p in [*module.fused.receiver_model.named_parameters(), *module.fused.sender_models[0].named_parameters()]}
+    fuser_before = {n: p.clone() for n, p in module.fuser.named_parameters()}
     trainer(tmp_path, max_steps=2).fit(module, write_data(tmp_path))
-    after = dict([*module.pair.receiver_model.named_parameters(), *module.pair.sender_model.named_parameters()])
+    after = dict([*module.fused.receiver_model.named_parameters(), *module.fused.sender_models[0].named_parameters()])
     assert all(torch.equal(frozen[n], after[n]) for n in frozen)
-    changed = [n for n, p in module.pair.fuser.named_parameters() if not torch.equal(fuser_before[n], p)]
+    changed = [n for n, p in module.fuser.named_parameters() if not torch.equal(fuser_before[n], p)]
     assert changed and all(not p.requires_grad for p in after.values())
-    assert not module.pair.receiver_model.training  # the LLMs never enter train mode
+    assert not module.fused.receiver_model.training  # the LLMs never enter train mode
     assert (tmp_path / "fuser" / "fuser.safetensors").is_file()  # exported automatically
 
 
@@ -88,11 +88,11 @@ def test_short_training_run_lowers_the_loss(tmp_path):
     batch = module.encode_chat_batch(chat_examples())
     module.eval()
     with torch.no_grad():
-        before = module.response_loss(batch).item()
+        before = module.response_loss(module.fused, batch).item()
     trainer(tmp_path, max_steps=40).fit(module, write_data(tmp_path))
     module.eval()
     with torch.no_grad():
-        after = module.response_loss(batch).item()
+        after = module.response_loss(module.fused, batch).item()
     assert after < before - 0.3, (before, after)
 
 
@@ -103,7 +103,7 @@ def test_checkpoint_holds_only_the_fuser_and_resumes(tmp_path):
     trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[checkpoint]).fit(first, data)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 3
-    assert saved["state_dict"] and all(k.startswith("pair.fuser.") for k in saved["state_dict"])
+    assert saved["state_dict"] and all(k.startswith("fused.fusers.0.") for k in saved["state_dict"])
     assert saved["optimizer_states"] and saved["lr_schedulers"]
     resumed = make_module()
     trainer(tmp_path, max_steps=5).fit(resumed, write_data(tmp_path), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
@@ -123,7 +123,7 @@ def test_max_length_below_every_prompt_is_a_clear_error():
 
 def test_long_responses_are_truncated_and_counted():
     module = make_module()
-    prompt_len = len(module.pair.encode(chat_examples()[0].messages).receiver_ids)
+    prompt_len = len(module.fused.encode(chat_examples()[0].messages).receiver_ids)
     module.max_length = prompt_len + 2
     batch = module.encode_chat_batch(chat_examples()[:1])
     assert batch.response_ids.shape[1] == 2

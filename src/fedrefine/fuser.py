@@ -7,7 +7,9 @@ Per receiver layer, separately for keys and values (shapes (B, H, N, D))::
     w = sigmoid(W_w FFN(h) + b_w)                 per-token, per-head weight (B, H_t, N, 1)
     delta = g * w * p                             g: the layer's binary-concrete gate
 
-and the receiver's cache becomes ``X_t + delta`` (residual fusion). Keys enter and leave
+and the receiver's cache becomes ``X_t + delta`` (residual fusion). In concat fusion (the
+FedRefine paper's eq. 1 and 4) the trunk reads the sender alone and the projected cache
+``w*p`` is placed ahead of the receiver's own cache, the gate scaling its values. Keys enter and leave
 without rotary embedding: the caller removes each model's RoPE before and re-applies the
 receiver's after, so models with different rotary bases are fused in a position-free space.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,8 +40,14 @@ class FuserPairMismatchError(ValueError):
 
 @dataclass
 class FuserConfig:
-    """Size and behaviour of a fuser. ``hidden_size=1024, num_blocks=3`` is the C2C reference size."""
+    """Size and behaviour of a fuser. ``hidden_size=1024, num_blocks=3`` is the C2C reference size.
 
+    ``mode``: ``residual`` adds to the receiver's cache at aligned positions (sender and receiver
+    read the same text); ``concat`` projects the sender's cache into extra receiver cache entries
+    placed ahead of the receiver's own (texts may differ).
+    """
+
+    mode: Literal["residual", "concat"] = "residual"
     hidden_size: int = 256
     num_blocks: int = 3
     ffn_multiplier: float = 1.0
@@ -52,6 +60,8 @@ class FuserConfig:
     def __post_init__(self) -> None:
         if self.num_blocks < 2:
             raise ValueError(f"num_blocks must be at least 2 (trunk + weight head), got {self.num_blocks}.")
+        if self.mode not in ("residual", "concat"):
+            raise ValueError(f"Unknown fusion mode {self.mode!r}; choose 'residual' or 'concat'.")
         if self.hidden_size < 1:
             raise ValueError(f"hidden_size must be positive, got {self.hidden_size}.")
 
@@ -77,10 +87,11 @@ class StreamFuser(nn.Module):
         super().__init__()
         hidden, inner = config.hidden_size, max(1, round(config.hidden_size * config.ffn_multiplier))
         receiver_dim = receiver_heads * receiver_head_dim
-        self.receiver_heads = receiver_heads
+        reads_receiver = config.mode == "residual"
+        self.receiver_heads, self.receiver_head_dim = receiver_heads, receiver_head_dim
         self.sender_norm = nn.RMSNorm(sender_dim)
-        self.receiver_norm = nn.RMSNorm(receiver_dim)
-        self.input = nn.Linear(sender_dim + receiver_dim, hidden)
+        self.receiver_norm = nn.RMSNorm(receiver_dim) if reads_receiver else None
+        self.input = nn.Linear(sender_dim + (receiver_dim if reads_receiver else 0), hidden)
         self.trunk = FeedForwardBlock(hidden, inner, config.dropout)
         self.projection_blocks = nn.Sequential(
             *(FeedForwardBlock(hidden, inner, config.dropout) for _ in range(config.num_blocks - 2))
@@ -92,13 +103,16 @@ class StreamFuser(nn.Module):
         nn.init.zeros_(self.projection.weight)
         nn.init.zeros_(self.projection.bias)
 
-    def forward(self, sender: Tensor, receiver: Tensor) -> Tensor:
-        """Weighted projection ``w * p`` (B, H_t, N, D_t) from sender (B, H_s, N, D_s) and receiver states."""
-        batch, _, length, head_dim = receiver.shape
-        s = self.sender_norm(sender.transpose(1, 2).flatten(2))
-        t = self.receiver_norm(receiver.transpose(1, 2).flatten(2))
-        h = self.trunk(self.input(torch.cat((s, t), dim=-1)))
-        p = self.projection(self.projection_blocks(h)).view(batch, length, self.receiver_heads, head_dim)
+    def forward(self, sender: Tensor, receiver: Tensor | None = None) -> Tensor:
+        """Weighted projection ``w * p`` (B, H_t, N, D_t) from sender (B, H_s, N, D_s) [and receiver] states."""
+        batch, _, length, _ = sender.shape
+        features = self.sender_norm(sender.transpose(1, 2).flatten(2))
+        if self.receiver_norm is not None:
+            if receiver is None:
+                raise ValueError("A residual fuser needs the receiver's states at the same positions.")
+            features = torch.cat((features, self.receiver_norm(receiver.transpose(1, 2).flatten(2))), dim=-1)
+        h = self.trunk(self.input(features))
+        p = self.projection(self.projection_blocks(h)).view(batch, length, self.receiver_heads, self.receiver_head_dim)
         w = torch.sigmoid(self.weight_head(self.weight_block(h))).unsqueeze(-1)
         return (w * p).transpose(1, 2)
 
@@ -127,10 +141,13 @@ class LayerFuser(nn.Module):
         self.key = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config)
         self.value = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config)
         self.gate = ConcreteGate(config.gate_init)
+        self.mode = config.mode
 
-    def forward(self, sender: LayerKV, receiver: LayerKV, temperature: Tensor) -> LayerKV:
-        """Deltas (dK, dV) to add to the receiver's (unrotated) K and V at the fused positions."""
+    def forward(self, sender: LayerKV, receiver: LayerKV | None, temperature: Tensor) -> LayerKV:
+        """Residual: deltas (dK, dV) for the receiver's (unrotated) K/V. Concat: new (K, V) cache entries."""
         g = self.gate(temperature)
+        if self.mode == "concat":
+            return self.key(sender[0]), g * self.value(sender[1])
         return g * self.key(sender[0], receiver[0]), g * self.value(sender[1], receiver[1])
 
 
@@ -154,12 +171,6 @@ class Fuser(nn.Module):
         start, end = self.config.temperature_start, self.config.temperature_end
         self.temperature.fill_(start * (end / start) ** progress)
 
-    def open_layers(self) -> list[bool]:
-        """Which layers fuse: all in training (soft gates), those with ``logit > 0`` in eval (one host sync)."""
-        if self.training:
-            return [True] * len(self.layers)
-        return torch.stack([layer.gate.logit for layer in self.layers]).gt(0).tolist()
-
     def gate_logits(self) -> Tensor:
         return torch.stack([layer.gate.logit.detach() for layer in self.layers])
 
@@ -167,22 +178,34 @@ class Fuser(nn.Module):
         """Sender layers that open gates read: only these need to be transmitted."""
         return sorted({self.layer_map[i] for i, is_open in enumerate(self.open_layers()) if is_open})
 
-    def forward(self, sender: list[LayerKV | None], receiver: list[LayerKV]) -> list[LayerKV | None]:
-        """Per receiver layer, (dK, dV) deltas, or None for a layer whose gate is closed.
+    @property
+    def mode(self) -> str:
+        return self.config.mode
 
-        ``sender[j]`` holds the sender's layer-j K/V gathered at the receiver's positions
-        (None for layers not needed); ``receiver[l]`` the receiver's layer-l K/V.
+    def open_layers(self) -> list[bool]:
+        """Which layers fuse: all in training (soft gates) and in concat mode (every layer needs an entry at
+        the prefix positions; a closed gate zeroes its values), those with ``logit > 0`` in residual eval."""
+        if self.training or self.mode == "concat":
+            return [True] * len(self.layers)
+        return torch.stack([layer.gate.logit for layer in self.layers]).gt(0).tolist()
+
+    def forward(self, sender: list[LayerKV | None], receiver: list[LayerKV] | None = None) -> list[LayerKV | None]:
+        """Per receiver layer: residual deltas (dK, dV), concat cache entries (K, V), or None (closed gate).
+
+        ``sender[j]`` holds the sender's layer-j K/V (residual: gathered at the receiver's
+        positions; None for layers not needed); ``receiver[l]`` the receiver's layer-l K/V
+        (residual mode only).
         """
-        if len(receiver) != len(self.layers):
+        if receiver is not None and len(receiver) != len(self.layers):
             raise ValueError(f"Receiver cache has {len(receiver)} layers, fuser expects {len(self.layers)}.")
-        deltas: list[LayerKV | None] = []
+        outputs: list[LayerKV | None] = []
         for index, is_open in enumerate(self.open_layers()):
             source = sender[self.layer_map[index]]
             if not is_open or source is None:
-                deltas.append(None)
+                outputs.append(None)
                 continue
-            deltas.append(self.layers[index](source, receiver[index], self.temperature))
-        return deltas
+            outputs.append(self.layers[index](source, None if receiver is None else receiver[index], self.temperature))
+        return outputs
 
     # --- persistence -------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:

@@ -135,7 +135,7 @@ def extract_choice(text: str, labels: Sequence[str]) -> str | None:
 def predict_alone(participant: Participant, items: Sequence[MultipleChoiceItem], batch_size: int = 16) -> list[int]:
     """Predicted option index of each item by the participant alone (argmax over option-letter logits)."""
     from fedrefine.cache import positions_from_mask
-    from fedrefine.pair import left_pad
+    from fedrefine.batching import left_pad
 
     predictions: list[int] = []
     for start in range(0, len(items), batch_size):

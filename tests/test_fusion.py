@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fedrefine.fuser import Fuser, FuserConfig
-from fedrefine.pair import C2CPair
+from fedrefine.fusion import FusedReceiver
 from fedrefine.cache import positions_from_mask
 
 PROMPTS = [
@@ -17,7 +17,7 @@ def make_pair(receiver, sender, scale=0.3, **config):
     for layer in fuser.layers:  # leave the zero init so that fusion visibly changes outputs
         for stream in (layer.key, layer.value):
             torch.nn.init.normal_(stream.projection.weight, std=scale)
-    return C2CPair(receiver, sender, fuser)
+    return FusedReceiver(receiver, [sender], [fuser])
 
 
 @pytest.mark.parametrize("sender_name", ["llama_sender", "qwen2_sender"])
@@ -44,7 +44,7 @@ def test_padding_is_handled_per_sample(receiver, llama_sender):
 
 def test_closed_gates_give_exactly_the_receiver_alone(receiver, llama_sender):
     pair = make_pair(receiver, llama_sender).eval()
-    for layer in pair.fuser.layers:
+    for layer in pair.fusers[0].layers:
         layer.gate.logit.data.fill_(-2.0)
     batch = pair.collate([pair.encode(m, r) for m, r in PROMPTS])
     calls = []
@@ -69,11 +69,11 @@ def test_gradients_reach_only_the_fuser(receiver, qwen2_sender):
     batch = pair.collate([pair.encode(m, r) for m, r in PROMPTS])
     logits = pair(batch)
     logits.float().pow(2).mean().backward()
-    fuser_grads = [p.grad for p in pair.fuser.parameters()]
+    fuser_grads = [p.grad for p in pair.fusers[0].parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in fuser_grads)
     for model in (receiver.model, qwen2_sender.model):
         assert all(p.grad is None for p in model.parameters())
-    pair.fuser.zero_grad(set_to_none=True)
+    pair.fusers[0].zero_grad(set_to_none=True)
 
 
 def test_only_aligned_positions_change(receiver, llama_sender):
@@ -82,14 +82,14 @@ def test_only_aligned_positions_change(receiver, llama_sender):
     ids, mask = batch.receiver_input_ids[:, :-1], batch.receiver_attention_mask[:, :-1]
     positions = positions_from_mask(mask)
     with torch.no_grad():
-        plain = pair.prefill_receiver(ids, mask, positions, batch, fuse=False)
-        fused = pair.prefill_receiver(ids, mask, positions, batch, fuse=True)
+        plain = pair.prefill_receiver(ids, mask, positions, batch, senders=[])
+        fused = pair.prefill_receiver(ids, mask, positions, batch, senders=pair.sender_names)
     changed = (fused.layers[0].keys - plain.layers[0].keys).abs().sum(dim=(1, 3)) > 0  # (B, N)
-    expected = (batch.alignment[:, :-1] >= 0) & mask.bool()
+    expected = (batch.senders[llama_sender.name].alignment[:, :-1] >= 0) & mask.bool()
     assert torch.equal(changed, expected)
 
 
 def test_fuser_for_other_pair_is_refused(receiver, llama_sender, qwen2_sender):
     fuser = Fuser(llama_sender.identity, receiver.identity)
     with pytest.raises(ValueError, match="participants are"):
-        C2CPair(receiver, qwen2_sender, fuser)
+        FusedReceiver(receiver, [qwen2_sender], [fuser])
