@@ -15,8 +15,10 @@ def test_every_config_parses_against_the_cli(config, capsys):
         build_cli(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["model"]["receiver"]["class_path"].startswith("fedrefine.")
-    assert resolved["model"]["sender"]["class_path"].startswith("fedrefine.")
+    assert resolved["model"]["class_path"].startswith("fedrefine.modules.")
+    sources = [v for v in resolved["model"]["init_args"].values() if isinstance(v, dict) and "class_path" in v]
+    sources += [v for v in (resolved["model"]["init_args"].get("participants") or {}).values()]
+    assert sources and all(s["class_path"].startswith("fedrefine.") for s in sources)
 
 
 def test_configs_exist_for_the_design_pairs():

@@ -9,7 +9,7 @@ from fedrefine.data.chat import ChatExample
 from fedrefine.data.module import C2CDataModule
 from fedrefine.fuser import FuserConfig, FuserPairMismatchError
 from fedrefine.sources import TinyParticipant
-from fedrefine.training import C2CModule
+from fedrefine.modules import C2CModule
 from fedrefine.participants import TinySpec
 
 FACTS = [("metal spoon", "conducts heat"), ("wool scarf", "keeps you warm"), ("glass cup", "breaks easily"),

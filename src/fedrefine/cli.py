@@ -12,7 +12,7 @@ from fedrefine.data.module import C2CDataModule
 from fedrefine.fuser import FuserPairMismatchError
 from fedrefine.multiple_choice import DatasetSchemaError
 from fedrefine.participants import ParticipantLoadError
-from fedrefine.training import C2CModule
+from fedrefine.modules import FusionModule
 
 
 class LogConfigCallback(SaveConfigCallback):
@@ -35,25 +35,34 @@ class FedRefineCLI(LightningCLI):
                 continue
             init_args = entry.get("init_args")
             if init_args is not None and not init_args.get("name"):
-                init_args["name"] = f"{self.subcommand}:{_short(config, 'sender')}->{_short(config, 'receiver')}"
+                init_args["name"] = f"{self.subcommand}:{_run_name(config['model'])}"
 
 
-def _short(config, role: str) -> str:
-    source = config["model"][role]
+def _run_name(model_config) -> str:
+    """``sender->receiver`` (or the module's class) from the model config, for W&B run names."""
+    args = model_config.get("init_args", {})
+    names = [_short(args[role]) for role in ("sender", "receiver") if role in args]
+    if len(names) == 2:
+        return "->".join(names)
+    return str(model_config.get("class_path", "run")).rsplit(".", 1)[-1]
+
+
+def _short(source) -> str:
     args = source.get("init_args", {}) if hasattr(source, "get") else {}
     for key in ("name", "name_or_path", "hub_id", "role"):
         if args.get(key):
             return str(args[key]).rsplit("/", 1)[-1]
     spec = args.get("spec")
-    return str(spec.get("name")) if hasattr(spec, "get") else role
+    return str(spec.get("name")) if hasattr(spec, "get") else "participant"
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> FedRefineCLI:
     """Build (and by default run) the CLI; ``args`` default to ``sys.argv[1:]``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return FedRefineCLI(
-        C2CModule,
+        FusionModule,
         C2CDataModule,
+        subclass_mode_model=True,
         save_config_callback=LogConfigCallback,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

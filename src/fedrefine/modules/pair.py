@@ -1,0 +1,108 @@
+"""LightningModule for one frozen sender -> receiver pair with a trainable fuser (the C2C recipe).
+
+Training: the sender prefills the prompt (no grad), the fuser writes into the receiver's cache,
+the receiver's next-token loss on the response tokens trains the fuser only. Testing: receiver
+alone, sender alone, C2C (and controls) on the same questions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from torch import Tensor
+
+from fedrefine.batching import FusionBatch
+from fedrefine.data.chat import ChatExample
+from fedrefine.evaluation import AnswerMode
+from fedrefine.fuser import Fuser, FuserConfig
+from fedrefine.fusion import FusedReceiver, encode_response
+from fedrefine.modules.base import FusionModule, load_or_create_fuser, mark_frozen
+from fedrefine.sources import ParticipantSource
+
+
+class C2CModule(FusionModule):
+    """Train and evaluate the fuser of one sender -> receiver pair.
+
+    Args:
+        receiver: where the receiver comes from.
+        sender: where the sender comes from.
+        fuser: fuser size, fusion mode and gate settings.
+        fuser_path: start from (or evaluate) a saved fuser directory for exactly this pair.
+        export_dir: where to write the trained fuser (safetensors + JSON) at the end of ``fit``;
+            default ``<log_dir>/fuser``.
+        learning_rate: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_fraction: share of the optimizer steps spent in linear warm-up (then linear decay to 0).
+        max_length: receiver tokens per training sample (prompt + response).
+        answer_mode: ``logits`` (argmax over option letters, deterministic) or ``generate`` (greedy + extractor).
+        max_new_tokens: generation budget in ``generate`` mode and for ``predict``.
+        test_routes: routes ``test`` reports (see :mod:`fedrefine.evaluation`).
+        val_routes: routes evaluated during ``fit`` validation and ``validate``.
+        gate_log_every: log the per-layer gate logits every N optimizer steps.
+    """
+
+    def __init__(
+        self,
+        receiver: ParticipantSource,
+        sender: ParticipantSource,
+        fuser: FuserConfig | None = None,
+        fuser_path: str | None = None,
+        export_dir: str | None = None,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.1,
+        max_length: int = 2048,
+        answer_mode: AnswerMode = "logits",
+        max_new_tokens: int = 64,
+        test_routes: Sequence[str] = ("receiver", "sender", "c2c"),
+        val_routes: Sequence[str] = ("c2c",),
+        gate_log_every: int = 50,
+    ) -> None:
+        super().__init__(
+            learning_rate, weight_decay, warmup_fraction, max_length, answer_mode, max_new_tokens,
+            test_routes, val_routes, export_dir,
+        )
+        fuser = fuser or FuserConfig()
+        # Plain values only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["receiver", "sender", "fuser"])
+        self.hparams.update(receiver=receiver.describe(), sender=sender.describe(), fuser=asdict(fuser))
+        receiver_participant, sender_participant = receiver.load(), sender.load()
+        mark_frozen(receiver_participant, sender_participant)
+        fuser_module = load_or_create_fuser(sender_participant, receiver_participant, fuser, fuser_path)
+        self.fused = FusedReceiver(receiver_participant, [sender_participant], [fuser_module])
+        self.gate_log_every = gate_log_every
+
+    @property
+    def fuser(self) -> Fuser:
+        return self.fused.fusers[0]
+
+    def encode_chat_batch(self, examples: Sequence[ChatExample]) -> FusionBatch | None:
+        """Encode conversations for both models; too-long ones are truncated or dropped and counted."""
+        encoded, lengths = [], []
+        for example in examples:
+            fusion_example = self.fused.encode(example.messages)
+            lengths.append(len(fusion_example.receiver_ids))
+            response = self.truncate(lengths[-1], encode_response(self.fused.receiver, example.response))
+            if response is not None:
+                fusion_example.response_ids = response
+                encoded.append(fusion_example)
+        self.check_not_all_dropped(len(encoded), lengths)
+        return self.fused.collate(encoded) if encoded else None
+
+    def training_step(self, batch: FusionBatch | None, batch_idx: int) -> Tensor | None:
+        if batch is None:  # every sample of the batch was too long
+            return None
+        self.anneal_gates()
+        loss = self.response_loss(self.fused, batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("train/gate_temperature", self.fuser.temperature, batch_size=len(batch))
+        if self.gate_log_every and self.global_step % self.gate_log_every == 0:
+            self.log_gates("fuser", self.fuser, len(batch))
+        return loss
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            directory = self.export_directory()
+            self.fuser.save(directory)
+            self.report_data_counts(directory)
