@@ -67,6 +67,7 @@ class FusedReceiver(nn.Module):
         combine: residual mode with several senders: ``parallel`` (deltas summed, as the C2C
             reference) or ``sequential`` (each fuser reads the cache fused by the previous ones).
         source_gate: optional gating network weighing the receiver's own cache against each sender.
+        sender_names: names for the senders (default: their identity names), used to select them.
     """
 
     def __init__(
@@ -76,11 +77,12 @@ class FusedReceiver(nn.Module):
         fusers: Sequence[Fuser],
         combine: Combine = "parallel",
         source_gate: SourceGate | None = None,
+        sender_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if len(senders) != len(fusers):
             raise ValueError(f"Got {len(senders)} senders but {len(fusers)} fusers; give one fuser per sender.")
-        self.sender_names = [s.name for s in senders]
+        self.sender_names = list(sender_names) if sender_names is not None else [s.name for s in senders]
         if len(set(self.sender_names)) != len(self.sender_names):
             raise ValueError(f"Sender names must be unique, got {self.sender_names}.")
         for sender, fuser in zip(senders, fusers):
@@ -97,7 +99,7 @@ class FusedReceiver(nn.Module):
         self.mode = modes.pop() if modes else "residual"
         self.combine = combine
         self.receiver = receiver
-        self.senders = {s.name: s for s in senders}
+        self.senders = dict(zip(self.sender_names, senders))
         self.receiver_model = receiver.model
         self.sender_models = nn.ModuleList(s.model for s in senders)
         self.fusers = nn.ModuleList(fusers)

@@ -26,7 +26,7 @@ from fedrefine.data.chat import ChatExample
 from fedrefine.data.multiple_choice import QuestionWithControls
 from fedrefine.evaluation import AnswerMode, QuestionBatch, Route, encode_questions, parse_route, run_route
 from fedrefine.fuser import Fuser, FuserConfig, FuserPairMismatchError
-from fedrefine.fusion import FusedReceiver
+from fedrefine.fusion import FusedReceiver, encode_response
 from fedrefine.participants import Participant
 
 # The frozen LLMs stay in eval mode on purpose, and batches are encoded by the module (it knows the
@@ -131,12 +131,27 @@ class FusionModule(L.LightningModule):
         raise TypeError(f"Unsupported batch element {type(batch[0]).__name__}.")
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if isinstance(batch, dict):
+            return {k: self.transfer_batch_to_device(v, device, dataloader_idx) for k, v in batch.items()}
         if hasattr(batch, "to") and not isinstance(batch, Tensor):
             return batch.to(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def encode_chat_batch(self, examples: Sequence[ChatExample]):
-        raise NotImplementedError
+    def encode_chat_batch(self, examples: Sequence[ChatExample]) -> FusionBatch | None:
+        """Encode conversations for the receiver and its senders; too-long ones are truncated or dropped (counted)."""
+        return self.encode_for(self.fused, examples)
+
+    def encode_for(self, model: FusedReceiver, examples: Sequence[ChatExample]) -> FusionBatch | None:
+        encoded, lengths = [], []
+        for example in examples:
+            fusion_example = model.encode(example.messages)
+            lengths.append(len(fusion_example.receiver_ids))
+            response = self.truncate(lengths[-1], encode_response(model.receiver, example.response))
+            if response is not None:
+                fusion_example.response_ids = response
+                encoded.append(fusion_example)
+        self.check_not_all_dropped(len(encoded), lengths)
+        return model.collate(encoded) if encoded else None
 
     def truncate(self, prompt_length: int, response: list[int]) -> list[int] | None:
         """Fit a response after a prompt within ``max_length``: truncate it (counted) or drop the sample (counted)."""

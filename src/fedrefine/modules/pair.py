@@ -13,10 +13,9 @@ from dataclasses import asdict
 from torch import Tensor
 
 from fedrefine.batching import FusionBatch
-from fedrefine.data.chat import ChatExample
 from fedrefine.evaluation import AnswerMode
 from fedrefine.fuser import Fuser, FuserConfig
-from fedrefine.fusion import FusedReceiver, encode_response
+from fedrefine.fusion import FusedReceiver
 from fedrefine.modules.base import FusionModule, load_or_create_fuser, mark_frozen
 from fedrefine.sources import ParticipantSource
 
@@ -76,19 +75,6 @@ class C2CModule(FusionModule):
     @property
     def fuser(self) -> Fuser:
         return self.fused.fusers[0]
-
-    def encode_chat_batch(self, examples: Sequence[ChatExample]) -> FusionBatch | None:
-        """Encode conversations for both models; too-long ones are truncated or dropped and counted."""
-        encoded, lengths = [], []
-        for example in examples:
-            fusion_example = self.fused.encode(example.messages)
-            lengths.append(len(fusion_example.receiver_ids))
-            response = self.truncate(lengths[-1], encode_response(self.fused.receiver, example.response))
-            if response is not None:
-                fusion_example.response_ids = response
-                encoded.append(fusion_example)
-        self.check_not_all_dropped(len(encoded), lengths)
-        return self.fused.collate(encoded) if encoded else None
 
     def training_step(self, batch: FusionBatch | None, batch_idx: int) -> Tensor | None:
         if batch is None:  # every sample of the batch was too long

@@ -1,0 +1,65 @@
+"""A federation: named participants plus the registry of fusers between them.
+
+Any participant can be the receiver; any subset of the others can be its senders, each through
+the registry's fuser F[sender -> receiver].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+
+from fedrefine.fusion import Combine, FusedReceiver
+from fedrefine.gating import SourceGate
+from fedrefine.participants import Participant
+from fedrefine.registry import FuserRegistry
+from fedrefine.sources import ParticipantSource
+
+
+class Federation:
+    """Participants by name (loaded lazily) and the fuser registry.
+
+    Args:
+        participants: name -> where the participant comes from.
+        registry: the registry directory holding F[i->j].
+    """
+
+    def __init__(self, participants: Mapping[str, ParticipantSource], registry: str) -> None:
+        if len(participants) < 2:
+            raise ValueError("A federation needs at least two participants.")
+        self.sources = dict(participants)
+        self.registry = FuserRegistry(registry)
+        self._loaded: dict[str, Participant] = {}
+
+    def participant(self, name: str) -> Participant:
+        if name not in self.sources:
+            raise KeyError(f"Unknown participant {name!r}; the federation has {sorted(self.sources)}.")
+        if name not in self._loaded:
+            self._loaded[name] = self.sources[name].load()
+        return self._loaded[name]
+
+    @cached_property
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    def missing_pairs(self) -> list[tuple[str, str]]:
+        """Ordered (sender, receiver) name pairs with no fuser in the registry (loads every participant)."""
+        return [
+            (s, r) for s in self.names for r in self.names
+            if s != r and not self.registry.has(self.participant(s).identity, self.participant(r).identity)
+        ]
+
+    def receiver(
+        self,
+        name: str,
+        senders: Sequence[str],
+        combine: Combine = "parallel",
+        source_gate: SourceGate | None = None,
+    ) -> FusedReceiver:
+        """Participant ``name`` fused with ``senders`` through the registry's fusers (missing ones are an error)."""
+        if name in senders:
+            raise ValueError(f"{name!r} cannot be its own sender.")
+        receiver = self.participant(name)
+        chosen = [self.participant(s) for s in senders]
+        fusers = [self.registry.get(s.identity, receiver.identity) for s in chosen]
+        return FusedReceiver(receiver, chosen, fusers, combine, source_gate, sender_names=list(senders))

@@ -1,0 +1,148 @@
+"""LightningModule for one receiver of a federation with any subset of its senders.
+
+``test`` reports receiver alone, C2C with each single sender and with the whole subset on the
+same questions. ``fit`` trains the gating network (and, optionally, the pairwise fusers) on
+chat data with a random non-empty subset of senders per batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from fedrefine.batching import FusionBatch
+from fedrefine.evaluation import AnswerMode
+from fedrefine.federation import Federation
+from fedrefine.fusion import Combine
+from fedrefine.gating import SourceGate
+from fedrefine.modules.base import FusionModule, mark_frozen
+from fedrefine.sources import ParticipantSource
+
+GATE_WEIGHTS, GATE_METADATA = "source_gate.safetensors", "source_gate.json"
+
+
+class FederationModule(FusionModule):
+    """One receiver, its senders, fusers from the registry, and an optional gating network.
+
+    Args:
+        participants: every participant of the federation, by name.
+        receiver: the receiving participant's name.
+        senders: the names of the senders it may hear from (fusers must exist in the registry).
+        registry: directory of the fuser registry.
+        combine: residual mode with several senders: ``parallel`` or ``sequential``.
+        gating: add a gating network (trained by ``fit``).
+        gating_hidden_size: width of the gating network.
+        gate_path: load a saved gating network from this directory.
+        train_fusers: ``fit`` also trains the pairwise fusers (jointly); otherwise they stay frozen.
+        export_dir: where ``fit`` writes the gating network (and trained fusers go back to the registry).
+        test_routes: default ``receiver``, ``c2c:<s>`` for each sender, and ``c2c`` (all senders).
+    """
+
+    def __init__(
+        self,
+        participants: dict[str, ParticipantSource],
+        receiver: str,
+        senders: list[str],
+        registry: str,
+        combine: Combine = "parallel",
+        gating: bool = False,
+        gating_hidden_size: int = 64,
+        gate_path: str | None = None,
+        train_fusers: bool = False,
+        export_dir: str | None = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.1,
+        max_length: int = 2048,
+        answer_mode: AnswerMode = "logits",
+        max_new_tokens: int = 64,
+        test_routes: Sequence[str] | None = None,
+        val_routes: Sequence[str] = ("c2c",),
+    ) -> None:
+        default_routes = ["receiver", *(f"c2c:{s}" for s in senders), "c2c"] if len(senders) > 1 else ["receiver", "c2c"]
+        super().__init__(
+            learning_rate, weight_decay, warmup_fraction, max_length, answer_mode, max_new_tokens,
+            test_routes or default_routes, val_routes, export_dir,
+        )
+        self.save_hyperparameters(ignore=["participants"])
+        self.hparams["participants"] = {name: source.describe() for name, source in participants.items()}
+        self.federation = Federation(participants, registry)
+        receiving = self.federation.participant(receiver)
+        source_gate = None
+        if gating or gate_path:
+            source_gate = SourceGate(receiving.identity.hidden_size, receiving.identity.num_layers, len(senders), gating_hidden_size)
+        self.fused = self.federation.receiver(receiver, senders, combine, source_gate)
+        mark_frozen(receiving, *self.fused.senders.values())
+        if gate_path:
+            self._load_gate(gate_path)
+        self.fused.fusers.requires_grad_(train_fusers)
+        if not train_fusers:
+            self.trainable_prefixes = ("fused.source_gate.",)
+        self.subset_generator = torch.Generator().manual_seed(0)
+
+    def title(self) -> str:
+        return f"{'+'.join(self.fused.sender_names)} -> {self.hparams.receiver}"
+
+    def random_subset(self) -> list[str]:
+        """A uniformly drawn non-empty subset of the senders (deterministic sequence)."""
+        names = self.fused.sender_names
+        while True:
+            keep = torch.rand(len(names), generator=self.subset_generator) < 0.5
+            if keep.any():
+                return [n for n, k in zip(names, keep.tolist()) if k]
+
+    def training_step(self, batch: FusionBatch | None, batch_idx: int) -> Tensor | None:
+        if batch is None:
+            return None
+        if not any(p.requires_grad for p in self.parameters()):
+            raise ValueError("Nothing to train: set gating: true and/or train_fusers: true.")
+        self.anneal_gates()
+        subset = self.random_subset()
+        loss = self.response_loss(self.fused, batch, senders=subset)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("train/subset_size", float(len(subset)), batch_size=len(batch))
+        if self.fused.source_gate is not None:
+            with torch.no_grad():
+                available = [self.fused.sender_names.index(s) for s in subset]
+                weights = self.fused.source_gate(self.fused.receiver_model, batch.receiver_input_ids,
+                                                 batch.receiver_attention_mask, available)
+            for name, share in zip(subset, weights.mean(dim=(0, 1)).tolist()):
+                self.log(f"gating/{name}", share, batch_size=len(batch))
+        return loss
+
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        directory = self.export_directory()
+        if self.fused.source_gate is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.fused.source_gate.state_dict().items()}
+            save_file(state, directory / GATE_WEIGHTS)
+            (directory / GATE_METADATA).write_text(json.dumps(self._gate_metadata(), indent=2) + "\n")
+        if self.hparams.train_fusers:
+            for fuser in self.fused.fusers:
+                self.federation.registry.save(fuser)
+        self.report_data_counts(directory)
+
+    def _gate_metadata(self) -> dict:
+        return {
+            "receiver": self.fused.receiver.identity.to_dict(),
+            "senders": [self.fused.senders[n].identity.to_dict() for n in self.fused.sender_names],
+            "hidden_size": self.hparams.gating_hidden_size,
+        }
+
+    def _load_gate(self, directory: str) -> None:
+        saved = json.loads((Path(directory) / GATE_METADATA).read_text())
+        mine = self._gate_metadata()
+        if (saved["receiver"], saved["senders"]) != (mine["receiver"], mine["senders"]):
+            raise ValueError(
+                f"The gating network in {directory} was trained for another receiver or sender list; "
+                f"train one for {self.title()}."
+            )
+        self.fused.source_gate.load_state_dict(load_file(Path(directory) / GATE_WEIGHTS), strict=True)
+

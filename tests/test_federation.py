@@ -1,0 +1,182 @@
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC
+from fedrefine.cache import positions_from_mask
+from fedrefine.data.module import C2CDataModule
+from fedrefine.fuser import Fuser, FuserConfig
+from fedrefine.fusion import FusedReceiver
+from fedrefine.gating import SourceGate
+from fedrefine.modules import CoC2CModule, FederationModule
+from fedrefine.registry import FuserRegistry, MissingFuserError
+from fedrefine.sources import TinyParticipant
+
+QUESTIONS = [
+    [{"role": "user", "content": "Which of these would let the most heat travel through? A metal spoon."}],
+    [{"role": "user", "content": "the lazy dog"}],
+]
+
+
+def randomize(fuser, std=0.3):
+    for layer in fuser.layers:
+        for stream in (layer.key, layer.value):
+            torch.nn.init.normal_(stream.projection.weight, std=std)
+    return fuser
+
+
+def fused(receiver, senders, mode="residual", combine="parallel", gate=None):
+    config = FuserConfig(hidden_size=16, dropout=0.0, mode=mode)
+    fusers = [randomize(Fuser(s.identity, receiver.identity, config)) for s in senders]
+    return FusedReceiver(receiver, senders, fusers, combine, gate).eval()
+
+
+def receiver_alone(receiver, batch):
+    with torch.no_grad():
+        return receiver.model(batch.receiver_input_ids, attention_mask=batch.receiver_attention_mask,
+                              position_ids=positions_from_mask(batch.receiver_attention_mask)).logits[:, -1]
+
+
+def test_registry_lists_loads_lazily_and_refuses_missing_pairs(tmp_path, receiver, llama_sender, qwen2_sender):
+    registry = FuserRegistry(tmp_path / "registry")
+    registry.save(Fuser(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=8)))
+    registry.save(Fuser(receiver.identity, qwen2_sender.identity, FuserConfig(hidden_size=8)))
+    fresh = FuserRegistry(tmp_path / "registry")
+    assert fresh.pairs() == sorted([(llama_sender.identity.key, receiver.identity.key),
+                                    (receiver.identity.key, qwen2_sender.identity.key)])
+    assert len(fresh.missing([receiver.identity, llama_sender.identity, qwen2_sender.identity])) == 4
+    loaded = fresh.get(llama_sender.identity, receiver.identity)
+    assert fresh.get(llama_sender.identity, receiver.identity) is loaded  # loaded once, kept
+    with pytest.raises(MissingFuserError, match=f"no fuser for {qwen2_sender.identity.key} -> {receiver.identity.key}"):
+        fresh.get(qwen2_sender.identity, receiver.identity)
+
+
+@pytest.mark.parametrize("mode", ["residual", "concat"])
+def test_no_selected_sender_is_exactly_the_receiver_alone(mode, receiver, llama_sender, qwen2_sender):
+    model = fused(receiver, [llama_sender, qwen2_sender], mode)
+    batch = model.collate([model.encode(q) for q in QUESTIONS])
+    with torch.no_grad():
+        none = model(batch, senders=[])[:, 0]
+        some = model(batch)[:, 0]
+    assert torch.allclose(none, receiver_alone(receiver, batch), atol=1e-5)
+    assert not torch.allclose(some, none, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["residual", "concat"])
+def test_unselected_senders_never_run(mode, receiver, llama_sender, qwen2_sender):
+    model = fused(receiver, [llama_sender, qwen2_sender], mode)
+    batch = model.collate([model.encode(q) for q in QUESTIONS])
+    calls = {"llama": 0, "qwen2": 0}
+    hooks = [llama_sender.model.register_forward_hook(lambda *a: calls.__setitem__("llama", calls["llama"] + 1)),
+             qwen2_sender.model.register_forward_hook(lambda *a: calls.__setitem__("qwen2", calls["qwen2"] + 1))]
+    try:
+        with torch.no_grad():
+            model(batch, senders=[qwen2_sender.name])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"llama": 0, "qwen2": 1}
+
+
+def test_concat_mode_with_different_texts_stacks_senders_ahead_of_the_receiver(receiver, llama_sender, qwen2_sender):
+    model = fused(receiver, [llama_sender, qwen2_sender], "concat")
+    long_text = [{"role": "user", "content": "A much longer text for the first sender, with many more words in it."}]
+    examples = [
+        model.encode(QUESTIONS[0], sender_messages={llama_sender.name: long_text, qwen2_sender.name: QUESTIONS[1]}),
+        model.encode(QUESTIONS[1], sender_messages={llama_sender.name: QUESTIONS[1], qwen2_sender.name: long_text}),
+    ]
+    batch = model.collate(examples)
+    assert all(s.alignment is None for s in batch.senders.values())  # concat needs no alignment
+    messages = model._messages(batch, model.sender_names, None)
+    prefix, prefix_mask = model._concat_prefix(batch, messages, None)
+    expected_length = sum(s.input_ids.shape[1] for s in batch.senders.values())
+    assert prefix.layers[0].keys.shape == (2, 2, expected_length, 16)
+    assert prefix_mask.sum(1).tolist() == [sum(len(e.senders[n].input_ids) for n in e.senders) for e in examples]
+    # keys carry the receiver's rotary embedding at positions 0..P-1 of each sample's real prefix
+    entries = model.fuser_for(llama_sender.name)(model._unrotated_sender_layers(llama_sender.name, messages[llama_sender.name], torch.float32))
+    from fedrefine.cache import apply_rotary, rotary_cos_sin
+    cos, sin = rotary_cos_sin(receiver.rotary_embedding, positions_from_mask(prefix_mask), torch.float32)
+    width = batch.senders[llama_sender.name].input_ids.shape[1]
+    rotated = apply_rotary(entries[0][0], cos[:, :, :width], sin[:, :, :width])
+    assert torch.allclose(prefix.layers[0].keys[:, :, :width], rotated, atol=1e-5)
+    # padding handled per sample: each sample alone gives the same answer as in the batch
+    with torch.no_grad():
+        together = model(batch)[:, 0]
+        for i, example in enumerate(examples):
+            assert torch.allclose(together[i], model(model.collate([example]))[0, 0], atol=1e-4)
+
+
+def test_parallel_and_sequential_agree_for_one_sender_and_differ_for_two(receiver, llama_sender, qwen2_sender):
+    torch.manual_seed(0)
+    parallel = fused(receiver, [llama_sender, qwen2_sender], combine="parallel")
+    sequential = FusedReceiver(receiver, [llama_sender, qwen2_sender], list(parallel.fusers), "sequential").eval()
+    batch = parallel.collate([parallel.encode(q) for q in QUESTIONS])
+    with torch.no_grad():
+        one = [m(batch, senders=[llama_sender.name])[:, 0] for m in (parallel, sequential)]
+        two = [m(batch)[:, 0] for m in (parallel, sequential)]
+    assert torch.allclose(one[0], one[1], atol=1e-6)
+    assert not torch.allclose(two[0], two[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["residual", "concat"])
+def test_gating_network_gets_gradients_and_weighs_each_subset(mode, receiver, llama_sender, qwen2_sender):
+    gate = SourceGate(receiver.identity.hidden_size, receiver.identity.num_layers, 2, hidden_size=8)
+    torch.nn.init.normal_(gate.net[-1].weight, std=0.1)
+    model = fused(receiver, [llama_sender, qwen2_sender], mode, gate=gate).train()
+    batch = model.collate([model.encode(q, response="ok") for q in QUESTIONS])
+    model(batch).float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
+    weights = gate(receiver.model, batch.receiver_input_ids, batch.receiver_attention_mask, [1])
+    assert weights.shape == (2, receiver.identity.num_layers, 1) and (weights < 1).all() and (weights > 0).all()
+
+
+def _chat_file(tmp_path, n=16):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"Say {w}"},
+                                                         {"from": "gpt", "value": f"{w} {w}"}]}) + "\n"
+                            for w in ["fox", "dog", "spoon", "heat"] * (n // 4)))
+    for split in ("validation", "test"):
+        (tmp_path / f"obqa_{split}.jsonl").write_text("".join(json.dumps({"id": str(i), "question_stem": "Which conducts heat?",
+                                         "choices": {"text": ["metal", "wood", "cloth", "glass"], "label": list("ABCD")},
+                                         "answerKey": "A"}) + "\n" for i in range(4)))
+    return C2CDataModule(str(path), n, str(tmp_path / "obqa_{split}.jsonl"), None, batch_size=4, eval_batch_size=4)
+
+
+def _trainer(tmp_path, **kwargs):
+    return L.Trainer(**({"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                         "enable_model_summary": False, "default_root_dir": tmp_path, "limit_val_batches": 0} | kwargs))
+
+
+def test_co_c2c_trains_both_directions(tmp_path):
+    module = CoC2CModule(TinyParticipant(RECEIVER_SPEC), TinyParticipant(LLAMA_SPEC),
+                         FuserConfig(hidden_size=16, dropout=0.0), learning_rate=1e-2, registry=str(tmp_path / "reg"))
+    before = {role: [p.clone() for p in m.fusers.parameters()] for role, m in module.directions.items()}
+    _trainer(tmp_path, max_steps=2).fit(module, _chat_file(tmp_path))
+    for role, model in module.directions.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[role], model.fusers.parameters())), role
+    assert len(FuserRegistry(tmp_path / "reg").pairs()) == 2  # both directions exported
+    assert set(module.state_dict()) and all(k.startswith(CoC2CModule.trainable_prefixes) for k in module.state_dict())
+
+
+def test_federation_module_trains_only_the_gating_network_and_reports_each_sender(tmp_path):
+    sources = {"receiver": TinyParticipant(RECEIVER_SPEC), "llama": TinyParticipant(LLAMA_SPEC),
+               "qwen2": TinyParticipant(QWEN2_SPEC)}
+    registry = FuserRegistry(tmp_path / "reg")
+    loaded = {name: source.load() for name, source in sources.items()}
+    for name in ("llama", "qwen2"):
+        registry.save(randomize(Fuser(loaded[name].identity, loaded["receiver"].identity, FuserConfig(hidden_size=8))))
+    with pytest.raises(MissingFuserError):
+        FederationModule(sources, "llama", ["receiver"], str(tmp_path / "reg"))
+    module = FederationModule(sources, "receiver", ["llama", "qwen2"], str(tmp_path / "reg"), gating=True,
+                              export_dir=str(tmp_path / "gate"))
+    fusers_before = [p.clone() for p in module.fused.fusers.parameters()]
+    gate_before = [p.clone() for p in module.fused.source_gate.parameters()]
+    _trainer(tmp_path, max_steps=3).fit(module, _chat_file(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(fusers_before, module.fused.fusers.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(gate_before, module.fused.source_gate.parameters()))
+    assert (tmp_path / "gate" / "source_gate.safetensors").is_file()
+    _trainer(tmp_path).test(module, _chat_file(tmp_path))
+    assert [r["route"] for r in module.results()] == ["receiver", "c2c:llama", "c2c:qwen2", "c2c"]
+    assert all(r["questions"] == 4 for r in module.results())
