@@ -180,3 +180,49 @@ def test_federation_module_trains_only_the_gating_network_and_reports_each_sende
     _trainer(tmp_path).test(module, _chat_file(tmp_path))
     assert [r["route"] for r in module.results()] == ["receiver", "c2c:llama", "c2c:qwen2", "c2c"]
     assert all(r["questions"] == 4 for r in module.results())
+
+
+def test_prior_and_measured_sender_selection():
+    from fedrefine.multiple_choice import MultipleChoiceItem
+    from fedrefine.selection import MeasuredSelection, PriorSelection
+
+    def item(i, category):
+        return MultipleChoiceItem(str(i), "q", ("a", "b"), ("A", "B"), "A", category)
+
+    prior = PriorSelection({"colour": ["llama"]}, default=["qwen2"])
+    assert prior.select(item(0, "colour")) == ["llama"] and prior.select(item(1, None)) == ["qwen2"]
+    items = [item(i, "colour" if i < 4 else "city") for i in range(8)]
+    receiver = [False, False, True, False, True, True, False, False]
+    senders = {"llama": [True, True, True, False, False, True, False, False],   # colour 3/4, city 1/4
+               "qwen2": [False, True, True, False, True, True, True, True]}    # colour 2/4, city 4/4
+    measured = MeasuredSelection.from_results(items, receiver, senders)
+    assert measured.ranking == {"colour": ["llama", "qwen2"], "city": ["qwen2"]}  # city: llama does not beat 2/4
+    assert MeasuredSelection.from_results(items, receiver, senders, max_senders=1).select(items[0]) == ["llama"]
+
+
+def test_auto_route_uses_the_selection_and_reports_choices(tmp_path):
+    from fedrefine.selection import PriorSelection
+
+    sources = {"receiver": TinyParticipant(RECEIVER_SPEC), "llama": TinyParticipant(LLAMA_SPEC),
+               "qwen2": TinyParticipant(QWEN2_SPEC)}
+    loaded = {name: source.load() for name, source in sources.items()}
+    registry = FuserRegistry(tmp_path / "reg")
+    for name in ("llama", "qwen2"):
+        registry.save(randomize(Fuser(loaded[name].identity, loaded["receiver"].identity, FuserConfig(hidden_size=8))))
+    datamodule = _chat_file(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "obqa_test.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["category"] = "heat" if i % 2 else "other"
+    (tmp_path / "obqa_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    module = FederationModule(sources, "receiver", ["llama", "qwen2"], str(tmp_path / "reg"),
+                              selection=PriorSelection({"heat": ["llama"]}, default=[]))
+    _trainer(tmp_path).test(module, datamodule)
+    results = {r["route"]: r for r in module.results()}
+    assert "c2c:auto" in results
+    saved = json.loads((tmp_path / "test_results.json").read_text())["selected_senders"]
+    assert saved == {"0": [], "1": ["llama"], "2": [], "3": ["llama"]}
+    # the auto route answers "heat" questions like c2c:llama and the others like the receiver alone
+    per_q = {route: dict(rows) for route, rows in module.per_question.items()}
+    for question, senders in saved.items():
+        reference = "c2c:llama" if senders else "receiver"
+        assert per_q["c2c:auto"][question] == per_q[reference][question]

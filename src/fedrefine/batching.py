@@ -40,6 +40,10 @@ class SenderBatch:
         alignment = None if self.alignment is None else self.alignment.to(device)
         return SenderBatch(self.input_ids.to(device), self.attention_mask.to(device), alignment)
 
+    def select(self, rows: Tensor) -> SenderBatch:
+        alignment = None if self.alignment is None else self.alignment[rows]
+        return SenderBatch(self.input_ids[rows], self.attention_mask[rows], alignment)
+
 
 @dataclass
 class FusionBatch:
@@ -62,6 +66,19 @@ class FusionBatch:
             {name: batch.to(device) for name, batch in self.senders.items()},
             move(self.response_ids),
             move(self.response_mask),
+        )
+
+
+    def select(self, rows: Sequence[int]) -> FusionBatch:
+        """The sub-batch of the given rows (padding is kept, which is harmless)."""
+        index = torch.tensor(list(rows), device=self.receiver_input_ids.device)
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return FusionBatch(
+            self.receiver_input_ids[index],
+            self.receiver_attention_mask[index],
+            {name: batch.select(index) for name, batch in self.senders.items()},
+            pick(self.response_ids),
+            pick(self.response_mask),
         )
 
 

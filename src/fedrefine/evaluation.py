@@ -5,6 +5,7 @@ Route names:
 - ``receiver``: the receiver alone;
 - ``sender`` / ``sender:<name>``: a sender alone (the only sender, or the named one);
 - ``c2c`` / ``c2c:<a>+<b>``: the receiver fused with every sender, or with the named subset;
+- ``c2c:auto``: per question, the senders a :class:`~fedrefine.selection.SenderSelection` picks;
 - a C2C route with a control suffix: ``_mismatched`` (senders read another question whose correct
   letter differs), ``_random_kv`` (Gaussian K/V of each layer's own mean and std stand in for the
   senders'), ``_reordered`` (senders read the same question with the options reordered).
@@ -31,6 +32,7 @@ from fedrefine.fusion import FusedReceiver
 from fedrefine.message import KVMessage
 from fedrefine.multiple_choice import MultipleChoiceItem, encode_question, extract_choice, option_logits, question_messages
 from fedrefine.participants import Participant
+from fedrefine.selection import SenderSelection
 
 AnswerMode = Literal["logits", "generate"]
 CONTROLS = {"_mismatched": "mismatched", "_random_kv": "random_kv", "_reordered": "reordered"}
@@ -45,6 +47,7 @@ class Route:
     kind: Literal["receiver", "sender", "c2c"]
     senders: tuple[str, ...] = ()
     control: str = "none"
+    auto: bool = False
 
     @property
     def sender_text(self) -> str:
@@ -59,7 +62,8 @@ def parse_route(name: str, sender_names: Sequence[str]) -> Route:
         if name.endswith(suffix):
             base, control = name[: -len(suffix)], value
     kind, _, listed = base.partition(":")
-    chosen = tuple(listed.split("+")) if listed else ()
+    auto = kind == "c2c" and listed == "auto"
+    chosen = tuple(listed.split("+")) if listed and not auto else ()
     unknown = [s for s in chosen if s not in sender_names]
     if kind not in ("receiver", "sender", "c2c") or unknown or (control != "none" and kind != "c2c"):
         raise ValueError(
@@ -74,7 +78,7 @@ def parse_route(name: str, sender_names: Sequence[str]) -> Route:
             raise ValueError(f"Route {name!r}: a sender alone is one sender.")
     if kind == "c2c":
         chosen = chosen or tuple(sender_names)
-    return Route(name, kind, chosen, control)
+    return Route(name, kind, chosen, control, auto)
 
 
 @dataclass
@@ -86,6 +90,7 @@ class QuestionBatch:
     option_labels: list[tuple[str, ...]]
     failures: dict[int, str] = field(default_factory=dict)
     encoded_rows: list[int] = field(default_factory=list)
+    items: list[MultipleChoiceItem] = field(default_factory=list)
     receiver_options: list[tuple[int, ...]] = field(default_factory=list)
     fusion: dict[str, FusionBatch] = field(default_factory=dict)
     alone: dict[str, tuple[Tensor, Tensor, list[tuple[int, ...]]]] = field(default_factory=dict)
@@ -136,6 +141,7 @@ def encode_questions(
             batch.failures[row] = f"{type(err).__name__}: {err}"
             continue
         batch.encoded_rows.append(row)
+        batch.items.append(question.item)
         batch.receiver_options.append(options)
         for variant in variants:
             examples[variant].append(encoded[variant])
@@ -168,10 +174,12 @@ def _synchronize(device: torch.device) -> None:
 
 @dataclass
 class RouteResult:
-    """Predicted option index per question of the batch (-1 = wrong/unanswerable) and seconds spent."""
+    """Predicted option index per question of the batch (-1 = wrong/unanswerable), seconds spent, and
+    for ``c2c:auto`` the senders chosen per encoded question."""
 
     predictions: Tensor
     seconds: float
+    selected: list[tuple[str, ...]] | None = None
 
 
 def run_route(
@@ -181,6 +189,7 @@ def run_route(
     mode: AnswerMode = "logits",
     max_new_tokens: int = 64,
     generator: torch.Generator | None = None,
+    selection: SenderSelection | None = None,
 ) -> RouteResult:
     """Answer every encodable question of the batch by one route."""
     device = batch.labels.device
@@ -189,7 +198,18 @@ def run_route(
         return RouteResult(predictions, 0.0)
     _synchronize(device)
     start = time.perf_counter()
-    if route.kind == "sender":
+    selected = None
+    if route.auto:
+        if selection is None:
+            raise ValueError("Route 'c2c:auto' needs a sender selection (model.selection or measure_selection).")
+        selected = [tuple(selection.select(item)) for item in batch.items]
+        chosen = torch.empty(len(selected), dtype=torch.long, device=device)
+        for subset in sorted(set(selected)):
+            rows = [i for i, s in enumerate(selected) if s == subset]
+            with torch.no_grad():
+                logits = model(batch.fusion["item"].select(rows), senders=list(subset))[:, 0].float()
+            chosen[rows] = option_logits(logits, [batch.receiver_options[i] for i in rows]).argmax(-1)
+    elif route.kind == "sender":
         chosen = _answer_alone(model.senders[route.senders[0]], batch, route.senders[0], mode, max_new_tokens)
     else:
         fusion = batch.fusion[route.sender_text]
@@ -207,7 +227,7 @@ def run_route(
             chosen = _extract(model.receiver.tokenizer.batch_decode(generated, skip_special_tokens=True), batch)
     _synchronize(device)
     predictions[torch.tensor(batch.encoded_rows, device=device)] = chosen.to(device)
-    return RouteResult(predictions, time.perf_counter() - start)
+    return RouteResult(predictions, time.perf_counter() - start, selected)
 
 
 @torch.no_grad()

@@ -29,13 +29,14 @@ class DatasetSchemaError(ValueError):
 
 @dataclass(frozen=True)
 class MultipleChoiceItem:
-    """One question: id, stem, option texts and labels, and the correct label."""
+    """One question: id, stem, option texts and labels, the correct label, and an optional task category."""
 
     id: str
     question_stem: str
     choices: tuple[str, ...]
     labels: tuple[str, ...]
     answer_key: str
+    category: str | None = None
 
     @property
     def answer_index(self) -> int:
@@ -64,7 +65,8 @@ class MultipleChoiceItem:
                 f"{where} (id {row['id']!r}): answerKey {answer!r} is not among the option labels {list(labels)}; "
                 f"fix the answerKey or the labels."
             )
-        return cls(str(row["id"]), str(row["question_stem"]), texts, labels, answer)
+        category = row.get("category")
+        return cls(str(row["id"]), str(row["question_stem"]), texts, labels, answer, None if category is None else str(category))
 
 
 def question_text(item: MultipleChoiceItem) -> str:

@@ -69,11 +69,12 @@ class C2CDataModule(L.LightningDataModule):
             rows = open_dataset(self.train_path, "train", streaming=True, option="data.train_path")
             self.train_stream = ChatStream(rows.take(self.train_samples), rank=rank, world_size=world)
         if stage in ("fit", "validate"):
-            self.questions["val"] = self._questions(self.val_split)
+            self.questions["val"] = self.load_split(self.val_split)
         if stage == "test":
-            self.questions["test"] = self._questions(self.test_split)
+            self.questions["test"] = self.load_split(self.test_split)
 
-    def _questions(self, split: str) -> QuestionDataset:
+    def load_split(self, split: str) -> QuestionDataset:
+        """The evaluation questions of ``split`` (the first ``num_questions``), with their control partners."""
         items = load_questions(self.eval_path, split, self.eval_config, self.num_questions, option="data.eval_path")
         return QuestionDataset(items)
 

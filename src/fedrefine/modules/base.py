@@ -28,6 +28,7 @@ from fedrefine.evaluation import AnswerMode, QuestionBatch, Route, encode_questi
 from fedrefine.fuser import Fuser, FuserConfig, FuserPairMismatchError
 from fedrefine.fusion import FusedReceiver, encode_response
 from fedrefine.participants import Participant
+from fedrefine.selection import SenderSelection
 
 # The frozen LLMs stay in eval mode on purpose, and batches are encoded by the module (it knows the
 # tokenizers): Lightning's warnings about both are expected here.
@@ -226,7 +227,12 @@ class FusionModule(L.LightningModule):
     def val_routes(self) -> list[Route]:
         return [parse_route(name, self.fused.sender_names) for name in self.val_route_names]
 
+    #: chooses senders per question for the ``c2c:auto`` route (set by subclasses that support it)
+    selection: SenderSelection | None = None
+
     def _reset_evaluation(self) -> None:
+        self.per_question: dict[str, list[tuple[str, bool]]] = defaultdict(list)
+        self.selections: list[tuple[str, tuple[str, ...]]] = []
         self.metrics = torch.nn.ModuleDict()
         self.route_seconds: dict[str, float] = defaultdict(float)
         self.failures: list[tuple[str, str]] = []
@@ -239,7 +245,11 @@ class FusionModule(L.LightningModule):
             key = route.name.replace(".", "_")
             if key not in self.metrics:
                 self.metrics[key] = MulticlassAccuracy(num_classes=MAX_OPTIONS, average="micro").to(self.device)
-            result = run_route(self.fused, batch, route, self.answer_mode, self.max_new_tokens)
+            result = run_route(self.fused, batch, route, self.answer_mode, self.max_new_tokens, selection=self.selection)
+            correct = (result.predictions == batch.labels).tolist()
+            self.per_question[route.name].extend(zip(batch.ids, correct))
+            if result.selected is not None:
+                self.selections.extend(zip([batch.ids[row] for row in batch.encoded_rows], result.selected))
             # -1 (unanswerable) never equals a label: counted wrong, never skipped.
             predictions = torch.where(result.predictions < 0, (batch.labels + 1) % MAX_OPTIONS, result.predictions)
             self.metrics[key].update(predictions, batch.labels)
@@ -313,6 +323,8 @@ class FusionModule(L.LightningModule):
         directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         payload = {"title": self.title(), "rows": rows, "failures": self.failures}
+        if self.selections:
+            payload["selected_senders"] = {question: list(senders) for question, senders in self.selections}
         (directory / f"{stage}_results.json").write_text(json.dumps(payload, indent=2) + "\n")
         columns = list(rows[0])
         for logger in self.loggers:

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from rich.console import Console
 from torch import Tensor
 
 from fedrefine.batching import FusionBatch
-from fedrefine.evaluation import AnswerMode
+from fedrefine.evaluation import AnswerMode, encode_questions, parse_route, run_route
 from fedrefine.federation import Federation
 from fedrefine.fusion import Combine
 from fedrefine.gating import SourceGate
 from fedrefine.modules.base import FusionModule, mark_frozen
+from fedrefine.selection import MeasuredSelection, PriorSelection
 from fedrefine.sources import ParticipantSource
 
 GATE_WEIGHTS, GATE_METADATA = "source_gate.safetensors", "source_gate.json"
@@ -40,7 +43,12 @@ class FederationModule(FusionModule):
         gate_path: load a saved gating network from this directory.
         train_fusers: ``fit`` also trains the pairwise fusers (jointly); otherwise they stay frozen.
         export_dir: where ``fit`` writes the gating network (and trained fusers go back to the registry).
-        test_routes: default ``receiver``, ``c2c:<s>`` for each sender, and ``c2c`` (all senders).
+        selection: a prior table category -> senders for the ``c2c:auto`` route.
+        measure_selection: before ``test``, rank senders per category by single-sender C2C accuracy
+            on the validation split and use that for ``c2c:auto`` (overrides ``selection``).
+        max_selected: at most this many senders per question from the measured ranking.
+        test_routes: default ``receiver``, ``c2c:<s>`` for each sender, and ``c2c`` (all senders),
+            plus ``c2c:auto`` when a selection is configured.
     """
 
     def __init__(
@@ -54,6 +62,9 @@ class FederationModule(FusionModule):
         gating_hidden_size: int = 64,
         gate_path: str | None = None,
         train_fusers: bool = False,
+        selection: PriorSelection | None = None,
+        measure_selection: bool = False,
+        max_selected: int | None = None,
         export_dir: str | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.01,
@@ -65,12 +76,16 @@ class FederationModule(FusionModule):
         val_routes: Sequence[str] = ("c2c",),
     ) -> None:
         default_routes = ["receiver", *(f"c2c:{s}" for s in senders), "c2c"] if len(senders) > 1 else ["receiver", "c2c"]
+        if selection is not None or measure_selection:
+            default_routes.append("c2c:auto")
         super().__init__(
             learning_rate, weight_decay, warmup_fraction, max_length, answer_mode, max_new_tokens,
             test_routes or default_routes, val_routes, export_dir,
         )
-        self.save_hyperparameters(ignore=["participants"])
+        self.save_hyperparameters(ignore=["participants", "selection"])
         self.hparams["participants"] = {name: source.describe() for name, source in participants.items()}
+        self.hparams["selection"] = None if selection is None else asdict(selection)
+        self.selection = selection
         self.federation = Federation(participants, registry)
         receiving = self.federation.participant(receiver)
         source_gate = None
@@ -84,6 +99,29 @@ class FederationModule(FusionModule):
         if not train_fusers:
             self.trainable_prefixes = ("fused.source_gate.",)
         self.subset_generator = torch.Generator().manual_seed(0)
+
+    def on_test_start(self) -> None:
+        if self.hparams.measure_selection:
+            self.selection = self.measure_selection()
+            Console().print(f"[bold]Measured sender selection[/] (category -> senders): {self.selection.ranking}")
+
+    @torch.no_grad()
+    def measure_selection(self) -> MeasuredSelection:
+        """Rank senders per category by single-sender C2C accuracy on the validation split."""
+        datamodule = self.trainer.datamodule
+        questions = datamodule.load_split(datamodule.val_split)
+        routes = [parse_route(name, self.fused.sender_names) for name in ["receiver", *(f"c2c:{s}" for s in self.fused.sender_names)]]
+        correct: dict[str, list[bool]] = {route.name: [] for route in routes}
+        items = []
+        for start in range(0, len(questions), datamodule.eval_batch_size):
+            chunk = [questions[i] for i in range(start, min(start + datamodule.eval_batch_size, len(questions)))]
+            batch = encode_questions(self.fused, chunk, routes, self.answer_mode).to(self.device)
+            items.extend(q.item for q in chunk)
+            for route in routes:
+                result = run_route(self.fused, batch, route, self.answer_mode, self.max_new_tokens)
+                correct[route.name].extend((result.predictions == batch.labels).tolist())
+        senders = {name: correct[f"c2c:{name}"] for name in self.fused.sender_names}
+        return MeasuredSelection.from_results(items, correct["receiver"], senders, max_senders=self.hparams.max_selected)
 
     def title(self) -> str:
         return f"{'+'.join(self.fused.sender_names)} -> {self.hparams.receiver}"
