@@ -29,6 +29,7 @@ from fedrefine.cache import positions_from_mask
 from fedrefine.chat import EncodedChat, encode_chat
 from fedrefine.data.multiple_choice import QuestionWithControls
 from fedrefine.fusion import FusedReceiver
+from fedrefine.generation import synchronize
 from fedrefine.message import KVMessage
 from fedrefine.multiple_choice import MultipleChoiceItem, encode_question, extract_choice, option_logits, question_messages
 from fedrefine.participants import Participant
@@ -167,11 +168,6 @@ def random_message_like(message: KVMessage, generator: torch.Generator | None = 
     return KVMessage(message.sender, layers, message.positions, message.attention_mask)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class RouteResult:
     """Predicted option index per question of the batch (-1 = wrong/unanswerable), seconds spent, and
@@ -196,7 +192,7 @@ def run_route(
     predictions = torch.full((len(batch),), -1, dtype=torch.long, device=device)
     if not batch.encoded_rows:
         return RouteResult(predictions, 0.0)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     selected = None
     if route.auto:
@@ -225,7 +221,7 @@ def run_route(
         else:
             generated = model.generate(fusion, max_new_tokens, senders=senders, messages=messages)
             chosen = _extract(model.receiver.tokenizer.batch_decode(generated, skip_special_tokens=True), batch)
-    _synchronize(device)
+    synchronize(device)
     predictions[torch.tensor(batch.encoded_rows, device=device)] = chosen.to(device)
     return RouteResult(predictions, time.perf_counter() - start, selected)
 

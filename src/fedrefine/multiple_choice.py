@@ -93,14 +93,18 @@ class EncodedQuestion:
 
 
 def encode_question(participant: Participant, item: MultipleChoiceItem) -> EncodedQuestion:
-    """Encode the prompt through :data:`ANSWER_PREFIX` and find the token that names each option.
+    """Encode the question's prompt through :data:`ANSWER_PREFIX` and find the token naming each option."""
+    return encode_options_prompt(participant, question_messages(item), item.labels)
+
+
+def encode_options_prompt(participant: Participant, messages: Sequence[Message], labels: Sequence[str]) -> EncodedQuestion:
+    """Encode any conversation ending in a multiple-choice question, through :data:`ANSWER_PREFIX`.
 
     The prompt is tokenized with each label appended; the tokens all variants share are the
     context, and the first token where they differ names the option. Tokenizers that merge
     the letter with the space before it and those that do not are both handled.
     """
-    messages = question_messages(item)
-    variants = [encode_chat(participant, messages, suffix=f"{ANSWER_PREFIX} {label}") for label in item.labels]
+    variants = [encode_chat(participant, messages, suffix=f"{ANSWER_PREFIX} {label}") for label in labels]
     ids = [v.input_ids for v in variants]
     shared = 0
     while all(len(row) > shared for row in ids) and len({row[shared] for row in ids}) == 1:
@@ -108,29 +112,42 @@ def encode_question(participant: Participant, item: MultipleChoiceItem) -> Encod
     candidates = tuple(row[shared] if len(row) > shared else -1 for row in ids)
     if -1 in candidates or len(set(candidates)) != len(candidates):
         raise ValueError(
-            f"Tokenizer of {participant.name} cannot tell the option labels {list(item.labels)} apart by one token "
+            f"Tokenizer of {participant.name} cannot tell the option labels {list(labels)} apart by one token "
             f"after {ANSWER_PREFIX!r}; use single-character labels."
         )
     return EncodedQuestion(truncate_chat(variants[0], shared), candidates)
 
 
 def option_logits(next_token_logits: Tensor, option_token_ids: Sequence[Sequence[int]]) -> Tensor:
-    """Gather (B, options) logits of each row's option tokens from (B, V) next-token logits."""
-    index = torch.tensor(option_token_ids, device=next_token_logits.device)
-    return next_token_logits.gather(1, index)
+    """(B, max options) logits of each row's option tokens from (B, V) next-token logits.
+
+    Rows with fewer options (ragged batches) are padded with -inf, so argmax never picks a padding slot.
+    """
+    width = max(len(row) for row in option_token_ids)
+    index = torch.zeros((len(option_token_ids), width), dtype=torch.long, device=next_token_logits.device)
+    valid = torch.zeros_like(index, dtype=torch.bool)
+    for i, row in enumerate(option_token_ids):
+        index[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        valid[i, : len(row)] = True
+    return next_token_logits.gather(1, index).masked_fill(~valid, float("-inf"))
 
 
-_LETTER = re.compile(r"(?:answer is|answer:)\s*\(?([A-Z])\b|^\s*\(?([A-Z])[.)]?(?:\s|$)", re.IGNORECASE)
+_STATED = re.compile(r"answer(?: is|:)\s*\(?([A-Za-z])\b", re.IGNORECASE)
+_LEADING = re.compile(r"^\s*\(?([A-Z])(?:[.):]|\s*$)")
 
 
 def extract_choice(text: str, labels: Sequence[str]) -> str | None:
-    """The option label a generated answer names, or None (counted wrong, never skipped)."""
-    for match in _LETTER.finditer(text):
-        letter = (match.group(1) or match.group(2)).upper()
-        if letter in labels:
-            return letter
-    standalone = [t for t in re.findall(r"\b([A-Z])\b", text) if t in labels]
-    return standalone[0] if len(set(standalone)) == 1 else None
+    """The option label a generated answer names, or None (counted wrong, never skipped).
+
+    In order: "answer is X" / "answer: X"; a leading "X." / "(X)" / "X)"; otherwise the one
+    option letter standing alone in the text (none or several: None).
+    """
+    for pattern in (_STATED, _LEADING):
+        match = pattern.search(text)
+        if match and match.group(1).upper() in labels:
+            return match.group(1).upper()
+    standalone = {t for t in re.findall(r"\b([A-Z])\b", text) if t in labels}
+    return standalone.pop() if len(standalone) == 1 else None
 
 
 @torch.no_grad()

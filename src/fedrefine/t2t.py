@@ -1,0 +1,253 @@
+"""Text-to-text (T2T) baseline: senders write background text, the receiver answers with it in context.
+
+Flow for a batch of multiple-choice questions::
+
+    each sender reads the communication prompt (the question WITHOUT its options)   -> hint text
+        greedy, at most ``budget`` new tokens, its own chat template, stops at its end-of-turn
+    receiver reads the hints and the full multiple-choice prompt                      -> option scores
+        scored exactly as :mod:`fedrefine.multiple_choice` does (next-token logits over the
+        option letters after ``ANSWER_PREFIX``)
+
+Hints of several senders are concatenated in the order the senders are given (the caller
+fixes that order, e.g. sorted by name, so results are reproducible). Empty hints are left
+out, so with no senders (or a zero budget) the receiver's prompt is exactly the one of
+:func:`fedrefine.multiple_choice.predict_alone`.
+
+Bytes on the wire per sender: the hint's UTF-8 text, and alternatively its token ids at
+:data:`TOKEN_ID_BYTES` (int32) each, the width behind the FedRefine paper's "16 bytes of token
+ids per token for four senders". The end-of-turn token is not sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fedrefine.cache import positions_from_mask
+from fedrefine.batching import left_pad
+from fedrefine.chat import Message
+from fedrefine.generation import Reply, generate_replies, synchronize
+from fedrefine.multiple_choice import (
+    EncodedQuestion,
+    MultipleChoiceItem,
+    encode_options_prompt,
+    option_logits,
+    question_text,
+)
+from fedrefine.participants import Participant
+
+#: The reference's communication prompt (C2C's ``TwoStageInference.background_prompt``).
+DEFAULT_PROMPT_TEMPLATE = "Briefly describe the most useful background to solve the problem:\n\n{question}"
+#: Header of the hint block when hints are placed in the receiver's user message.
+DEFAULT_HINT_HEADER = "Background from other models:\n"
+#: Bytes per transmitted token id (int32): the paper's 16 bytes per token for four T2T senders.
+TOKEN_ID_BYTES = 4
+
+HintPlacement = Literal["user_message", "dialogue"]
+
+
+@dataclass(frozen=True)
+class T2TConfig:
+    """How senders are prompted and how their text reaches the receiver.
+
+    Args:
+        prompt_template: the sender's user message; ``{question}`` is replaced by the text the
+            sender reads (by default the question stem, without options).
+        budget: most new tokens a sender may generate (greedy).
+        placement: ``"user_message"``: one user message ``hint_header + hint1 + "\\n\\n" + ... +
+            "\\n\\n" + question_text(item)``. ``"dialogue"``: the reference's layout, user asks
+            ``prompt_template`` for the receiver's question stem, the assistant turn holds the
+            hints (joined by a blank line), then the user asks the multiple-choice question.
+        hint_header: first line of the hint block (``user_message`` placement).
+        bytes_per_id: bytes per transmitted token id, for :attr:`Hint.id_bytes`.
+        batch_size: questions per batched forward / generate call.
+    """
+
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    budget: int = 64
+    placement: HintPlacement = "user_message"
+    hint_header: str = DEFAULT_HINT_HEADER
+    bytes_per_id: int = TOKEN_ID_BYTES
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if "{question}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain '{{question}}'; got {self.prompt_template!r}.")
+        if self.budget < 0:
+            raise ValueError(f"budget must be >= 0 tokens; got {self.budget}.")
+        if self.placement not in ("user_message", "dialogue"):
+            raise ValueError(f"Unknown placement {self.placement!r}; choose 'user_message' or 'dialogue'.")
+        if self.bytes_per_id < 1 or self.batch_size < 1:
+            raise ValueError("bytes_per_id and batch_size must be positive.")
+
+
+# --- the receiver's prompt and scoring ----------------------------------------------------------
+
+
+def hint_messages(item: MultipleChoiceItem, hints: Sequence[str], config: T2TConfig | None = None) -> list[Message]:
+    """The receiver's conversation: the multiple-choice question with the hints placed per ``config``.
+
+    Hints are stripped of surrounding whitespace; empty ones are left out.
+    """
+    config = config or T2TConfig()
+    hints = [h.strip() for h in hints if h.strip()]
+    if not hints:
+        return [{"role": "user", "content": question_text(item)}]
+    if config.placement == "dialogue":
+        return [
+            {"role": "user", "content": config.prompt_template.format(question=item.question_stem)},
+            {"role": "assistant", "content": "\n\n".join(hints)},
+            {"role": "user", "content": question_text(item)},
+        ]
+    block = "".join(f"{hint}\n\n" for hint in hints)
+    return [{"role": "user", "content": f"{config.hint_header}{block}{question_text(item)}"}]
+
+
+@torch.no_grad()
+def score_options(participant: Participant, encoded: Sequence[EncodedQuestion]) -> list[Tensor]:
+    """Option-letter logits of each encoded question (one left-padded forward; option counts may differ)."""
+    ids, mask = left_pad([e.chat.input_ids for e in encoded], participant.tokenizer.pad_token_id)
+    ids, mask = ids.to(participant.device), mask.to(participant.device)
+    logits = participant.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    last = logits[:, -1].float()
+    return [option_logits(last[i : i + 1], [e.option_token_ids])[0] for i, e in enumerate(encoded)]
+
+
+# --- the baseline -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hint:
+    """What one sender transmitted for one question, and its exact size."""
+
+    sender: str
+    text: str
+    token_ids: tuple[int, ...]
+    bytes_per_id: int = TOKEN_ID_BYTES
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def id_bytes(self) -> int:
+        """Bytes when sent as token ids (``bytes_per_id`` each, end-of-turn not sent)."""
+        return self.num_tokens * self.bytes_per_id
+
+    @property
+    def utf8_bytes(self) -> int:
+        """Bytes when sent as UTF-8 text (the text placed in the receiver's context)."""
+        return len(self.text.encode("utf-8"))
+
+
+@dataclass
+class T2TResult:
+    """One question answered by T2T: the hints in sender order, the prediction, and seconds per stage.
+
+    ``seconds`` maps ``"sender:<name>"`` (its hint generation) and ``"receiver"`` (the scored
+    forward) to this question's share of its batch's wall time.
+    """
+
+    question_id: str
+    hints: list[Hint]
+    prediction: int
+    option_scores: list[float]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.num_tokens for h in self.hints)
+
+    @property
+    def id_bytes(self) -> int:
+        return sum(h.id_bytes for h in self.hints)
+
+    @property
+    def utf8_bytes(self) -> int:
+        return sum(h.utf8_bytes for h in self.hints)
+
+
+def _sender_questions(
+    senders: Sequence[Participant], items: Sequence[MultipleChoiceItem], given: Mapping[str, Sequence[str]] | None
+) -> dict[str, Sequence[str]]:
+    names = [s.name for s in senders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Senders must be distinct participants; got {names}.")
+    if given is None:
+        return {name: [item.question_stem for item in items] for name in names}
+    missing = [name for name in names if name not in given]
+    if missing:  # never fall back to the user's text: that would bypass rephrasing
+        raise ValueError(f"sender_questions has no text for sender(s) {missing}; give one text per sender.")
+    for name in names:
+        if len(given[name]) != len(items):
+            raise ValueError(f"sender_questions[{name!r}] has {len(given[name])} texts for {len(items)} questions.")
+    return {name: given[name] for name in names}
+
+
+def t2t_predict(
+    receiver: Participant,
+    senders: Sequence[Participant],
+    items: Sequence[MultipleChoiceItem],
+    config: T2TConfig | None = None,
+    sender_questions: Mapping[str, Sequence[str]] | None = None,
+) -> list[T2TResult]:
+    """Answer each question by the receiver with the senders' generated hints in its context.
+
+    Args:
+        receiver: the participant that answers; it reads ``items`` (pass rephrased items to
+            make it read a rephrasing).
+        senders: the participants that write hints, in the order their hints are concatenated.
+        items: the questions as the receiver reads them.
+        config: prompt, budget, placement and byte accounting (:class:`T2TConfig`).
+        sender_questions: per sender name, the text it reads for each item in place of the
+            question stem (e.g. :attr:`fedrefine.privacy.QueryPlan.sender_texts`). When given it
+            must cover every sender.
+
+    Returns one :class:`T2TResult` per item, in order.
+    """
+    config = config or T2TConfig()
+    questions = _sender_questions(senders, items, sender_questions)
+    hints: dict[str, list[Reply]] = {}
+    for sender in senders:
+        prompts = [config.prompt_template.format(question=q) for q in questions[sender.name]]
+        hints[sender.name] = generate_replies(sender, prompts, config.budget, config.batch_size)
+
+    results: list[T2TResult] = []
+    for start in range(0, len(items), config.batch_size):
+        chunk = range(start, min(start + config.batch_size, len(items)))
+        encoded = [
+            encode_options_prompt(
+                receiver,
+                hint_messages(items[i], [hints[s.name][i].text for s in senders], config),
+                items[i].labels,
+            )
+            for i in chunk
+        ]
+        synchronize(receiver.device)
+        began = time.perf_counter()
+        scores = score_options(receiver, encoded)
+        synchronize(receiver.device)
+        receiver_seconds = (time.perf_counter() - began) / len(chunk)
+        for row, i in enumerate(chunk):
+            replies = [hints[s.name][i] for s in senders]
+            results.append(
+                T2TResult(
+                    question_id=items[i].id,
+                    hints=[
+                        Hint(s.name, reply.text, reply.token_ids, config.bytes_per_id)
+                        for s, reply in zip(senders, replies)
+                    ],
+                    prediction=int(scores[row].argmax()),
+                    option_scores=scores[row].tolist(),
+                    seconds={
+                        **{f"sender:{s.name}": reply.seconds for s, reply in zip(senders, replies)},
+                        "receiver": receiver_seconds,
+                    },
+                )
+            )
+    return results

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from fedrefine.multiple_choice import (
+    ANSWER_PREFIX,
+    MultipleChoiceItem,
+    encode_options_prompt,
+    encode_question,
+    extract_choice,
+    option_logits,
+    question_messages,
+)
+from fedrefine.participants import TinySpec, build_tiny_participant
+
+ITEM = MultipleChoiceItem("q1", "What colour is Zorb?", ("red", "blue", "green", "pink"), tuple("ABCD"), "C")
+
+
+@pytest.mark.parametrize("kind, style", [("byte_bpe", "chatml"), ("metaspace_bpe", "llama3"), ("word", "chatml")])
+def test_option_tokens_name_each_letter_after_the_answer_prefix(kind, style):
+    participant = build_tiny_participant(TinySpec("t", tokenizer_kind=kind, chat_style=style, vocab_size=400))
+    encoded = encode_question(participant, ITEM)
+    tokenizer = participant.tokenizer
+    assert len(set(encoded.option_token_ids)) == 4
+    for label, token in zip(ITEM.labels, encoded.option_token_ids):
+        # the context plus the option token is exactly the prompt ending in "<prefix> <label>"
+        full = encode_options_prompt(participant, question_messages(ITEM), [label, "A" if label != "A" else "B"])
+        assert tokenizer.decode([*encoded.chat.input_ids, token]).endswith(label)
+        assert full.chat.input_ids == encoded.chat.input_ids
+    assert tokenizer.decode(encoded.chat.input_ids).rstrip().endswith(ANSWER_PREFIX.split()[-1])
+
+
+def test_option_logits_handle_ragged_option_counts():
+    logits = torch.arange(10.0).repeat(2, 1)
+    scores = option_logits(logits, [(1, 2, 9, 3), (4, 5)])
+    assert scores.shape == (2, 4)
+    assert scores.argmax(-1).tolist() == [2, 1]
+    assert torch.isinf(scores[1, 2:]).all()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("The correct answer is B.", "B"), ("Answer: c", "C"), ("(D) because it is pink", "D"), ("no idea", None),
+     ("A or B", None), ("I pick E", None)],
+)
+def test_answer_extraction(text, expected):
+    assert extract_choice(text, ITEM.labels) == expected

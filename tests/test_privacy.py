@@ -1,0 +1,287 @@
+"""Rephrased queries: plans, mode checks, the rephrasing cache, seeded sampling, the privacy invariant, leakage."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC
+
+from fedrefine.chat import encode_chat
+from fedrefine.message import prefill_message
+from fedrefine.multiple_choice import MultipleChoiceItem, question_text
+from fedrefine.batching import left_pad
+from fedrefine.participants import build_tiny_participant
+from fedrefine.privacy import (
+    InputRecorder,
+    RephraseConfig,
+    Rephraser,
+    Rephrasing,
+    check_mode,
+    content_words,
+    find_leaks,
+    leakage_report,
+    local_sentence_embedder,
+    plan_queries,
+    token_overlap,
+)
+from fedrefine.t2t import DEFAULT_PROMPT_TEMPLATE, T2TConfig, t2t_predict
+
+ITEMS = [
+    MultipleChoiceItem(
+        "p1", "Zorblax told Quenford the glimmerstone heats quickly; which material conducts heat best?",
+        ("a metal spoon", "a wooden stick", "a cloth", "a glass"), tuple("ABCD"), "A",
+    ),
+    MultipleChoiceItem(
+        "p2", "Varnethia counted 4817 pebbles near Ostrowick lake; what does a fox eat?",
+        ("grass", "mice", "rocks", "water"), tuple("ABCD"), "B",
+    ),
+]
+DISTINCTIVE = {"zorblax", "quenford", "glimmerstone", "varnethia", "4817", "ostrowick"}
+FAST = RephraseConfig(max_new_tokens=8)
+
+
+def chatty(spec, seed=5):
+    """A tiny participant with an untied random output layer, so greedy decoding writes varied text."""
+    participant = build_tiny_participant(dataclasses.replace(spec, name=f"{spec.name}-chatty", seed=seed))
+    head = participant.model.lm_head
+    generator = torch.Generator().manual_seed(seed)
+    head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=generator), requires_grad=False)
+    return participant
+
+
+@pytest.fixture(scope="module")
+def local():
+    """The user's own model: receiver and rephraser."""
+    return chatty(RECEIVER_SPEC)
+
+
+@pytest.fixture(scope="module")
+def senders():
+    return [chatty(LLAMA_SPEC), chatty(QWEN2_SPEC)]
+
+
+class ScriptedRephraser(Rephraser):
+    """Rephrases by a fixed rule, without a model: for exact plan checks."""
+
+    def __init__(self, participant, rule):
+        super().__init__(participant)
+        self.rule = rule
+
+    def rephrase(self, queries, variant=None):
+        return [Rephrasing(q, self.rule(q, variant), variant, None, 3, 0.5) for q in queries]
+
+
+def count_forwards(participant):
+    calls = []
+    handle = participant.model.register_forward_hook(lambda *args: calls.append(1))
+    return calls, handle
+
+
+# --- mode checks ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["c2c", "c2c_residual", "c2c_reordered"])
+def test_private_mode_rejects_residual_fusion(route):
+    with pytest.raises(ValueError, match=f"'private' cannot run route '{route}'.*c2c_concat.*t2t"):
+        check_mode("private", route)
+
+
+def test_mode_checks():
+    for mode in ("original", "shared", "private"):
+        for route in ("t2t", "c2c_concat", "receiver"):
+            check_mode(mode, route)
+    check_mode("original", "c2c")
+    check_mode("shared", "c2c")
+    with pytest.raises(ValueError, match="'withhold' with route 'c2c'.*verbatim"):
+        check_mode("shared", "c2c", options="withhold")
+    with pytest.raises(ValueError, match="Unknown privacy mode 'secret'"):
+        check_mode("secret", "t2t")
+    with pytest.raises(ValueError, match="Unknown route 'telepathy'"):
+        check_mode("original", "telepathy")
+    with pytest.raises(ValueError, match="Unknown options policy"):
+        check_mode("original", "t2t", options="hide")
+
+
+# --- plans ------------------------------------------------------------------------------------
+
+
+def test_plans_say_who_reads_what(local):
+    rephraser = ScriptedRephraser(local, lambda q, variant: f"reworded for {variant} ({len(q)} chars)")
+    names = ["tiny:s1", "tiny:s2"]
+    item = ITEMS[0]
+
+    (original,) = plan_queries([item], names, "original", options="verbatim")
+    assert original.reads == {name: question_text(item) for name in ["receiver", *names]}
+    (withheld,) = plan_queries([item], names, "original", options="withhold")
+    assert withheld.sender_texts == {n: item.question_stem for n in names}
+
+    (shared,) = plan_queries([item], names, "shared", rephraser, options="verbatim")
+    text = f"reworded for None ({len(item.question_stem)} chars)"
+    assert shared.receiver == local.name
+    assert shared.receiver_item == dataclasses.replace(item, question_stem=text)
+    assert shared.sender_texts == {n: question_text(shared.receiver_item) for n in names}  # same text as receiver
+    assert {r.text for r in shared.rephrasings.values()} == {text} and set(shared.rephrasings) == {local.name, *names}
+
+    (private,) = plan_queries([item], names, "private", rephraser, options="withhold")
+    assert private.receiver_item == item  # the receiver keeps the original
+    assert private.sender_texts == {n: f"reworded for {n} ({len(item.question_stem)} chars)" for n in names}
+    assert private.sender_messages("tiny:s1") == [{"role": "user", "content": private.sender_texts["tiny:s1"]}]
+
+    (together,) = plan_queries([item], names, "private", rephraser, options="rephrase")
+    source_length = len(item.question_stem) + 1 + len("A. a metal spoon\nB. a wooden stick\nC. a cloth\nD. a glass")
+    assert together.sender_texts["tiny:s1"] == f"reworded for tiny:s1 ({source_length} chars)"
+
+
+def test_plans_refuse_leaky_setups(local):
+    with pytest.raises(ValueError, match="needs a rephraser"):
+        plan_queries(ITEMS, ["tiny:s1"], "shared")
+    with pytest.raises(ValueError, match="is also a sender"):
+        plan_queries(ITEMS, [local.name], "private", Rephraser(local, FAST))
+    (empty,) = plan_queries(ITEMS[:1], ["tiny:s1"], "private", ScriptedRephraser(local, lambda q, v: ""), "withhold")
+    assert empty.sender_texts == {"tiny:s1": ""}  # a failed rephrasing is never replaced by the original
+
+
+# --- rephrasing: cache and determinism ---------------------------------------------------------
+
+
+def test_cached_rephrasings_do_not_run_the_model(local, tmp_path):
+    queries = [item.question_stem for item in ITEMS]
+    calls, handle = count_forwards(local)
+    try:
+        first = Rephraser(local, FAST, cache_dir=tmp_path).rephrase(queries)
+        assert calls and not any(r.cached for r in first)
+        records = [json.loads(line) for line in (tmp_path / "rephrasings.jsonl").read_text().splitlines()]
+        assert [r["query"] for r in records] == queries
+        assert all(r["model"] == local.identity.key and r["template"] == FAST.template for r in records)
+
+        calls.clear()
+        again = Rephraser(local, FAST, cache_dir=tmp_path)  # a new process would read the same file
+        second = again.rephrase(queries)
+        greedy_variant = again.rephrase(queries, variant="tiny:s1")  # greedy: variants share the text
+        assert calls == []
+        assert [r.text for r in second] == [r.text for r in first] == [r.text for r in greedy_variant]
+        assert all(r.cached for r in second)
+
+        other_template = RephraseConfig(template="Say it otherwise: {query}", max_new_tokens=8)
+        Rephraser(local, other_template, cache_dir=tmp_path).rephrase(queries[:1])
+        assert calls  # the template is part of the key
+    finally:
+        handle.remove()
+
+
+def test_seeded_sampling_is_reproducible(local):
+    sampled = RephraseConfig(max_new_tokens=8, do_sample=True, temperature=1.0, top_p=1.0, seed=7)
+    queries = [ITEMS[0].question_stem]
+    first = Rephraser(local, sampled).rephrase(queries, variant="tiny:s1")
+    second = Rephraser(local, sampled).rephrase(queries, variant="tiny:s1")
+    assert first[0].text == second[0].text and first[0].seed == second[0].seed
+    distinct = {Rephraser(local, sampled).rephrase(queries, variant=f"tiny:s{i}")[0].text for i in range(3)}
+    assert len(distinct) == 3  # one rephrasing per participant
+    reseeded = Rephraser(local, dataclasses.replace(sampled, seed=8)).rephrase(queries, variant="tiny:s1")
+    assert reseeded[0].text != first[0].text
+
+
+# --- the privacy invariant --------------------------------------------------------------------
+
+
+def what_senders_received(local, senders, mode, route):
+    """Run one route under ``mode`` with every sender recorded.
+
+    Returns the plans, each sender's whole received text, and its token-id channel alone (decoded).
+    """
+    options = "withhold" if route == "t2t" else "verbatim"
+    plans = plan_queries(ITEMS, [s.name for s in senders], mode, Rephraser(local, FAST), options)
+    recorders = [InputRecorder(s) for s in senders]
+    for recorder in recorders:
+        recorder.__enter__()
+    try:
+        recorded = [r.participant for r in recorders]
+        if route == "t2t":
+            questions = {s.name: [p.sender_texts[s.name] for p in plans] for s in senders}
+            t2t_predict(local, recorded, [p.receiver_item for p in plans], T2TConfig(budget=4), questions)
+        else:  # concat fusion: each sender prefills its own text
+            for sender in recorded:
+                rows = [encode_chat(sender, p.sender_messages(sender.name)).input_ids for p in plans]
+                ids, mask = left_pad(rows, sender.tokenizer.pad_token_id)
+                prefill_message(sender, ids, mask)
+    finally:
+        for recorder in recorders:
+            recorder.__exit__(None, None, None)
+    for recorder in recorders:  # the recording is not vacuous
+        assert recorder.input_ids and recorder.texts and recorder.opaque_calls == 0
+    received = {s.name: r.received_text() for s, r in zip(senders, recorders)}
+    return plans, received, {s.name: "\n".join(r.decoded()) for s, r in zip(senders, recorders)}
+
+
+def leaks(plans, received):
+    """Content words of the user's stems that reached a sender without being part of what it may read."""
+    original = " ".join(p.item.question_stem for p in plans)
+    found = {}
+    for sender, text in received.items():
+        # what may reach a sender: the prompt's own words, its rephrasing, the options when sent verbatim
+        allowed = [DEFAULT_PROMPT_TEMPLATE]
+        allowed += [p.rephrasings[sender].text for p in plans if sender in p.rephrasings]
+        allowed += [" ".join(p.item.choices) for p in plans if p.options == "verbatim"]
+        found[sender] = find_leaks(original, text, " ".join(allowed))
+    return found
+
+
+@pytest.mark.parametrize("route", ["t2t", "c2c_concat"])
+@pytest.mark.parametrize("mode", ["shared", "private"])
+def test_nothing_but_the_rephrasing_reaches_senders(local, senders, mode, route):
+    check_mode(mode, route)
+    plans, received, _ = what_senders_received(local, senders, mode, route)
+    assert all(r.text for p in plans for r in p.rephrasings.values())  # not vacuous: rephrasings have text
+    assert leaks(plans, received) == {s.name: [] for s in senders}
+    for text in received.values():
+        assert not DISTINCTIVE & content_words(text)
+
+
+@pytest.mark.parametrize("route", ["t2t", "c2c_concat"])
+def test_the_invariant_check_catches_a_leak(local, senders, route):
+    plans, received, token_channel = what_senders_received(local, senders, "original", route)
+    for sender, words in leaks(plans, received).items():
+        assert DISTINCTIVE <= set(words), sender
+    for text in received.values():
+        assert DISTINCTIVE <= content_words(text)
+    # the forward hook alone sees the leak too (byte-level tokenizer: decoding its ids is lossless;
+    # the tiny Llama tokenizer has no byte fallback, so its unknown characters show only in the texts)
+    assert DISTINCTIVE <= content_words(token_channel[senders[1].name])
+
+
+# --- leakage figures --------------------------------------------------------------------------
+
+
+def test_content_words_and_overlap():
+    assert content_words("The Fox, the dog and 42 cats!") == {"fox", "dog", "42", "cats"}
+    assert token_overlap("The fox eats mice and grass", "a FOX eats") == pytest.approx(2 / 4)
+    assert token_overlap("the and of", "anything") == 0.0
+    assert find_leaks("Zorblax eats mice", "zorblax mice cheese", allowed="mice") == ["zorblax"]
+
+
+def test_leakage_report(local, tmp_path):
+    names = ["tiny:s1", "tiny:s2"]
+    plain = plan_queries(ITEMS, names, "original", options="withhold")
+    records, summary = leakage_report(plain)
+    assert [(r.question_id, r.sender) for r in records] == [(i.id, n) for i in ITEMS for n in names]
+    assert all(r.token_overlap == 1.0 and r.embedding_similarity is None for r in records)
+    assert all(r.rephrase_seconds is None and r.cached is None for r in records)
+    assert summary.num_records == 4 and summary.mean_rephrase_seconds is None
+
+    rule = lambda q, variant: "A fox eats what?" if "fox" in q else "Which material conducts heat?"  # noqa: E731
+    plans = plan_queries(ITEMS, names, "private", ScriptedRephraser(local, rule), options="withhold")
+
+    def letters(texts):  # a stand-in embedder: letter counts
+        counts = [torch.bincount(torch.tensor([ord(c) % 32 for c in t.lower()]), minlength=32) for t in texts]
+        return torch.stack(counts)
+
+    records, summary = leakage_report(plans, embedder=letters)
+    # p1's stem has 10 content words, 3 of them (material, conducts, heat) in the rephrasing;
+    # p2's has 9, one of them (fox; "eats" is not "eat").
+    assert [r.token_overlap for r in records] == pytest.approx([3 / 10, 3 / 10, 1 / 9, 1 / 9])
+    assert summary.mean_token_overlap == pytest.approx((3 / 10 + 1 / 9) / 2)
+    assert summary.max_token_overlap == pytest.approx(3 / 10)
+    assert all(-1.0 <= r.embedding_similarity <= 1.0 for r in records) and summary.mean_embedding_similarity is not None
+    assert summary.mean_rephrase_seconds == pytest.approx(0.5)
+    assert local_sentence_embedder(tmp_path / "no-such-model") is None  # never downloads
