@@ -1,5 +1,7 @@
 """Shared tiny participants: different architecture classes, depths, head layouts and tokenizers."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,6 +16,16 @@ QWEN2_SPEC = TinySpec(
     "qwen2-sender", "qwen2", num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=1, head_dim=8,
     vocab_size=300, seed=2,
 )
+
+
+def chatty(spec, seed=5):
+    """A tiny participant with an untied random output layer: greedy decoding then writes varied text
+    (tied tiny models repeat the prompt's last token, which decodes to whitespace)."""
+    participant = build_tiny_participant(dataclasses.replace(spec, name=f"{spec.name}-chatty", seed=seed))
+    head = participant.model.lm_head
+    generator = torch.Generator().manual_seed(seed)
+    head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=generator), requires_grad=False)
+    return participant
 
 
 @pytest.fixture(autouse=True)

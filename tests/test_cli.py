@@ -38,6 +38,6 @@ def test_tiny_fit_test_and_predict_from_the_command_line(tmp_path, capsys):
     assert [r["route"] for r in results["rows"]] == ["receiver", "sender", "c2c"]
     assert all(r["questions"] == 12 for r in results["rows"])
     capsys.readouterr()
-    build_cli(["predict", *common, "--model.fuser_path", str(root / "fuser"), "--model.max_new_tokens", "3",
+    build_cli(["predict", *common, "--model.fuser_path", str(root / "fuser"), "--model.evaluation.max_new_tokens", "3",
                "--data.predict_prompts", "[What conducts heat?]"])
     assert "What conducts heat?" in capsys.readouterr().out

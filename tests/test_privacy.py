@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC
+from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC, chatty
 
 from fedrefine.chat import encode_chat
 from fedrefine.message import prefill_message
@@ -39,15 +39,6 @@ ITEMS = [
 ]
 DISTINCTIVE = {"zorblax", "quenford", "glimmerstone", "varnethia", "4817", "ostrowick"}
 FAST = RephraseConfig(max_new_tokens=8)
-
-
-def chatty(spec, seed=5):
-    """A tiny participant with an untied random output layer, so greedy decoding writes varied text."""
-    participant = build_tiny_participant(dataclasses.replace(spec, name=f"{spec.name}-chatty", seed=seed))
-    head = participant.model.lm_head
-    generator = torch.Generator().manual_seed(seed)
-    head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=generator), requires_grad=False)
-    return participant
 
 
 @pytest.fixture(scope="module")

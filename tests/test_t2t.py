@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import LLAMA_SPEC, QWEN2_SPEC
+from conftest import LLAMA_SPEC, QWEN2_SPEC, chatty
 
 from fedrefine.multiple_choice import (
     MultipleChoiceItem,
@@ -33,16 +33,6 @@ ITEMS = [
     MultipleChoiceItem("q2", "The quick brown fox jumps over what?", ("the lazy dog", "Café 東京"), ("A", "B"), "A"),
     MultipleChoiceItem("q3", "What do fusers map?", ("caches", "answers", "letters", "emoji 🙂"), tuple("ABCD"), "A"),
 ]
-
-
-def chatty(spec, seed=5):
-    """A tiny participant with an untied random output layer: greedy decoding then writes varied text
-    (tied tiny models repeat the prompt's last token, which decodes to whitespace)."""
-    participant = build_tiny_participant(dataclasses.replace(spec, name=f"{spec.name}-chatty", seed=seed))
-    head = participant.model.lm_head
-    generator = torch.Generator().manual_seed(seed)
-    head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=generator), requires_grad=False)
-    return participant
 
 
 @pytest.fixture(scope="module")

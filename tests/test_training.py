@@ -7,6 +7,7 @@ import torch
 from conftest import LLAMA_SPEC, RECEIVER_SPEC
 from fedrefine.data.chat import ChatExample
 from fedrefine.data.module import C2CDataModule
+from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import FuserConfig, FuserPairMismatchError
 from fedrefine.sources import TinyParticipant
 from fedrefine.modules import C2CModule
@@ -141,7 +142,8 @@ def test_evaluation_never_skips_a_question(tmp_path, monkeypatch):
         return real(participant, item)
 
     monkeypatch.setattr(evaluation, "encode_question", flaky)
-    module = make_module(test_routes=["receiver", "sender", "c2c", "c2c_mismatched", "c2c_random_kv", "c2c_reordered"])
+    module = make_module(evaluation=EvaluationConfig(
+        test_routes=["receiver", "sender", "c2c", "c2c_mismatched", "c2c_random_kv", "c2c_reordered"]))
     trainer(tmp_path).test(module, write_data(tmp_path))
     rows = {r["route"]: r for r in module.results()}
     assert set(rows) == {"receiver", "sender", "c2c", "c2c_mismatched", "c2c_random_kv", "c2c_reordered"}

@@ -1,4 +1,4 @@
-"""Multiple-choice evaluation routes: receiver alone, a sender alone, C2C with any sender subset, controls.
+"""Multiple-choice evaluation routes: receiver alone, a sender alone, C2C and T2T with any sender subset.
 
 Route names:
 
@@ -6,9 +6,12 @@ Route names:
 - ``sender`` / ``sender:<name>``: a sender alone (the only sender, or the named one);
 - ``c2c`` / ``c2c:<a>+<b>``: the receiver fused with every sender, or with the named subset;
 - ``c2c:auto``: per question, the senders a :class:`~fedrefine.selection.SenderSelection` picks;
+- ``t2t`` / ``t2t:<a>+<b>``: the senders write hints (text) that the receiver reads;
 - a C2C route with a control suffix: ``_mismatched`` (senders read another question whose correct
   letter differs), ``_random_kv`` (Gaussian K/V of each layer's own mean and std stand in for the
-  senders'), ``_reordered`` (senders read the same question with the options reordered).
+  senders'), ``_reordered`` (senders read the same question with the options reordered);
+- a query-mode suffix ``@shared`` / ``@private`` (default ``@original``) on receiver, c2c and t2t
+  routes: who reads a rephrasing (see :mod:`fedrefine.privacy`).
 
 Every question counts: a question that cannot be encoded is predicted as -1 (wrong) and its
 reason is reported; the denominator never shrinks.
@@ -33,43 +36,61 @@ from fedrefine.generation import synchronize
 from fedrefine.message import KVMessage
 from fedrefine.multiple_choice import MultipleChoiceItem, encode_question, extract_choice, option_logits, question_messages
 from fedrefine.participants import Participant
+from fedrefine.privacy import MODES, QueryPlan, RephraseConfig, Rephraser, check_mode, leakage_report, plan_queries
 from fedrefine.selection import SenderSelection
+from fedrefine.t2t import T2TConfig, t2t_predict
 
 AnswerMode = Literal["logits", "generate"]
 CONTROLS = {"_mismatched": "mismatched", "_random_kv": "random_kv", "_reordered": "reordered"}
-ROUTES = ("receiver", "sender", "c2c", "c2c_mismatched", "c2c_random_kv", "c2c_reordered")
+ROUTES = ("receiver", "sender", "c2c", "t2t", "c2c_mismatched", "c2c_random_kv", "c2c_reordered")
+#: T2T senders read the question without its options, as in the C2C reference's baseline.
+T2T_OPTIONS = "withhold"
 
 
 @dataclass(frozen=True)
 class Route:
-    """What answers: ``kind`` receiver / sender / c2c, which senders, and which control (``none``)."""
+    """What answers: ``kind``, which senders, which control (``none``), and the query mode."""
 
     name: str
-    kind: Literal["receiver", "sender", "c2c"]
+    kind: Literal["receiver", "sender", "c2c", "t2t"]
     senders: tuple[str, ...] = ()
     control: str = "none"
     auto: bool = False
+    query_mode: str = "original"
 
     @property
     def sender_text(self) -> str:
         """Which question the senders read: the item itself, a mismatched one, or the reordered item."""
         return {"mismatched": "mismatched", "reordered": "reordered"}.get(self.control, "item")
 
+    @property
+    def variant(self) -> str:
+        """Key of the encoded batch this route reads."""
+        return f"{self.sender_text}@{self.query_mode}"
+
 
 def parse_route(name: str, sender_names: Sequence[str]) -> Route:
     """Parse a route name (see the module docstring) against the receiver's senders."""
-    base, control = name, "none"
+    base, _, query_mode = name.partition("@")
+    query_mode = query_mode or "original"
+    control = "none"
     for suffix, value in CONTROLS.items():
-        if name.endswith(suffix):
-            base, control = name[: -len(suffix)], value
+        if base.endswith(suffix):
+            base, control = base[: -len(suffix)], value
     kind, _, listed = base.partition(":")
     auto = kind == "c2c" and listed == "auto"
     chosen = tuple(listed.split("+")) if listed and not auto else ()
     unknown = [s for s in chosen if s not in sender_names]
-    if kind not in ("receiver", "sender", "c2c") or unknown or (control != "none" and kind != "c2c"):
+    if (
+        kind not in ("receiver", "sender", "c2c", "t2t")
+        or unknown
+        or (control != "none" and kind != "c2c")
+        or query_mode not in MODES
+        or (query_mode != "original" and (kind == "sender" or control != "none" or auto))
+    ):
         raise ValueError(
-            f"Unknown route {name!r}: use receiver, sender[:NAME], c2c[:A+B] (+ _mismatched/_random_kv/_reordered "
-            f"for c2c); senders here are {list(sender_names)}."
+            f"Unknown route {name!r}: use receiver, sender[:NAME], c2c[:A+B|:auto], t2t[:A+B] (+ _mismatched/"
+            f"_random_kv/_reordered for c2c) and @original/@shared/@private; senders here are {list(sender_names)}."
         )
     if kind == "sender":
         if not chosen and len(sender_names) != 1:
@@ -77,9 +98,51 @@ def parse_route(name: str, sender_names: Sequence[str]) -> Route:
         chosen = chosen or tuple(sender_names)
         if len(chosen) != 1:
             raise ValueError(f"Route {name!r}: a sender alone is one sender.")
-    if kind == "c2c":
+    if kind in ("c2c", "t2t"):
         chosen = chosen or tuple(sender_names)
-    return Route(name, kind, chosen, control, auto)
+    return Route(name, kind, chosen, control, auto, query_mode)
+
+
+@dataclass
+class EvaluationConfig:
+    """How ``validate`` / ``test`` answer and what they report.
+
+    Args:
+        answer_mode: ``logits`` (argmax over option letters, deterministic) or ``generate`` (greedy + extractor).
+        max_new_tokens: generation budget in ``generate`` mode and for ``predict``.
+        test_routes: routes ``test`` reports (None: the module's default).
+        val_routes: routes evaluated during ``fit`` validation and ``validate``.
+        t2t: the T2T baseline's prompt, token budget and byte accounting.
+        rephrase: how the receiver rephrases queries for ``@shared`` / ``@private`` routes.
+        rephrase_cache_dir: disk cache of rephrasings (None: not cached across runs).
+        options: what C2C senders get of a question's options in rephrased modes:
+            ``verbatim`` (default; residual fusion needs it), ``rephrase`` or ``withhold``.
+    """
+
+    answer_mode: AnswerMode = "logits"
+    max_new_tokens: int = 64
+    test_routes: list[str] | None = None
+    val_routes: list[str] = field(default_factory=lambda: ["c2c"])
+    t2t: T2TConfig = field(default_factory=T2TConfig)
+    rephrase: RephraseConfig = field(default_factory=RephraseConfig)
+    rephrase_cache_dir: str | None = None
+    options: str = "verbatim"
+
+
+@dataclass
+class QueryPlanner:
+    """Makes each question's :class:`~fedrefine.privacy.QueryPlan` for a query mode (who reads what).
+
+    Args:
+        rephraser: writes the rephrasings (``shared`` / ``private`` modes); the receiver by default.
+        options: options policy for C2C senders (T2T senders always get :data:`T2T_OPTIONS`).
+    """
+
+    rephraser: Rephraser | None = None
+    options: str = "verbatim"
+
+    def plan(self, items: Sequence[MultipleChoiceItem], senders: Sequence[str], mode: str, options: str) -> list[QueryPlan]:
+        return plan_queries(items, senders, mode, self.rephraser, options)
 
 
 @dataclass
@@ -92,9 +155,10 @@ class QuestionBatch:
     failures: dict[int, str] = field(default_factory=dict)
     encoded_rows: list[int] = field(default_factory=list)
     items: list[MultipleChoiceItem] = field(default_factory=list)
-    receiver_options: list[tuple[int, ...]] = field(default_factory=list)
+    receiver_options: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
     fusion: dict[str, FusionBatch] = field(default_factory=dict)
     alone: dict[str, tuple[Tensor, Tensor, list[tuple[int, ...]]]] = field(default_factory=dict)
+    plans: dict[tuple[str, str], list[QueryPlan]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -113,43 +177,70 @@ def _encode(participant: Participant, item: MultipleChoiceItem, mode: AnswerMode
     return encode_chat(participant, question_messages(item)), ()
 
 
+def _route_options(route: Route, planner: QueryPlanner) -> str:
+    return T2T_OPTIONS if route.kind == "t2t" else planner.options
+
+
 def encode_questions(
-    model: FusedReceiver, questions: Sequence[QuestionWithControls], routes: Sequence[Route], mode: AnswerMode = "logits"
+    model: FusedReceiver,
+    questions: Sequence[QuestionWithControls],
+    routes: Sequence[Route],
+    mode: AnswerMode = "logits",
+    planner: QueryPlanner | None = None,
 ) -> QuestionBatch:
-    """Encode a batch of questions for every route (one sender text per control variant)."""
+    """Encode a batch of questions for every route: one encoded batch per (sender text, query mode)."""
+    planner = planner or QueryPlanner()
     items = [q.item for q in questions]
     batch = QuestionBatch(
         ids=[item.id for item in items],
         labels=torch.tensor([item.answer_index for item in items]),
         option_labels=[item.labels for item in items],
     )
-    fused = [r for r in routes if r.kind != "sender"]
+    plan_keys = {(r.query_mode, _route_options(r, planner)) for r in routes if r.query_mode != "original" or r.kind == "t2t"}
+    for route in routes:
+        if route.kind in ("c2c", "t2t"):
+            check_mode(route.query_mode, "t2t" if route.kind == "t2t" else f"c2c_{model.mode}", _route_options(route, planner))
+    plan_senders = sorted({s for r in routes if r.kind in ("c2c", "t2t") for s in r.senders})
+    plans = {key: planner.plan(items, plan_senders, *key) for key in sorted(plan_keys)}
     variants: dict[str, set[str]] = {}
-    for route in fused:  # the receiver-alone route reads the receiver side of the "item" variant
-        variants.setdefault(route.sender_text, set()).update(route.senders)
+    for route in routes:  # the receiver-alone route reads the receiver side of a variant
+        if route.kind in ("receiver", "c2c"):
+            variants.setdefault(route.variant, set()).update(route.senders if route.kind == "c2c" else ())
     alone = sorted({r.senders[0] for r in routes if r.kind == "sender"})
     examples: dict[str, list] = {v: [] for v in variants}
+    options: dict[str, list] = {}
     alone_rows: dict[str, list] = {name: [] for name in alone}
     for row, question in enumerate(questions):
         try:
-            receiver_chat, options = _encode(model.receiver, question.item, mode)
-            encoded = {}
+            encoded, row_options = {}, {}
             for variant, names in variants.items():
-                chats = {n: _encode(model.senders[n], getattr(question, variant), mode)[0] for n in sorted(names)}
-                encoded[variant] = model.encode_chats(receiver_chat, chats, strict=variant == "item")
+                sender_text, query_mode = variant.split("@")
+                plan = plans[(query_mode, planner.options)][row] if query_mode != "original" else None
+                receiver_item = plan.receiver_item if plan else question.item
+                receiver_chat, row_options[query_mode] = _encode(model.receiver, receiver_item, mode)
+                chats = {
+                    n: encode_chat(model.senders[n], plan.sender_messages(n) if plan else question_messages(getattr(question, sender_text)))
+                    for n in sorted(names)
+                }
+                encoded[variant] = model.encode_chats(receiver_chat, chats, strict=sender_text == "item")
+            if "original" not in row_options:
+                row_options["original"] = _encode(model.receiver, question.item, mode)[1]
             singles = {name: _encode(model.senders[name], question.item, mode) for name in alone}
         except (ValueError, KeyError, IndexError) as err:
             batch.failures[row] = f"{type(err).__name__}: {err}"
             continue
         batch.encoded_rows.append(row)
         batch.items.append(question.item)
-        batch.receiver_options.append(options)
+        for query_mode, option_ids in row_options.items():
+            options.setdefault(query_mode, []).append(option_ids)
         for variant in variants:
             examples[variant].append(encoded[variant])
         for name, (chat, sender_options) in singles.items():
             alone_rows[name].append((chat.input_ids, sender_options))
     if batch.encoded_rows:
+        batch.receiver_options = options
         batch.fusion = {v: model.collate(examples[v]) for v in variants}
+        batch.plans = {key: [value[row] for row in batch.encoded_rows] for key, value in plans.items()}
         for name, rows in alone_rows.items():
             ids, mask = left_pad([r[0] for r in rows], model.senders[name].tokenizer.pad_token_id)
             batch.alone[name] = (ids, mask, [r[1] for r in rows])
@@ -170,12 +261,83 @@ def random_message_like(message: KVMessage, generator: torch.Generator | None = 
 
 @dataclass
 class RouteResult:
-    """Predicted option index per question of the batch (-1 = wrong/unanswerable), seconds spent, and
-    for ``c2c:auto`` the senders chosen per encoded question."""
+    """One route on one batch.
+
+    ``predictions``: option index per question (-1 = wrong/unanswerable); ``seconds``: wall time;
+    ``stages``: seconds per stage (``rephrase``, ``sender``, ``receiver``); ``bytes_sent``: exact
+    bytes the senders transmitted (C2C: K/V of the carried layers at real positions; T2T: token
+    ids); ``bytes_per_token``: bytes per transmitted token position, summed over senders;
+    ``selected``: for ``c2c:auto``, the senders chosen per encoded question; ``leakage``: for
+    rephrased modes, the mean share of the question's content words that reached senders.
+    """
 
     predictions: Tensor
     seconds: float
+    stages: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_per_token: float = 0.0
     selected: list[tuple[str, ...]] | None = None
+    leakage: float | None = None
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy (well-behaved at 0% and 100% and for small counts)."""
+    if total == 0:
+        return 0.0, 0.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * ((p * (1 - p) / total + z * z / (4 * total * total)) ** 0.5) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class RouteTally:
+    """A route's results accumulated over batches (every question counts, failures as wrong)."""
+
+    correct: int = 0
+    questions: int = 0
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_per_token: float = 0.0
+    leakage_sum: float = 0.0
+    leakage_batches: int = 0
+
+    def add(self, result: RouteResult, labels: Tensor) -> None:
+        self.correct += int((result.predictions == labels).sum())
+        self.questions += len(labels)
+        self.seconds += result.seconds
+        for stage, seconds in result.stages.items():
+            self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+        self.bytes_sent += result.bytes_sent
+        self.bytes_per_token = max(self.bytes_per_token, result.bytes_per_token)
+        if result.leakage is not None:
+            self.leakage_sum += result.leakage
+            self.leakage_batches += 1
+
+    def row(self) -> dict[str, float | int | None]:
+        """Accuracy with its 95% interval, latency per question (total and per stage), bytes, leakage."""
+        n = max(1, self.questions)
+        low, high = wilson_interval(self.correct, self.questions)
+        return {
+            "accuracy": self.correct / n,
+            "ci_low": low,
+            "ci_high": high,
+            "questions": self.questions,
+            "latency_ms": 1000 * self.seconds / n,
+            **{f"{stage}_ms": 1000 * seconds / n for stage, seconds in sorted(self.stages.items())},
+            "bytes_per_token": self.bytes_per_token,
+            "bytes_per_question": self.bytes_sent / n,
+            "leakage_overlap": self.leakage_sum / self.leakage_batches if self.leakage_batches else None,
+        }
+
+
+def _timed(device: torch.device, fn):
+    synchronize(device)
+    start = time.perf_counter()
+    value = fn()
+    synchronize(device)
+    return value, time.perf_counter() - start
 
 
 def run_route(
@@ -186,44 +348,99 @@ def run_route(
     max_new_tokens: int = 64,
     generator: torch.Generator | None = None,
     selection: SenderSelection | None = None,
+    planner: QueryPlanner | None = None,
+    t2t: T2TConfig | None = None,
 ) -> RouteResult:
     """Answer every encodable question of the batch by one route."""
     device = batch.labels.device
     predictions = torch.full((len(batch),), -1, dtype=torch.long, device=device)
     if not batch.encoded_rows:
         return RouteResult(predictions, 0.0)
-    synchronize(device)
-    start = time.perf_counter()
-    selected = None
-    if route.auto:
-        if selection is None:
-            raise ValueError("Route 'c2c:auto' needs a sender selection (model.selection or measure_selection).")
-        selected = [tuple(selection.select(item)) for item in batch.items]
-        chosen = torch.empty(len(selected), dtype=torch.long, device=device)
-        for subset in sorted(set(selected)):
-            rows = [i for i, s in enumerate(selected) if s == subset]
-            with torch.no_grad():
-                logits = model(batch.fusion["item"].select(rows), senders=list(subset))[:, 0].float()
-            chosen[rows] = option_logits(logits, [batch.receiver_options[i] for i in rows]).argmax(-1)
+    planner = planner or QueryPlanner()
+    result = RouteResult(predictions, 0.0)
+    plans = batch.plans.get((route.query_mode, _route_options(route, planner)))
+    if plans is not None and route.query_mode != "original":
+        rephrasings = {id(r): r for p in plans for r in p.rephrasings.values()}
+        result.stages["rephrase"] = sum(r.seconds for r in rephrasings.values())
+        result.leakage = leakage_report(plans)[1].mean_token_overlap
+    if route.kind == "t2t":
+        chosen = _answer_t2t(model, route, plans, result, t2t)
+    elif route.auto:
+        chosen = _answer_auto(model, batch, selection, result)
     elif route.kind == "sender":
-        chosen = _answer_alone(model.senders[route.senders[0]], batch, route.senders[0], mode, max_new_tokens)
+        chosen, result.stages["sender"] = _timed(
+            device, lambda: _answer_alone(model.senders[route.senders[0]], batch, route.senders[0], mode, max_new_tokens)
+        )
     else:
-        fusion = batch.fusion[route.sender_text]
-        senders = list(route.senders) if route.kind == "c2c" else []
-        messages = None
-        if route.control == "random_kv":
-            real = {name: model.send(name, fusion.senders[name]) for name in senders}
-            messages = {n: random_message_like(m, generator) for n, m in real.items() if m is not None}
-        if mode == "logits":
-            with torch.no_grad():
-                logits = model(fusion, senders=senders, messages=messages)[:, 0].float()
-            chosen = option_logits(logits, batch.receiver_options).argmax(-1)
-        else:
-            generated = model.generate(fusion, max_new_tokens, senders=senders, messages=messages)
-            chosen = _extract(model.receiver.tokenizer.batch_decode(generated, skip_special_tokens=True), batch)
-    synchronize(device)
+        chosen = _answer_fused(model, batch, route, mode, max_new_tokens, generator, result)
     predictions[torch.tensor(batch.encoded_rows, device=device)] = chosen.to(device)
-    return RouteResult(predictions, time.perf_counter() - start, selected)
+    result.seconds = sum(result.stages.values())
+    return result
+
+
+def _send(model: FusedReceiver, fusion: FusionBatch, senders: Sequence[str], result: RouteResult) -> dict[str, KVMessage]:
+    """Every selected sender's prefill, timed and its bytes counted."""
+    device = fusion.receiver_input_ids.device
+    messages, result.stages["sender"] = _timed(
+        device, lambda: {n: m for n in senders if (m := model.send(n, fusion.senders[n])) is not None}
+    )
+    result.bytes_sent += sum(m.nbytes for m in messages.values())
+    result.bytes_per_token += sum(m.bytes_per_token for m in messages.values())
+    return messages
+
+
+def _answer_fused(model, batch, route, mode, max_new_tokens, generator, result) -> Tensor:
+    fusion = batch.fusion[route.variant]
+    options = batch.receiver_options[route.query_mode]
+    senders = list(route.senders) if route.kind == "c2c" else []
+    messages = _send(model, fusion, senders, result) if senders else {}
+    if route.control == "random_kv":
+        messages = {n: random_message_like(m, generator) for n, m in messages.items()}
+    device = fusion.receiver_input_ids.device
+    if mode == "logits":
+        with torch.no_grad():
+            logits, result.stages["receiver"] = _timed(
+                device, lambda: model(fusion, senders=list(messages), messages=messages)[:, 0].float()
+            )
+        return option_logits(logits, options).argmax(-1)
+    generated, result.stages["receiver"] = _timed(
+        device, lambda: model.generate(fusion, max_new_tokens, senders=list(messages), messages=messages)
+    )
+    return _extract(model.receiver.tokenizer.batch_decode(generated, skip_special_tokens=True), batch)
+
+
+def _answer_auto(model: FusedReceiver, batch: QuestionBatch, selection: SenderSelection | None, result) -> Tensor:
+    if selection is None:
+        raise ValueError("Route 'c2c:auto' needs a sender selection (model.selection or measure_selection).")
+    result.selected = [tuple(selection.select(item)) for item in batch.items]
+    fusion, options = batch.fusion["item@original"], batch.receiver_options["original"]
+    chosen = torch.empty(len(result.selected), dtype=torch.long)
+    start = time.perf_counter()
+    for subset in sorted(set(result.selected)):
+        rows = [i for i, s in enumerate(result.selected) if s == subset]
+        with torch.no_grad():
+            logits = model(fusion.select(rows), senders=list(subset))[:, 0].float()
+        chosen[rows] = option_logits(logits, [options[i] for i in rows]).argmax(-1).cpu()
+    result.stages["receiver"] = time.perf_counter() - start
+    return chosen
+
+
+def _answer_t2t(model: FusedReceiver, route: Route, plans: list[QueryPlan], result, config: T2TConfig | None) -> Tensor:
+    senders = [model.senders[n] for n in route.senders]
+    answers = t2t_predict(
+        model.receiver,
+        senders,
+        [p.receiver_item for p in plans],
+        config,
+        sender_questions={model.senders[n].name: [p.sender_texts[n] for p in plans] for n in route.senders},
+    )
+    for answer in answers:
+        for stage, seconds in answer.seconds.items():
+            key = "sender" if stage.startswith("sender:") else stage
+            result.stages[key] = result.stages.get(key, 0.0) + seconds
+        result.bytes_sent += answer.id_bytes
+    result.bytes_per_token = float(sum((config or T2TConfig()).bytes_per_id for _ in senders))
+    return torch.tensor([a.prediction for a in answers])
 
 
 @torch.no_grad()

@@ -24,10 +24,20 @@ from torchmetrics.classification import MulticlassAccuracy
 from fedrefine.batching import FusionBatch
 from fedrefine.data.chat import ChatExample
 from fedrefine.data.multiple_choice import QuestionWithControls
-from fedrefine.evaluation import AnswerMode, QuestionBatch, Route, encode_questions, parse_route, run_route
+from fedrefine.evaluation import (
+    EvaluationConfig,
+    QueryPlanner,
+    QuestionBatch,
+    Route,
+    RouteTally,
+    encode_questions,
+    parse_route,
+    run_route,
+)
 from fedrefine.fuser import Fuser, FuserConfig, FuserPairMismatchError
 from fedrefine.fusion import FusedReceiver, encode_response
 from fedrefine.participants import Participant
+from fedrefine.privacy import Rephraser
 from fedrefine.selection import SenderSelection
 
 # The frozen LLMs stay in eval mode on purpose, and batches are encoded by the module (it knows the
@@ -54,17 +64,19 @@ class FusionModule(L.LightningModule):
         weight_decay: float,
         warmup_fraction: float,
         max_length: int,
-        answer_mode: AnswerMode,
-        max_new_tokens: int,
-        test_routes: Sequence[str],
-        val_routes: Sequence[str],
+        evaluation: EvaluationConfig | None,
         export_dir: str | None,
+        default_test_routes: Sequence[str] = ("receiver", "sender", "c2c"),
     ) -> None:
         super().__init__()
         self.learning_rate, self.weight_decay, self.warmup_fraction = learning_rate, weight_decay, warmup_fraction
-        self.max_length, self.answer_mode, self.max_new_tokens = max_length, answer_mode, max_new_tokens
-        self.test_route_names, self.val_route_names = tuple(test_routes), tuple(val_routes)
+        self.max_length = max_length
+        self.evaluation = evaluation or EvaluationConfig()
+        self.answer_mode, self.max_new_tokens = self.evaluation.answer_mode, self.evaluation.max_new_tokens
+        self.test_route_names = tuple(self.evaluation.test_routes or default_test_routes)
+        self.val_route_names = tuple(self.evaluation.val_routes)
         self.export_dir = export_dir
+        self._planner: QueryPlanner | None = None
         self.data_counts: dict[str, int] = defaultdict(int)
         self._reset_evaluation()
 
@@ -126,7 +138,7 @@ class FusionModule(L.LightningModule):
             return self.encode_chat_batch(batch)
         if isinstance(batch[0], QuestionWithControls):
             routes = self.test_routes() if self.trainer.testing else self.val_routes()
-            return encode_questions(self.fused, batch, routes, self.answer_mode)
+            return encode_questions(self.fused, batch, routes, self.answer_mode, self.planner)
         if isinstance(batch[0], str):
             return batch
         raise TypeError(f"Unsupported batch element {type(batch[0]).__name__}.")
@@ -221,6 +233,15 @@ class FusionModule(L.LightningModule):
         Console().print(f"[bold]Exported to[/] {directory}   data: {counts}")
 
     # --- evaluation -----------------------------------------------------------------------
+    @property
+    def planner(self) -> QueryPlanner:
+        """Who reads what in rephrased query modes; the receiver rephrases (built on first use)."""
+        if self._planner is None:
+            config = self.evaluation
+            rephraser = Rephraser(self.fused.receiver, config.rephrase, config.rephrase_cache_dir)
+            self._planner = QueryPlanner(rephraser, config.options)
+        return self._planner
+
     def test_routes(self) -> list[Route]:
         return [parse_route(name, self.fused.sender_names) for name in self.test_route_names]
 
@@ -234,7 +255,7 @@ class FusionModule(L.LightningModule):
         self.per_question: dict[str, list[tuple[str, bool]]] = defaultdict(list)
         self.selections: list[tuple[str, tuple[str, ...]]] = []
         self.metrics = torch.nn.ModuleDict()
-        self.route_seconds: dict[str, float] = defaultdict(float)
+        self.tallies: dict[str, RouteTally] = defaultdict(RouteTally)
         self.failures: list[tuple[str, str]] = []
         self.question_count = 0
 
@@ -245,7 +266,10 @@ class FusionModule(L.LightningModule):
             key = route.name.replace(".", "_")
             if key not in self.metrics:
                 self.metrics[key] = MulticlassAccuracy(num_classes=MAX_OPTIONS, average="micro").to(self.device)
-            result = run_route(self.fused, batch, route, self.answer_mode, self.max_new_tokens, selection=self.selection)
+            result = run_route(
+                self.fused, batch, route, self.answer_mode, self.max_new_tokens,
+                selection=self.selection, planner=self.planner, t2t=self.evaluation.t2t,
+            )
             correct = (result.predictions == batch.labels).tolist()
             self.per_question[route.name].extend(zip(batch.ids, correct))
             if result.selected is not None:
@@ -253,7 +277,7 @@ class FusionModule(L.LightningModule):
             # -1 (unanswerable) never equals a label: counted wrong, never skipped.
             predictions = torch.where(result.predictions < 0, (batch.labels + 1) % MAX_OPTIONS, result.predictions)
             self.metrics[key].update(predictions, batch.labels)
-            self.route_seconds[route.name] += result.seconds
+            self.tallies[route.name].add(result, batch.labels)
 
     def on_validation_epoch_start(self) -> None:
         self._reset_evaluation()
@@ -274,19 +298,22 @@ class FusionModule(L.LightningModule):
         self._log_results("test", self.test_routes(), show=True)
 
     def results(self, routes: Sequence[Route] | None = None) -> list[dict[str, Any]]:
-        """One row per route: accuracy, questions, failures, average latency per question."""
+        """One row per route: accuracy (torchmetrics) with its 95% interval, questions, failures,
+        latency per question (total and per stage), bytes sent, and leakage in rephrased modes."""
         routes = self.test_routes() if routes is None else routes
         rows = []
         for route in routes:
-            metric = self.metrics[route.name.replace(".", "_")]
+            tally = self.tallies[route.name].row()
+            accuracy = float(self.metrics[route.name.replace(".", "_")].compute())
             rows.append(
                 {
                     "route": route.name,
                     "senders": "+".join(route.senders),
-                    "accuracy": float(metric.compute()),
+                    "query_mode": route.query_mode,
+                    **tally,
+                    "accuracy": accuracy,
                     "questions": self.question_count,
                     "failed": len(self.failures),
-                    "latency_ms": 1000 * self.route_seconds[route.name] / max(1, self.question_count),
                 }
             )
         return rows
@@ -298,6 +325,7 @@ class FusionModule(L.LightningModule):
         for row in rows:
             self.log(f"{stage}/{row['route']}/accuracy", row["accuracy"], prog_bar=row["route"] == "c2c")
             self.log(f"{stage}/{row['route']}/latency_ms", row["latency_ms"])
+            self.log(f"{stage}/{row['route']}/bytes_per_token", float(row["bytes_per_token"]))
         self.log(f"{stage}/failed_questions", float(len(self.failures)))
         if show and self.trainer.is_global_zero:
             self._print_table(stage, rows)
@@ -308,10 +336,18 @@ class FusionModule(L.LightningModule):
 
     def _print_table(self, stage: str, rows: list[dict[str, Any]]) -> None:
         table = Table(title=f"FedRefine {stage}: {self.title()} ({self.question_count} questions)")
-        for column in ("route", "accuracy", "latency ms/question"):
+        for column in ("route", "accuracy", "95% CI", "latency ms/question", "bytes/token", "leakage"):
             table.add_column(column, justify="left" if column == "route" else "right")
         for row in rows:
-            table.add_row(row["route"], f"{100 * row['accuracy']:.1f}%", f"{row['latency_ms']:.1f}")
+            leakage = "" if row["leakage_overlap"] is None else f"{100 * row['leakage_overlap']:.0f}%"
+            table.add_row(
+                row["route"],
+                f"{100 * row['accuracy']:.1f}%",
+                f"{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}%",
+                f"{row['latency_ms']:.1f}",
+                f"{row['bytes_per_token']:.0f}",
+                leakage,
+            )
         console = Console()
         console.print(table)
         if self.failures:

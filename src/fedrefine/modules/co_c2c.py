@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fedrefine.batching import FusionBatch
 from fedrefine.data.chat import ChatExample
-from fedrefine.evaluation import AnswerMode
+from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
 from fedrefine.modules.base import FusionModule, mark_frozen
@@ -51,18 +51,16 @@ class CoC2CModule(FusionModule):
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.1,
         max_length: int = 2048,
-        answer_mode: AnswerMode = "logits",
-        max_new_tokens: int = 64,
-        test_routes: Sequence[str] = ("receiver", "sender", "c2c"),
-        val_routes: Sequence[str] = ("c2c",),
+        evaluation: EvaluationConfig | None = None,
     ) -> None:
         super().__init__(
-            learning_rate, weight_decay, warmup_fraction, max_length, answer_mode, max_new_tokens,
-            test_routes, val_routes, export_dir,
+            learning_rate, weight_decay, warmup_fraction, max_length, evaluation, export_dir,
         )
         fuser = fuser or FuserConfig()
-        self.save_hyperparameters(ignore=["first", "second", "fuser"])
-        self.hparams.update(first=first.describe(), second=second.describe(), fuser=asdict(fuser))
+        self.save_hyperparameters(ignore=["first", "second", "fuser", "evaluation"])
+        self.hparams.update(
+            first=first.describe(), second=second.describe(), fuser=asdict(fuser), evaluation=asdict(self.evaluation)
+        )
         a, b = first.load(), second.load()
         mark_frozen(a, b)
         self.directions = nn.ModuleDict(

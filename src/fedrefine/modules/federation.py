@@ -18,7 +18,7 @@ from rich.console import Console
 from torch import Tensor
 
 from fedrefine.batching import FusionBatch
-from fedrefine.evaluation import AnswerMode, encode_questions, parse_route, run_route
+from fedrefine.evaluation import EvaluationConfig, encode_questions, parse_route, run_route
 from fedrefine.federation import Federation
 from fedrefine.fusion import Combine
 from fedrefine.gating import SourceGate
@@ -47,8 +47,9 @@ class FederationModule(FusionModule):
         measure_selection: before ``test``, rank senders per category by single-sender C2C accuracy
             on the validation split and use that for ``c2c:auto`` (overrides ``selection``).
         max_selected: at most this many senders per question from the measured ranking.
-        test_routes: default ``receiver``, ``c2c:<s>`` for each sender, and ``c2c`` (all senders),
-            plus ``c2c:auto`` when a selection is configured.
+        evaluation: answer mode, routes, T2T and rephrasing settings; the default test routes are
+            ``receiver``, ``c2c:<s>`` for each sender, and ``c2c`` (all senders), plus ``c2c:auto``
+            when a selection is configured.
     """
 
     def __init__(
@@ -70,19 +71,16 @@ class FederationModule(FusionModule):
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.1,
         max_length: int = 2048,
-        answer_mode: AnswerMode = "logits",
-        max_new_tokens: int = 64,
-        test_routes: Sequence[str] | None = None,
-        val_routes: Sequence[str] = ("c2c",),
+        evaluation: EvaluationConfig | None = None,
     ) -> None:
         default_routes = ["receiver", *(f"c2c:{s}" for s in senders), "c2c"] if len(senders) > 1 else ["receiver", "c2c"]
         if selection is not None or measure_selection:
             default_routes.append("c2c:auto")
         super().__init__(
-            learning_rate, weight_decay, warmup_fraction, max_length, answer_mode, max_new_tokens,
-            test_routes or default_routes, val_routes, export_dir,
+            learning_rate, weight_decay, warmup_fraction, max_length, evaluation, export_dir, default_routes,
         )
-        self.save_hyperparameters(ignore=["participants", "selection"])
+        self.save_hyperparameters(ignore=["participants", "selection", "evaluation"])
+        self.hparams["evaluation"] = asdict(self.evaluation)
         self.hparams["participants"] = {name: source.describe() for name, source in participants.items()}
         self.hparams["selection"] = None if selection is None else asdict(selection)
         self.selection = selection

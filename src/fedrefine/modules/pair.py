@@ -7,13 +7,12 @@ alone, sender alone, C2C (and controls) on the same questions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict
 
 from torch import Tensor
 
 from fedrefine.batching import FusionBatch
-from fedrefine.evaluation import AnswerMode
+from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
 from fedrefine.modules.base import FusionModule, load_or_create_fuser, mark_frozen
@@ -34,10 +33,7 @@ class C2CModule(FusionModule):
         weight_decay: AdamW weight decay.
         warmup_fraction: share of the optimizer steps spent in linear warm-up (then linear decay to 0).
         max_length: receiver tokens per training sample (prompt + response).
-        answer_mode: ``logits`` (argmax over option letters, deterministic) or ``generate`` (greedy + extractor).
-        max_new_tokens: generation budget in ``generate`` mode and for ``predict``.
-        test_routes: routes ``test`` reports (see :mod:`fedrefine.evaluation`).
-        val_routes: routes evaluated during ``fit`` validation and ``validate``.
+        evaluation: answer mode, routes (see :mod:`fedrefine.evaluation`), T2T and rephrasing settings.
         gate_log_every: log the per-layer gate logits every N optimizer steps.
     """
 
@@ -52,20 +48,18 @@ class C2CModule(FusionModule):
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.1,
         max_length: int = 2048,
-        answer_mode: AnswerMode = "logits",
-        max_new_tokens: int = 64,
-        test_routes: Sequence[str] = ("receiver", "sender", "c2c"),
-        val_routes: Sequence[str] = ("c2c",),
+        evaluation: EvaluationConfig | None = None,
         gate_log_every: int = 50,
     ) -> None:
         super().__init__(
-            learning_rate, weight_decay, warmup_fraction, max_length, answer_mode, max_new_tokens,
-            test_routes, val_routes, export_dir,
+            learning_rate, weight_decay, warmup_fraction, max_length, evaluation, export_dir,
         )
         fuser = fuser or FuserConfig()
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["receiver", "sender", "fuser"])
-        self.hparams.update(receiver=receiver.describe(), sender=sender.describe(), fuser=asdict(fuser))
+        self.save_hyperparameters(ignore=["receiver", "sender", "fuser", "evaluation"])
+        self.hparams.update(
+            receiver=receiver.describe(), sender=sender.describe(), fuser=asdict(fuser), evaluation=asdict(self.evaluation)
+        )
         receiver_participant, sender_participant = receiver.load(), sender.load()
         mark_frozen(receiver_participant, sender_participant)
         fuser_module = load_or_create_fuser(sender_participant, receiver_participant, fuser, fuser_path)

@@ -1,0 +1,112 @@
+"""Evaluation routes end to end: parsing, query modes through the real encode/run path, bytes, leakage."""
+
+import pytest
+import torch
+from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC, chatty
+
+from fedrefine.data.multiple_choice import QuestionDataset
+from fedrefine.evaluation import QueryPlanner, RouteTally, encode_questions, parse_route, run_route, wilson_interval
+from fedrefine.fuser import Fuser, FuserConfig
+from fedrefine.fusion import FusedReceiver
+from fedrefine.multiple_choice import MultipleChoiceItem
+from fedrefine.privacy import InputRecorder, RephraseConfig, Rephraser, content_words
+from fedrefine.t2t import T2TConfig
+
+DISTINCTIVE = {"zorblax", "quenford", "glimmerstone"}
+ITEMS = [
+    MultipleChoiceItem("q0", "Which colour does the zorblax of Quenford have?", ("red", "blue", "green", "pink"), tuple("ABCD"), "B"),
+    MultipleChoiceItem("q1", "Where was the glimmerstone found?", ("a cave", "a river", "a hill", "a town"), tuple("ABCD"), "C"),
+]
+
+
+def test_route_names_parse_and_bad_ones_say_what_is_allowed():
+    senders = ["llama", "qwen2"]
+    assert parse_route("c2c:llama+qwen2@private", senders).query_mode == "private"
+    assert parse_route("t2t:qwen2", senders).senders == ("qwen2",)
+    assert parse_route("c2c_random_kv", senders).control == "random_kv"
+    assert parse_route("c2c:auto", senders).auto
+    for bad in ["sender", "c2c:mistral", "t2t_mismatched", "c2c@secret", "sender:llama@shared", "c2c_reordered@shared"]:
+        with pytest.raises(ValueError, match="route|ambiguous"):
+            parse_route(bad, senders)
+
+
+def test_wilson_interval():
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def world():
+    receiver = chatty(RECEIVER_SPEC)
+    return receiver, [chatty(LLAMA_SPEC), chatty(QWEN2_SPEC)]
+
+
+def federated(receiver, senders, mode):
+    config = FuserConfig(hidden_size=8, mode=mode)
+    fusers = [Fuser(s.identity, receiver.identity, config) for s in senders]
+    return FusedReceiver(receiver, senders, fusers, sender_names=["llama", "qwen2"]).eval()
+
+
+def run(model, routes, planner):
+    questions = [QuestionDataset(ITEMS)[i] for i in range(len(ITEMS))]
+    parsed = [parse_route(r, model.sender_names) for r in routes]
+    batch = encode_questions(model, questions, parsed, planner=planner)
+    results = {}
+    for route in parsed:
+        tally = RouteTally()
+        tally.add(run_route(model, batch, route, planner=planner, t2t=T2TConfig(budget=3)), batch.labels)
+        results[route.name] = tally.row()
+    return results
+
+
+@pytest.mark.parametrize("mode, routes", [("concat", ["c2c@private", "t2t@private", "c2c@shared"]),
+                                           ("residual", ["c2c@shared", "t2t@shared", "receiver@shared"])])
+def test_rephrased_routes_keep_the_original_from_senders(world, mode, routes):
+    receiver, senders = world
+    recorders = [InputRecorder(s) for s in senders]
+    for recorder in recorders:
+        recorder.__enter__()
+    try:
+        model = federated(receiver, [r.participant for r in recorders], mode)
+        planner = QueryPlanner(Rephraser(receiver, RephraseConfig(max_new_tokens=6)))
+        results = run(model, routes, planner)
+    finally:
+        for recorder in recorders:
+            recorder.__exit__(None, None, None)
+    for recorder in recorders:
+        assert recorder.texts  # the senders did read something
+        assert not DISTINCTIVE & content_words(recorder.received_text())
+    for name, row in results.items():
+        if not name.startswith("receiver"):
+            assert row["leakage_overlap"] is not None and row["questions"] == 2
+            assert row["rephrase_ms"] > 0
+
+
+def test_original_routes_do_reach_senders_and_bytes_are_exact(world):
+    receiver, senders = world
+    recorders = [InputRecorder(s) for s in senders]
+    for recorder in recorders:
+        recorder.__enter__()
+    try:
+        model = federated(receiver, [r.participant for r in recorders], "residual")
+        results = run(model, ["c2c", "t2t", "receiver"], QueryPlanner())
+    finally:
+        for recorder in recorders:
+            recorder.__exit__(None, None, None)
+    assert DISTINCTIVE <= content_words(" ".join(r.received_text() for r in recorders))  # the check can fail
+    # C2C: K and V at fp32 of the sender layers the fuser reads (the 4-layer qwen2 sender's top layer
+    # feeds no receiver layer under the bottom-up map, so it is not sent); T2T: 4 bytes per token id
+    carried = {"llama": 2, "qwen2": 3}
+    expected = sum(carried[n] * s.identity.num_kv_heads * s.identity.head_dim * 2 * 4 for n, s in zip(carried, senders))
+    assert results["c2c"]["bytes_per_token"] == expected
+    assert results["t2t"]["bytes_per_token"] == 8
+    assert results["receiver"]["bytes_per_token"] == 0 and results["c2c"]["leakage_overlap"] is None
+    assert {"sender_ms", "receiver_ms"} <= set(results["c2c"])
+
+
+def test_private_mode_with_residual_fusion_is_refused(world):
+    receiver, senders = world
+    model = federated(receiver, senders, "residual")
+    with pytest.raises(ValueError, match="'private' cannot run route 'c2c_residual'.*c2c_concat"):
+        run(model, ["c2c@private"], QueryPlanner(Rephraser(receiver)))
