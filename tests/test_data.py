@@ -3,7 +3,11 @@ import json
 import pytest
 
 from fedrefine.data.chat import ChatStream, conversation_to_example
-from fedrefine.data.multiple_choice import QuestionDataset, load_questions, reorder_options
+from fedrefine.data.multiple_choice import (
+    QuestionDataset,
+    load_questions,
+    reorder_options,
+)
 from fedrefine.data.sources import open_dataset
 from fedrefine.multiple_choice import DatasetSchemaError, MultipleChoiceItem
 

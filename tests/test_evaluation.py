@@ -1,11 +1,17 @@
 """Evaluation routes end to end: parsing, query modes through the real encode/run path, bytes, leakage."""
 
 import pytest
-import torch
 from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC, chatty
 
 from fedrefine.data.multiple_choice import QuestionDataset
-from fedrefine.evaluation import QueryPlanner, RouteTally, encode_questions, parse_route, run_route, wilson_interval
+from fedrefine.evaluation import (
+    QueryPlanner,
+    RouteTally,
+    encode_questions,
+    parse_route,
+    run_route,
+    wilson_interval,
+)
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
 from fedrefine.multiple_choice import MultipleChoiceItem

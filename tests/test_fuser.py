@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from fedrefine.fuser import ConcreteGate, Fuser, FuserConfig, FuserPairMismatchError, fuser_parameter_count
+from fedrefine.fuser import (
+    ConcreteGate,
+    Fuser,
+    FuserConfig,
+    FuserPairMismatchError,
+    fuser_parameter_count,
+)
 from fedrefine.participants import ParticipantIdentity, real_model_config
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from fedrefine.cache import positions_from_mask
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
-from fedrefine.cache import positions_from_mask
 
 PROMPTS = [
     ([{"role": "user", "content": "Which of these would let the most heat travel through? A metal spoon."}], "A metal spoon"),

@@ -3,11 +3,11 @@ import torch
 
 from fedrefine.participants import (
     REAL_MODELS,
+    ParticipantIdentity,
     ParticipantLoadError,
     build_random_participant,
     load_participant,
     real_model_config,
-    ParticipantIdentity,
 )
 
 

@@ -7,11 +7,10 @@ import pytest
 import torch
 from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC, chatty
 
+from fedrefine.batching import left_pad
 from fedrefine.chat import encode_chat
 from fedrefine.message import prefill_message
 from fedrefine.multiple_choice import MultipleChoiceItem, question_text
-from fedrefine.batching import left_pad
-from fedrefine.participants import build_tiny_participant
 from fedrefine.privacy import (
     InputRecorder,
     RephraseConfig,

@@ -3,15 +3,15 @@ import json
 import lightning as L
 import pytest
 import torch
-
 from conftest import LLAMA_SPEC, RECEIVER_SPEC
+
 from fedrefine.data.chat import ChatExample
 from fedrefine.data.module import C2CDataModule
 from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import FuserConfig, FuserPairMismatchError
-from fedrefine.sources import TinyParticipant
 from fedrefine.modules import C2CModule
 from fedrefine.participants import TinySpec
+from fedrefine.sources import TinyParticipant
 
 FACTS = [("metal spoon", "conducts heat"), ("wool scarf", "keeps you warm"), ("glass cup", "breaks easily"),
          ("rubber band", "stretches"), ("iron nail", "rusts"), ("wooden stick", "floats")]
@@ -136,10 +136,10 @@ def test_evaluation_never_skips_a_question(tmp_path, monkeypatch):
 
     real = evaluation.encode_question
 
-    def flaky(participant, item):
+    def flaky(participant, item, style="letter"):
         if item.id == "test2":
             raise ValueError("cannot encode this one")
-        return real(participant, item)
+        return real(participant, item, style)
 
     monkeypatch.setattr(evaluation, "encode_question", flaky)
     module = make_module(evaluation=EvaluationConfig(

@@ -10,9 +10,9 @@ from lightning.pytorch.loggers import WandbLogger
 
 from fedrefine.data.module import C2CDataModule
 from fedrefine.fuser import FuserPairMismatchError
+from fedrefine.modules import FusionModule
 from fedrefine.multiple_choice import DatasetSchemaError
 from fedrefine.participants import ParticipantLoadError
-from fedrefine.modules import FusionModule
 
 
 class LogConfigCallback(SaveConfigCallback):

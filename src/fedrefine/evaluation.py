@@ -19,6 +19,7 @@ reason is reported; the denominator never shrinks.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,13 +35,32 @@ from fedrefine.data.multiple_choice import QuestionWithControls
 from fedrefine.fusion import FusedReceiver
 from fedrefine.generation import synchronize
 from fedrefine.message import KVMessage
-from fedrefine.multiple_choice import MultipleChoiceItem, encode_question, extract_choice, option_logits, question_messages
+from fedrefine.multiple_choice import (
+    AnswerStyle,
+    MultipleChoiceItem,
+    continuation_scores,
+    encode_question,
+    extract_choice,
+    option_logits,
+    question_messages,
+)
 from fedrefine.participants import Participant
-from fedrefine.privacy import MODES, QueryPlan, RephraseConfig, Rephraser, check_mode, leakage_report, plan_queries
+from fedrefine.privacy import (
+    MODES,
+    QueryPlan,
+    RephraseConfig,
+    Rephraser,
+    check_mode,
+    leakage_report,
+    plan_queries,
+)
 from fedrefine.selection import SenderSelection
 from fedrefine.t2t import T2TConfig, t2t_predict
 
-AnswerMode = Literal["logits", "generate"]
+#: ``logits``: argmax of the next-token logits over the option letters; ``cloze``: argmax of each
+#: option text's mean log-probability after "The correct answer is" (lm-eval-harness style);
+#: ``generate``: greedy generation and answer extraction.
+AnswerMode = Literal["logits", "cloze", "generate"]
 CONTROLS = {"_mismatched": "mismatched", "_random_kv": "random_kv", "_reordered": "reordered"}
 ROUTES = ("receiver", "sender", "c2c", "t2t", "c2c_mismatched", "c2c_random_kv", "c2c_reordered")
 #: T2T senders read the question without its options, as in the C2C reference's baseline.
@@ -108,7 +128,8 @@ class EvaluationConfig:
     """How ``validate`` / ``test`` answer and what they report.
 
     Args:
-        answer_mode: ``logits`` (argmax over option letters, deterministic) or ``generate`` (greedy + extractor).
+        answer_mode: ``logits`` (argmax over option letters, deterministic), ``cloze`` (option texts'
+            likelihood, deterministic) or ``generate`` (greedy + extractor).
         max_new_tokens: generation budget in ``generate`` mode and for ``predict``.
         test_routes: routes ``test`` reports (None: the module's default).
         val_routes: routes evaluated during ``fit`` validation and ``validate``.
@@ -141,8 +162,10 @@ class QueryPlanner:
     rephraser: Rephraser | None = None
     options: str = "verbatim"
 
-    def plan(self, items: Sequence[MultipleChoiceItem], senders: Sequence[str], mode: str, options: str) -> list[QueryPlan]:
-        return plan_queries(items, senders, mode, self.rephraser, options)
+    def plan(
+        self, items: Sequence[MultipleChoiceItem], senders: Sequence[str], mode: str, options: str, style: str = "letter"
+    ) -> list[QueryPlan]:
+        return plan_queries(items, senders, mode, self.rephraser, options, style=style)
 
 
 @dataclass
@@ -170,11 +193,17 @@ class QuestionBatch:
         return self
 
 
-def _encode(participant: Participant, item: MultipleChoiceItem, mode: AnswerMode) -> tuple[EncodedChat, tuple[int, ...]]:
-    if mode == "logits":
-        encoded = encode_question(participant, item)
-        return encoded.chat, encoded.option_token_ids
-    return encode_chat(participant, question_messages(item)), ()
+def answer_style(mode: AnswerMode) -> AnswerStyle:
+    """How the prompt asks to answer: by the option's text for cloze scoring, else by letter."""
+    return "text" if mode == "cloze" else "letter"
+
+
+def _encode(participant: Participant, item: MultipleChoiceItem, mode: AnswerMode) -> tuple[EncodedChat, tuple]:
+    """The prompt and how options are scored: letter token ids (logits), continuations (cloze), nothing (generate)."""
+    if mode == "generate":
+        return encode_chat(participant, question_messages(item)), ()
+    encoded = encode_question(participant, item, answer_style(mode))
+    return encoded.chat, encoded.option_token_ids if mode == "logits" else encoded.continuations
 
 
 def _route_options(route: Route, planner: QueryPlanner) -> str:
@@ -201,7 +230,8 @@ def encode_questions(
         if route.kind in ("c2c", "t2t"):
             check_mode(route.query_mode, "t2t" if route.kind == "t2t" else f"c2c_{model.mode}", _route_options(route, planner))
     plan_senders = sorted({s for r in routes if r.kind in ("c2c", "t2t") for s in r.senders})
-    plans = {key: planner.plan(items, plan_senders, *key) for key in sorted(plan_keys)}
+    style = answer_style(mode)
+    plans = {key: planner.plan(items, plan_senders, *key, style=style) for key in sorted(plan_keys)}
     variants: dict[str, set[str]] = {}
     for route in routes:  # the receiver-alone route reads the receiver side of a variant
         if route.kind in ("receiver", "c2c"):
@@ -219,7 +249,7 @@ def encode_questions(
                 receiver_item = plan.receiver_item if plan else question.item
                 receiver_chat, row_options[query_mode] = _encode(model.receiver, receiver_item, mode)
                 chats = {
-                    n: encode_chat(model.senders[n], plan.sender_messages(n) if plan else question_messages(getattr(question, sender_text)))
+                    n: encode_chat(model.senders[n], plan.sender_messages(n) if plan else question_messages(getattr(question, sender_text), style))
                     for n in sorted(names)
                 }
                 encoded[variant] = model.encode_chats(receiver_chat, chats, strict=sender_text == "item")
@@ -366,7 +396,7 @@ def run_route(
     if route.kind == "t2t":
         chosen = _answer_t2t(model, route, plans, result, t2t)
     elif route.auto:
-        chosen = _answer_auto(model, batch, selection, result)
+        chosen = _answer_auto(model, batch, selection, result, mode)
     elif route.kind == "sender":
         chosen, result.stages["sender"] = _timed(
             device, lambda: _answer_alone(model.senders[route.senders[0]], batch, route.senders[0], mode, max_new_tokens)
@@ -389,6 +419,21 @@ def _send(model: FusedReceiver, fusion: FusionBatch, senders: Sequence[str], res
     return messages
 
 
+def _choose(model: FusedReceiver, fusion: FusionBatch, senders, messages, options, mode: AnswerMode) -> Tensor:
+    """Option chosen per row by the (fused) receiver, scored by letter logits or by cloze likelihood."""
+    with torch.no_grad():
+        if mode == "logits":
+            logits = model(fusion, senders=senders, messages=messages)[:, 0].float()
+            return option_logits(logits, options).argmax(-1).cpu()
+
+        def forward(response_ids: Tensor, response_mask: Tensor) -> Tensor:
+            device = fusion.receiver_input_ids.device
+            scored = dataclasses.replace(fusion, response_ids=response_ids.to(device), response_mask=response_mask.to(device))
+            return model(scored, senders=senders, messages=messages)
+
+        return continuation_scores(forward, options, model.receiver.tokenizer.pad_token_id).argmax(-1)
+
+
 def _answer_fused(model, batch, route, mode, max_new_tokens, generator, result) -> Tensor:
     fusion = batch.fusion[route.variant]
     options = batch.receiver_options[route.query_mode]
@@ -397,19 +442,20 @@ def _answer_fused(model, batch, route, mode, max_new_tokens, generator, result) 
     if route.control == "random_kv":
         messages = {n: random_message_like(m, generator) for n, m in messages.items()}
     device = fusion.receiver_input_ids.device
-    if mode == "logits":
-        with torch.no_grad():
-            logits, result.stages["receiver"] = _timed(
-                device, lambda: model(fusion, senders=list(messages), messages=messages)[:, 0].float()
-            )
-        return option_logits(logits, options).argmax(-1)
+    if mode != "generate":
+        chosen, result.stages["receiver"] = _timed(
+            device, lambda: _choose(model, fusion, list(messages), messages, options, mode)
+        )
+        return chosen
     generated, result.stages["receiver"] = _timed(
         device, lambda: model.generate(fusion, max_new_tokens, senders=list(messages), messages=messages)
     )
     return _extract(model.receiver.tokenizer.batch_decode(generated, skip_special_tokens=True), batch)
 
 
-def _answer_auto(model: FusedReceiver, batch: QuestionBatch, selection: SenderSelection | None, result) -> Tensor:
+def _answer_auto(
+    model: FusedReceiver, batch: QuestionBatch, selection: SenderSelection | None, result, mode: AnswerMode
+) -> Tensor:
     if selection is None:
         raise ValueError("Route 'c2c:auto' needs a sender selection (model.selection or measure_selection).")
     result.selected = [tuple(selection.select(item)) for item in batch.items]
@@ -418,9 +464,7 @@ def _answer_auto(model: FusedReceiver, batch: QuestionBatch, selection: SenderSe
     start = time.perf_counter()
     for subset in sorted(set(result.selected)):
         rows = [i for i, s in enumerate(result.selected) if s == subset]
-        with torch.no_grad():
-            logits = model(fusion.select(rows), senders=list(subset))[:, 0].float()
-        chosen[rows] = option_logits(logits, [options[i] for i in rows]).argmax(-1).cpu()
+        chosen[rows] = _choose(model, fusion.select(rows), list(subset), None, [options[i] for i in rows], mode)
     result.stages["receiver"] = time.perf_counter() - start
     return chosen
 
@@ -433,6 +477,7 @@ def _answer_t2t(model: FusedReceiver, route: Route, plans: list[QueryPlan], resu
         [p.receiver_item for p in plans],
         config,
         sender_questions={model.senders[n].name: [p.sender_texts[n] for p in plans] for n in route.senders},
+        style=plans[0].style if plans else "letter",
     )
     for answer in answers:
         for stage, seconds in answer.seconds.items():
@@ -451,6 +496,18 @@ def _answer_alone(
     if mode == "logits":
         logits = sender.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
         return option_logits(logits[:, -1].float(), options).argmax(-1)
+    if mode == "cloze":
+
+        def forward(response_ids: Tensor, response_mask: Tensor) -> Tensor:
+            full_mask = torch.cat((mask, response_mask.to(mask.device)), 1)
+            return sender.model(
+                input_ids=torch.cat((ids, response_ids.to(ids.device)), 1),
+                attention_mask=full_mask,
+                position_ids=positions_from_mask(full_mask),
+                logits_to_keep=response_ids.shape[1] + 1,
+            ).logits
+
+        return continuation_scores(forward, options, sender.tokenizer.pad_token_id).argmax(-1)
     output = sender.model.generate(
         input_ids=ids,
         attention_mask=mask,

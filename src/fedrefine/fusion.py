@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from fedrefine.align import align_tokens
-from fedrefine.batching import FusionBatch, FusionExample, SenderBatch, SenderExample, collate_examples
+from fedrefine.batching import (
+    FusionBatch,
+    FusionExample,
+    SenderBatch,
+    SenderExample,
+    collate_examples,
+)
 from fedrefine.cache import (
     LayerKV,
     apply_rotary,

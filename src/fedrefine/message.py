@@ -7,7 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedrefine.cache import LayerKV, cache_to_layers, kv_bytes_per_token, positions_from_mask
+from fedrefine.cache import (
+    LayerKV,
+    cache_to_layers,
+    kv_bytes_per_token,
+    positions_from_mask,
+)
 from fedrefine.participants import Participant, ParticipantIdentity
 
 

@@ -8,18 +8,25 @@ The toy world trains its tiny models on exactly this rendering.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from fedrefine.batching import left_pad, right_pad
+from fedrefine.cache import positions_from_mask
 from fedrefine.chat import EncodedChat, Message, encode_chat, truncate_chat
 from fedrefine.participants import Participant
 
 ANSWER_PREFIX = "The correct answer is"
-INSTRUCTION = "Answer with the letter of the correct option."
+#: How the assistant names its choice: by the option's letter, or by the option's text (cloze).
+AnswerStyle = Literal["letter", "text"]
+INSTRUCTIONS: dict[str, str] = {
+    "letter": "Answer with the letter of the correct option.",
+    "text": "Answer with the correct option.",
+}
 REQUIRED_FIELDS = ("id", "question_stem", "choices", "answerKey")
 
 
@@ -69,53 +76,74 @@ class MultipleChoiceItem:
         return cls(str(row["id"]), str(row["question_stem"]), texts, labels, answer, None if category is None else str(category))
 
 
-def question_text(item: MultipleChoiceItem) -> str:
+def question_text(item: MultipleChoiceItem, style: AnswerStyle = "letter") -> str:
     """The user message: question, lettered options, instruction."""
     options = "\n".join(f"{label}. {text}" for label, text in zip(item.labels, item.choices))
-    return f"Question: {item.question_stem}\n{options}\n{INSTRUCTION}"
+    return f"Question: {item.question_stem}\n{options}\n{INSTRUCTIONS[style]}"
 
 
-def question_messages(item: MultipleChoiceItem) -> list[Message]:
-    return [{"role": "user", "content": question_text(item)}]
+def question_messages(item: MultipleChoiceItem, style: AnswerStyle = "letter") -> list[Message]:
+    return [{"role": "user", "content": question_text(item, style)}]
 
 
 def answer_text(label: str) -> str:
-    """The assistant's full answer for ``label`` (what tiny models are trained to produce)."""
+    """The assistant's full answer naming option ``label`` by its letter."""
     return f"{ANSWER_PREFIX} {label}."
+
+
+def correct_answer(item: MultipleChoiceItem, style: AnswerStyle = "letter") -> str:
+    """The assistant's full correct answer in ``style`` (what tiny models and fusers train on)."""
+    named = item.answer_key if style == "letter" else item.choices[item.answer_index]
+    return f"{ANSWER_PREFIX} {named}."
 
 
 @dataclass(frozen=True)
 class EncodedQuestion:
-    """A question encoded for one participant: the prompt up to the letter and each letter's token id."""
+    """A question encoded for one participant: the prompt through :data:`ANSWER_PREFIX`, each option's
+    first token, and (text style) each option's full continuation tokens."""
 
     chat: EncodedChat
     option_token_ids: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...] = ()
 
 
-def encode_question(participant: Participant, item: MultipleChoiceItem) -> EncodedQuestion:
-    """Encode the question's prompt through :data:`ANSWER_PREFIX` and find the token naming each option."""
-    return encode_options_prompt(participant, question_messages(item), item.labels)
+def encode_question(participant: Participant, item: MultipleChoiceItem, style: AnswerStyle = "letter") -> EncodedQuestion:
+    """Encode the question's prompt through :data:`ANSWER_PREFIX` and find how each option is named.
+
+    ``letter``: the token of each option's letter. ``text``: each option's text continuation (cloze).
+    """
+    messages = question_messages(item, style)
+    if style == "letter":
+        return encode_options_prompt(participant, messages, item.labels)
+    encoded = encode_options_prompt(participant, messages, item.choices, distinct_first_token=False)
+    if any(not c for c in encoded.continuations):
+        raise ValueError(f"Question {item.id}: two options have the same text; cloze scoring cannot tell them apart.")
+    return encoded
 
 
-def encode_options_prompt(participant: Participant, messages: Sequence[Message], labels: Sequence[str]) -> EncodedQuestion:
+def encode_options_prompt(
+    participant: Participant, messages: Sequence[Message], answers: Sequence[str], distinct_first_token: bool = True
+) -> EncodedQuestion:
     """Encode any conversation ending in a multiple-choice question, through :data:`ANSWER_PREFIX`.
 
-    The prompt is tokenized with each label appended; the tokens all variants share are the
-    context, and the first token where they differ names the option. Tokenizers that merge
-    the letter with the space before it and those that do not are both handled.
+    The prompt is tokenized with each answer (a letter, or an option's text) appended; the
+    tokens all variants share are the context, and each variant's remaining tokens are its
+    continuation, whose first token names it. Tokenizers that merge the answer with the space
+    before it and those that do not are both handled. Letters must differ in their first token.
     """
-    variants = [encode_chat(participant, messages, suffix=f"{ANSWER_PREFIX} {label}") for label in labels]
+    variants = [encode_chat(participant, messages, suffix=f"{ANSWER_PREFIX} {answer}") for answer in answers]
     ids = [v.input_ids for v in variants]
     shared = 0
     while all(len(row) > shared for row in ids) and len({row[shared] for row in ids}) == 1:
         shared += 1
     candidates = tuple(row[shared] if len(row) > shared else -1 for row in ids)
-    if -1 in candidates or len(set(candidates)) != len(candidates):
+    if distinct_first_token and (-1 in candidates or len(set(candidates)) != len(candidates)):
         raise ValueError(
-            f"Tokenizer of {participant.name} cannot tell the option labels {list(labels)} apart by one token "
+            f"Tokenizer of {participant.name} cannot tell the option labels {list(answers)} apart by one token "
             f"after {ANSWER_PREFIX!r}; use single-character labels."
         )
-    return EncodedQuestion(truncate_chat(variants[0], shared), candidates)
+    continuations = tuple(tuple(row[shared:]) for row in ids)
+    return EncodedQuestion(truncate_chat(variants[0], shared), candidates, continuations)
 
 
 def option_logits(next_token_logits: Tensor, option_token_ids: Sequence[Sequence[int]]) -> Tensor:
@@ -150,18 +178,58 @@ def extract_choice(text: str, labels: Sequence[str]) -> str | None:
     return standalone.pop() if len(standalone) == 1 else None
 
 
-@torch.no_grad()
-def predict_alone(participant: Participant, items: Sequence[MultipleChoiceItem], batch_size: int = 16) -> list[int]:
-    """Predicted option index of each item by the participant alone (argmax over option-letter logits)."""
-    from fedrefine.cache import positions_from_mask
-    from fedrefine.batching import left_pad
+def continuation_scores(
+    forward: Callable[[Tensor, Tensor], Tensor], continuations: Sequence[Sequence[Sequence[int]]], pad_id: int
+) -> Tensor:
+    """(B, max options) mean log-probability per token of each option's continuation (cloze scoring).
 
+    ``forward(response_ids, response_mask)`` returns logits (B, 1 + R, V) from the last prompt
+    token on, with the right-padded response teacher-forced. Missing options of ragged rows score -inf.
+    """
+    width = max(len(options) for options in continuations)
+    scores = torch.full((len(continuations), width), float("-inf"))
+    for k in range(width):
+        rows = [options[k] if k < len(options) else options[0] for options in continuations]
+        ids, mask = right_pad(rows, pad_id)
+        logits = forward(ids, mask)
+        ids, mask = ids.to(logits.device), mask.to(logits.device)
+        log_probs = logits[:, :-1].float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        mean = (log_probs * mask).sum(1) / mask.sum(1)
+        present = torch.tensor([k < len(options) for options in continuations], device=mean.device)
+        scores[:, k] = torch.where(present, mean, float("-inf")).cpu()
+    return scores
+
+
+@torch.no_grad()
+def score_encoded(participant: Participant, encoded: Sequence[EncodedQuestion], style: AnswerStyle = "letter") -> Tensor:
+    """(B, max options) scores of encoded questions by the participant alone, in one left-padded batch:
+    option-letter logits (``letter``) or the options' mean log-probability (``text``, cloze)."""
+    device = participant.device
+    ids, mask = left_pad([e.chat.input_ids for e in encoded], participant.tokenizer.pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    if style == "letter":
+        logits = participant.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        return option_logits(logits[:, -1].float(), [e.option_token_ids for e in encoded]).cpu()
+
+    def forward(response_ids: Tensor, response_mask: Tensor) -> Tensor:
+        full_mask = torch.cat((mask, response_mask.to(device)), 1)
+        output = participant.model(
+            input_ids=torch.cat((ids, response_ids.to(device)), 1),
+            attention_mask=full_mask,
+            position_ids=positions_from_mask(full_mask),
+            logits_to_keep=response_ids.shape[1] + 1,
+        )
+        return output.logits
+
+    return continuation_scores(forward, [e.continuations for e in encoded], participant.tokenizer.pad_token_id)
+
+
+def predict_alone(
+    participant: Participant, items: Sequence[MultipleChoiceItem], batch_size: int = 16, style: AnswerStyle = "letter"
+) -> list[int]:
+    """Predicted option index of each item by the participant alone (see :func:`score_encoded`)."""
     predictions: list[int] = []
     for start in range(0, len(items), batch_size):
-        encoded = [encode_question(participant, item) for item in items[start : start + batch_size]]
-        ids, mask = left_pad([e.chat.input_ids for e in encoded], participant.tokenizer.pad_token_id)
-        ids, mask = ids.to(participant.device), mask.to(participant.device)
-        logits = participant.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
-        scores = option_logits(logits[:, -1].float(), [e.option_token_ids for e in encoded])
-        predictions.extend(scores.argmax(-1).tolist())
+        encoded = [encode_question(participant, item, style) for item in items[start : start + batch_size]]
+        predictions.extend(score_encoded(participant, encoded, style).argmax(-1).tolist())
     return predictions

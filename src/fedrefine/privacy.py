@@ -45,9 +45,9 @@ import torch
 from torch import Tensor
 
 from fedrefine.chat import Message
+from fedrefine.generation import generate_replies
 from fedrefine.multiple_choice import MultipleChoiceItem, question_text
 from fedrefine.participants import Participant
-from fedrefine.generation import generate_replies
 
 PrivacyMode = Literal["original", "shared", "private"]
 OptionsPolicy = Literal["verbatim", "rephrase", "withhold"]
@@ -274,7 +274,9 @@ def rephrase_source(item: MultipleChoiceItem, options: str = DEFAULT_OPTIONS) ->
     return f"{item.question_stem}\n{lettered_options(item)}" if options == "rephrase" else item.question_stem
 
 
-def sender_text(item: MultipleChoiceItem, stem: str, options: str = DEFAULT_OPTIONS, rephrased: bool = True) -> str:
+def sender_text(
+    item: MultipleChoiceItem, stem: str, options: str = DEFAULT_OPTIONS, rephrased: bool = True, style: str = "letter"
+) -> str:
     """The exact user-message content a sender reads, given the stem (or rephrasing) it was given.
 
     ``verbatim``: :func:`question_text` with ``stem`` in place of the question's stem; ``withhold``:
@@ -283,7 +285,7 @@ def sender_text(item: MultipleChoiceItem, stem: str, options: str = DEFAULT_OPTI
     """
     if options == "withhold" or (options == "rephrase" and rephrased):
         return stem
-    return question_text(dataclasses.replace(item, question_stem=stem))
+    return question_text(dataclasses.replace(item, question_stem=stem), style)
 
 
 @dataclass(frozen=True)
@@ -303,11 +305,12 @@ class QueryPlan:
     receiver_item: MultipleChoiceItem
     sender_texts: dict[str, str]
     rephrasings: dict[str, Rephrasing] = field(default_factory=dict)
+    style: str = "letter"
 
     @property
     def reads(self) -> dict[str, str]:
         """Participant name -> the text it reads (the receiver's full multiple-choice prompt included)."""
-        return {self.receiver: question_text(self.receiver_item), **self.sender_texts}
+        return {self.receiver: question_text(self.receiver_item, self.style), **self.sender_texts}
 
     def sender_messages(self, sender: str) -> list[Message]:
         """The conversation a sender encodes (one user message), e.g. for a concat-fusion prefill."""
@@ -321,11 +324,13 @@ def plan_queries(
     rephraser: Rephraser | None = None,
     options: str = DEFAULT_OPTIONS,
     receiver: str | None = None,
+    style: str = "letter",
 ) -> list[QueryPlan]:
     """A :class:`QueryPlan` per question: what the receiver and each named sender read in ``mode``.
 
     ``shared`` and ``private`` need a ``rephraser`` that is not one of the senders (it reads the
     original). ``receiver`` names the receiver in the plan (default: the rephraser's name).
+    ``style`` is the answer style the question text asks for (see :func:`question_text`).
     """
     if mode not in MODES:
         raise ValueError(f"Unknown privacy mode {mode!r}; choose one of {list(MODES)}.")
@@ -345,8 +350,8 @@ def plan_queries(
     plans = []
     if mode == "original":
         for item in items:
-            texts = {s: sender_text(item, item.question_stem, options, rephrased=False) for s in senders}
-            plans.append(QueryPlan(item, mode, options, receiver, receiver_item=item, sender_texts=texts))
+            texts = {s: sender_text(item, item.question_stem, options, rephrased=False, style=style) for s in senders}
+            plans.append(QueryPlan(item, mode, options, receiver, receiver_item=item, sender_texts=texts, style=style))
         return plans
     sources = [rephrase_source(item, options) for item in items]
     if mode == "shared":  # one rephrasing per question, read by everyone
@@ -355,8 +360,9 @@ def plan_queries(
                 QueryPlan(
                     item, mode, options, receiver,
                     receiver_item=dataclasses.replace(item, question_stem=shared.text),
-                    sender_texts={s: sender_text(item, shared.text, options) for s in senders},
+                    sender_texts={s: sender_text(item, shared.text, options, style=style) for s in senders},
                     rephrasings={name: shared for name in (receiver, *senders)},
+                    style=style,
                 )
             )
         return plans
@@ -366,8 +372,9 @@ def plan_queries(
             QueryPlan(
                 item, mode, options, receiver,
                 receiver_item=item,
-                sender_texts={s: sender_text(item, own[s][i].text, options) for s in senders},
+                sender_texts={s: sender_text(item, own[s][i].text, options, style=style) for s in senders},
                 rephrasings={s: own[s][i] for s in senders},
+                style=style,
             )
         )
     return plans

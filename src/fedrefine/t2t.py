@@ -25,19 +25,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-from torch import Tensor
-
-from fedrefine.cache import positions_from_mask
-from fedrefine.batching import left_pad
 from fedrefine.chat import Message
 from fedrefine.generation import Reply, generate_replies, synchronize
 from fedrefine.multiple_choice import (
-    EncodedQuestion,
+    AnswerStyle,
     MultipleChoiceItem,
     encode_options_prompt,
-    option_logits,
     question_text,
+    score_encoded,
 )
 from fedrefine.participants import Participant
 
@@ -89,33 +84,26 @@ class T2TConfig:
 # --- the receiver's prompt and scoring ----------------------------------------------------------
 
 
-def hint_messages(item: MultipleChoiceItem, hints: Sequence[str], config: T2TConfig | None = None) -> list[Message]:
+def hint_messages(
+    item: MultipleChoiceItem, hints: Sequence[str], config: T2TConfig | None = None, style: AnswerStyle = "letter"
+) -> list[Message]:
     """The receiver's conversation: the multiple-choice question with the hints placed per ``config``.
 
     Hints are stripped of surrounding whitespace; empty ones are left out.
     """
     config = config or T2TConfig()
+    question = question_text(item, style)
     hints = [h.strip() for h in hints if h.strip()]
     if not hints:
-        return [{"role": "user", "content": question_text(item)}]
+        return [{"role": "user", "content": question}]
     if config.placement == "dialogue":
         return [
             {"role": "user", "content": config.prompt_template.format(question=item.question_stem)},
             {"role": "assistant", "content": "\n\n".join(hints)},
-            {"role": "user", "content": question_text(item)},
+            {"role": "user", "content": question},
         ]
     block = "".join(f"{hint}\n\n" for hint in hints)
-    return [{"role": "user", "content": f"{config.hint_header}{block}{question_text(item)}"}]
-
-
-@torch.no_grad()
-def score_options(participant: Participant, encoded: Sequence[EncodedQuestion]) -> list[Tensor]:
-    """Option-letter logits of each encoded question (one left-padded forward; option counts may differ)."""
-    ids, mask = left_pad([e.chat.input_ids for e in encoded], participant.tokenizer.pad_token_id)
-    ids, mask = ids.to(participant.device), mask.to(participant.device)
-    logits = participant.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
-    last = logits[:, -1].float()
-    return [option_logits(last[i : i + 1], [e.option_token_ids])[0] for i, e in enumerate(encoded)]
+    return [{"role": "user", "content": f"{config.hint_header}{block}{question}"}]
 
 
 # --- the baseline -------------------------------------------------------------------------------
@@ -195,6 +183,7 @@ def t2t_predict(
     items: Sequence[MultipleChoiceItem],
     config: T2TConfig | None = None,
     sender_questions: Mapping[str, Sequence[str]] | None = None,
+    style: AnswerStyle = "letter",
 ) -> list[T2TResult]:
     """Answer each question by the receiver with the senders' generated hints in its context.
 
@@ -207,6 +196,7 @@ def t2t_predict(
         sender_questions: per sender name, the text it reads for each item in place of the
             question stem (e.g. :attr:`fedrefine.privacy.QueryPlan.sender_texts`). When given it
             must cover every sender.
+        style: the receiver answers by letter (logits) or by option text (cloze scoring).
 
     Returns one :class:`T2TResult` per item, in order.
     """
@@ -223,14 +213,15 @@ def t2t_predict(
         encoded = [
             encode_options_prompt(
                 receiver,
-                hint_messages(items[i], [hints[s.name][i].text for s in senders], config),
-                items[i].labels,
+                hint_messages(items[i], [hints[s.name][i].text for s in senders], config, style),
+                items[i].labels if style == "letter" else items[i].choices,
+                distinct_first_token=style == "letter",
             )
             for i in chunk
         ]
         synchronize(receiver.device)
         began = time.perf_counter()
-        scores = score_options(receiver, encoded)
+        scores = score_encoded(receiver, encoded, style)
         synchronize(receiver.device)
         receiver_seconds = (time.perf_counter() - began) / len(chunk)
         for row, i in enumerate(chunk):
@@ -243,7 +234,7 @@ def t2t_predict(
                         for s, reply in zip(senders, replies)
                     ],
                     prediction=int(scores[row].argmax()),
-                    option_scores=scores[row].tolist(),
+                    option_scores=scores[row, : len(items[i].labels)].tolist(),
                     seconds={
                         **{f"sender:{s.name}": reply.seconds for s, reply in zip(senders, replies)},
                         "receiver": receiver_seconds,

@@ -13,7 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 TokenizerKind = Literal["byte_bpe", "metaspace_bpe", "word"]

@@ -8,17 +8,21 @@ chat data with a random non-empty subset of senders per batch.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from rich.console import Console
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fedrefine.batching import FusionBatch
-from fedrefine.evaluation import EvaluationConfig, encode_questions, parse_route, run_route
+from fedrefine.evaluation import (
+    EvaluationConfig,
+    encode_questions,
+    parse_route,
+    run_route,
+)
 from fedrefine.federation import Federation
 from fedrefine.fusion import Combine
 from fedrefine.gating import SourceGate
