@@ -1,8 +1,8 @@
 """Evaluation routes end to end: parsing, query modes through the real encode/run path, bytes, leakage."""
 
 import pytest
-from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC, chatty
 
+from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC, chatty
 from fedrefine.data.multiple_choice import QuestionDataset
 from fedrefine.evaluation import (
     QueryPlanner,

@@ -3,8 +3,8 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC
 
+from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC
 from fedrefine.cache import positions_from_mask
 from fedrefine.data.module import C2CDataModule
 from fedrefine.fuser import Fuser, FuserConfig

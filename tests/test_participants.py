@@ -72,3 +72,15 @@ def test_random_participant_with_real_shape_runs(hub_id):
         out = participant.model(torch.tensor([[1, 2, 3, 4]]), use_cache=True)
     keys = out.past_key_values.layers[0].keys
     assert keys.shape == (1, ident.num_kv_heads, 4, ident.head_dim)
+
+
+@pytest.mark.parametrize("name", ["receiver", "qwen2_sender", "llama_sender"])
+def test_a_saved_custom_tokenizer_loads_back_unchanged(request, name, tmp_path):
+    """transformers picks a tokenizer class by model type (Qwen2Tokenizer for qwen2), which would
+    rebuild the pipeline; a custom tokenizer must come back exactly as saved."""
+    participant = request.getfixturevalue(name)
+    participant.model.save_pretrained(tmp_path)
+    participant.tokenizer.save_pretrained(tmp_path)
+    loaded = load_participant(str(tmp_path))
+    text = "Café 東京 quick fox?\nThe correct answer is B."
+    assert loaded.tokenizer(text)["input_ids"] == participant.tokenizer(text)["input_ids"]

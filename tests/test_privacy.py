@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC, chatty
 
+from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC, chatty
 from fedrefine.batching import left_pad
 from fedrefine.chat import encode_chat
 from fedrefine.message import prefill_message

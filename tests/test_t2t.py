@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import LLAMA_SPEC, QWEN2_SPEC, chatty
 
+from conftest import LLAMA_SPEC, QWEN2_SPEC, chatty
 from fedrefine.generation import generate_replies
 from fedrefine.multiple_choice import (
     MultipleChoiceItem,

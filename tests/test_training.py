@@ -3,8 +3,8 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import LLAMA_SPEC, RECEIVER_SPEC
 
+from conftest import LLAMA_SPEC, RECEIVER_SPEC
 from fedrefine.data.chat import ChatExample
 from fedrefine.data.module import C2CDataModule
 from fedrefine.evaluation import EvaluationConfig

@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from fedrefine.hub import hub_offline
@@ -151,6 +152,21 @@ def _chat_kwargs_for(config: PreTrainedConfig) -> dict[str, Any]:
     return dict(DEFAULT_CHAT_TEMPLATE_KWARGS.get(getattr(config, "model_type", ""), {}))
 
 
+#: Tokenizer classes that mean "exactly the saved tokenizer.json", whatever the model type.
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _load_tokenizer(name_or_path: str, is_local: bool, load_kwargs: dict[str, Any]) -> PreTrainedTokenizerBase:
+    """AutoTokenizer, except for a local generic tokenizer: transformers 5 picks the tokenizer class from the
+    model type (e.g. Qwen2Tokenizer for a qwen2 config), which rebuilds the pipeline and ignores a custom
+    tokenizer.json; a tokenizer saved as a generic fast tokenizer is loaded as exactly that."""
+    config_file = Path(name_or_path) / "tokenizer_config.json"
+    if is_local and config_file.is_file():
+        if json.loads(config_file.read_text()).get("tokenizer_class") in _GENERIC_TOKENIZERS:
+            return PreTrainedTokenizerFast.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, **load_kwargs)
+
+
 def load_participant(
     name_or_path: str,
     revision: str | None = None,
@@ -188,7 +204,7 @@ def load_participant(
                 ) from None
     try:
         config = AutoConfig.from_pretrained(name_or_path, **load_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **load_kwargs)
+        tokenizer = _load_tokenizer(name_or_path, is_local, load_kwargs)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_resolve_dtype(dtype), **load_kwargs)
     except OSError as err:
         raise ParticipantLoadError(

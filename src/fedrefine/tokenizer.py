@@ -100,9 +100,10 @@ def build_tokenizer(
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     elif kind == "word":
         tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-        # Words, single punctuation marks and each whitespace run are tokens, so every
-        # character of the text is covered by some token's offsets.
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\s+"), behavior="isolated")
+        # Words and punctuation marks (each with the one space before it, as in GPT-style
+        # vocabularies) and other whitespace runs are tokens, so every character of the text is
+        # covered by some token's offsets.
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?\w+| ?[^\w\s]|\s+"), behavior="isolated")
         tok.decoder = decoders.Fuse()
         specials = ["<unk>", *specials]
         trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)

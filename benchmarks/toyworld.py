@@ -1,0 +1,117 @@
+"""The toy world's bars: does knowledge really transfer through the fuser? (issue "Toy world")
+
+    python benchmarks/toyworld.py [--seeds 0 1 2] [--senders llama-sender qwen2-sender] [--steps 300]
+
+For each sender and seed: ``fedrefine fit`` trains the receiver's fuser on public + fuser-train
+entities (configs/toyworld.yaml), then ``fedrefine test`` scores the held-out entities of the
+sender's private group: receiver alone, sender alone, C2C, the two controls (mismatched message,
+random K/V) and the reordered-options probe. Writes benchmarks/results/toyworld.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fedrefine.cli import build_cli
+from fedrefine.toyworld import DEFAULT_PARTICIPANTS
+
+ROUTES = {
+    "receiver_alone": "receiver",
+    "sender_alone": "sender",
+    "c2c": "c2c",
+    "control_mismatched": "c2c_mismatched",
+    "control_random_kv": "c2c_random_kv",
+    "probe_reordered_options": "c2c_reordered",
+}
+
+
+def run(sender: str, seed: int, steps: int, root: Path) -> dict:
+    """Fit and test one fuser; returns the benchmark row."""
+    group = next(p.private_groups[0] for p in DEFAULT_PARTICIPANTS if p.name == sender)
+    directory = root / f"{sender}-seed{seed}"
+    common = [
+        "--config", "configs/toyworld.yaml", "--seed_everything", str(seed),
+        "--model.sender.init_args.name", sender, "--data.group", str(group),
+        "--trainer.default_root_dir", str(directory), "--trainer.logger", "false",
+        "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
+        "--model.export_dir", str(directory / "fuser"),
+    ]
+    started = time.perf_counter()
+    build_cli(["fit", *common, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)])
+    seconds = time.perf_counter() - started
+    build_cli(["test", *common, "--model.fuser_path", str(directory / "fuser")])
+    rows = {row["route"]: row for row in json.loads((directory / "test_results.json").read_text())["rows"]}
+    receiver_tokenizer = "receiver"  # every toy participant trains its own word-level tokenizer
+    return {
+        "seed": seed,
+        "sender": sender,
+        "same_tokenizer_as_receiver": sender == receiver_tokenizer,
+        "fuser_steps": steps,
+        "seconds": round(seconds, 1),
+        "questions": rows["c2c"]["questions"],
+        **{name: rows[route]["accuracy"] for name, route in ROUTES.items()},
+    }
+
+
+def bars(rows: list[dict]) -> dict[str, bool]:
+    """The issue's bars on the measured rows."""
+    return {
+        "receiver alone <= 0.30": all(r["receiver_alone"] <= 0.30 for r in rows),
+        "sender alone >= 0.95": all(r["sender_alone"] >= 0.95 for r in rows),
+        "c2c >= receiver alone + 0.40 (every seed, every sender)": all(r["c2c"] >= r["receiver_alone"] + 0.40 for r in rows),
+        "controls within 0.07 of receiver alone": all(
+            abs(r[c] - r["receiver_alone"]) <= 0.07 for r in rows for c in ("control_mismatched", "control_random_kv")
+        ),
+        "a sender with another tokenizer clears +0.40": any(
+            not r["same_tokenizer_as_receiver"] and r["c2c"] >= r["receiver_alone"] + 0.40 for r in rows
+        ),
+    }
+
+
+def markdown(rows: list[dict], checks: dict[str, bool], command: str, commit: str) -> str:
+    header = ["seed", "sender", "steps", "s", *ROUTES]
+    lines = [
+        "# Toy world: knowledge transfer on held-out entities",
+        "",
+        f"Command: `{command}` at commit `{commit}` (CPU, {torch.get_num_threads()} threads).",
+        "Accuracies are on the held-out entities of the sender's private group (cloze scoring, 4 options, "
+        "every fact asked with its answer at each of A-D).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for r in rows:
+        values = [r["seed"], r["sender"], r["fuser_steps"], r["seconds"], *(f"{100 * r[k]:.1f}%" for k in ROUTES)]
+        lines.append("| " + " | ".join(str(v) for v in values) + " |")
+    lines += ["", "Bars:", ""] + [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--senders", nargs="+", default=["llama-sender", "qwen2-sender"])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--root", default="runs/benchmarks/toyworld")
+    parser.add_argument("--out", default="benchmarks/results/toyworld")
+    args = parser.parse_args()
+    rows = [run(sender, seed, args.steps, Path(args.root)) for sender in args.senders for seed in args.seeds]
+    checks = bars(rows)
+    command = "python " + " ".join(sys.argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "commit": commit, "runs": rows, "bars": checks}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(rows, checks, command, commit))
+    print(markdown(rows, checks, command, commit))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The toy world: deterministic content, disjoint splits, valid rows, export, cache keys, pretraining."""
+
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fedrefine.multiple_choice import MultipleChoiceItem, correct_answer, question_text
+from fedrefine.participants import TinySpec, build_tiny_participant
+from fedrefine.toyworld import (
+    PretrainConfig,
+    ToyParticipantConfig,
+    ToyWorld,
+    WorldConfig,
+    build_toy_world,
+    default_cache_dir,
+    export_world,
+    load_toy_participants,
+    read_jsonl,
+    read_toy_metadata,
+    toyworld_key,
+)
+from fedrefine.toyworld.pretrain import (
+    ANSWER,
+    IGNORE,
+    build_corpus,
+    encode_question_answer,
+    pretrain,
+    toy_tokenizer,
+)
+
+SMALL = WorldConfig(seed=3, num_entities=24, attributes=("colour", "city"), values_per_attribute=5, num_private_groups=2)
+TINY_PARTICIPANTS = (
+    ToyParticipantConfig(
+        TinySpec("receiver", "qwen3", num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                 intermediate_size=64, tokenizer_kind="word", vocab_size=512)
+    ),
+    ToyParticipantConfig(
+        TinySpec("sender", "llama", num_layers=1, hidden_size=24, num_heads=3, num_kv_heads=1, head_dim=8,
+                 intermediate_size=48, tokenizer_kind="word", chat_style="llama3", vocab_size=512, seed=1),
+        private_groups=(0,),
+    ),
+)
+FEW_STEPS = PretrainConfig(statement_steps=2, question_steps=2, batch_size=4, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ToyWorld(SMALL)
+
+
+def test_world_is_deterministic_from_its_seed(world):
+    again = ToyWorld(SMALL)
+    assert again.names == world.names
+    assert again.question_rows(again.names) == world.question_rows(world.names)
+    assert (again.public, again.private_groups) == (world.public, world.private_groups)
+    assert again.fingerprint == world.fingerprint
+    other = ToyWorld(replace(SMALL, seed=4))
+    assert other.names != world.names and other.fingerprint != world.fingerprint
+
+
+def test_names_are_unique_single_words(world):
+    assert len(set(world.names)) == len(world.names) == SMALL.num_entities
+    assert all(name.isalpha() and name[0].isupper() for name in world.names)
+
+
+def test_splits_are_disjoint_and_cover_every_entity(world):
+    public = set(world.public)
+    train = [set(world.fuser_train(g)) for g in range(world.num_groups)]
+    held = [set(world.held_out(g)) for g in range(world.num_groups)]
+    parts = [public, *train, *held]
+    assert all(parts), "every split is non-empty"
+    assert sum(len(p) for p in parts) == len(set().union(*parts)) == SMALL.num_entities
+    assert set(world.held_out()) == held[0] | held[1]
+    for group in range(world.num_groups):
+        assert set(world.private_groups[group]) == train[group] | held[group]
+        for name in held[group]:
+            assert world.split_of(name) == ("held_out", group)
+    # Fuser training never sees a held-out entity; evaluation only asks about held-out ones.
+    for group in range(world.num_groups):
+        trained_on = {row["id"].split("-")[0] for row in world.fuser_train_rows(group)}
+        assert trained_on.isdisjoint(world.held_out())
+        assert trained_on == public | train[group]
+    assert {row["id"].split("-")[0] for row in world.eval_rows()} == set(world.held_out())
+    # Adding a sender's group adds knowledge.
+    assert set(world.known_by([0])) < set(world.known_by([0, 1]))
+    assert set(world.known_by([])) == public
+
+
+def test_rows_validate_and_answers_are_position_balanced(world):
+    rows = world.question_rows(world.names)
+    items = [MultipleChoiceItem.from_row(row, where=f"row {i}") for i, row in enumerate(rows)]
+    assert len(items) == 4 * len(world.facts(world.names))
+    assert len({item.id for item in items}) == len(items)
+    assert Counter(item.answer_key for item in items) == {label: len(items) // 4 for label in "ABCD"}
+    by_fact = {}
+    for item in items:
+        by_fact.setdefault(item.id.rsplit("-", 1)[0], []).append(item)
+    for questions in by_fact.values():
+        assert sorted(q.answer_key for q in questions) == ["A", "B", "C", "D"]
+        assert len({q.choices[q.answer_index] for q in questions}) == 1, "same correct value at every position"
+        assert len({frozenset(q.choices) for q in questions}) == 1 and len(set(questions[0].choices)) == 4
+    fact = world.facts(world.names[:1])[0]
+    assert fact.value in fact.statement() and fact.entity in fact.statement()
+    assert set(fact.distractors) <= set(world.values[fact.attribute]) - {fact.value}
+
+
+def test_jsonl_export_round_trips(world, tmp_path):
+    paths = export_world(world, tmp_path)
+    eval_rows = read_jsonl(paths["eval_held_out"])
+    assert eval_rows == world.eval_rows()
+    assert [MultipleChoiceItem.from_row(r) for r in read_jsonl(paths["eval_group1"])] == world.questions(world.held_out(1))
+    train = read_jsonl(paths["train_group0"])
+    assert train == world.fuser_train_rows(0)
+    item = world.questions(world.public)[0]
+    assert train[0]["conversations"] == [
+        {"from": "human", "value": question_text(item, "text")},
+        {"from": "gpt", "value": correct_answer(item, "text")},
+    ]
+    assert read_jsonl(paths["eval_public"]) == world.question_rows(world.public)
+
+
+def test_question_encoding_masks_names_and_marks_the_answer(world):
+    config = TINY_PARTICIPANTS[0]
+    participant = build_tiny_participant(config.spec, tokenizer=toy_tokenizer(config, world))
+    item = world.questions(world.public[:1])[1]
+    text = encode_question_answer(participant, item, world.public[0])
+    tokens = participant.tokenizer.convert_ids_to_tokens(text.input_ids)
+    answer = "".join(participant.tokenizer.decode([text.input_ids[i]]) for i, k in enumerate(text.kinds) if k == ANSWER)
+    assert answer.strip() == item.choices[item.answer_index]  # the option's text, cloze style
+    assert [tokens[i].strip() for i, k in enumerate(text.kinds) if k == IGNORE] == [world.public[0]]
+    assert text.input_ids[-1] == participant.end_of_turn_token_id
+
+
+def test_tokenizers_differ_between_participants(world):
+    receiver, sender = (toy_tokenizer(c, world) for c in TINY_PARTICIPANTS)
+    assert receiver.get_vocab() != sender.get_vocab()
+    for tokenizer in (receiver, sender):  # every name, even unknown ones, is one known token
+        ids = tokenizer(" ".join(world.names), add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        question = question_text(world.questions(world.held_out(1)[:1])[0], "text")
+        assert tokenizer.unk_token_id not in tokenizer(question, add_special_tokens=False)["input_ids"]
+
+
+def test_pretraining_lowers_the_loss_deterministically(world):
+    config = TINY_PARTICIPANTS[1]
+    recipe = PretrainConfig(statement_steps=15, question_steps=15, batch_size=8, warmup_steps=3, learning_rate=1e-2)
+
+    def run():
+        participant = build_tiny_participant(config.spec, tokenizer=toy_tokenizer(config, world))
+        losses = pretrain(participant, build_corpus(participant, world, config.private_groups), recipe, progress=False)
+        return participant, losses
+
+    participant, losses = run()
+    assert sum(losses[10:15]) < sum(losses[:5])  # statement stage
+    assert sum(losses[-5:]) < sum(losses[15:20])  # question stage
+    assert not participant.model.training and not any(p.requires_grad for p in participant.model.parameters())
+    again, losses_again = run()
+    assert losses_again == losses
+    for a, b in zip(participant.model.parameters(), again.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cache_key_tracks_every_config(world):
+    key = toyworld_key(world, TINY_PARTICIPANTS, FEW_STEPS)
+    assert key == toyworld_key(ToyWorld(SMALL), TINY_PARTICIPANTS, PretrainConfig(**vars(FEW_STEPS)))
+    assert key != toyworld_key(ToyWorld(replace(SMALL, seed=9)), TINY_PARTICIPANTS, FEW_STEPS)
+    assert key != toyworld_key(world, TINY_PARTICIPANTS, replace(FEW_STEPS, learning_rate=1e-4))
+    changed = (TINY_PARTICIPANTS[0], replace(TINY_PARTICIPANTS[1], private_groups=(1,)))
+    assert key != toyworld_key(world, changed, FEW_STEPS)
+    resized = (replace(TINY_PARTICIPANTS[0], spec=replace(TINY_PARTICIPANTS[0].spec, num_layers=3)), TINY_PARTICIPANTS[1])
+    assert key != toyworld_key(world, resized, FEW_STEPS)
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDREFINE_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "toyworld"
+    monkeypatch.delenv("FEDREFINE_CACHE")
+    assert default_cache_dir().parts[-3:] == (".cache", "fedrefine", "toyworld")
+
+
+def test_build_is_cached_and_participants_load_with_the_key(tmp_path, monkeypatch):
+    directory = build_toy_world(SMALL, TINY_PARTICIPANTS, FEW_STEPS, cache_dir=tmp_path, progress=False)
+    assert directory == tmp_path / toyworld_key(ToyWorld(SMALL), TINY_PARTICIPANTS, FEW_STEPS)
+    assert read_toy_metadata(directory)["training"]["sender"]["num_statements"] == 2 * len(ToyWorld(SMALL).known_by([0]))
+
+    import fedrefine.toyworld.pretrain as module
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached toy world was rebuilt")
+
+    monkeypatch.setattr(module, "pretrain", no_training)
+    participants = load_toy_participants(SMALL, TINY_PARTICIPANTS, FEW_STEPS, cache_dir=tmp_path, progress=False)
+    assert set(participants) == {"receiver", "sender"}
+    sender = participants["sender"]
+    assert sender.identity.revision == directory.name
+    assert sender.identity.name_or_path == "toyworld/sender"
+    assert sender.identity.architecture == "LlamaForCausalLM" and sender.identity.num_layers == 1
+    assert not any(p.requires_grad for p in sender.model.parameters())
+    with pytest.raises(AssertionError, match="rebuilt"):  # another recipe is another key: it would train
+        build_toy_world(SMALL, TINY_PARTICIPANTS, replace(FEW_STEPS, seed=1), cache_dir=tmp_path, progress=False)
+
+
+def test_shipped_pretrained_world_matches_the_default_recipe():
+    """The package ships the default world's participants; a changed recipe or world needs a rebuild."""
+    from fedrefine.toyworld import DEFAULT_PARTICIPANTS
+    from fedrefine.toyworld.pretrain import shipped_dir
+
+    key = toyworld_key(ToyWorld(), DEFAULT_PARTICIPANTS, PretrainConfig())
+    shipped = sorted(p.name for p in shipped_dir().iterdir() if p.is_dir()) if shipped_dir().is_dir() else []
+    assert shipped == [key], (
+        f"src/fedrefine/toyworld/pretrained holds {shipped}, the defaults need {key}: "
+        "run `python benchmarks/toyworld_pretrain.py --threads 2 --ship` and remove stale directories."
+    )
+    metadata = read_toy_metadata(shipped_dir() / key)
+    assert [p["spec"]["name"] for p in metadata["participants"]] == [p.name for p in DEFAULT_PARTICIPANTS]
