@@ -44,7 +44,8 @@ class FuserConfig:
 
     ``mode``: ``residual`` adds to the receiver's cache at aligned positions (sender and receiver
     read the same text); ``concat`` projects the sender's cache into extra receiver cache entries
-    placed ahead of the receiver's own (texts may differ).
+    placed ahead of the receiver's own (texts may differ). ``fuse_keys=False`` (residual mode)
+    leaves the receiver's keys, hence where it attends, untouched and fuses values only.
     """
 
     mode: Literal["residual", "concat"] = "residual"
@@ -54,6 +55,7 @@ class FuserConfig:
     dropout: float = 0.1
     layer_map: LayerMapKind = "bottom_up"
     gate_init: float = 1.0
+    fuse_keys: bool = True
     temperature_start: float = 1.0
     temperature_end: float = 0.001
 
@@ -138,7 +140,8 @@ class LayerFuser(nn.Module):
     def __init__(self, sender: ParticipantIdentity, receiver: ParticipantIdentity, config: FuserConfig) -> None:
         super().__init__()
         sender_dim = sender.num_kv_heads * sender.head_dim
-        self.key = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config)
+        fuse_keys = config.fuse_keys or config.mode == "concat"  # concat entries need keys of their own
+        self.key = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config) if fuse_keys else None
         self.value = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config)
         self.gate = ConcreteGate(config.gate_init)
         self.mode = config.mode
@@ -148,7 +151,10 @@ class LayerFuser(nn.Module):
         g = self.gate(temperature)
         if self.mode == "concat":
             return self.key(sender[0]), g * self.value(sender[1])
-        return g * self.key(sender[0], receiver[0]), g * self.value(sender[1], receiver[1])
+        delta_values = g * self.value(sender[1], receiver[1])
+        if self.key is None:
+            return torch.zeros_like(receiver[0]), delta_values
+        return g * self.key(sender[0], receiver[0]), delta_values
 
 
 class Fuser(nn.Module):

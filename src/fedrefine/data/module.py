@@ -34,6 +34,8 @@ class C2CDataModule(L.LightningDataModule):
         batch_size: training conversations per batch.
         eval_batch_size: questions per evaluation batch (1 gives per-question latency).
         num_workers: DataLoader workers.
+        shuffle_buffer: training rows are shuffled through a buffer of this many rows (0: stream order).
+        seed: seed of the shuffle.
         predict_prompts: free-text prompts for ``predict`` (or a path to a text file, one prompt per line).
     """
 
@@ -49,6 +51,8 @@ class C2CDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
+        shuffle_buffer: int = 10_000,
+        seed: int = 0,
         predict_prompts: list[str] | str | None = None,
     ) -> None:
         super().__init__()
@@ -58,6 +62,7 @@ class C2CDataModule(L.LightningDataModule):
         self.val_split, self.test_split, self.num_questions = val_split, test_split, num_questions
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.predict_prompts = predict_prompts
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.train_stream: ChatStream | None = None
         self.questions: dict[str, QuestionDataset] = {}
 
@@ -66,8 +71,10 @@ class C2CDataModule(L.LightningDataModule):
         if stage == "fit":
             if self.train_path is None:
                 raise ValueError("`fit` needs training data: set data.train_path.")
-            rows = open_dataset(self.train_path, "train", streaming=True, option="data.train_path")
-            self.train_stream = ChatStream(rows.take(self.train_samples), rank=rank, world_size=world)
+            rows = open_dataset(self.train_path, "train", streaming=True, option="data.train_path").take(self.train_samples)
+            if self.shuffle_buffer:
+                rows = rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+            self.train_stream = ChatStream(rows, rank=rank, world_size=world)
         if stage in ("fit", "validate"):
             self.questions["val"] = self.load_split(self.val_split)
         if stage == "test":

@@ -12,7 +12,7 @@ from fedrefine.data.module import C2CDataModule
 from fedrefine.participants import Participant
 from fedrefine.sources import ParticipantSource
 from fedrefine.toyworld.pretrain import DEFAULT_PARTICIPANTS, PretrainConfig, load_toy_participants
-from fedrefine.toyworld.world import ToyWorld, WorldConfig, export_world, write_jsonl
+from fedrefine.toyworld.world import ToyWorld, WorldConfig, conversation_row, export_world, write_jsonl
 
 
 class ToyParticipant(ParticipantSource):
@@ -45,15 +45,17 @@ class ToyParticipant(ParticipantSource):
 class ToyWorldDataModule(C2CDataModule):
     """Fuser training and evaluation data of one private group of the toy world.
 
-    ``fit`` trains on questions about the public entities and the group's fuser-train entities;
-    validation uses a sample of those; ``test`` asks about the group's held-out entities, which
-    no fuser ever trains on (``test_split: public`` evaluates the public entities instead).
+    ``fit`` trains on questions about the group's fuser-train entities (and the public ones with
+    ``include_public``), except ``val_entities`` of them kept apart as a development split that
+    validation asks about (tune on these); ``test`` asks about the group's held-out entities, which
+    no fuser ever sees (``test_split: public`` evaluates the public entities instead).
 
     Args:
         group: the private group the sender knows.
         world: the world's seed and size.
         data_dir: where the JSONL files are written.
-        val_questions: how many fuser-train questions validation uses.
+        val_entities: fuser-train entities held apart for validation.
+        include_public: also train on public entities (the receiver must stay right on them).
     """
 
     def __init__(
@@ -61,18 +63,20 @@ class ToyWorldDataModule(C2CDataModule):
         group: int = 0,
         world: WorldConfig | None = None,
         data_dir: str = "runs/toyworld/data",
-        val_questions: int = 128,
+        val_entities: int = 16,
+        include_public: bool = True,
         test_split: str = "held_out",
         num_questions: int | None = None,
-        batch_size: int = 16,
+        batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
+        seed: int = 0,
     ) -> None:
         self.world_config = world or WorldConfig()
-        self.group, self.val_questions = group, val_questions
+        self.group, self.val_entities, self.include_public = group, val_entities, include_public
         directory = Path(data_dir) / f"seed{self.world_config.seed}"
         super().__init__(
-            train_path=str(directory / f"train_group{group}.jsonl"),
+            train_path=str(directory / f"fit_group{group}.jsonl"),
             train_samples=10**9,
             eval_path=str(directory / "{split}.jsonl"),
             eval_config=None,
@@ -82,6 +86,7 @@ class ToyWorldDataModule(C2CDataModule):
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
+            seed=seed,
         )
         self.directory = directory
 
@@ -89,7 +94,9 @@ class ToyWorldDataModule(C2CDataModule):
         """Write the world's JSONL files (cheap and deterministic, so always rewritten)."""
         world = ToyWorld(self.world_config)
         export_world(world, self.directory)
-        rows = world.question_rows(world.fuser_train(self.group))
-        step = max(1, len(rows) // self.val_questions)
-        write_jsonl(rows[::step][: self.val_questions], self.directory / f"val_group{self.group}.jsonl")
+        private = world.fuser_train(self.group)
+        dev, fit = private[: self.val_entities], private[self.val_entities :]
+        names = [*(world.public if self.include_public else ()), *fit]
+        write_jsonl([conversation_row(q) for q in world.questions(names)], self.directory / f"fit_group{self.group}.jsonl")
+        write_jsonl(world.question_rows(dev), self.directory / f"val_group{self.group}.jsonl")
         write_jsonl(world.question_rows(world.public), self.directory / "public.jsonl")
