@@ -7,10 +7,12 @@ tables of ``validate`` / ``test``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,17 @@ class FusionModule(L.LightningModule):
         self._planner: QueryPlanner | None = None
         self.data_counts: dict[str, int] = defaultdict(int)
         self._reset_evaluation()
+
+    def save_plain_hyperparameters(
+        self, sources: dict[str, Any], configs: dict[str, Any], ignore: Sequence[str] = ()
+    ) -> None:
+        """``save_hyperparameters`` of the calling ``__init__``, with participant sources and config
+        dataclasses as plain values, so that checkpoints load with ``torch.load(weights_only=True)``."""
+        frame = inspect.currentframe().f_back
+        self.save_hyperparameters(ignore=[*sources, *configs, *ignore, "evaluation"], frame=frame)
+        self.hparams.update({name: source.describe() for name, source in sources.items()})
+        self.hparams.update({name: None if c is None else asdict(c) for name, c in configs.items()})
+        self.hparams["evaluation"] = asdict(self.evaluation)
 
     # --- frozen participants, trainable-only checkpoints ----------------------------------------
     def frozen_models(self) -> list[torch.nn.Module]:

@@ -8,7 +8,6 @@ direction whose receiver ``eval_receiver`` names.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Literal
 
 from torch import Tensor, nn
@@ -57,10 +56,7 @@ class CoC2CModule(FusionModule):
             learning_rate, weight_decay, warmup_fraction, max_length, evaluation, export_dir,
         )
         fuser = fuser or FuserConfig()
-        self.save_hyperparameters(ignore=["first", "second", "fuser", "evaluation"])
-        self.hparams.update(
-            first=first.describe(), second=second.describe(), fuser=asdict(fuser), evaluation=asdict(self.evaluation)
-        )
+        self.save_plain_hyperparameters({"first": first, "second": second}, {"fuser": fuser})
         a, b = first.load(), second.load()
         mark_frozen(a, b)
         self.directions = nn.ModuleDict(

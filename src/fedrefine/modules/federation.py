@@ -8,7 +8,6 @@ chat data with a random non-empty subset of senders per batch.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -83,10 +82,8 @@ class FederationModule(FusionModule):
         super().__init__(
             learning_rate, weight_decay, warmup_fraction, max_length, evaluation, export_dir, default_routes,
         )
-        self.save_hyperparameters(ignore=["participants", "selection", "evaluation"])
-        self.hparams["evaluation"] = asdict(self.evaluation)
+        self.save_plain_hyperparameters({}, {"selection": selection}, ignore=["participants"])
         self.hparams["participants"] = {name: source.describe() for name, source in participants.items()}
-        self.hparams["selection"] = None if selection is None else asdict(selection)
         self.selection = selection
         self.federation = Federation(participants, registry)
         receiving = self.federation.participant(receiver)

@@ -7,8 +7,6 @@ alone, sender alone, C2C (and controls) on the same questions.
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from torch import Tensor
 
 from fedrefine.batching import FusionBatch
@@ -55,11 +53,7 @@ class C2CModule(FusionModule):
             learning_rate, weight_decay, warmup_fraction, max_length, evaluation, export_dir,
         )
         fuser = fuser or FuserConfig()
-        # Plain values only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["receiver", "sender", "fuser", "evaluation"])
-        self.hparams.update(
-            receiver=receiver.describe(), sender=sender.describe(), fuser=asdict(fuser), evaluation=asdict(self.evaluation)
-        )
+        self.save_plain_hyperparameters({"receiver": receiver, "sender": sender}, {"fuser": fuser})
         receiver_participant, sender_participant = receiver.load(), sender.load()
         mark_frozen(receiver_participant, sender_participant)
         fuser_module = load_or_create_fuser(sender_participant, receiver_participant, fuser, fuser_path)
