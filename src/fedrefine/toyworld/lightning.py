@@ -48,7 +48,8 @@ class ToyWorldDataModule(C2CDataModule):
     ``fit`` trains on questions about the group's fuser-train entities (and the public ones with
     ``include_public``), except ``val_entities`` of them kept apart as a development split that
     validation asks about (tune on these); ``test`` asks about the group's held-out entities, which
-    no fuser ever sees (``test_split: public`` evaluates the public entities instead).
+    no fuser ever sees (``test_split: all_held_out``: every group's held-out entities; ``public``:
+    the public entities).
 
     Args:
         group: the private group the sender knows.
@@ -81,7 +82,7 @@ class ToyWorldDataModule(C2CDataModule):
             eval_path=str(directory / "{split}.jsonl"),
             eval_config=None,
             val_split=f"val_group{group}",
-            test_split=test_split if test_split == "public" else f"eval_group{group}",
+            test_split={"public": "public", "all_held_out": "eval_held_out"}.get(test_split, f"eval_group{group}"),
             num_questions=num_questions,
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
