@@ -46,3 +46,19 @@ def llama_sender():
 @pytest.fixture(scope="session")
 def qwen2_sender():
     return build_tiny_participant(QWEN2_SPEC)
+
+
+@pytest.fixture(scope="session")
+def chatty_receiver():
+    """The user's own model (receiver and rephraser) that writes varied text."""
+    return chatty(RECEIVER_SPEC)
+
+
+@pytest.fixture(scope="session")
+def llama_chatty():
+    return chatty(LLAMA_SPEC)
+
+
+@pytest.fixture(scope="session")
+def qwen2_chatty():
+    return chatty(QWEN2_SPEC)

@@ -2,7 +2,6 @@
 
 import pytest
 
-from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC, chatty
 from fedrefine.data.multiple_choice import QuestionDataset
 from fedrefine.evaluation import (
     QueryPlanner,
@@ -42,10 +41,9 @@ def test_wilson_interval():
     assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
 
 
-@pytest.fixture(scope="module")
-def world():
-    receiver = chatty(RECEIVER_SPEC)
-    return receiver, [chatty(LLAMA_SPEC), chatty(QWEN2_SPEC)]
+@pytest.fixture
+def world(chatty_receiver, llama_chatty, qwen2_chatty):
+    return chatty_receiver, [llama_chatty, qwen2_chatty]
 
 
 def federated(receiver, senders, mode):

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC, chatty
 from fedrefine.batching import left_pad
 from fedrefine.chat import encode_chat
 from fedrefine.message import prefill_message
@@ -40,15 +39,15 @@ DISTINCTIVE = {"zorblax", "quenford", "glimmerstone", "varnethia", "4817", "ostr
 FAST = RephraseConfig(max_new_tokens=8)
 
 
-@pytest.fixture(scope="module")
-def local():
+@pytest.fixture
+def local(chatty_receiver):
     """The user's own model: receiver and rephraser."""
-    return chatty(RECEIVER_SPEC)
+    return chatty_receiver
 
 
-@pytest.fixture(scope="module")
-def senders():
-    return [chatty(LLAMA_SPEC), chatty(QWEN2_SPEC)]
+@pytest.fixture
+def senders(llama_chatty, qwen2_chatty):
+    return [llama_chatty, qwen2_chatty]
 
 
 class ScriptedRephraser(Rephraser):

@@ -5,7 +5,6 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import LLAMA_SPEC, QWEN2_SPEC, chatty
 from fedrefine.generation import generate_replies
 from fedrefine.multiple_choice import (
     MultipleChoiceItem,
@@ -32,16 +31,6 @@ ITEMS = [
     MultipleChoiceItem("q2", "The quick brown fox jumps over what?", ("the lazy dog", "Café 東京"), ("A", "B"), "A"),
     MultipleChoiceItem("q3", "What do fusers map?", ("caches", "answers", "letters", "emoji 🙂"), tuple("ABCD"), "A"),
 ]
-
-
-@pytest.fixture(scope="module")
-def llama_chatty():
-    return chatty(LLAMA_SPEC)
-
-
-@pytest.fixture(scope="module")
-def qwen2_chatty():
-    return chatty(QWEN2_SPEC)
 
 
 def test_config_is_validated():

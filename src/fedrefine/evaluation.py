@@ -62,7 +62,6 @@ from fedrefine.t2t import T2TConfig, t2t_predict
 #: ``generate``: greedy generation and answer extraction.
 AnswerMode = Literal["logits", "cloze", "generate"]
 CONTROLS = {"_mismatched": "mismatched", "_random_kv": "random_kv", "_reordered": "reordered"}
-ROUTES = ("receiver", "sender", "c2c", "t2t", "c2c_mismatched", "c2c_random_kv", "c2c_reordered")
 #: T2T senders read the question without its options, as in the C2C reference's baseline.
 T2T_OPTIONS = "withhold"
 
