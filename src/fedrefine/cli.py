@@ -80,8 +80,32 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FedRefineCLI:
 USER_ERRORS = (ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, ConnectionError, FileNotFoundError)
 
 
+def bench_main(argv: list[str] | None = None) -> None:
+    """``fedrefine bench --config SWEEP.yaml [--fresh]``: run (or resume) a benchmark sweep."""
+    import inspect
+
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from fedrefine.bench.runner import BenchSweep
+
+    parser = ArgumentParser(prog="fedrefine bench", description=BenchSweep.__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="the sweep's YAML (e.g. benchmarks/fig3_toy.yaml)")
+    parser.add_argument("--fresh", action="store_true", help="ignore finished cells of an earlier run")
+    parser.add_class_arguments(BenchSweep)
+    config = parser.instantiate_classes(parser.parse_args(sys.argv[2:] if argv is None else argv))
+    sweep = BenchSweep(**{name: config[name] for name in inspect.signature(BenchSweep).parameters})
+    sweep.run(fresh=config.fresh)
+
+
 def main() -> None:
+    command = sys.argv[1] if len(sys.argv) > 1 else None
     try:
+        if command == "bench":
+            return bench_main()
+        if command == "kv-bytes":
+            from fedrefine.bench.kv_bytes import main as kv_bytes_main
+
+            return kv_bytes_main(sys.argv[2:])
         build_cli()
     except USER_ERRORS as err:
         print(f"fedrefine: error: {err}", file=sys.stderr)

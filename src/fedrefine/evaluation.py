@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -293,9 +294,11 @@ class RouteResult:
     """One route on one batch.
 
     ``predictions``: option index per question (-1 = wrong/unanswerable); ``seconds``: wall time;
-    ``stages``: seconds per stage (``rephrase``, ``sender``, ``receiver``); ``bytes_sent``: exact
-    bytes the senders transmitted (C2C: K/V of the carried layers at real positions; T2T: token
-    ids); ``bytes_per_token``: bytes per transmitted token position, summed over senders;
+    ``stages``: seconds per stage (``rephrase``, ``sender``, ``fuse``, ``receiver``; ``fuse`` is
+    the time inside fusers and the gating network, taken out of the receiver's); ``bytes_sent``:
+    exact bytes the senders transmitted (C2C: K/V of the carried layers at real positions; T2T:
+    token ids); ``bytes_per_token``: bytes per transmitted token position, summed over senders
+    (``sender_bytes_per_token``: the same per sender);
     ``selected``: for ``c2c:auto``, the senders chosen per encoded question; ``leakage``: for
     rephrased modes, the mean share of the question's content words that reached senders.
     """
@@ -305,6 +308,7 @@ class RouteResult:
     stages: dict[str, float] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_per_token: float = 0.0
+    sender_bytes_per_token: dict[str, float] = field(default_factory=dict)
     selected: list[tuple[str, ...]] | None = None
     leakage: float | None = None
 
@@ -329,6 +333,7 @@ class RouteTally:
     stages: dict[str, float] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_per_token: float = 0.0
+    sender_bytes_per_token: dict[str, float] = field(default_factory=dict)
     leakage_sum: float = 0.0
     leakage_batches: int = 0
 
@@ -340,6 +345,8 @@ class RouteTally:
             self.stages[stage] = self.stages.get(stage, 0.0) + seconds
         self.bytes_sent += result.bytes_sent
         self.bytes_per_token = max(self.bytes_per_token, result.bytes_per_token)
+        for sender, value in result.sender_bytes_per_token.items():
+            self.sender_bytes_per_token[sender] = max(self.sender_bytes_per_token.get(sender, 0.0), value)
         if result.leakage is not None:
             self.leakage_sum += result.leakage
             self.leakage_batches += 1
@@ -357,6 +364,7 @@ class RouteTally:
             **{f"{stage}_ms": 1000 * seconds / n for stage, seconds in sorted(self.stages.items())},
             "bytes_per_token": self.bytes_per_token,
             "bytes_per_question": self.bytes_sent / n,
+            "sender_bytes_per_token": dict(self.sender_bytes_per_token),
             "leakage_overlap": self.leakage_sum / self.leakage_batches if self.leakage_batches else None,
         }
 
@@ -367,6 +375,27 @@ def _timed(device: torch.device, fn):
     value = fn()
     synchronize(device)
     return value, time.perf_counter() - start
+
+
+@contextmanager
+def time_inside(modules: Sequence[torch.nn.Module], device: torch.device) -> Iterator[list[float]]:
+    """Accumulate the wall time spent inside ``modules``' forward calls (into the yielded one-element list)."""
+    spent, started = [0.0], {}
+
+    def before(module, args):
+        synchronize(device)
+        started[id(module)] = time.perf_counter()
+
+    def after(module, args, output):
+        synchronize(device)
+        spent[0] += time.perf_counter() - started.pop(id(module))
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        yield spent
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def run_route(
@@ -414,7 +443,8 @@ def _send(model: FusedReceiver, fusion: FusionBatch, senders: Sequence[str], res
         device, lambda: {n: m for n in senders if (m := model.send(n, fusion.senders[n])) is not None}
     )
     result.bytes_sent += sum(m.nbytes for m in messages.values())
-    result.bytes_per_token += sum(m.bytes_per_token for m in messages.values())
+    result.sender_bytes_per_token = {n: float(m.bytes_per_token) for n, m in messages.items()}
+    result.bytes_per_token += sum(result.sender_bytes_per_token.values())
     return messages
 
 
@@ -441,15 +471,20 @@ def _answer_fused(model, batch, route, mode, max_new_tokens, generator, result) 
     if route.control == "random_kv":
         messages = {n: random_message_like(m, generator) for n, m in messages.items()}
     device = fusion.receiver_input_ids.device
-    if mode != "generate":
-        chosen, result.stages["receiver"] = _timed(
-            device, lambda: _choose(model, fusion, list(messages), messages, options, mode)
-        )
-        return chosen
-    generated, result.stages["receiver"] = _timed(
-        device, lambda: model.generate(fusion, max_new_tokens, senders=list(messages), messages=messages)
-    )
-    return _extract(model.receiver.tokenizer.batch_decode(generated, skip_special_tokens=True), batch)
+    fusing = [*model.fusers, *([model.source_gate] if model.source_gate is not None else [])]
+    with time_inside(fusing, device) as fuse_seconds:
+        if mode != "generate":
+            chosen, seconds = _timed(device, lambda: _choose(model, fusion, list(messages), messages, options, mode))
+        else:
+            generated, seconds = _timed(
+                device, lambda: model.generate(fusion, max_new_tokens, senders=list(messages), messages=messages)
+            )
+            texts = model.receiver.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            chosen = _extract(texts, batch)
+    if messages:
+        result.stages["fuse"] = fuse_seconds[0]
+    result.stages["receiver"] = seconds - fuse_seconds[0]
+    return chosen
 
 
 def _answer_auto(

@@ -375,7 +375,7 @@ class FusionModule(L.LightningModule):
         if self.selections:
             payload["selected_senders"] = {question: list(senders) for question, senders in self.selections}
         (directory / f"{stage}_results.json").write_text(json.dumps(payload, indent=2) + "\n")
-        columns = list(rows[0])
+        columns = [c for c, value in rows[0].items() if not isinstance(value, dict)]  # W&B cells are scalars
         for logger in self.loggers:
             if hasattr(logger, "log_table"):  # WandbLogger
                 logger.log_table(key=f"{stage}/results", columns=columns, data=[[r[c] for c in columns] for r in rows])

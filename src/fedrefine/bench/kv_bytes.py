@@ -1,0 +1,95 @@
+"""Bytes a sender transmits per prompt token: C2C (its K/V cache) vs T2T (token ids), from config shapes alone.
+
+``fedrefine kv-bytes`` prints the table for the FedRefine paper's models (no weights needed), to
+compare with the paper's 88 KB (four senders, KV) vs 16 bytes (T2T) per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig
+
+from fedrefine.cache import LayerMapKind, layer_map
+from fedrefine.participants import REAL_MODELS, ParticipantIdentity, real_model_config
+from fedrefine.t2t import TOKEN_ID_BYTES
+
+PAPER_RECEIVER = "Qwen/Qwen3-0.6B"
+PAPER_SENDERS = (
+    "Qwen/Qwen2.5-0.5B-Instruct",
+    "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    "Qwen/Qwen2.5-1.5B-Instruct",
+    "meta-llama/Llama-3.2-1B-Instruct",
+)
+
+
+def identity_of(name_or_path: str) -> ParticipantIdentity:
+    """The identity (cache shape) of a shipped real config, or of any local directory / hub id's config.json."""
+    config = real_model_config(name_or_path) if name_or_path in REAL_MODELS else AutoConfig.from_pretrained(name_or_path)
+    return ParticipantIdentity.from_config(config, name_or_path, "main")
+
+
+@dataclass(frozen=True)
+class SenderBytes:
+    """One sender's transmission per prompt token."""
+
+    sender: str
+    layers_sent: int
+    num_kv_heads: int
+    head_dim: int
+    kv_bytes: int
+    token_bytes: int
+
+
+def sender_bytes(
+    sender: ParticipantIdentity,
+    receiver: ParticipantIdentity,
+    dtype: torch.dtype = torch.bfloat16,
+    map_kind: LayerMapKind = "bottom_up",
+    token_bytes: int = TOKEN_ID_BYTES,
+) -> SenderBytes:
+    """K and V of every sender layer the receiver's fusers read (one token), and T2T's bytes per token id."""
+    layers = len(set(layer_map(map_kind, receiver.num_layers, sender.num_layers)))
+    element = torch.tensor([], dtype=dtype).element_size()
+    kv = 2 * layers * sender.num_kv_heads * sender.head_dim * element
+    return SenderBytes(sender.name_or_path, layers, sender.num_kv_heads, sender.head_dim, kv, token_bytes)
+
+
+def bytes_table(
+    receiver: str = PAPER_RECEIVER,
+    senders: Sequence[str] = PAPER_SENDERS,
+    dtype: torch.dtype = torch.bfloat16,
+    map_kind: LayerMapKind = "bottom_up",
+) -> list[SenderBytes]:
+    """Per-sender bytes per prompt token for a receiver and its senders, from their configs."""
+    target = identity_of(receiver)
+    return [sender_bytes(identity_of(s), target, dtype, map_kind) for s in senders]
+
+
+def format_table(rows: Sequence[SenderBytes], receiver: str, dtype: torch.dtype) -> str:
+    lines = [
+        f"Bytes per prompt token sent to {receiver} ({str(dtype).removeprefix('torch.')} K/V; T2T: token ids)",
+        f"{'sender':40} {'layers':>6} {'kv heads x dim':>15} {'C2C bytes':>10} {'T2T bytes':>10}",
+    ]
+    for r in rows:
+        lines.append(f"{r.sender:40} {r.layers_sent:>6} {f'{r.num_kv_heads} x {r.head_dim}':>15} "
+                     f"{r.kv_bytes:>10,} {r.token_bytes:>10}")
+    kv, tokens = sum(r.kv_bytes for r in rows), sum(r.token_bytes for r in rows)
+    lines.append(f"{f'all {len(rows)} senders':40} {'':>6} {'':>15} {kv:>10,} {tokens:>10}")
+    lines.append(f"C2C sends {kv / 1024:.1f} KiB ({kv / 1000:.1f} kB) per token, {kv // max(1, tokens):,}x T2T's "
+                 f"{tokens} bytes (the paper: 88 KB vs 16 bytes).")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fedrefine kv-bytes", description=__doc__.splitlines()[0])
+    parser.add_argument("--receiver", default=PAPER_RECEIVER, help="hub id with a shipped config, or a local model dir")
+    parser.add_argument("--senders", nargs="+", default=list(PAPER_SENDERS))
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--layer-map", default="bottom_up", choices=["bottom_up", "top_down", "uniform"])
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    print(format_table(bytes_table(args.receiver, args.senders, dtype, args.layer_map), args.receiver, dtype))

@@ -1,0 +1,218 @@
+"""A finished sweep's outputs: CSV, markdown table, the Fig. 3 plots, and the same in a logger (W&B).
+
+- Fig. 3a: accuracy vs number of senders, one line per route x query mode (0 = receiver alone);
+- Fig. 3b: point-to-point, C2C vs T2T for each single sender (original queries);
+- Fig. 3c: latency per question of each route and query mode, stacked by stage (all senders).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+if TYPE_CHECKING:
+    from fedrefine.bench.runner import BenchSweep
+
+from fedrefine.bench.runner import STAGES  # noqa: E402
+
+CSV_COLUMNS = (
+    "route", "query_mode", "senders", "n_senders", "status", "accuracy", "ci_low", "ci_high", "receiver_accuracy",
+    "latency_s", *(f"{stage}_s" for stage in STAGES), "bytes_per_token", "bytes_per_token_by_sender",
+    "bytes_per_question", "leakage_overlap", "n_questions", "failed",
+)
+ROUTE_LABELS = {"receiver": "receiver alone", "c2c_residual": "KV (C2C residual)", "c2c_concat": "KV (C2C concat)",
+                "t2t": "Token (T2T)"}
+MODE_STYLES = {"original": "-", "shared": "--", "private": ":"}
+
+
+def with_baselines(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with ``receiver_accuracy``: the receiver alone on the same questions and query mode."""
+    alone = {r["query_mode"]: r.get("accuracy") for r in rows if r["route"] == "receiver" and r["status"] == "ok"}
+    return [{**row, "receiver_accuracy": alone.get(row["query_mode"])} for row in rows]
+
+
+def csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    by_sender = row.get("sender_bytes_per_token") or {}
+    flat = {**row, "bytes_per_token_by_sender": ";".join(f"{s}:{b:g}" for s, b in by_sender.items())}
+    return {column: "" if flat.get(column) is None else flat.get(column, "") for column in CSV_COLUMNS}
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_row(row) for row in rows)
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def markdown(rows: Sequence[dict[str, Any]], title: str, command: str, commit: str | None, notes: str = "") -> str:
+    """The sweep as a markdown table (unsupported cells listed with their reason)."""
+    n_questions = max((r.get("n_questions", 0) for r in rows), default=0)
+    lines = [
+        f"# {title}", "",
+        f"Command: `{command}` at commit `{commit}`. {n_questions} questions per cell; accuracy in %, 95% Wilson "
+        "interval; latency in seconds per question (transfer modelled from the bytes sent); bytes per prompt token "
+        "summed over senders (C2C: exact K/V bytes of the carried layers; T2T: token-id bytes).", "",
+    ]
+    if notes:
+        lines += [notes, ""]
+    stage_header = " | ".join(STAGES)
+    lines += [
+        f"| route | query | senders | accuracy | 95% CI | receiver alone | latency | {stage_header} | bytes/token |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(STAGES) + "---|",
+    ]
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        stages = " | ".join(f"{r[f'{stage}_s']:.4f}" for stage in STAGES)
+        lines.append(
+            f"| {r['route']} | {r['query_mode']} | {r['senders'] or '-'} | {_pct(r['accuracy'])} | "
+            f"{_pct(r['ci_low'])}-{_pct(r['ci_high'])} | {_pct(r['receiver_accuracy'])} | {r['latency_s']:.4f} | "
+            f"{stages} | {r['bytes_per_token']:g} |"
+        )
+    skipped = [r for r in rows if r["status"] != "ok"]
+    if skipped:
+        lines += ["", f"{len(skipped)} cell(s) cannot run and were not evaluated:", ""]
+        reasons = defaultdict(list)
+        for r in skipped:
+            reasons[r["reason"]].append(f"{r['route']}@{r['query_mode']}:{r['senders']}")
+        lines += [f"- {', '.join(cells)}: {reason}" for reason, cells in reasons.items()]
+    failed = sum(r.get("failed", 0) for r in rows if r["status"] == "ok")
+    if failed:
+        lines += ["", f"{failed} question evaluation(s) could not be encoded and count as wrong (ids in the JSON)."]
+    return "\n".join(lines) + "\n"
+
+
+def _ok(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["status"] == "ok"]
+
+
+def plot_accuracy_vs_senders(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Fig. 3a: mean accuracy over the evaluated subsets of each size; 0 senders is the receiver alone."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    ok = _ok(rows)
+    for route in ("c2c_residual", "c2c_concat", "t2t"):
+        for mode, style in MODE_STYLES.items():
+            cells = [r for r in ok if r["route"] == route and r["query_mode"] == mode]
+            if not cells:
+                continue
+            by_size = defaultdict(list)
+            for r in cells:
+                by_size[r["n_senders"]].append(r["accuracy"])
+            baseline = [r["accuracy"] for r in ok if r["route"] == "receiver" and r["query_mode"] == mode]
+            if baseline:
+                by_size[0] = baseline
+            sizes = sorted(by_size)
+            axes.plot(sizes, [100 * sum(by_size[n]) / len(by_size[n]) for n in sizes], style, marker="o",
+                      label=f"{ROUTE_LABELS[route]}, {mode}")
+    axes.set_xlabel("number of senders (0 = receiver alone)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title("Accuracy vs number of senders")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_point_to_point(rows: Sequence[dict[str, Any]], senders: Sequence[str], path: Path) -> None:
+    """Fig. 3b: per single sender, C2C (each fusion mode) vs T2T on original queries, with 95% intervals."""
+    ok = [r for r in _ok(rows) if r["query_mode"] == "original"]
+    routes = [route for route in ("c2c_residual", "c2c_concat", "t2t") if any(r["route"] == route for r in ok)]
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    width = 0.8 / max(1, len(routes))
+    for i, route in enumerate(routes):
+        cells = {r["senders"]: r for r in ok if r["route"] == route and r["n_senders"] == 1}
+        xs = [k + (i - (len(routes) - 1) / 2) * width for k, s in enumerate(senders) if s in cells]
+        values = [cells[s] for s in senders if s in cells]
+        heights = [100 * r["accuracy"] for r in values]
+        errors = [[h - 100 * r["ci_low"] for h, r in zip(heights, values)],
+                  [100 * r["ci_high"] - h for h, r in zip(heights, values)]]
+        axes.bar(xs, heights, width, yerr=errors, capsize=3, label=ROUTE_LABELS[route])
+    alone = [r["accuracy"] for r in ok if r["route"] == "receiver"]
+    if alone:
+        axes.axhline(100 * alone[0], color="black", linestyle="--", linewidth=1, label="receiver alone")
+    axes.set_xticks(range(len(senders)), senders)
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title("Point-to-point: C2C vs T2T per sender (original queries)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Fig. 3c: seconds per question of each route x query mode with the most senders, stacked by stage."""
+    ok = _ok(rows)
+    most = max((r["n_senders"] for r in ok), default=0)
+    cells = [r for r in ok if r["route"] == "receiver" or r["n_senders"] == most]
+    figure, axes = plt.subplots(figsize=(7.2, 4.2))
+    labels = [f"{ROUTE_LABELS[r['route']]}\n{r['query_mode']}" for r in cells]
+    bottom = [0.0] * len(cells)
+    for stage in STAGES:
+        heights = [1000 * r[f"{stage}_s"] for r in cells]
+        axes.bar(range(len(cells)), heights, bottom=bottom, label=stage)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    axes.set_xticks(range(len(cells)), labels, fontsize=6, rotation=45, ha="right")
+    axes.set_ylabel("latency per question (ms)")
+    axes.set_title(f"Latency per route and query mode ({most} sender(s))")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_reports(sweep: BenchSweep, rows: Sequence[dict[str, Any]], command: str) -> dict[str, Path]:
+    """Write ``<name>.csv``, ``<name>.md`` and the three plots; log them to the sweep's logger."""
+    from fedrefine.bench.runner import git_commit
+
+    rows = with_baselines(rows)
+    directory = sweep.output_dir
+    paths = {
+        "csv": directory / f"{sweep.name}.csv",
+        "markdown": directory / f"{sweep.name}.md",
+        "fig3a": directory / f"{sweep.plot_prefix}a.png",
+        "fig3b": directory / f"{sweep.plot_prefix}b.png",
+        "fig3c": directory / f"{sweep.plot_prefix}c.png",
+    }
+    write_csv(rows, paths["csv"])
+    title = f"Sweep {sweep.name}: {' + '.join(sweep.sender_names)} -> {sweep.receiver_name}"
+    paths["markdown"].write_text(markdown(rows, title, command, git_commit()))
+    plot_accuracy_vs_senders(rows, paths["fig3a"])
+    plot_point_to_point(rows, sweep.sender_names, paths["fig3b"])
+    plot_latency(rows, paths["fig3c"])
+    if sweep.logger is not None:
+        log_to(sweep.logger, sweep.name, rows, paths)
+    sweep.console.print(paths["markdown"].read_text())
+    sweep.console.print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+def log_to(logger: Any, name: str, rows: Sequence[dict[str, Any]], paths: dict[str, Path]) -> None:
+    """The table and plots into a logger with ``log_table`` / ``log_image`` (W&B); others get metrics per cell."""
+    table = [csv_row(r) for r in rows]
+    if hasattr(logger, "log_table"):
+        logger.log_table(key=f"bench/{name}", columns=list(CSV_COLUMNS), data=[list(r.values()) for r in table])
+        for key in ("fig3a", "fig3b", "fig3c"):
+            logger.log_image(key=f"bench/{key}", images=[str(paths[key])])
+    else:
+        for row in _ok(rows):
+            cell = f"{row['route']}@{row['query_mode']}:{row['senders'] or '-'}"
+            logger.log_metrics({f"bench/{cell}/accuracy": row["accuracy"], f"bench/{cell}/latency_s": row["latency_s"],
+                                f"bench/{cell}/bytes_per_token": row["bytes_per_token"]})
+    logger.finalize("success")
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "finish"):  # a W&B run: flush it now, not at interpreter exit
+        experiment.finish()
