@@ -16,6 +16,7 @@ from fedrefine.fuser import FuserPairMismatchError
 from fedrefine.modules import FusionModule
 from fedrefine.multiple_choice import DatasetSchemaError
 from fedrefine.participants import ParticipantLoadError
+from fedrefine.registry import MissingFuserError
 
 
 class LogConfigCallback(SaveConfigCallback):
@@ -77,13 +78,13 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FedRefineCLI:
 
 
 #: Errors that name a user mistake and its fix: shown without a traceback.
-USER_ERRORS = (ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, ConnectionError, FileNotFoundError)
+USER_ERRORS = (
+    ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, MissingFuserError, ConnectionError, FileNotFoundError,
+)
 
 
-def bench_main(argv: list[str] | None = None) -> None:
-    """``fedrefine bench --config SWEEP.yaml [--fresh]``: run (or resume) a benchmark sweep."""
-    import inspect
-
+def bench_parser():
+    """The ``fedrefine bench`` argument parser: a sweep's YAML names :class:`BenchSweep`'s arguments."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from fedrefine.bench.runner import BenchSweep
@@ -92,9 +93,25 @@ def bench_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", action=ActionConfigFile, help="the sweep's YAML (e.g. benchmarks/fig3_toy.yaml)")
     parser.add_argument("--fresh", action="store_true", help="ignore finished cells of an earlier run")
     parser.add_class_arguments(BenchSweep)
-    config = parser.instantiate_classes(parser.parse_args(sys.argv[2:] if argv is None else argv))
-    sweep = BenchSweep(**{name: config[name] for name in inspect.signature(BenchSweep).parameters})
-    sweep.run(fresh=config.fresh)
+    return parser
+
+
+def load_sweep(args: list[str]):
+    """Parse ``fedrefine bench`` arguments into a :class:`BenchSweep` (nothing is loaded yet) and ``fresh``."""
+    import inspect
+
+    from fedrefine.bench.runner import BenchSweep
+
+    parser = bench_parser()
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    config = instantiate(parser.parse_args(args))
+    return BenchSweep(**{name: config[name] for name in inspect.signature(BenchSweep).parameters}), config.fresh
+
+
+def bench_main(argv: list[str] | None = None) -> None:
+    """``fedrefine bench --config SWEEP.yaml [--fresh]``: run (or resume) a benchmark sweep."""
+    sweep, fresh = load_sweep(sys.argv[2:] if argv is None else argv)
+    sweep.run(fresh=fresh)
 
 
 def main() -> None:

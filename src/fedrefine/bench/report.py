@@ -18,10 +18,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedrefine.bench.runner import STAGES, git_commit  # noqa: E402
+
 if TYPE_CHECKING:
     from fedrefine.bench.runner import BenchSweep
-
-from fedrefine.bench.runner import STAGES  # noqa: E402
 
 CSV_COLUMNS = (
     "route", "query_mode", "senders", "n_senders", "status", "accuracy", "ci_low", "ci_high", "receiver_accuracy",
@@ -39,17 +39,18 @@ def with_baselines(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**row, "receiver_accuracy": alone.get(row["query_mode"])} for row in rows]
 
 
-def csv_row(row: dict[str, Any]) -> dict[str, Any]:
+def table_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's :data:`CSV_COLUMNS`, scalars only (None where a cell has no value)."""
     by_sender = row.get("sender_bytes_per_token") or {}
     flat = {**row, "bytes_per_token_by_sender": ";".join(f"{s}:{b:g}" for s, b in by_sender.items())}
-    return {column: "" if flat.get(column) is None else flat.get(column, "") for column in CSV_COLUMNS}
+    return {column: flat.get(column) for column in CSV_COLUMNS}
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        writer.writerows(csv_row(row) for row in rows)
+        writer.writerows({k: "" if v is None else v for k, v in table_row(row).items()} for row in rows)
 
 
 def _pct(value: float | None) -> str:
@@ -61,9 +62,10 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, command: str, commit: s
     n_questions = max((r.get("n_questions", 0) for r in rows), default=0)
     lines = [
         f"# {title}", "",
-        f"Command: `{command}` at commit `{commit}`. {n_questions} questions per cell; accuracy in %, 95% Wilson "
-        "interval; latency in seconds per question (transfer modelled from the bytes sent); bytes per prompt token "
-        "summed over senders (C2C: exact K/V bytes of the carried layers; T2T: token-id bytes).", "",
+        f"Command: `{command}` at commit `{commit}` (cells computed at {_commits(rows)}). {n_questions} questions "
+        "per cell; accuracy in %, 95% Wilson interval; latency in seconds per question (transfer modelled from the "
+        "bytes sent); bytes per prompt token summed over senders (C2C: exact K/V bytes of the carried layers; T2T: "
+        "token-id bytes).", "",
     ]
     if notes:
         lines += [notes, ""]
@@ -92,6 +94,11 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, command: str, commit: s
     if failed:
         lines += ["", f"{failed} question evaluation(s) could not be encoded and count as wrong (ids in the JSON)."]
     return "\n".join(lines) + "\n"
+
+
+def _commits(rows: Sequence[dict[str, Any]]) -> str:
+    commits = sorted({str(r.get("commit")) for r in rows if r["status"] == "ok"})
+    return ", ".join(f"`{c}`" for c in commits) or "none"
 
 
 def _ok(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -176,8 +183,6 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 def write_reports(sweep: BenchSweep, rows: Sequence[dict[str, Any]], command: str) -> dict[str, Path]:
     """Write ``<name>.csv``, ``<name>.md`` and the three plots; log them to the sweep's logger."""
-    from fedrefine.bench.runner import git_commit
-
     rows = with_baselines(rows)
     directory = sweep.output_dir
     paths = {
@@ -202,9 +207,9 @@ def write_reports(sweep: BenchSweep, rows: Sequence[dict[str, Any]], command: st
 
 def log_to(logger: Any, name: str, rows: Sequence[dict[str, Any]], paths: dict[str, Path]) -> None:
     """The table and plots into a logger with ``log_table`` / ``log_image`` (W&B); others get metrics per cell."""
-    table = [csv_row(r) for r in rows]
     if hasattr(logger, "log_table"):
-        logger.log_table(key=f"bench/{name}", columns=list(CSV_COLUMNS), data=[list(r.values()) for r in table])
+        data = [list(table_row(r).values()) for r in rows]
+        logger.log_table(key=f"bench/{name}", columns=list(CSV_COLUMNS), data=data)
         for key in ("fig3a", "fig3b", "fig3c"):
             logger.log_image(key=f"bench/{key}", images=[str(paths[key])])
     else:

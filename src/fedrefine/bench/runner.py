@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedrefine.bench.sweep import ROUTES, Cell, SubsetPolicy, expand_cells
+from fedrefine.cli import build_cli
 from fedrefine.data.module import C2CDataModule
 from fedrefine.data.multiple_choice import QuestionDataset
 from fedrefine.evaluation import EvaluationConfig, QueryPlanner, RouteTally, encode_questions, parse_route, run_route
@@ -61,8 +62,6 @@ class FuserTraining:
 
     def fit(self, sender: str, mode: str) -> Path:
         """Train F[sender -> receiver] in ``mode``; returns the exported fuser directory."""
-        from fedrefine.cli import build_cli  # the CLI imports this module
-
         directory = Path(self.root) / f"{mode}-{sender}"
         build_cli([
             "fit", "--config", self.config, *self.args, *self.sender_args.get(sender, []), self.mode_arg, mode,
@@ -95,7 +94,7 @@ class BenchSweep:
         name: file stem of the results (``<name>.json/.csv/.md``).
         plot_prefix: file stem of the plots (``<plot_prefix>a.png``, ``b``, ``c``).
         logger: a logger with ``log_table`` / ``log_image`` (e.g. ``WandbLogger``, offline).
-        device: where the models run.
+        device: where the models run (``auto``: CUDA when available).
     """
 
     def __init__(
@@ -138,6 +137,8 @@ class BenchSweep:
         self.evaluation = evaluation or EvaluationConfig()
         self.link_mbit_per_s, self.train_missing = link_mbit_per_s, train_missing
         self.output_dir, self.name, self.plot_prefix = Path(output_dir), name, plot_prefix
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.logger, self.device = logger, torch.device(device)
         self.console = Console()
         self._participants: dict[str, Participant] = {}
@@ -182,7 +183,7 @@ class BenchSweep:
             receiver = self.participant(self.receiver_name)
             senders = [self.participant(n) for n in self.sender_names]
             if mode is None:  # receiver / T2T only: fusers are never called, any will do
-                fusers = [Fuser(s.identity, receiver.identity, FuserConfig(hidden_size=8, num_blocks=1)) for s in senders]
+                fusers = [Fuser(s.identity, receiver.identity, FuserConfig(hidden_size=8, num_blocks=2)) for s in senders]
             else:
                 fusers = [self.registry(mode).get(s.identity, receiver.identity) for s in senders]
             model = FusedReceiver(receiver, senders, fusers, sender_names=self.sender_names)
@@ -265,6 +266,7 @@ class BenchSweep:
             "n_questions": summary["questions"],
             "failed": len(failures),
             "failed_ids": list(failures),
+            "commit": git_commit(),
         }
 
     @staticmethod
@@ -288,7 +290,8 @@ class BenchSweep:
                 "starting the sweep over.[/]"
             )
             return {}
-        return {row["key"]: row for row in previous.get("rows", [])}
+        rows = previous.get("rows", [])  # rows from before per-row commits were recorded get the file's commit
+        return {r["key"]: {"commit": previous.get("commit"), **r} if r["status"] == "ok" else r for r in rows}
 
     def save(self, rows: dict[str, dict[str, Any]], fingerprint: str, command: str) -> None:
         """Write every finished row (atomically), in sweep order."""

@@ -1,0 +1,223 @@
+"""The benchmark runner: sweep expansion, resume, reports, byte accounting, and the sweep configs."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedrefine.bench.kv_bytes import PAPER_RECEIVER, PAPER_SENDERS, bytes_table, format_table
+from fedrefine.bench.report import CSV_COLUMNS
+from fedrefine.bench.runner import BenchSweep
+from fedrefine.bench.sweep import Cell, expand_cells, sender_subsets
+from fedrefine.cli import load_sweep
+from fedrefine.evaluation import EvaluationConfig
+from fedrefine.fuser import Fuser, FuserConfig
+from fedrefine.registry import FuserRegistry, MissingFuserError
+from fedrefine.t2t import T2TConfig
+from fedrefine.toyworld.lightning import ToyParticipant, ToyWorldDataModule
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- sweep expansion ----------------------------------------------------------------------------
+def test_prefix_subsets_add_every_single_sender_for_point_to_point():
+    assert sender_subsets(["a", "b", "c"], "prefixes") == [("a",), ("b",), ("c",), ("a", "b"), ("a", "b", "c")]
+    assert sender_subsets(["a", "b", "c"], "prefixes", singles=False) == [("a",), ("a", "b"), ("a", "b", "c")]
+
+
+def test_all_subsets_and_explicit_subsets_keep_the_sweep_order():
+    assert sender_subsets(["a", "b", "c"], "all") == [
+        ("a",), ("b",), ("c",), ("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c"),
+    ]
+    assert sender_subsets(["a", "b", "c"], [["c", "a"]], singles=False) == [("a", "c")]
+
+
+@pytest.mark.parametrize("subsets", [[["a", "z"]], [[]], [["a", "a"]], "some"])
+def test_invalid_subsets_are_rejected_with_the_senders_named(subsets):
+    with pytest.raises(ValueError, match="subset"):
+        sender_subsets(["a", "b"], subsets)
+
+
+def test_cells_cover_routes_x_modes_x_subsets_plus_one_baseline_per_mode():
+    cells = expand_cells(["a", "b"], ["c2c_residual", "c2c_concat", "t2t"], ["original", "shared", "private"])
+    assert len(cells) == 3 + 3 * 3 * 3  # baselines + routes x modes x {a, b, a+b}
+    assert [c.key for c in cells[:3]] == ["receiver|original|-", "receiver|shared|-", "receiver|private|-"]
+    assert len({c.key for c in cells}) == len(cells)
+    assert Cell("c2c_concat", "private", ("a", "b")).evaluation_route == "c2c:a+b@private"
+    assert Cell("t2t", "original", ("b",)).evaluation_route == "t2t:b"
+    assert Cell("c2c_residual", "shared", ("a",)).fusion_mode == "residual"
+
+
+def test_residual_fusion_in_private_mode_is_kept_as_unsupported_with_its_reason():
+    assert "private" in Cell("c2c_residual", "private", ("a",)).unsupported_reason()
+    assert Cell("c2c_concat", "private", ("a",)).unsupported_reason() is None
+    assert Cell("t2t", "private", ("a",)).unsupported_reason() is None
+    assert Cell("c2c_residual", "shared", ("a",)).unsupported_reason(options="withhold") is not None
+
+
+def test_unknown_routes_or_modes_are_errors():
+    with pytest.raises(ValueError, match="routes"):
+        expand_cells(["a"], ["c2c"])
+    with pytest.raises(ValueError, match="query modes"):
+        expand_cells(["a"], query_modes=["secret"])
+
+
+# --- byte accounting ----------------------------------------------------------------------------
+def test_real_config_bytes_per_token_match_hand_computed_shapes():
+    # 2 (K and V) x layers x KV heads x head dim x 2 bytes (bf16), from the models' published configs:
+    expected = {
+        "Qwen/Qwen2.5-0.5B-Instruct": 2 * 24 * 2 * 64 * 2,  # 12,288
+        "Qwen/Qwen2.5-Coder-0.5B-Instruct": 2 * 24 * 2 * 64 * 2,  # 12,288
+        "Qwen/Qwen2.5-1.5B-Instruct": 2 * 28 * 2 * 128 * 2,  # 28,672
+        "meta-llama/Llama-3.2-1B-Instruct": 2 * 16 * 8 * 64 * 2,  # 32,768
+    }
+    rows = bytes_table(PAPER_RECEIVER, PAPER_SENDERS)
+    assert {r.sender: r.kv_bytes for r in rows} == expected
+    assert sum(r.kv_bytes for r in rows) == 86_016  # the paper's "88 KB" for four senders
+    assert sum(r.token_bytes for r in rows) == 16  # the paper's 16 bytes for T2T
+    assert bytes_table(PAPER_RECEIVER, PAPER_SENDERS[:1], torch.float32)[0].kv_bytes == 2 * expected[PAPER_SENDERS[0]]
+    assert "86,016" in format_table(rows, PAPER_RECEIVER, torch.bfloat16)
+
+
+def test_a_receiver_shallower_than_the_sender_reads_fewer_sender_layers():
+    # Llama-3.2-1B (16 layers) receiving from Qwen2.5-1.5B (28): bottom_up maps only 16 of 28 layers.
+    (row,) = bytes_table("meta-llama/Llama-3.2-1B-Instruct", ["Qwen/Qwen2.5-1.5B-Instruct"])
+    assert row.layers_sent == 16 and row.kv_bytes == 2 * 16 * 2 * 128 * 2
+
+
+def test_kv_bytes_command_prints_the_table(capsys):
+    from fedrefine.bench.kv_bytes import main
+
+    main(["--senders", "Qwen/Qwen2.5-0.5B-Instruct"])
+    assert "12,288" in capsys.readouterr().out
+
+
+# --- the sweep configs --------------------------------------------------------------------------
+def test_openbookqa_sweep_names_the_papers_five_models_and_parses_without_loading_them():
+    sweep, fresh = load_sweep(["--config", str(REPO / "benchmarks/fig3_openbookqa.yaml")])
+    names = {name: source.name_or_path for name, source in sweep.sources.items()}
+    assert names[sweep.receiver_name] == "Qwen/Qwen3-0.6B"
+    assert [names[s] for s in sweep.sender_names] == list(PAPER_SENDERS)
+    assert not fresh and not sweep._participants  # nothing loaded
+    assert sweep.data.eval_path == "allenai/openbookqa"
+    assert len(sweep.cells) == 3 + 3 * 3 * 7  # prefixes 1..4 plus the three other singles
+
+
+def test_toy_sweep_config_parses_with_overrides():
+    sweep, fresh = load_sweep(["--config", str(REPO / "benchmarks/fig3_toy.yaml"), "--num_questions", "8", "--fresh"])
+    assert fresh and sweep.num_questions == 8 and sweep.sender_names == ["llama", "qwen2"]
+    assert set(sweep.registries) == {"residual", "concat"}
+
+
+# --- running, resuming, reporting ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_registries(tmp_path_factory):
+    """Untrained fusers for both toy senders in both modes (the runner does not care how they were made)."""
+    root = tmp_path_factory.mktemp("registries")
+    receiver = ToyParticipant("receiver").load()
+    for mode in ("residual", "concat"):
+        registry = FuserRegistry(root / mode)
+        for name in ("llama-sender", "qwen2-sender"):
+            sender = ToyParticipant(name).load()
+            registry.save(Fuser(sender.identity, receiver.identity, FuserConfig(mode=mode, hidden_size=16, num_blocks=2)))
+    return {mode: str(root / mode) for mode in ("residual", "concat")}
+
+
+def toy_sweep(tmp_path, registries, **overrides):
+    settings = dict(
+        participants={"receiver": ToyParticipant("receiver"), "llama": ToyParticipant("llama-sender"),
+                      "qwen2": ToyParticipant("qwen2-sender")},
+        receiver="receiver",
+        senders=["llama", "qwen2"],
+        data=ToyWorldDataModule(test_split="all_held_out", data_dir=str(tmp_path / "data")),
+        registries=registries,
+        routes=["c2c_residual", "c2c_concat", "t2t"],
+        query_modes=["original", "private"],
+        num_questions=4,
+        batch_size=4,
+        evaluation=EvaluationConfig(answer_mode="cloze", t2t=T2TConfig(budget=4)),
+        output_dir=str(tmp_path / "out"),
+        name="sweep",
+    )
+    return BenchSweep(**(settings | overrides))
+
+
+def test_a_sweep_writes_one_row_per_cell_and_resumes_without_rerunning(tmp_path, toy_registries, monkeypatch):
+    sweep = toy_sweep(tmp_path, toy_registries)
+    rows = sweep.run(command="test")
+    assert [r["key"] for r in rows] == [c.key for c in sweep.cells]
+    ok = [r for r in rows if r["status"] == "ok"]
+    unsupported = [r for r in rows if r["status"] == "unsupported"]
+    assert {r["key"] for r in unsupported} == {c.key for c in sweep.cells if c.route == "c2c_residual" and c.query_mode == "private"}
+    assert all(r["n_questions"] == 4 for r in ok)
+    both = next(r for r in ok if r["key"] == "c2c_concat|original|llama+qwen2")
+    assert set(both["sender_bytes_per_token"]) == {"llama", "qwen2"}
+    assert both["bytes_per_token"] == pytest.approx(sum(both["sender_bytes_per_token"].values()))
+    assert both["transfer_s"] == pytest.approx(both["bytes_per_question"] * 8 / 100e6)
+    assert both["latency_s"] == pytest.approx(sum(both[f"{s}_s"] for s in ("rephrase", "sender", "transfer", "fuse", "receiver")))
+    assert both["fuse_s"] > 0 and both["sender_s"] > 0
+    t2t = next(r for r in ok if r["key"] == "t2t|original|llama+qwen2")
+    assert t2t["bytes_per_token"] == 8  # 4 bytes per token id, two senders
+
+    out = tmp_path / "out"
+    with (out / "sweep.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == list(CSV_COLUMNS) and len(table) == len(sweep.cells)
+    assert all(row["receiver_accuracy"] != "" for row in table if row["status"] == "ok")
+    assert "cannot run" in (out / "sweep.md").read_text()
+    for plot in ("fig3a.png", "fig3b.png", "fig3c.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+
+    # Resume: a second run evaluates nothing and reproduces the same rows.
+    calls = []
+    monkeypatch.setattr(BenchSweep, "evaluate", lambda self, cell, questions: calls.append(cell))
+    again = toy_sweep(tmp_path, toy_registries).run(command="test")
+    assert calls == [] and again == rows
+
+    # A half-finished results file resumes from where it stopped.
+    saved = json.loads((out / "sweep.json").read_text())
+    saved["rows"] = saved["rows"][:5]
+    (out / "sweep.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(BenchSweep, "evaluate", lambda self, cell, questions: calls.append(cell.key) or dict(rows[[r["key"] for r in rows].index(cell.key)]))
+    toy_sweep(tmp_path, toy_registries).run(command="test")
+    expected = [c.key for c in sweep.cells[5:] if c.unsupported_reason() is None]
+    assert calls == expected
+
+
+def test_changed_questions_invalidate_finished_cells(tmp_path, toy_registries, monkeypatch):
+    toy_sweep(tmp_path, toy_registries, routes=["t2t"], query_modes=["original"]).run(command="test")
+    calls = []
+    original = BenchSweep.evaluate
+    monkeypatch.setattr(BenchSweep, "evaluate", lambda self, cell, q: calls.append(cell.key) or original(self, cell, q))
+    toy_sweep(tmp_path, toy_registries, routes=["t2t"], query_modes=["original"], num_questions=3).run(command="test")
+    assert len(calls) == 4  # receiver + three subsets, all re-run
+
+
+def test_a_missing_fuser_without_training_is_an_error_naming_the_fix(tmp_path, toy_registries):
+    sweep = toy_sweep(tmp_path, {"residual": str(tmp_path / "empty")}, routes=["c2c_residual"], query_modes=["original"])
+    with pytest.raises(MissingFuserError, match="fedrefine fit"):
+        sweep.run(command="test")
+    with pytest.raises(ValueError, match="registries.concat"):
+        toy_sweep(tmp_path, {}, routes=["c2c_concat"], query_modes=["original"]).run(command="test")
+
+
+def test_results_reach_an_offline_wandb_run_as_a_table_and_images(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from fedrefine.bench.report import log_to, plot_accuracy_vs_senders
+
+    rows = [
+        {"key": "receiver|original|-", "route": "receiver", "query_mode": "original", "senders": "", "n_senders": 0,
+         "status": "ok", "accuracy": 0.25, "leakage_overlap": None},
+        {"key": "t2t|shared|a", "route": "t2t", "query_mode": "shared", "senders": "a", "n_senders": 1,
+         "status": "ok", "accuracy": 0.5, "leakage_overlap": 0.1, "sender_bytes_per_token": {"a": 4.0}},
+        {"key": "c2c_residual|private|a", "route": "c2c_residual", "query_mode": "private", "senders": "a",
+         "n_senders": 1, "status": "unsupported", "reason": "no"},
+    ]
+    image = tmp_path / "fig3a.png"
+    plot_accuracy_vs_senders(rows, image)
+    logger = WandbLogger(project="fedrefine-test", offline=True, save_dir=str(tmp_path))
+    log_to(logger, "sweep", rows, {"fig3a": image, "fig3b": image, "fig3c": image})
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
