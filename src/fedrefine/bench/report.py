@@ -31,6 +31,7 @@ CSV_COLUMNS = (
 ROUTE_LABELS = {"receiver": "receiver alone", "c2c_residual": "KV (C2C residual)", "c2c_concat": "KV (C2C concat)",
                 "t2t": "Token (T2T)"}
 MODE_STYLES = {"original": "-", "shared": "--", "private": ":"}
+ROUTE_COLOURS = {"c2c_residual": "tab:blue", "c2c_concat": "tab:orange", "t2t": "tab:green"}
 
 
 def with_baselines(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -122,9 +123,9 @@ def plot_accuracy_vs_senders(rows: Sequence[dict[str, Any]], path: Path) -> None
                 by_size[0] = baseline
             sizes = sorted(by_size)
             axes.plot(sizes, [100 * sum(by_size[n]) / len(by_size[n]) for n in sizes], style, marker="o",
-                      label=f"{ROUTE_LABELS[route]}, {mode}")
+                      color=ROUTE_COLOURS[route], label=f"{ROUTE_LABELS[route]}, {mode}")
     axes.set_xlabel("number of senders (0 = receiver alone)")
-    axes.set_ylabel("accuracy (%)")
+    axes.set_ylabel("accuracy (%), mean over the subsets of that size")
     axes.set_title("Accuracy vs number of senders")
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.grid(alpha=0.3)
@@ -147,7 +148,7 @@ def plot_point_to_point(rows: Sequence[dict[str, Any]], senders: Sequence[str], 
         heights = [100 * r["accuracy"] for r in values]
         errors = [[h - 100 * r["ci_low"] for h, r in zip(heights, values)],
                   [100 * r["ci_high"] - h for h, r in zip(heights, values)]]
-        axes.bar(xs, heights, width, yerr=errors, capsize=3, label=ROUTE_LABELS[route])
+        axes.bar(xs, heights, width, yerr=errors, capsize=3, color=ROUTE_COLOURS[route], label=ROUTE_LABELS[route])
     alone = [r["accuracy"] for r in ok if r["route"] == "receiver"]
     if alone:
         axes.axhline(100 * alone[0], color="black", linestyle="--", linewidth=1, label="receiver alone")
