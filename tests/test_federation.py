@@ -171,6 +171,8 @@ def test_federation_module_trains_only_the_gating_network_and_reports_each_sende
         FederationModule(sources, "llama", ["receiver"], str(tmp_path / "reg"))
     module = FederationModule(sources, "receiver", ["llama", "qwen2"], str(tmp_path / "reg"), gating=True,
                               export_dir=str(tmp_path / "gate"))
+    module.train()  # frozen fusers stay as at test time (hard gates); only the gate trains
+    assert module.fused.source_gate.training and not any(m.training for m in module.fused.fusers.modules())
     fusers_before = [p.clone() for p in module.fused.fusers.parameters()]
     gate_before = [p.clone() for p in module.fused.source_gate.parameters()]
     _trainer(tmp_path, max_steps=3).fit(module, _chat_file(tmp_path))

@@ -215,3 +215,65 @@ def test_shipped_pretrained_world_matches_the_default_recipe():
     )
     metadata = read_toy_metadata(shipped_dir() / key)
     assert [p["spec"]["name"] for p in metadata["participants"]] == [p.name for p in DEFAULT_PARTICIPANTS]
+
+
+def _trained_entities(datamodule):
+    datamodule.prepare_data()
+    return {row["id"].split("-")[0] for row in read_jsonl(datamodule.train_path)}
+
+
+def test_data_module_trains_on_one_or_several_private_groups(tmp_path):
+    from fedrefine.toyworld.lightning import ToyWorldDataModule
+
+    world = ToyWorld()
+    fit = [set(world.fuser_train(g)[16:]) for g in range(world.num_groups)]
+    one = ToyWorldDataModule(group=1, data_dir=str(tmp_path))
+    assert _trained_entities(one) == set(world.public) | fit[1]  # the default: the tested group only
+    both = ToyWorldDataModule(group=0, train_groups=[0, 1], include_public=False, data_dir=str(tmp_path))
+    assert _trained_entities(both) == fit[0] | fit[1]  # each group's development entities stay apart
+    assert {row["id"].split("-")[0] for row in read_jsonl(tmp_path / "seed0" / "val_group1.jsonl")} == set(
+        world.fuser_train(1)[:16]
+    )
+
+
+def test_co_c2c_on_the_toy_world_trains_both_directions_and_tests_the_smaller_model_as_receiver(tmp_path):
+    """A few steps of Co-C2C between the receiver (the smallest model) and the llama sender; the
+    accuracy claim lives in benchmarks/results/toyworld_co_c2c.md."""
+    import lightning as L
+
+    from fedrefine.evaluation import EvaluationConfig
+    from fedrefine.fuser import FuserConfig
+    from fedrefine.modules import CoC2CModule
+    from fedrefine.registry import FuserRegistry
+    from fedrefine.toyworld.lightning import ToyParticipant, ToyWorldDataModule
+
+    def trainer(**kwargs):
+        return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0, **kwargs)
+
+    def data():
+        return ToyWorldDataModule(group=0, include_public=False, data_dir=str(tmp_path / "data"), batch_size=8,
+                                  num_questions=8, eval_batch_size=8)
+
+    small, large = ToyParticipant("receiver"), ToyParticipant("llama-sender")
+    sizes = [sum(p.numel() for p in source.load().model.parameters()) for source in (small, large)]
+    assert sizes[0] < sizes[1]
+    registry = str(tmp_path / "registry")
+    module = CoC2CModule(small, large, FuserConfig(hidden_size=16, dropout=0.0), learning_rate=1e-2, registry=registry)
+    before = {role: [p.clone() for p in model.fusers.parameters()] for role, model in module.directions.items()}
+    trainer(max_steps=2).fit(module, data())
+    for role, model in module.directions.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[role], model.fusers.parameters())), role
+    assert len(FuserRegistry(registry).pairs()) == 2
+
+    evaluated = CoC2CModule(small, large, registry=registry, from_registry=True, eval_receiver="first",
+                            evaluation=EvaluationConfig(answer_mode="cloze"))
+    for role, model in evaluated.directions.items():
+        for a, b in zip(module.directions[role].fusers.parameters(), model.fusers.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    trainer().test(evaluated, data())
+    assert evaluated.title() == "toyworld/llama-sender -> toyworld/receiver"
+    rows = evaluated.results()
+    assert [r["route"] for r in rows] == ["receiver", "sender", "c2c"] and all(r["questions"] == 8 for r in rows)
+    with pytest.raises(ValueError, match="registry"):
+        CoC2CModule(small, large, from_registry=True)

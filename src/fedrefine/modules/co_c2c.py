@@ -18,6 +18,7 @@ from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
 from fedrefine.modules.base import FusionModule, mark_frozen
+from fedrefine.participants import Participant
 from fedrefine.registry import FuserRegistry
 from fedrefine.sources import ParticipantSource
 
@@ -34,6 +35,7 @@ class CoC2CModule(FusionModule):
         eval_receiver: which participant receives in ``validate``/``test``.
         registry: at the end of ``fit`` both fusers are saved into this registry
             (default: ``<export_dir or log_dir>/registry``).
+        from_registry: start from (or evaluate) both fusers saved in ``registry``.
     """
 
     trainable_prefixes = ("directions.first.fusers.", "directions.second.fusers.")
@@ -45,6 +47,7 @@ class CoC2CModule(FusionModule):
         fuser: FuserConfig | None = None,
         eval_receiver: Role = "first",
         registry: str | None = None,
+        from_registry: bool = False,
         export_dir: str | None = None,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.01,
@@ -59,11 +62,15 @@ class CoC2CModule(FusionModule):
         self.save_plain_hyperparameters({"first": first, "second": second}, {"fuser": fuser})
         a, b = first.load(), second.load()
         mark_frozen(a, b)
+        if from_registry and registry is None:
+            raise ValueError("from_registry needs the registry's directory: set model.registry.")
+        saved = FuserRegistry(registry) if from_registry else None
+
+        def fuser_for(sender: Participant, receiver: Participant) -> Fuser:
+            return saved.get(sender.identity, receiver.identity) if saved else Fuser(sender.identity, receiver.identity, fuser)
+
         self.directions = nn.ModuleDict(
-            {
-                "first": FusedReceiver(a, [b], [Fuser(b.identity, a.identity, fuser)]),
-                "second": FusedReceiver(b, [a], [Fuser(a.identity, b.identity, fuser)]),
-            }
+            {"first": FusedReceiver(a, [b], [fuser_for(b, a)]), "second": FusedReceiver(b, [a], [fuser_for(a, b)])}
         )
         self.eval_receiver = eval_receiver
         self.registry = registry

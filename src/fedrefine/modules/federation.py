@@ -99,6 +99,13 @@ class FederationModule(FusionModule):
             self.trainable_prefixes = ("fused.source_gate.",)
         self.subset_generator = torch.Generator().manual_seed(0)
 
+    def train(self, mode: bool = True) -> FederationModule:
+        """Frozen fusers stay in eval mode too (hard gates, no dropout): the gate learns what ``test`` will see."""
+        super().train(mode)
+        if not self.hparams.train_fusers:
+            self.fused.fusers.eval()
+        return self
+
     def on_test_start(self) -> None:
         if self.hparams.measure_selection:
             self.selection = self.measure_selection()

@@ -52,16 +52,19 @@ class ToyWorldDataModule(C2CDataModule):
     the public entities).
 
     Args:
-        group: the private group the sender knows.
+        group: the private group the sender knows (validated and tested on).
+        train_groups: train on the fuser-train entities of these groups (default ``[group]``): several
+            when the participants know different groups (Co-C2C between two senders, a gating network).
         world: the world's seed and size.
         data_dir: where the JSONL files are written.
-        val_entities: fuser-train entities held apart for validation.
+        val_entities: fuser-train entities of each group held apart for validation.
         include_public: also train on public entities (the receiver must stay right on them).
     """
 
     def __init__(
         self,
         group: int = 0,
+        train_groups: list[int] | None = None,
         world: WorldConfig | None = None,
         data_dir: str = "runs/toyworld/data",
         val_entities: int = 16,
@@ -75,9 +78,10 @@ class ToyWorldDataModule(C2CDataModule):
     ) -> None:
         self.world_config = world or WorldConfig()
         self.group, self.val_entities, self.include_public = group, val_entities, include_public
+        self.train_groups = list(train_groups) if train_groups else [group]
         directory = Path(data_dir) / f"seed{self.world_config.seed}"
         super().__init__(
-            train_path=str(directory / f"fit_group{group}.jsonl"),
+            train_path=str(directory / f"fit_group{'+'.join(map(str, self.train_groups))}.jsonl"),
             train_samples=10**9,
             eval_path=str(directory / "{split}.jsonl"),
             eval_config=None,
@@ -95,9 +99,11 @@ class ToyWorldDataModule(C2CDataModule):
         """Write the world's JSONL files (cheap and deterministic, so always rewritten)."""
         world = ToyWorld(self.world_config)
         export_world(world, self.directory)
-        private = world.fuser_train(self.group)
-        dev, fit = private[: self.val_entities], private[self.val_entities :]
-        names = [*(world.public if self.include_public else ()), *fit]
-        write_jsonl([conversation_row(q) for q in world.questions(names)], self.directory / f"fit_group{self.group}.jsonl")
-        write_jsonl(world.question_rows(dev), self.directory / f"val_group{self.group}.jsonl")
+        names = list(world.public) if self.include_public else []
+        for group in sorted({self.group, *self.train_groups}):
+            private = world.fuser_train(group)
+            dev, fit = private[: self.val_entities], private[self.val_entities :]
+            names.extend(fit if group in self.train_groups else ())
+            write_jsonl(world.question_rows(dev), self.directory / f"val_group{group}.jsonl")
+        write_jsonl([conversation_row(q) for q in world.questions(names)], Path(self.train_path))
         write_jsonl(world.question_rows(world.public), self.directory / "public.jsonl")
