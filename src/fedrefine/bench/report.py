@@ -129,7 +129,7 @@ def plot_accuracy_vs_senders(rows: Sequence[dict[str, Any]], path: Path) -> None
     axes.set_title("Accuracy vs number of senders")
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, handlelength=4)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
