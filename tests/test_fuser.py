@@ -32,6 +32,24 @@ def test_fuser_outputs_receiver_shapes_for_heterogeneous_pairs(request, receiver
         assert dk.shape == dv.shape == (2, 2, 5, 16)
 
 
+def test_a_fuser_that_does_not_read_the_receiver_ignores_its_states(receiver, llama_sender):
+    torch.manual_seed(0)
+    fuser = Fuser(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=16, reads_receiver=False)).eval()
+    for parameter in fuser.parameters():  # the projection starts at zero: make the deltas visible
+        torch.nn.init.normal_(parameter, std=0.1)
+    for layer in fuser.layers:
+        layer.gate.logit.data.fill_(1.0)  # open
+    sender_layers = random_layers(llama_sender.identity)
+    first = fuser(sender_layers, random_layers(receiver.identity))
+    second = fuser(sender_layers, random_layers(receiver.identity))
+    for (k1, v1), (k2, v2) in zip(first, second):
+        assert k1.abs().sum() > 0 and v1.abs().sum() > 0
+        torch.testing.assert_close(k1, k2)
+        torch.testing.assert_close(v1, v2)
+    sender_only = fuser_parameter_count(llama_sender.identity, receiver.identity, fuser.config)
+    assert sender_only < fuser_parameter_count(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=16))
+
+
 def test_reference_size_matches_c2c_and_default_is_slimmer():
     receiver, sender = identity("Qwen/Qwen3-0.6B"), identity("Qwen/Qwen2.5-0.5B-Instruct")
     reference = fuser_parameter_count(sender, receiver, FuserConfig(hidden_size=1024, num_blocks=3))

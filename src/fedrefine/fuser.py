@@ -46,6 +46,8 @@ class FuserConfig:
     read the same text); ``concat`` projects the sender's cache into extra receiver cache entries
     placed ahead of the receiver's own (texts may differ). ``fuse_keys=False`` (residual mode)
     leaves the receiver's keys, hence where it attends, untouched and fuses values only.
+    ``reads_receiver=False`` (residual mode) computes the deltas from the sender's states alone,
+    so the fuser cannot key on receiver features of tokens the receiver never learned.
     """
 
     mode: Literal["residual", "concat"] = "residual"
@@ -56,6 +58,7 @@ class FuserConfig:
     layer_map: LayerMapKind = "bottom_up"
     gate_init: float = 1.0
     fuse_keys: bool = True
+    reads_receiver: bool = True
     temperature_start: float = 1.0
     temperature_end: float = 0.001
 
@@ -89,7 +92,7 @@ class StreamFuser(nn.Module):
         super().__init__()
         hidden, inner = config.hidden_size, max(1, round(config.hidden_size * config.ffn_multiplier))
         receiver_dim = receiver_heads * receiver_head_dim
-        reads_receiver = config.mode == "residual"
+        reads_receiver = config.mode == "residual" and config.reads_receiver
         self.receiver_heads, self.receiver_head_dim = receiver_heads, receiver_head_dim
         self.sender_norm = nn.RMSNorm(sender_dim)
         self.receiver_norm = nn.RMSNorm(receiver_dim) if reads_receiver else None
@@ -109,7 +112,7 @@ class StreamFuser(nn.Module):
         """Weighted projection ``w * p`` (B, H_t, N, D_t) from sender (B, H_s, N, D_s) [and receiver] states."""
         batch, _, length, _ = sender.shape
         features = self.sender_norm(sender.transpose(1, 2).flatten(2))
-        if self.receiver_norm is not None:
+        if self.receiver_norm is not None:  # residual mode reading the receiver's states
             if receiver is None:
                 raise ValueError("A residual fuser needs the receiver's states at the same positions.")
             features = torch.cat((features, self.receiver_norm(receiver.transpose(1, 2).flatten(2))), dim=-1)
