@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from fedrefine.bench.records import git_commit, script_command, write_results
 from fedrefine.cli import build_cli
 from fedrefine.toyworld import DEFAULT_PARTICIPANTS
 
@@ -104,13 +103,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = [run(sender, seed, args.steps, Path(args.root)) for sender in args.senders for seed in args.seeds]
     checks = bars(rows)
-    command = "python " + " ".join(sys.argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "commit": commit, "runs": rows, "bars": checks}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows, checks, command, commit))
-    print(markdown(rows, checks, command, commit))
+    command, commit = script_command(), git_commit()
+    payload = {"command": command, "commit": commit, "runs": rows, "bars": checks}
+    write_results(args.out, payload, markdown(rows, checks, command, commit))
 
 
 if __name__ == "__main__":

@@ -14,24 +14,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from toyworld import ROUTES as PAIR_ROUTES
 
+from fedrefine.bench.records import git_commit, script_command, write_results
 from fedrefine.cli import build_cli
 from fedrefine.toyworld import DEFAULT_PARTICIPANTS
 from fedrefine.toyworld.lightning import ToyParticipant
 
-ROUTES = {
-    "receiver_alone": "receiver",
-    "sender_alone": "sender",
-    "c2c": "c2c",
-    "control_mismatched": "c2c_mismatched",
-    "control_random_kv": "c2c_random_kv",
-}
+ROUTES = {name: route for name, route in PAIR_ROUTES.items() if name != "probe_reordered_options"}
 GROUPS = {p.name: list(p.private_groups) for p in DEFAULT_PARTICIPANTS}
 
 
@@ -110,13 +104,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/toyworld_co_c2c")
     args = parser.parse_args()
     rows = [row for pair in args.pairs for row in run_pair(*pair.split(":"), args.steps, Path(args.root))]
-    command = "python " + " ".join(sys.argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "commit": commit, "runs": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows, command, commit))
-    print(markdown(rows, command, commit))
+    command, commit = script_command(), git_commit()
+    write_results(args.out, {"command": command, "commit": commit, "runs": rows}, markdown(rows, command, commit))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,11 @@ them in a registry, and tests a FederationModule on the held-out entities of bot
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 
+from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
 from fedrefine.cli import build_cli
 from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser
@@ -67,20 +65,15 @@ def main() -> None:
                          "n_senders": len(row["senders"].split("+")) if row["senders"] else 0,
                          "accuracy": row["accuracy"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
                          "questions": row["questions"], "bytes_per_token": row["bytes_per_token"]})
-    command = "python " + " ".join(sys.argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "commit": commit, "rows": rows}, indent=2) + "\n")
+    command, commit = script_command(), git_commit()
+    table = [[r["mode"], r["route"], r["senders"], f"{100 * r['accuracy']:.1f}%",
+              f"{100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}%", f"{r['bytes_per_token']:.0f}"] for r in rows]
     lines = ["# Toy world federation: held-out entities of both private groups", "",
              f"Command: `{command}` at commit `{commit}`. Each sender knows one of the two groups, so one sender "
              "can lift at most half of the questions; fusers were trained pairwise (seed 0) and combined "
              "in parallel (residual) or stacked (concat), without a gating network.", "",
-             "| mode | route | senders | accuracy | 95% CI | bytes/token |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['route']} | {r['senders']} | {100 * r['accuracy']:.1f}% | "
-                     f"{100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}% | {r['bytes_per_token']:.0f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             *markdown_table(["mode", "route", "senders", "accuracy", "95% CI", "bytes/token"], table)]
+    write_results(args.out, {"command": command, "commit": commit, "rows": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from toyworld_federation import SENDERS, train_fuser
 
+from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
 from fedrefine.cli import build_cli
 from fedrefine.fuser import Fuser
 from fedrefine.registry import FuserRegistry
@@ -84,11 +83,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = [row for variant in args.variants
             for row in run(variant, args.steps, args.fit_steps, args.override, Path(args.fuser_root), Path(args.root))]
-    command = "python " + " ".join(sys.argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "commit": commit, "rows": rows}, indent=2) + "\n")
+    command, commit = script_command(), git_commit()
+    table = [[r["variant"], r["route"], r["senders"], f"{100 * r['accuracy']:.1f}%",
+              f"{100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}%", r["fit_steps"]] for r in rows]
     lines = ["# Toy world gating network: held-out entities of both private groups", "",
              f"Command: `{command}` at commit `{commit}`. Residual fusion, pairwise fusers of "
              "benchmarks/toyworld_federation.py (seed 0). `gate`: the receiver's gating network trained with the "
@@ -96,12 +93,8 @@ def main() -> None:
              "without a gate (ablation); all on questions about fuser-train "
              "entities of both groups, a random non-empty sender subset per batch. With a gate every route "
              "(single senders too) goes through it.", "",
-             "| variant | route | senders | accuracy | 95% CI | fit steps |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['route']} | {r['senders']} | {100 * r['accuracy']:.1f}% | "
-                     f"{100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}% | {r['fit_steps']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             *markdown_table(["variant", "route", "senders", "accuracy", "95% CI", "fit steps"], table)]
+    write_results(args.out, {"command": command, "commit": commit, "rows": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

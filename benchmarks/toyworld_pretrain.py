@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from fedrefine.bench.records import git_commit, script_command
 from fedrefine.multiple_choice import predict_alone
 from fedrefine.toyworld import DEFAULT_PARTICIPANTS, PretrainConfig, ToyWorld, WorldConfig
 from fedrefine.toyworld.pretrain import build_toy_world, load_toy_participants, read_toy_metadata, shipped_dir
@@ -71,10 +70,9 @@ def main() -> None:
     held = [results[receiver.name][f"held_out_group{g}"] for g in range(world.num_groups)]
     checks[f"{receiver.name} <= 0.30 on held-out"] = sum(held) / len(held) <= 0.30
     checks[f"{receiver.name} >= 0.90 on public"] = results[receiver.name]["public"] >= 0.90
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     summary = {
-        "command": "python " + " ".join(sys.argv),
-        "commit": commit,
+        "command": script_command(),
+        "commit": git_commit(),
         "key": directory.name,
         "build_or_load_seconds": round(build_seconds, 1),
         "pretraining": read_toy_metadata(directory)["training"],

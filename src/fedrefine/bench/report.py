@@ -18,7 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedrefine.bench.runner import STAGES, git_commit  # noqa: E402
+from fedrefine.bench.records import git_commit  # noqa: E402
+from fedrefine.bench.runner import STAGES  # noqa: E402
 
 if TYPE_CHECKING:
     from fedrefine.bench.runner import BenchSweep

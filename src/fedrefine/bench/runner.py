@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from lightning.pytorch.loggers import Logger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedrefine.bench.records import git_commit
 from fedrefine.bench.sweep import ROUTES, Cell, SubsetPolicy, expand_cells
 from fedrefine.cli import build_cli
 from fedrefine.data.module import C2CDataModule
@@ -344,12 +344,3 @@ class BenchSweep:
         write_reports(self, ordered, command)
         return ordered
 
-
-def git_commit() -> str | None:
-    """The short commit of the working tree (with ``+dirty`` when it has changes), or None outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

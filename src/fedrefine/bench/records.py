@@ -1,0 +1,41 @@
+"""Provenance and result files shared by ``fedrefine bench`` and the scripts under ``benchmarks/``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def git_commit() -> str | None:
+    """The short commit of the working tree (with ``+dirty`` when tracked files changed), or None outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def script_command() -> str:
+    """How the running benchmark script was invoked (``python benchmarks/x.py --flag ...``)."""
+    return " ".join(["python", *sys.argv])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Lines of a markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(value) for value in row) + " |" for row in rows
+    ]
+
+
+def write_results(out: str | Path, payload: dict[str, Any], markdown: str) -> None:
+    """``<out>.json`` (the payload) and ``<out>.md``, creating the directory; the markdown is printed too."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
