@@ -10,7 +10,9 @@ from fedrefine.cache import (
     layers_to_cache,
     positions_from_mask,
     remove_rotary,
+    returned_cache,
     rotary_cos_sin,
+    with_cache,
 )
 
 
@@ -19,9 +21,9 @@ def test_cache_round_trip_continues_like_the_original(receiver):
     with torch.no_grad():
         full = receiver.model(ids).logits
         prefix = receiver.model(ids[:, :6], use_cache=True)
-        layers = [(k.clone(), v.clone()) for k, v in cache_to_layers(prefix.past_key_values)]
+        layers = [(k.clone(), v.clone()) for k, v in cache_to_layers(returned_cache(prefix))]
         rebuilt = layers_to_cache(layers)
-        rest = receiver.model(ids[:, 6:], past_key_values=rebuilt).logits
+        rest = receiver.model(ids[:, 6:], **with_cache(receiver.model, rebuilt)).logits
     assert len(layers) == 3 and layers[0][0].shape == (2, 2, 6, 16)
     assert torch.allclose(rest, full[:, 6:], atol=1e-5)
 
@@ -64,7 +66,7 @@ def test_removing_rotary_from_cached_keys_makes_them_position_free(receiver):
     """The same token at two positions has different cached keys, but equal unrotated layer-0 keys."""
     ids = torch.tensor([[50, 60, 70, 50]])
     with torch.no_grad():
-        keys = cache_to_layers(receiver.model(ids, use_cache=True).past_key_values)[0][0]
+        keys = cache_to_layers(returned_cache(receiver.model(ids, use_cache=True)))[0][0]
     cos, sin = rotary_cos_sin(receiver.rotary_embedding, torch.arange(4)[None], torch.float32)
     plain = remove_rotary(keys, cos, sin)
     assert not torch.allclose(keys[:, :, 0], keys[:, :, 3], atol=1e-4)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from fedrefine.cache import returned_cache
 from fedrefine.participants import (
     REAL_MODELS,
     ParticipantIdentity,
@@ -70,7 +71,7 @@ def test_random_participant_with_real_shape_runs(hub_id):
     assert ident.num_layers == 2 and ident.revision == "random-0"
     with torch.no_grad():
         out = participant.model(torch.tensor([[1, 2, 3, 4]]), use_cache=True)
-    keys = out.past_key_values.layers[0].keys
+    keys = returned_cache(out).layers[0].keys
     assert keys.shape == (1, ident.num_kv_heads, 4, ident.head_dim)
 
 

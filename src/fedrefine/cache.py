@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from functools import cache as memoize
 from typing import Literal
 
 import torch
@@ -25,6 +27,24 @@ def cache_to_layers(cache: Cache) -> list[LayerKV]:
             raise ValueError(f"Cache layer {index} is empty: run a prefill before reading the cache.")
         out.append((layer.keys, layer.values))
     return out
+
+
+@memoize
+def _cache_keyword(model_class: type) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def with_cache(model: nn.Module, cache: Cache | None) -> dict[str, Cache | None]:
+    """The forward keyword argument that hands ``model`` a KV cache: ``cache`` in recent transformers 5
+    releases (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return {_cache_keyword(type(model)): cache}
+
+
+def returned_cache(output) -> Cache:
+    """The KV cache a forward pass returned (``output.cache``, or ``past_key_values`` in older releases)."""
+    found = getattr(output, "cache", None)
+    return found if found is not None else output.past_key_values
 
 
 def layers_to_cache(layers: Sequence[LayerKV]) -> DynamicCache:

@@ -41,7 +41,9 @@ from fedrefine.cache import (
     layers_to_cache,
     positions_from_mask,
     remove_rotary,
+    returned_cache,
     rotary_cos_sin,
+    with_cache,
 )
 from fedrefine.chat import EncodedChat, Message, encode_chat
 from fedrefine.fuser import Fuser
@@ -295,7 +297,7 @@ class FusedReceiver(nn.Module):
                     input_ids=full_ids,
                     attention_mask=attention,
                     position_ids=positions,
-                    past_key_values=prefix,
+                    **with_cache(self.receiver_model, prefix),
                     use_cache=False,
                     logits_to_keep=full_ids.shape[1] - cut,
                 )
@@ -306,7 +308,7 @@ class FusedReceiver(nn.Module):
             input_ids=full_ids[:, cut:],
             attention_mask=full_mask,
             position_ids=positions[:, cut:],
-            past_key_values=cache,
+            **with_cache(self.receiver_model, cache),
             use_cache=False,
         )
         return output.logits
@@ -325,7 +327,7 @@ class FusedReceiver(nn.Module):
             output = self.receiver_model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True
             )
-        cache = output.past_key_values
+        cache = returned_cache(output)
         found = self._messages(batch, senders, messages) if senders else {}
         if not found:
             return cache
@@ -359,7 +361,7 @@ class FusedReceiver(nn.Module):
         output = self.receiver_model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
-            past_key_values=cache,
+            **with_cache(self.receiver_model, cache),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,

@@ -12,6 +12,7 @@ from fedrefine.cache import (
     cache_to_layers,
     kv_bytes_per_token,
     positions_from_mask,
+    returned_cache,
 )
 from fedrefine.participants import Participant, ParticipantIdentity
 
@@ -52,7 +53,7 @@ def prefill_message(
     """Run the sender's prefill over its own (left-padded) tokens and package the needed layers."""
     positions = positions_from_mask(attention_mask)
     output = sender.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
-    cache = cache_to_layers(output.past_key_values)
+    cache = cache_to_layers(returned_cache(output))
     wanted = range(len(cache)) if layers is None else layers
     return KVMessage(
         sender=sender.identity,
