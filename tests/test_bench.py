@@ -97,10 +97,10 @@ def test_kv_bytes_command_prints_the_table(capsys):
 # --- the sweep configs --------------------------------------------------------------------------
 def test_openbookqa_sweep_names_the_papers_five_models_and_parses_without_loading_them():
     sweep, fresh = load_sweep(["--config", str(REPO / "benchmarks/fig3_openbookqa.yaml")])
-    names = {name: source.name_or_path for name, source in sweep.sources.items()}
+    names = {name: source.name_or_path for name, source in sweep.federation.sources.items()}
     assert names[sweep.receiver_name] == "Qwen/Qwen3-0.6B"
     assert [names[s] for s in sweep.sender_names] == list(PAPER_SENDERS)
-    assert not fresh and not sweep._participants  # nothing loaded
+    assert not fresh and not sweep.federation._loaded  # nothing loaded
     assert sweep.data.eval_path == "allenai/openbookqa"
     assert len(sweep.cells) == 3 + 3 * 3 * 7  # prefixes 1..4 plus the three other singles
 

@@ -21,14 +21,14 @@ class Federation:
 
     Args:
         participants: name -> where the participant comes from.
-        registry: the registry directory holding F[i->j].
+        registry: the registry (or its directory) holding F[i->j]; None when every receiver names its own.
     """
 
-    def __init__(self, participants: Mapping[str, ParticipantSource], registry: str) -> None:
+    def __init__(self, participants: Mapping[str, ParticipantSource], registry: str | FuserRegistry | None) -> None:
         if len(participants) < 2:
             raise ValueError("A federation needs at least two participants.")
         self.sources = dict(participants)
-        self.registry = FuserRegistry(registry)
+        self.registry = registry if isinstance(registry, FuserRegistry) or registry is None else FuserRegistry(registry)
         self._loaded: dict[str, Participant] = {}
 
     def participant(self, name: str) -> Participant:
@@ -42,11 +42,17 @@ class Federation:
     def names(self) -> list[str]:
         return list(self.sources)
 
+    def _registry(self, override: FuserRegistry | None = None) -> FuserRegistry:
+        registry = override or self.registry
+        if registry is None:
+            raise ValueError("This federation has no fuser registry: give it the registry's directory.")
+        return registry
+
     def missing_pairs(self) -> list[tuple[str, str]]:
         """Ordered (sender, receiver) name pairs with no fuser in the registry (loads every participant)."""
         return [
             (s, r) for s in self.names for r in self.names
-            if s != r and not self.registry.has(self.participant(s).identity, self.participant(r).identity)
+            if s != r and not self._registry().has(self.participant(s).identity, self.participant(r).identity)
         ]
 
     def receiver(
@@ -55,11 +61,13 @@ class Federation:
         senders: Sequence[str],
         combine: Combine = "parallel",
         source_gate: SourceGate | None = None,
+        registry: FuserRegistry | None = None,
     ) -> FusedReceiver:
-        """Participant ``name`` fused with ``senders`` through the registry's fusers (missing ones are an error)."""
+        """Participant ``name`` fused with ``senders`` through the fusers of ``registry`` (default: the
+        federation's); a missing fuser is an error."""
         if name in senders:
             raise ValueError(f"{name!r} cannot be its own sender.")
         receiver = self.participant(name)
         chosen = [self.participant(s) for s in senders]
-        fusers = [self.registry.get(s.identity, receiver.identity) for s in chosen]
+        fusers = [self._registry(registry).get(s.identity, receiver.identity) for s in chosen]
         return FusedReceiver(receiver, chosen, fusers, combine, source_gate, sender_names=list(senders))

@@ -30,6 +30,7 @@ from fedrefine.cli import build_cli
 from fedrefine.data.module import C2CDataModule
 from fedrefine.data.multiple_choice import QuestionDataset
 from fedrefine.evaluation import EvaluationConfig, QueryPlanner, RouteTally, encode_questions, parse_route, run_route
+from fedrefine.federation import Federation
 from fedrefine.fuser import WEIGHTS_FILE, Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
 from fedrefine.participants import Participant
@@ -127,12 +128,13 @@ class BenchSweep:
             raise ValueError(f"The receiver {receiver!r} cannot also be a sender.")
         if link_mbit_per_s <= 0:
             raise ValueError(f"link_mbit_per_s must be positive, got {link_mbit_per_s}.")
-        self.sources, self.receiver_name, self.sender_names = participants, receiver, list(senders)
+        self.receiver_name, self.sender_names = receiver, list(senders)
         self.data, self.split, self.num_questions, self.batch_size = data, split, num_questions, batch_size
         self.registries = {mode: FuserRegistry(path) for mode, path in (registries or {}).items()}
         unknown_modes = sorted(set(self.registries) - {"residual", "concat"})
         if unknown_modes:
             raise ValueError(f"Registries are keyed by fusion mode 'residual' or 'concat', got {unknown_modes}.")
+        self.federation = Federation(participants, registry=None)  # each fusion mode has its own registry
         self.cells = expand_cells(senders, routes or list(ROUTES), query_modes or list(MODES), subsets, singles)
         self.evaluation = evaluation or EvaluationConfig()
         self.link_mbit_per_s, self.train_missing = link_mbit_per_s, train_missing
@@ -141,15 +143,12 @@ class BenchSweep:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.logger, self.device = logger, torch.device(device)
         self.console = Console()
-        self._participants: dict[str, Participant] = {}
         self._models: dict[str | None, FusedReceiver] = {}
         self._planner: QueryPlanner | None = None
 
     # --- participants, fusers, questions --------------------------------------------------------
     def participant(self, name: str) -> Participant:
-        if name not in self._participants:
-            self._participants[name] = self.sources[name].load()
-        return self._participants[name]
+        return self.federation.participant(name)
 
     @property
     def fusion_modes(self) -> list[str]:
@@ -180,13 +179,13 @@ class BenchSweep:
         """The receiver with every sender: through ``mode``'s fusers, or (None) for routes without fusion."""
         mode = mode or (self.fusion_modes[0] if self.fusion_modes else None)
         if mode not in self._models:
-            receiver = self.participant(self.receiver_name)
-            senders = [self.participant(n) for n in self.sender_names]
             if mode is None:  # receiver / T2T only: fusers are never called, any will do
+                receiver = self.participant(self.receiver_name)
+                senders = [self.participant(n) for n in self.sender_names]
                 fusers = [Fuser(s.identity, receiver.identity, FuserConfig(hidden_size=8, num_blocks=2)) for s in senders]
+                model = FusedReceiver(receiver, senders, fusers, sender_names=self.sender_names)
             else:
-                fusers = [self.registry(mode).get(s.identity, receiver.identity) for s in senders]
-            model = FusedReceiver(receiver, senders, fusers, sender_names=self.sender_names)
+                model = self.federation.receiver(self.receiver_name, self.sender_names, registry=self.registry(mode))
             self._models[mode] = model.to(self.device).eval()
         return self._models[mode]
 
@@ -248,11 +247,7 @@ class BenchSweep:
         stages = {stage: summary.get(f"{stage}_ms", 0.0) / 1000 for stage in STAGES}
         stages["transfer"] = summary["bytes_per_question"] * 8 / (self.link_mbit_per_s * 1e6)
         return {
-            "key": cell.key,
-            "route": cell.route,
-            "query_mode": cell.query_mode,
-            "senders": "+".join(cell.senders),
-            "n_senders": len(cell.senders),
+            **cell_fields(cell),
             "status": "ok",
             "accuracy": summary["accuracy"],
             "ci_low": summary["ci_low"],
@@ -271,8 +266,7 @@ class BenchSweep:
 
     @staticmethod
     def unsupported_row(cell: Cell, reason: str) -> dict[str, Any]:
-        return {"key": cell.key, "route": cell.route, "query_mode": cell.query_mode, "senders": "+".join(cell.senders),
-                "n_senders": len(cell.senders), "status": "unsupported", "reason": reason}
+        return {**cell_fields(cell), "status": "unsupported", "reason": reason}
 
     # --- the sweep ------------------------------------------------------------------------------
     @property
@@ -344,3 +338,8 @@ class BenchSweep:
         write_reports(self, ordered, command)
         return ordered
 
+
+def cell_fields(cell: Cell) -> dict[str, Any]:
+    """The columns that name a cell in its result row."""
+    return {"key": cell.key, "route": cell.route, "query_mode": cell.query_mode, "senders": "+".join(cell.senders),
+            "n_senders": len(cell.senders)}
