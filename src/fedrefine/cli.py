@@ -79,7 +79,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FedRefineCLI:
 
 #: Errors that name a user mistake and its fix: shown without a traceback.
 USER_ERRORS = (
-    ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, MissingFuserError, ConnectionError, FileNotFoundError,
+    ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, MissingFuserError,
+    ConnectionError, FileNotFoundError,
 )
 
 
