@@ -71,10 +71,11 @@ class ParticipantIdentity:
         """Short unique key, ``name@revision``."""
         return f"{self.name_or_path}@{self.revision}"
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V for one token over all layers, at 2 bytes per element (bf16/fp16)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+    def kv_bytes_per_token(self, num_layers: int | None = None, element_size: int = 2) -> int:
+        """Bytes of K and V for one token over ``num_layers`` layers (default: all), at ``element_size``
+        bytes per element (2: bf16/fp16)."""
+        layers = self.num_layers if num_layers is None else num_layers
+        return 2 * layers * self.num_kv_heads * self.head_dim * element_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -53,8 +53,7 @@ def sender_bytes(
 ) -> SenderBytes:
     """K and V of every sender layer the receiver's fusers read (one token), and T2T's bytes per token id."""
     layers = len(set(layer_map(map_kind, receiver.num_layers, sender.num_layers)))
-    element = torch.tensor([], dtype=dtype).element_size()
-    kv = 2 * layers * sender.num_kv_heads * sender.head_dim * element
+    kv = sender.kv_bytes_per_token(layers, torch.tensor([], dtype=dtype).element_size())
     return SenderBytes(sender.name_or_path, layers, sender.num_kv_heads, sender.head_dim, kv, token_bytes)
 
 

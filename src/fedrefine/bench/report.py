@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fedrefine.bench.records import git_commit  # noqa: E402
 from fedrefine.bench.runner import STAGES  # noqa: E402
+from fedrefine.bench.sweep import ROUTES  # noqa: E402
 
 if TYPE_CHECKING:
     from fedrefine.bench.runner import BenchSweep
@@ -111,7 +112,7 @@ def plot_accuracy_vs_senders(rows: Sequence[dict[str, Any]], path: Path) -> None
     """Fig. 3a: mean accuracy over the evaluated subsets of each size; 0 senders is the receiver alone."""
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     ok = _ok(rows)
-    for route in ("c2c_residual", "c2c_concat", "t2t"):
+    for route in ROUTES:
         for mode, style in MODE_STYLES.items():
             cells = [r for r in ok if r["route"] == route and r["query_mode"] == mode]
             if not cells:
@@ -139,7 +140,7 @@ def plot_accuracy_vs_senders(rows: Sequence[dict[str, Any]], path: Path) -> None
 def plot_point_to_point(rows: Sequence[dict[str, Any]], senders: Sequence[str], path: Path) -> None:
     """Fig. 3b: per single sender, C2C (each fusion mode) vs T2T on original queries, with 95% intervals."""
     ok = [r for r in _ok(rows) if r["query_mode"] == "original"]
-    routes = [route for route in ("c2c_residual", "c2c_concat", "t2t") if any(r["route"] == route for r in ok)]
+    routes = [route for route in ROUTES if any(r["route"] == route for r in ok)]
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     width = 0.8 / max(1, len(routes))
     for i, route in enumerate(routes):
