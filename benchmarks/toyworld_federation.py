@@ -2,7 +2,7 @@
 
     python benchmarks/toyworld_federation.py [--steps 300]
 
-Trains (or reuses) one fuser per sender and mode with configs/toyworld.yaml (seed 0), stores
+Trains (or reuses) one fuser per sender and mode with configs/toyworld_reference.yaml (seed 0; the C2C reference positions), stores
 them in a registry, and tests a FederationModule on the held-out entities of both private groups
 (each sender knows one group). Writes benchmarks/results/toyworld_federation.{json,md}.
 """
@@ -29,7 +29,7 @@ def train_fuser(sender: str, group: int, mode: str, steps: int, root: Path) -> P
     directory = root / f"{mode}-{sender}"
     if not (directory / "fuser" / "fuser.json").is_file():
         build_cli([
-            "fit", "--config", "configs/toyworld.yaml", "--seed_everything", "0",
+            "fit", "--config", "configs/toyworld_reference.yaml", "--seed_everything", "0",
             "--model.sender.init_args.name", sender, "--data.group", str(group), "--model.fuser.mode", mode,
             "--trainer.default_root_dir", str(directory), "--trainer.logger", "false", "--trainer.callbacks", "[]",
             "--trainer.enable_progress_bar", "false", "--model.export_dir", str(directory / "fuser"),

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fedrefine.cache import (
+    WriteHookCache,
     apply_rotary,
     cache_to_layers,
     kv_bytes_per_token,
@@ -71,3 +72,22 @@ def test_removing_rotary_from_cached_keys_makes_them_position_free(receiver):
     plain = remove_rotary(keys, cos, sin)
     assert not torch.allclose(keys[:, :, 0], keys[:, :, 3], atol=1e-4)
     assert torch.allclose(plain[:, :, 0], plain[:, :, 3], atol=1e-5)
+
+
+def test_write_hook_cache_changes_only_the_first_write_of_each_layer(receiver):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        prefix = returned_cache(receiver.model(input_ids=ids[:, :2], use_cache=True))
+        hooked = []
+
+        def hook(layer, keys, values):
+            hooked.append(layer)
+            return keys, values * 0
+
+        cache = WriteHookCache(cache_to_layers(prefix), hook)
+        receiver.model(input_ids=ids[:, 2:3], **with_cache(receiver.model, cache), use_cache=True)
+        receiver.model(input_ids=ids[:, 3:], **with_cache(receiver.model, cache), use_cache=True)
+    assert hooked == list(range(receiver.identity.num_layers))
+    for layer in cache.layers:
+        assert layer.values[:, :, 2].abs().sum() == 0  # the hooked write
+        assert layer.values[:, :, 3].abs().sum() > 0  # a later (decoding) write is stored as computed

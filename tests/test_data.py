@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fedrefine.data.chat import ChatStream, conversation_to_example
+from fedrefine.data.chat import ChatStream, conversation_to_example, prefill_response
 from fedrefine.data.multiple_choice import (
     QuestionDataset,
     load_questions,
@@ -87,3 +87,14 @@ def test_controls_pair_each_question_with_another_letter_and_reordered_options()
         assert entry.reordered.answer_key != entry.item.answer_key
         assert entry.reordered.choices[entry.reordered.answer_index] == entry.item.choices[entry.item.answer_index]
     assert reorder_options(items[0], 4).choices == items[0].choices
+
+
+def test_response_prefill_moves_the_answers_fixed_start_into_the_prompt():
+    example = conversation_to_example(
+        {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "The correct answer is red."}]}
+    )
+    prefilled = prefill_response(example, "The correct answer is")
+    assert prefilled.messages[-1] == {"role": "assistant", "content": "The correct answer is"}
+    assert prefilled.messages[:-1] == example.messages and prefilled.response == " red."
+    with pytest.raises(ValueError, match="response_prefill"):
+        prefill_response(example, "Answer:", where="chat row 7")

@@ -1,9 +1,11 @@
 """Evaluation routes end to end: parsing, query modes through the real encode/run path, bytes, leakage."""
 
 import pytest
+import torch
 
 from fedrefine.data.multiple_choice import QuestionDataset
 from fedrefine.evaluation import (
+    EvaluationConfig,
     QueryPlanner,
     RouteTally,
     encode_questions,
@@ -114,3 +116,18 @@ def test_private_mode_with_residual_fusion_is_refused(world):
     model = federated(receiver, senders, "residual")
     with pytest.raises(ValueError, match="'private' cannot run route 'c2c_residual'.*c2c_concat"):
         run(model, ["c2c@private"], QueryPlanner(Rephraser(receiver)))
+
+
+def test_prefill_answer_lets_senders_read_the_answer_prefix(world):
+    receiver, senders = world
+    model = federated(receiver, senders, "residual")
+    questions = [QuestionDataset(ITEMS)[i] for i in range(len(ITEMS))]
+    routes = [parse_route("c2c", model.sender_names)]
+    plain = encode_questions(model, questions, routes, mode="cloze")
+    prefilled = encode_questions(model, questions, routes, mode="cloze", prefill=True)
+    assert torch.equal(prefilled.fusion["item@original"].receiver_input_ids, plain.fusion["item@original"].receiver_input_ids)
+    for name in model.sender_names:  # "The correct answer is" is now content every sender reads: 4+ more aligned tokens
+        aligned = [(b.fusion["item@original"].senders[name].alignment >= 0).sum(1) for b in (plain, prefilled)]
+        assert (aligned[1] >= aligned[0] + 4).all()
+    with pytest.raises(ValueError, match="prefill_answer"):
+        EvaluationConfig(answer_mode="generate", prefill_answer=True)

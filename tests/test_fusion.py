@@ -93,3 +93,65 @@ def test_fuser_for_other_pair_is_refused(receiver, llama_sender, qwen2_sender):
     fuser = Fuser(llama_sender.identity, receiver.identity)
     with pytest.raises(ValueError, match="participants are"):
         FusedReceiver(receiver, [qwen2_sender], [fuser])
+
+
+def prefilled(pair):
+    """PROMPTS with the answer prefix as an assistant prefill that the sender reads too."""
+    messages = [[*m, {"role": "assistant", "content": "The correct answer is"}] for m, _ in PROMPTS]
+    batch = pair.collate([pair.encode(m, " B.") for m in messages])
+    for sender in batch.senders.values():  # fuse nothing but the last prompt token
+        sender.alignment[:, :-1] = -1
+    return batch
+
+
+def test_last_prompt_token_is_fused_only_when_asked(receiver, llama_sender):
+    pair = make_pair(receiver, llama_sender, positions="all").eval()
+    batch = prefilled(pair)
+    assert (batch.senders[llama_sender.name].alignment[:, -1] >= 0).all()  # the prefill is aligned content
+    with torch.no_grad():
+        alone, fused = pair(batch, fuse=False), pair(batch)
+        pair.positions = "prompt"
+        reference_fusion = pair(batch)  # the C2C reference leaves the last prompt token unfused
+        pair.positions = "last"
+        last_only = pair(batch)
+    assert torch.equal(reference_fusion, alone)
+    assert torch.allclose(last_only, fused)  # nothing else is aligned in this batch
+    assert not torch.allclose(fused[:, 0], alone[:, 0])  # every sample's answer token is steered
+    for row in range(len(PROMPTS)):
+        assert not torch.allclose(fused[row, 0], alone[row, 0])
+
+
+def test_last_token_fusion_trains_only_the_fuser_and_generates(receiver, qwen2_sender):
+    pair = make_pair(receiver, qwen2_sender, positions="last").train()
+    batch = prefilled(pair)
+    pair(batch).float().pow(2).mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pair.fusers[0].parameters())
+    for model in (receiver.model, qwen2_sender.model):
+        assert all(p.grad is None for p in model.parameters())
+    pair.fusers[0].zero_grad(set_to_none=True)
+    generated = pair.eval().generate(batch, max_new_tokens=3)
+    assert len(generated) == len(PROMPTS) and all(len(ids) <= 3 for ids in generated)
+
+
+def test_fused_positions_are_checked(receiver, llama_sender, qwen2_sender):
+    with pytest.raises(ValueError, match="residual"):
+        FuserConfig(mode="concat", positions="last")
+    with pytest.raises(ValueError, match="'prompt', 'all' or 'last'"):
+        FuserConfig(positions="first")
+    fusers = [
+        Fuser(s.identity, receiver.identity, FuserConfig(hidden_size=8, positions=p))
+        for s, p in ((llama_sender, "last"), (qwen2_sender, "prompt"))
+    ]
+    with pytest.raises(ValueError, match="same positions"):
+        FusedReceiver(receiver, [llama_sender, qwen2_sender], fusers)
+
+
+def test_last_only_leaves_the_prompt_cache_unfused(receiver, llama_sender):
+    pair = make_pair(receiver, llama_sender, positions="last").eval()
+    batch = pair.collate([pair.encode(m, r) for m, r in PROMPTS[:2]])
+    ids, mask = batch.receiver_input_ids[:, :-1], batch.receiver_attention_mask[:, :-1]
+    with torch.no_grad():
+        plain = pair.prefill_receiver(ids, mask, positions_from_mask(mask), batch, senders=[])
+        last_only = pair.prefill_receiver(ids, mask, positions_from_mask(mask), batch, senders=pair.sender_names)
+    for before, after in zip(plain.layers, last_only.layers):
+        assert torch.equal(before.keys, after.keys) and torch.equal(before.values, after.values)

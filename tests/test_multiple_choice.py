@@ -64,3 +64,16 @@ def test_cloze_scores_are_each_options_mean_log_probability():
     # the continuations spell the options (after any tokens all options share)
     texts = [participant.tokenizer.decode(c).strip() for c in encoded.continuations]
     assert all(text and choice.endswith(text) for choice, text in zip(item.choices, texts))
+
+
+@pytest.mark.parametrize("kind, style", [("byte_bpe", "chatml"), ("metaspace_bpe", "llama3"), ("word", "chatml")])
+def test_answer_prefill_renders_the_same_prompt_as_message_content(kind, style):
+    participant = build_tiny_participant(TinySpec("t", tokenizer_kind=kind, chat_style=style, vocab_size=400))
+    for answer_style in ("letter", "text") if kind != "word" else ("letter",):  # option words are <unk> here
+        plain = encode_question(participant, ITEM, answer_style)
+        prefilled = encode_question(participant, ITEM, answer_style, prefill=True)
+        assert prefilled.chat.input_ids == plain.chat.input_ids
+        assert prefilled.option_token_ids == plain.option_token_ids and prefilled.continuations == plain.continuations
+        start, end = prefilled.chat.content_spans[-1]
+        assert prefilled.chat.text[start:end] == ANSWER_PREFIX and prefilled.chat.contents[-1] == ANSWER_PREFIX
+    assert question_messages(ITEM, prefill=True)[-1] == {"role": "assistant", "content": ANSWER_PREFIX}

@@ -136,10 +136,10 @@ def test_evaluation_never_skips_a_question(tmp_path, monkeypatch):
 
     real = evaluation.encode_question
 
-    def flaky(participant, item, style="letter"):
+    def flaky(participant, item, style="letter", prefill=False):
         if item.id == "test2":
             raise ValueError("cannot encode this one")
-        return real(participant, item, style)
+        return real(participant, item, style, prefill)
 
     monkeypatch.setattr(evaluation, "encode_question", flaky)
     module = make_module(evaluation=EvaluationConfig(

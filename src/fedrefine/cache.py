@@ -52,6 +52,25 @@ def layers_to_cache(layers: Sequence[LayerKV]) -> DynamicCache:
     return DynamicCache(ddp_cache_data=[(k, v) for k, v in layers])
 
 
+class WriteHookCache(DynamicCache):
+    """A DynamicCache whose first write to each layer goes through ``hook(layer, keys, values)``.
+
+    The model writes a layer's new K/V (keys with rotary applied) before attending over them,
+    so the hook changes what the new tokens themselves attend to, in every architecture.
+    Later writes (decoding steps) are stored unchanged.
+    """
+
+    def __init__(self, layers: Sequence[LayerKV], hook) -> None:
+        super().__init__(ddp_cache_data=[(k, v) for k, v in layers])
+        self.hook, self.hooked_layers = hook, set()
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx not in self.hooked_layers:
+            self.hooked_layers.add(layer_idx)
+            key_states, value_states = self.hook(layer_idx, key_states, value_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
 def kv_nbytes(layers: Sequence[LayerKV]) -> int:
     """Exact bytes held by per-layer K/V tensors."""
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)

@@ -35,8 +35,10 @@ def render_chat(
 ) -> tuple[str, list[CharSpan]]:
     """Render ``messages`` with the participant's chat template and locate each message's content.
 
-    Returns the rendered text and, per message, the (start, end) character span of its
-    content in that text. Raises if a template does not reproduce a message's content verbatim.
+    A final assistant message is a prefill: the prompt ends inside it (``continue_final_message``),
+    so every participant reads the start of the answer as message content. Returns the rendered
+    text and, per message, the (start, end) character span of its content in that text. Raises if
+    a template does not reproduce a message's content verbatim.
     """
     tokenizer = participant.tokenizer
     if not getattr(tokenizer, "chat_template", None):
@@ -45,15 +47,16 @@ def render_chat(
             f"or set `tokenizer.chat_template`."
         )
     kwargs = dict(participant.chat_template_kwargs)
+    prefill = bool(messages) and messages[-1]["role"] == "assistant"
+    kwargs.update(continue_final_message=prefill, add_generation_prompt=add_generation_prompt and not prefill)
     text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        list(messages), tokenize=False, **kwargs
     )
     # Render once more with unique placeholders: they show where each content starts, even when
     # the content also appears inside template text (e.g. a message that says "user").
     marked = tokenizer.apply_chat_template(
         [dict(m, content=_placeholder(i)) for i, m in enumerate(messages)],
         tokenize=False,
-        add_generation_prompt=add_generation_prompt,
         **kwargs,
     )
     spans: list[CharSpan] = []

@@ -44,6 +44,7 @@ from fedrefine.multiple_choice import (
     extract_choice,
     option_logits,
     question_messages,
+    with_answer_prefill,
 )
 from fedrefine.participants import Participant
 from fedrefine.privacy import (
@@ -138,6 +139,10 @@ class EvaluationConfig:
         rephrase_cache_dir: disk cache of rephrasings (None: not cached across runs).
         options: what C2C senders get of a question's options in rephrased modes:
             ``verbatim`` (default; residual fusion needs it), ``rephrase`` or ``withhold``.
+        prefill_answer: C2C senders read the answer prefix (``The correct answer is``) too, as an
+            assistant prefill, so their cache holds what they would answer (``logits``/``cloze`` only;
+            train the fuser the same way with the data module's ``response_prefill``). The receiver's
+            prompt is the same either way.
     """
 
     answer_mode: AnswerMode = "logits"
@@ -148,6 +153,11 @@ class EvaluationConfig:
     rephrase: RephraseConfig = field(default_factory=RephraseConfig)
     rephrase_cache_dir: str | None = None
     options: str = "verbatim"
+    prefill_answer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefill_answer and self.answer_mode == "generate":
+            raise ValueError("evaluation.prefill_answer needs answer_mode 'logits' or 'cloze' (a scored answer prefix).")
 
 
 @dataclass
@@ -198,11 +208,13 @@ def answer_style(mode: AnswerMode) -> AnswerStyle:
     return "text" if mode == "cloze" else "letter"
 
 
-def _encode(participant: Participant, item: MultipleChoiceItem, mode: AnswerMode) -> tuple[EncodedChat, tuple]:
+def _encode(
+    participant: Participant, item: MultipleChoiceItem, mode: AnswerMode, prefill: bool = False
+) -> tuple[EncodedChat, tuple]:
     """The prompt and how options are scored: letter token ids (logits), continuations (cloze), nothing (generate)."""
     if mode == "generate":
         return encode_chat(participant, question_messages(item)), ()
-    encoded = encode_question(participant, item, answer_style(mode))
+    encoded = encode_question(participant, item, answer_style(mode), prefill)
     return encoded.chat, encoded.option_token_ids if mode == "logits" else encoded.continuations
 
 
@@ -216,8 +228,12 @@ def encode_questions(
     routes: Sequence[Route],
     mode: AnswerMode = "logits",
     planner: QueryPlanner | None = None,
+    prefill: bool = False,
 ) -> QuestionBatch:
-    """Encode a batch of questions for every route: one encoded batch per (sender text, query mode)."""
+    """Encode a batch of questions for every route: one encoded batch per (sender text, query mode).
+
+    ``prefill``: C2C senders also read the answer prefix (see ``EvaluationConfig.prefill_answer``).
+    """
     planner = planner or QueryPlanner()
     items = [q.item for q in questions]
     batch = QuestionBatch(
@@ -247,9 +263,14 @@ def encode_questions(
                 sender_text, query_mode = variant.split("@")
                 plan = plans[(query_mode, planner.options)][row] if query_mode != "original" else None
                 receiver_item = plan.receiver_item if plan else question.item
-                receiver_chat, row_options[query_mode] = _encode(model.receiver, receiver_item, mode)
+                receiver_chat, row_options[query_mode] = _encode(model.receiver, receiver_item, mode, prefill)
                 chats = {
-                    n: encode_chat(model.senders[n], plan.sender_messages(n) if plan else question_messages(getattr(question, sender_text), style))
+                    n: encode_chat(
+                        model.senders[n],
+                        with_answer_prefill(plan.sender_messages(n), prefill)
+                        if plan
+                        else question_messages(getattr(question, sender_text), style, prefill),
+                    )
                     for n in sorted(names)
                 }
                 encoded[variant] = model.encode_chats(receiver_chat, chats, strict=sender_text == "item")

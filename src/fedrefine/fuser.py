@@ -34,6 +34,10 @@ WEIGHTS_FILE = "fuser.safetensors"
 METADATA_FILE = "fuser.json"
 
 
+#: Which receiver tokens a residual fuser writes to (see :class:`FuserConfig`).
+FusedPositions = Literal["prompt", "all", "last"]
+
+
 class FuserPairMismatchError(ValueError):
     """A fuser was trained for another sender/receiver pair than the one it is loaded into."""
 
@@ -48,6 +52,11 @@ class FuserConfig:
     leaves the receiver's keys, hence where it attends, untouched and fuses values only.
     ``reads_receiver=False`` (residual mode) computes the deltas from the sender's states alone,
     so the fuser cannot key on receiver features of tokens the receiver never learned.
+    ``positions`` (residual mode): which receiver tokens are fused. ``prompt`` (the C2C reference):
+    every aligned prompt token but the last. ``all``: the last prompt token too, fused as the
+    receiver computes it. ``last``: only the last prompt token. With an answer prefix that every
+    participant reads (an assistant prefill), the last token is where the sender has worked out its
+    answer; fusing only there leaves the fuser no token-by-token shortcut to memorise.
     """
 
     mode: Literal["residual", "concat"] = "residual"
@@ -59,6 +68,7 @@ class FuserConfig:
     gate_init: float = 1.0
     fuse_keys: bool = True
     reads_receiver: bool = True
+    positions: FusedPositions = "prompt"
     temperature_start: float = 1.0
     temperature_end: float = 0.001
 
@@ -69,6 +79,12 @@ class FuserConfig:
             raise ValueError(f"Unknown fusion mode {self.mode!r}; choose 'residual' or 'concat'.")
         if self.hidden_size < 1:
             raise ValueError(f"hidden_size must be positive, got {self.hidden_size}.")
+        if self.positions not in ("prompt", "all", "last"):
+            raise ValueError(f"Unknown positions {self.positions!r}; choose 'prompt', 'all' or 'last'.")
+        if self.positions != "prompt" and self.mode != "residual":
+            raise ValueError(
+                f"positions={self.positions!r} is for residual fusion; concat entries are read by every receiver token."
+            )
 
 
 class FeedForwardBlock(nn.Module):
@@ -203,14 +219,14 @@ class Fuser(nn.Module):
 
         ``sender[j]`` holds the sender's layer-j K/V (residual: gathered at the receiver's
         positions; None for layers not needed); ``receiver[l]`` the receiver's layer-l K/V
-        (residual mode only).
+        (residual mode only; None: layer l is not fused this call).
         """
         if receiver is not None and len(receiver) != len(self.layers):
             raise ValueError(f"Receiver cache has {len(receiver)} layers, fuser expects {len(self.layers)}.")
         outputs: list[LayerKV | None] = []
         for index, is_open in enumerate(self.open_layers()):
             source = sender[self.layer_map[index]]
-            if not is_open or source is None:
+            if not is_open or source is None or (receiver is not None and receiver[index] is None):
                 outputs.append(None)
                 continue
             outputs.append(self.layers[index](source, None if receiver is None else receiver[index], self.temperature))

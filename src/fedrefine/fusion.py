@@ -36,6 +36,7 @@ from fedrefine.batching import (
 )
 from fedrefine.cache import (
     LayerKV,
+    WriteHookCache,
     apply_rotary,
     cache_to_layers,
     layers_to_cache,
@@ -105,6 +106,10 @@ class FusedReceiver(nn.Module):
         if combine not in ("parallel", "sequential"):
             raise ValueError(f"Unknown combine {combine!r}; choose 'parallel' or 'sequential'.")
         self.mode = modes.pop() if modes else "residual"
+        positions = {f.config.positions for f in fusers}
+        if len(positions) > 1:
+            raise ValueError(f"All fusers of a receiver must fuse the same positions, got {sorted(positions)}.")
+        self.positions = positions.pop() if positions else "prompt"
         self.combine = combine
         self.receiver = receiver
         self.senders = dict(zip(self.sender_names, senders))
@@ -178,11 +183,17 @@ class FusedReceiver(nn.Module):
                 messages[name] = message
         return messages
 
-    def _unrotated_sender_layers(self, name: str, message: KVMessage, dtype: torch.dtype) -> list[LayerKV | None]:
-        cos, sin = rotary_cos_sin(self.senders[name].rotary_embedding, message.positions, torch.float32)
+    def _unrotated_sender_layers(
+        self, name: str, message: KVMessage, dtype: torch.dtype, index: Tensor | None = None
+    ) -> list[LayerKV | None]:
+        """The carried sender layers with rotary removed; with ``index`` (B, N), only those sender positions."""
+        positions = message.positions if index is None else message.positions.gather(1, index)
+        cos, sin = rotary_cos_sin(self.senders[name].rotary_embedding, positions, torch.float32)
         layers: list[LayerKV | None] = [None] * self.senders[name].identity.num_layers
-        for j, (keys, values) in message.layers.items():
-            layers[j] = (remove_rotary(keys.float(), cos, sin).to(dtype), values.to(dtype))
+        for j, kv in message.layers.items():
+            if index is not None:
+                kv = [t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])) for t in kv]
+            layers[j] = (remove_rotary(kv[0].float(), cos, sin).to(dtype), kv[1].to(dtype))
         return layers
 
     def _source_weights(self, batch: FusionBatch, senders: Sequence[str]) -> Tensor | None:
@@ -195,28 +206,29 @@ class FusedReceiver(nn.Module):
     # --- residual fusion ------------------------------------------------------------------------
     def _residual_fuse(
         self,
-        receiver_layers: list[LayerKV],
+        receiver_layers: Mapping[int, LayerKV],
         positions: Tensor,
         batch: FusionBatch,
         messages: Mapping[str, KVMessage],
         weights: Tensor | None,
-    ) -> list[LayerKV]:
-        length = receiver_layers[0][0].shape[2]
+        start: int = 0,
+    ) -> dict[int, LayerKV]:
+        """Fused K/V of the given receiver layers (index -> rotated K, V) over prompt columns ``start ...``."""
+        length = next(iter(receiver_layers.values()))[0].shape[2]
+        columns = slice(start, start + length)
         dtype = next(self.fusers.parameters()).dtype
         cos, sin = rotary_cos_sin(self.receiver.rotary_embedding, positions, torch.float32)
-        base = [(remove_rotary(k.float(), cos, sin).to(dtype), v.to(dtype)) for k, v in receiver_layers]
-        totals: list[list[Tensor] | None] = [None] * len(receiver_layers)
+        base: list[LayerKV | None] = [None] * self.receiver.identity.num_layers
+        for layer, (keys, values) in receiver_layers.items():
+            base[layer] = (remove_rotary(keys.float(), cos, sin).to(dtype), values.to(dtype))
+        totals: list[list[Tensor] | None] = [None] * len(base)
         for slot, (name, message) in enumerate(messages.items()):
             alignment = batch.senders[name].alignment
             if alignment is None:
                 raise ValueError(f"Residual fusion needs an alignment for sender {name}; encode in residual mode.")
-            alignment = alignment[:, :length]
-            where = ((alignment >= 0) & batch.receiver_attention_mask[:, :length].bool())[:, None, :, None]
-            index = alignment.clamp(min=0)[:, None, :, None]
-            gathered = [
-                None if kv is None else tuple(t.gather(2, index.expand(-1, t.shape[1], -1, t.shape[3])) for t in kv)
-                for kv in self._unrotated_sender_layers(name, message, dtype)
-            ]
+            alignment = alignment[:, columns]
+            where = ((alignment >= 0) & batch.receiver_attention_mask[:, columns].bool())[:, None, :, None]
+            gathered = self._unrotated_sender_layers(name, message, dtype, index=alignment.clamp(min=0))
             reads = self._current(base, totals) if self.combine == "sequential" else base
             deltas = self.fuser_for(name)(gathered, reads)
             for layer, delta in enumerate(deltas):
@@ -225,18 +237,19 @@ class FusedReceiver(nn.Module):
                 scale = 1.0 if weights is None else weights[:, layer, slot].view(-1, 1, 1, 1)
                 masked = [torch.where(where, d * scale, 0.0) for d in delta]
                 totals[layer] = masked if totals[layer] is None else [a + b for a, b in zip(totals[layer], masked)]
-        fused = []
-        for (keys, values), total in zip(receiver_layers, totals):
+        fused = {}
+        for layer, (keys, values) in receiver_layers.items():
+            total = totals[layer]
             if total is None:
-                fused.append((keys, values))
+                fused[layer] = (keys, values)
                 continue
             delta_keys = apply_rotary(total[0].float(), cos, sin)
-            fused.append((keys + delta_keys.to(keys.dtype), values + total[1].to(values.dtype)))
+            fused[layer] = (keys + delta_keys.to(keys.dtype), values + total[1].to(values.dtype))
         return fused
 
     @staticmethod
-    def _current(base: list[LayerKV], totals: list[list[Tensor] | None]) -> list[LayerKV]:
-        return [kv if t is None else (kv[0] + t[0], kv[1] + t[1]) for kv, t in zip(base, totals)]
+    def _current(base: list[LayerKV | None], totals: list[list[Tensor] | None]) -> list[LayerKV | None]:
+        return [kv if t is None or kv is None else (kv[0] + t[0], kv[1] + t[1]) for kv, t in zip(base, totals)]
 
     # --- concat fusion --------------------------------------------------------------------------
     def _concat_prefix(
@@ -322,7 +335,11 @@ class FusedReceiver(nn.Module):
         senders: Sequence[str] = (),
         messages: Mapping[str, KVMessage] | None = None,
     ) -> DynamicCache:
-        """Residual mode: the receiver's cache over ``input_ids`` (prompt but its last token), fused with ``senders``."""
+        """Residual mode: the receiver's cache over ``input_ids`` (prompt but its last token), fused with ``senders``.
+
+        With fusers of ``positions`` ``all`` or ``last``, the cache also fuses the last prompt token
+        when the receiver writes it (``last``: that token only).
+        """
         with torch.no_grad():
             output = self.receiver_model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True
@@ -332,7 +349,25 @@ class FusedReceiver(nn.Module):
         if not found:
             return cache
         weights = self._source_weights(batch, list(found))
-        return layers_to_cache(self._residual_fuse(cache_to_layers(cache), positions, batch, found, weights))
+        layers = cache_to_layers(cache)
+        if self.positions != "last":
+            fused = self._residual_fuse(dict(enumerate(layers)), positions, batch, found, weights)
+            layers = [fused[layer] for layer in range(len(layers))]
+        if self.positions == "prompt":
+            return layers_to_cache(layers)
+        return WriteHookCache(layers, self._last_token_hook(batch, found, weights))
+
+    def _last_token_hook(self, batch: FusionBatch, messages: Mapping[str, KVMessage], weights: Tensor | None):
+        """Fuses the last prompt token's K/V as the receiver writes them, layer by layer (``positions``)."""
+        last = batch.receiver_input_ids.shape[1] - 1
+        position = positions_from_mask(batch.receiver_attention_mask)[:, last:]
+
+        def hook(layer: int, keys: Tensor, values: Tensor) -> LayerKV:
+            head = {layer: (keys[:, :, :1], values[:, :, :1])}
+            fused_keys, fused_values = self._residual_fuse(head, position, batch, messages, weights, start=last)[layer]
+            return torch.cat((fused_keys, keys[:, :, 1:]), dim=2), torch.cat((fused_values, values[:, :, 1:]), dim=2)
+
+        return hook
 
     @torch.no_grad()
     def generate(

@@ -82,8 +82,19 @@ def question_text(item: MultipleChoiceItem, style: AnswerStyle = "letter") -> st
     return f"Question: {item.question_stem}\n{options}\n{INSTRUCTIONS[style]}"
 
 
-def question_messages(item: MultipleChoiceItem, style: AnswerStyle = "letter") -> list[Message]:
-    return [{"role": "user", "content": question_text(item, style)}]
+def question_messages(item: MultipleChoiceItem, style: AnswerStyle = "letter", prefill: bool = False) -> list[Message]:
+    """The question as a user message; with ``prefill``, followed by :data:`ANSWER_PREFILL`."""
+    return with_answer_prefill([{"role": "user", "content": question_text(item, style)}], prefill)
+
+
+#: The start of the answer as an assistant prefill: participants that read it (senders included)
+#: have read the whole prompt up to where the answer is named.
+ANSWER_PREFILL: Message = {"role": "assistant", "content": ANSWER_PREFIX}
+
+
+def with_answer_prefill(messages: Sequence[Message], prefill: bool = True) -> list[Message]:
+    """``messages`` followed by :data:`ANSWER_PREFILL` (unchanged without ``prefill``)."""
+    return [*messages, dict(ANSWER_PREFILL)] if prefill else list(messages)
 
 
 def answer_text(label: str) -> str:
@@ -107,12 +118,16 @@ class EncodedQuestion:
     continuations: tuple[tuple[int, ...], ...] = ()
 
 
-def encode_question(participant: Participant, item: MultipleChoiceItem, style: AnswerStyle = "letter") -> EncodedQuestion:
+def encode_question(
+    participant: Participant, item: MultipleChoiceItem, style: AnswerStyle = "letter", prefill: bool = False
+) -> EncodedQuestion:
     """Encode the question's prompt through :data:`ANSWER_PREFIX` and find how each option is named.
 
     ``letter``: the token of each option's letter. ``text``: each option's text continuation (cloze).
+    ``prefill``: the answer prefix is an assistant prefill (message content) rather than appended text;
+    the rendered prompt is the same.
     """
-    messages = question_messages(item, style)
+    messages = question_messages(item, style, prefill)
     if style == "letter":
         return encode_options_prompt(participant, messages, item.labels)
     encoded = encode_options_prompt(participant, messages, item.choices, distinct_first_token=False)
@@ -130,8 +145,10 @@ def encode_options_prompt(
     tokens all variants share are the context, and each variant's remaining tokens are its
     continuation, whose first token names it. Tokenizers that merge the answer with the space
     before it and those that do not are both handled. Letters must differ in their first token.
+    Conversations that end with :data:`ANSWER_PREFILL` already hold the prefix.
     """
-    variants = [encode_chat(participant, messages, suffix=f"{ANSWER_PREFIX} {answer}") for answer in answers]
+    prefix = "" if messages[-1] == ANSWER_PREFILL else ANSWER_PREFIX
+    variants = [encode_chat(participant, messages, suffix=f"{prefix} {answer}") for answer in answers]
     ids = [v.input_ids for v in variants]
     shared = 0
     while all(len(row) > shared for row in ids) and len({row[shared] for row in ids}) == 1:

@@ -233,7 +233,8 @@ class BenchSweep:
         tally, failures = RouteTally(), []
         for start in range(0, len(questions), self.batch_size):
             chunk = [questions[i] for i in range(start, min(start + self.batch_size, len(questions)))]
-            batch = encode_questions(model, chunk, [route], config.answer_mode, self.planner).to(self.device)
+            batch = encode_questions(model, chunk, [route], config.answer_mode, self.planner, config.prefill_answer)
+            batch = batch.to(self.device)
             failures.extend(batch.ids[row] for row in batch.failures)
             result = run_route(
                 model, batch, route, config.answer_mode, config.max_new_tokens, planner=self.planner, t2t=config.t2t

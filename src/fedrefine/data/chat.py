@@ -48,15 +48,32 @@ def conversation_to_example(row: Mapping[str, Any], where: str = "row") -> ChatE
     return ChatExample(messages=messages[:-1], response=messages[-1]["content"])
 
 
+def prefill_response(example: ChatExample, prefill: str, where: str = "row") -> ChatExample:
+    """Move the fixed start ``prefill`` of the answer into the prompt as an assistant prefill message.
+
+    Every participant then reads it (senders included) and only the rest of the answer is supervised.
+    """
+    if not example.response.startswith(prefill) or len(example.response) == len(prefill):
+        raise ValueError(
+            f"{where}: the answer {example.response[:60]!r} does not start with data.response_prefill={prefill!r} "
+            f"followed by more text; unset response_prefill or use data whose answers all start with it."
+        )
+    return ChatExample([*example.messages, {"role": "assistant", "content": prefill}], example.response[len(prefill) :])
+
+
 class ChatStream(IterableDataset):
     """Streams :class:`ChatExample` from a split, sharded over distributed ranks.
 
     Rows without a usable assistant answer are skipped and counted in ``skipped`` (per worker).
+    With ``response_prefill`` every answer's fixed start becomes part of the prompt (:func:`prefill_response`).
     """
 
-    def __init__(self, rows: datasets.IterableDataset, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, rows: datasets.IterableDataset, rank: int = 0, world_size: int = 1, response_prefill: str | None = None
+    ) -> None:
         super().__init__()
         self.rows = split_dataset_by_node(rows, rank=rank, world_size=world_size) if world_size > 1 else rows
+        self.response_prefill = response_prefill
         self.skipped = 0
 
     def __iter__(self) -> Iterator[ChatExample]:
@@ -65,4 +82,6 @@ class ChatStream(IterableDataset):
             if example is None:
                 self.skipped += 1
                 continue
+            if self.response_prefill:
+                example = prefill_response(example, self.response_prefill, where=f"chat row {index}")
             yield example

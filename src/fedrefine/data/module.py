@@ -36,6 +36,8 @@ class C2CDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         shuffle_buffer: training rows are shuffled through a buffer of this many rows (0: stream order).
         seed: seed of the shuffle.
+        response_prefill: a fixed start of every training answer (e.g. ``The correct answer is``) given to
+            all participants as an assistant prefill; pair it with ``evaluation.prefill_answer``.
         predict_prompts: free-text prompts for ``predict`` (or a path to a text file, one prompt per line).
     """
 
@@ -53,6 +55,7 @@ class C2CDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 10_000,
         seed: int = 0,
+        response_prefill: str | None = None,
         predict_prompts: list[str] | str | None = None,
     ) -> None:
         super().__init__()
@@ -62,7 +65,7 @@ class C2CDataModule(L.LightningDataModule):
         self.val_split, self.test_split, self.num_questions = val_split, test_split, num_questions
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.predict_prompts = predict_prompts
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.shuffle_buffer, self.seed, self.response_prefill = shuffle_buffer, seed, response_prefill
         self.train_stream: ChatStream | None = None
         self.questions: dict[str, QuestionDataset] = {}
 
@@ -74,7 +77,7 @@ class C2CDataModule(L.LightningDataModule):
             rows = open_dataset(self.train_path, "train", streaming=True, option="data.train_path").take(self.train_samples)
             if self.shuffle_buffer:
                 rows = rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-            self.train_stream = ChatStream(rows, rank=rank, world_size=world)
+            self.train_stream = ChatStream(rows, rank=rank, world_size=world, response_prefill=self.response_prefill)
         if stage in ("fit", "validate"):
             self.questions["val"] = self.load_split(self.val_split)
         if stage == "test":

@@ -151,7 +151,7 @@ class FusionModule(L.LightningModule):
             return self.encode_chat_batch(batch)
         if isinstance(batch[0], QuestionWithControls):
             routes = self.test_routes() if self.trainer.testing else self.val_routes()
-            return encode_questions(self.fused, batch, routes, self.answer_mode, self.planner)
+            return encode_questions(self.fused, batch, routes, self.answer_mode, self.planner, self.evaluation.prefill_answer)
         if isinstance(batch[0], str):
             return batch
         raise TypeError(f"Unsupported batch element {type(batch[0]).__name__}.")

@@ -121,7 +121,8 @@ class FederationModule(FusionModule):
         items = []
         for start in range(0, len(questions), datamodule.eval_batch_size):
             chunk = [questions[i] for i in range(start, min(start + datamodule.eval_batch_size, len(questions)))]
-            batch = encode_questions(self.fused, chunk, routes, self.answer_mode).to(self.device)
+            batch = encode_questions(self.fused, chunk, routes, self.answer_mode, prefill=self.evaluation.prefill_answer)
+            batch = batch.to(self.device)
             items.extend(q.item for q in chunk)
             for route in routes:
                 result = run_route(self.fused, batch, route, self.answer_mode, self.max_new_tokens)

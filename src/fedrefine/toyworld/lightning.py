@@ -59,6 +59,7 @@ class ToyWorldDataModule(C2CDataModule):
         data_dir: where the JSONL files are written.
         val_entities: fuser-train entities of each group held apart for validation.
         include_public: also train on public entities (the receiver must stay right on them).
+        response_prefill: train with the answer's fixed start as an assistant prefill (see ``C2CDataModule``).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class ToyWorldDataModule(C2CDataModule):
         eval_batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        response_prefill: str | None = None,
     ) -> None:
         self.world_config = world or WorldConfig()
         self.group, self.val_entities, self.include_public = group, val_entities, include_public
@@ -92,6 +94,7 @@ class ToyWorldDataModule(C2CDataModule):
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             seed=seed,
+            response_prefill=response_prefill,
         )
         self.directory = directory
 
