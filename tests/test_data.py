@@ -84,6 +84,7 @@ def test_controls_pair_each_question_with_another_letter_and_reordered_options()
     for index in range(4):
         entry = dataset[index]
         assert entry.mismatched.answer_key != entry.item.answer_key
+        assert entry.mismatched is items[(index + 2) % 4]  # searched from half the set away
         assert entry.reordered.answer_key != entry.item.answer_key
         assert entry.reordered.choices[entry.reordered.answer_index] == entry.item.choices[entry.item.answer_index]
     assert reorder_options(items[0], 4).choices == items[0].choices

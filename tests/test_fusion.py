@@ -155,3 +155,13 @@ def test_last_only_leaves_the_prompt_cache_unfused(receiver, llama_sender):
         last_only = pair.prefill_receiver(ids, mask, positions_from_mask(mask), batch, senders=pair.sender_names)
     for before, after in zip(plain.layers, last_only.layers):
         assert torch.equal(before.keys, after.keys) and torch.equal(before.values, after.values)
+
+
+def test_last_only_sends_one_position_per_prompt(receiver, llama_sender):
+    pair = make_pair(receiver, llama_sender, positions="last").eval()
+    batch = prefilled(pair)
+    message = pair.send(llama_sender.name, batch.senders[llama_sender.name])
+    assert message.nbytes == message.bytes_per_token * len(PROMPTS)
+    pair.positions = "prompt"
+    everything = pair.send(llama_sender.name, batch.senders[llama_sender.name])
+    assert everything.nbytes == everything.bytes_per_token * int(batch.senders[llama_sender.name].attention_mask.sum())

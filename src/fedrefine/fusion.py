@@ -165,11 +165,18 @@ class FusedReceiver(nn.Module):
 
     # --- senders ----------------------------------------------------------------------------
     def send(self, name: str, batch: SenderBatch) -> KVMessage | None:
-        """One sender's prefill, carrying only the layers its fuser reads; None if every gate is closed."""
+        """One sender's prefill, carrying only the layers its fuser reads; None if every gate is closed.
+
+        With ``positions: last`` only the sender position aligned to the last prompt token is sent.
+        """
         needed = self.fuser_for(name).sender_layers_needed()
         if not needed:
             return None
-        return prefill_message(self.senders[name], batch.input_ids, batch.attention_mask, needed)
+        message = prefill_message(self.senders[name], batch.input_ids, batch.attention_mask, needed)
+        if self.positions == "last" and batch.alignment is not None:
+            read = batch.alignment[:, -1:]
+            message.sent = torch.zeros_like(message.attention_mask).scatter(1, read.clamp(min=0), (read >= 0).to(message.attention_mask.dtype))
+        return message
 
     def _messages(
         self, batch: FusionBatch, senders: Sequence[str], given: Mapping[str, KVMessage] | None

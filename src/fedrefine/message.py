@@ -22,13 +22,15 @@ class KVMessage:
     """Per-layer K/V of one sender's prefill of a (padded) batch of prompts.
 
     Only the layers some receiver fuser reads are carried. Keys are as the sender cached
-    them (with the sender's rotary embedding at ``positions``).
+    them (with the sender's rotary embedding at ``positions``). ``sent`` (B, N) marks the
+    positions a fuser reads, hence transmitted (None: every real position).
     """
 
     sender: ParticipantIdentity
     layers: dict[int, LayerKV]
     positions: Tensor
     attention_mask: Tensor
+    sent: Tensor | None = None
 
     @property
     def tokens_per_sample(self) -> Tensor:
@@ -42,8 +44,9 @@ class KVMessage:
 
     @property
     def nbytes(self) -> int:
-        """Exact payload in bytes: the carried layers' K/V at real (unpadded) positions of every sample."""
-        return self.bytes_per_token * int(self.tokens_per_sample.sum())
+        """Exact payload in bytes: the carried layers' K/V at the transmitted positions of every sample."""
+        sent = self.attention_mask if self.sent is None else self.sent
+        return self.bytes_per_token * int(sent.sum())
 
 
 @torch.no_grad()

@@ -43,7 +43,13 @@ class QuestionWithControls:
 
 
 class QuestionDataset(Dataset):
-    """Questions in a fixed order, each with its control partners (deterministic)."""
+    """Questions in a fixed order, each with its control partners (deterministic).
+
+    The mismatched partner is the first question with another stem and another correct letter,
+    searched from half the set away: neighbouring rows often share a topic (the toy world lists
+    each entity's facts together), and a sender reading a question on the same topic would still
+    carry that topic's facts.
+    """
 
     def __init__(self, items: list[MultipleChoiceItem]) -> None:
         self.items = items
@@ -53,9 +59,9 @@ class QuestionDataset(Dataset):
 
     def __getitem__(self, index: int) -> QuestionWithControls:
         item = self.items[index]
-        partner = item
-        for step in range(1, len(self.items)):
-            candidate = self.items[(index + step) % len(self.items)]
+        partner, count = item, len(self.items)
+        for step in range(count // 2, count // 2 + count):
+            candidate = self.items[(index + step) % count]
             if candidate.answer_key != item.answer_key and candidate.question_stem != item.question_stem:
                 partner = candidate
                 break
