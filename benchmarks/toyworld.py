@@ -1,11 +1,13 @@
 """The toy world's bars: does knowledge really transfer through the fuser? (issue "Toy world")
 
     python benchmarks/toyworld.py [--seeds 0 1 2] [--senders llama-sender qwen2-sender] [--steps 300]
+    python benchmarks/toyworld.py --config configs/toyworld_reference.yaml --out benchmarks/results/toyworld_reference
 
-For each sender and seed: ``fedrefine fit`` trains the receiver's fuser on public + fuser-train
-entities (configs/toyworld.yaml), then ``fedrefine test`` scores the held-out entities of the
-sender's private group: receiver alone, sender alone, C2C, the two controls (mismatched message,
-random K/V) and the reordered-options probe. Writes benchmarks/results/toyworld.json and .md.
+For each sender and seed: ``fedrefine fit`` trains the receiver's fuser on the sender's
+fuser-train entities (``--config``, default configs/toyworld.yaml), then ``fedrefine test``
+scores the held-out entities of the sender's private group: receiver alone, sender alone, C2C,
+the two controls (mismatched message, random K/V) and the reordered-options probe. Writes
+``<out>.json`` and ``<out>.md`` (default benchmarks/results/toyworld).
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ ROUTES = {
 }
 
 
-def run(sender: str, seed: int, steps: int, root: Path) -> dict:
+def run(sender: str, seed: int, steps: int, root: Path, config: str = "configs/toyworld.yaml") -> dict:
     """Fit and test one fuser; returns the benchmark row."""
     group = next(p.private_groups[0] for p in DEFAULT_PARTICIPANTS if p.name == sender)
     directory = root / f"{sender}-seed{seed}"
     common = [
-        "--config", "configs/toyworld.yaml", "--seed_everything", str(seed),
+        "--config", config, "--seed_everything", str(seed),
         "--model.sender.init_args.name", sender, "--data.group", str(group),
         "--trainer.default_root_dir", str(directory), "--trainer.logger", "false",
         "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
@@ -98,10 +100,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--senders", nargs="+", default=["llama-sender", "qwen2-sender"])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--root", default="runs/benchmarks/toyworld")
+    parser.add_argument("--config", default="configs/toyworld.yaml", help="the fedrefine fit/test config")
+    parser.add_argument("--root", default=None, help="run directory (default runs/benchmarks/<config name>)")
     parser.add_argument("--out", default="benchmarks/results/toyworld")
     args = parser.parse_args()
-    rows = [run(sender, seed, args.steps, Path(args.root)) for sender in args.senders for seed in args.seeds]
+    root = Path(args.root or f"runs/benchmarks/{Path(args.config).stem}")
+    rows = [run(sender, seed, args.steps, root, args.config) for sender in args.senders for seed in args.seeds]
     checks = bars(rows)
     command, commit = script_command(), git_commit()
     payload = {"command": command, "commit": commit, "runs": rows, "bars": checks}
