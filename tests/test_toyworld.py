@@ -279,6 +279,18 @@ def test_co_c2c_on_the_toy_world_trains_both_directions_and_tests_the_smaller_mo
         CoC2CModule(small, large, from_registry=True)
 
 
+def fit_and_test_on_held_out(module, data, tmp_path, steps: int = 100) -> tuple[dict[str, float], int]:
+    """Train ``module`` for ``steps`` on the toy world, test it; accuracy per route and the number of questions."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0, max_steps=steps,
+                        gradient_clip_val=1.0)
+    trainer.fit(module, data)
+    trainer.test(module, data)
+    return {row["route"]: row["accuracy"] for row in module.results()}, module.results()[0]["questions"]
+
+
 @pytest.mark.slow
 def test_co_c2c_lifts_the_smaller_model_on_facts_only_the_larger_one_knows(tmp_path):
     """100 Co-C2C steps (both directions train): the smallest toy model, as receiver, answers the held-out
@@ -297,12 +309,34 @@ def test_co_c2c_lifts_the_smaller_model_on_facts_only_the_larger_one_knows(tmp_p
         evaluation=EvaluationConfig(answer_mode="cloze", test_routes=["receiver", "c2c"]),
     )
     data = ToyWorldDataModule(group=0, include_public=False, data_dir=str(tmp_path / "data"), batch_size=32)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0, max_steps=100,
-                        gradient_clip_val=1.0)
-    trainer.fit(module, data)
-    trainer.test(module, data)
-    accuracy = {row["route"]: row["accuracy"] for row in module.results()}
-    assert module.results()[0]["questions"] == 512  # every held-out group-0 fact, answer at each of A-D
+    accuracy, questions = fit_and_test_on_held_out(module, data, tmp_path)
+    assert questions == 512  # every held-out group-0 fact, answer at each of A-D
     assert accuracy["receiver"] <= 0.30
     assert accuracy["c2c"] >= accuracy["receiver"] + 0.10, accuracy
+
+
+@pytest.mark.slow
+def test_last_token_fusion_with_the_answer_prefill_transfers_held_out_facts(tmp_path):
+    """100 steps of the README recipe (answer prefill, fuse only the last prompt token): the receiver answers
+    held-out facts that only the llama sender knows far above chance, and the mismatched control does not."""
+    import lightning as L
+
+    from fedrefine.evaluation import EvaluationConfig
+    from fedrefine.fuser import FuserConfig
+    from fedrefine.modules import C2CModule
+    from fedrefine.multiple_choice import ANSWER_PREFIX
+    from fedrefine.toyworld.lightning import ToyParticipant, ToyWorldDataModule
+
+    L.seed_everything(0)
+    module = C2CModule(
+        ToyParticipant("receiver"), ToyParticipant("llama-sender"),
+        FuserConfig(hidden_size=128, dropout=0.0, gate_init=2.0, positions="last"), learning_rate=3e-3,
+        evaluation=EvaluationConfig(answer_mode="cloze", prefill_answer=True, test_routes=["receiver", "c2c", "c2c_mismatched"]),
+        export_dir=str(tmp_path / "fuser"),
+    )
+    data = ToyWorldDataModule(group=0, include_public=False, data_dir=str(tmp_path / "data"), batch_size=32,
+                              response_prefill=ANSWER_PREFIX)
+    accuracy, _ = fit_and_test_on_held_out(module, data, tmp_path)
+    assert accuracy["receiver"] <= 0.30
+    assert accuracy["c2c"] >= accuracy["receiver"] + 0.25, accuracy
+    assert abs(accuracy["c2c_mismatched"] - accuracy["receiver"]) <= 0.10, accuracy

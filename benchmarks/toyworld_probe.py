@@ -1,0 +1,105 @@
+"""Where does a toy sender's cache hold the answer? Linear probes on its K/V, per layer and position.
+
+    python benchmarks/toyworld_probe.py [--sender llama-sender] [--steps 1500]
+
+For every fact of the sender's private group (one question per fact), the sender prefills the
+question as the fusers see it, and a linear softmax probe (one per layer, stream and position)
+learns the fact's value from the sender's K or V there: trained on fuser-train entities, scored
+on held-out ones. Positions: the entity's name, the end of the question (the last message token
+that the C2C reference's positions can fuse), and the last prompt token when every participant
+reads the answer prefix "The correct answer is" (``positions: last`` with ``prefill_answer``).
+Writes benchmarks/results/toyworld_probe.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
+from fedrefine.cache import cache_to_layers, returned_cache
+from fedrefine.chat import encode_chat
+from fedrefine.multiple_choice import question_messages
+from fedrefine.toyworld import DEFAULT_PARTICIPANTS
+from fedrefine.toyworld.lightning import ToyParticipant
+from fedrefine.toyworld.world import ANSWER_STYLE, ToyWorld, WorldConfig
+
+POSITIONS = ("entity", "question_end", "answer_prefix_end")
+
+
+@torch.no_grad()
+def sender_features(sender, world: ToyWorld, names) -> tuple[dict[tuple[int, str, str], torch.Tensor], torch.Tensor]:
+    """Per (layer, stream, position): the sender's K or V there for one question per fact; and the value labels."""
+    features: dict[tuple[int, str, str], list[torch.Tensor]] = {}
+    labels = []
+    for item in (q for q in world.questions(names) if q.answer_key == "A"):
+        entity, attribute = item.id.split("-")[:2]
+        encoded = {prefill: encode_chat(sender, question_messages(item, ANSWER_STYLE, prefill)) for prefill in (False, True)}
+        tokens = sender.tokenizer.convert_ids_to_tokens(encoded[False].input_ids)
+        content_end = encoded[False].content_spans[0][1]
+        where = {
+            "entity": (False, next(i for i, t in enumerate(tokens) if t.strip() == entity)),
+            "question_end": (False, max(i for i, (_, end) in enumerate(encoded[False].offsets) if end <= content_end)),
+            "answer_prefix_end": (True, len(encoded[True].input_ids) - 1),
+        }
+        caches = {}
+        for prefill, chat in encoded.items():
+            output = sender.model(input_ids=torch.tensor([chat.input_ids]), use_cache=True)
+            caches[prefill] = cache_to_layers(returned_cache(output))
+        for position, (prefill, index) in where.items():
+            for layer, (keys, values) in enumerate(caches[prefill]):
+                for stream, tensor in (("K", keys), ("V", values)):
+                    features.setdefault((layer, stream, position), []).append(tensor[0, :, index].flatten())
+        values = world.values[attribute]
+        labels.append(world.config.attributes.index(attribute) * len(values) + values.index(item.choices[item.answer_index]))
+    return {key: torch.stack(rows) for key, rows in features.items()}, torch.tensor(labels)
+
+
+def probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+                   classes: int, steps: int) -> tuple[float, float]:
+    """Fit a standardised linear softmax probe on ``train``; its accuracy on ``train`` and ``test``."""
+    mean, std = train.mean(0), train.std(0) + 1e-4
+    train, test = (train - mean) / std, (test - mean) / std
+    probe = torch.nn.Linear(train.shape[1], classes)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(probe(train), train_labels).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return tuple(float((probe(x).argmax(-1) == y).float().mean()) for x, y in ((train, train_labels), (test, test_labels)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sender", default="llama-sender", choices=[p.name for p in DEFAULT_PARTICIPANTS if p.private_groups])
+    parser.add_argument("--steps", type=int, default=1500, help="probe optimisation steps")
+    parser.add_argument("--out", default="benchmarks/results/toyworld_probe")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    world = ToyWorld(WorldConfig())
+    group = next(p.private_groups[0] for p in DEFAULT_PARTICIPANTS if p.name == args.sender)
+    sender = ToyParticipant(args.sender).load()
+    train, train_labels = sender_features(sender, world, world.fuser_train(group))
+    test, test_labels = sender_features(sender, world, world.held_out(group))
+    classes = len(world.config.attributes) * world.config.values_per_attribute
+    rows = []
+    for key in sorted(train, key=lambda k: (POSITIONS.index(k[2]), k[0], k[1])):
+        fit, held_out = probe_accuracy(train[key], train_labels, test[key], test_labels, classes, args.steps)
+        rows.append({"position": key[2], "layer": key[0], "stream": key[1], "fuser_train": fit, "held_out": held_out})
+    command, commit = script_command(), git_commit()
+    table = "\n".join(markdown_table(
+        ["position", "layer", "stream", "fuser-train entities", "held-out entities"],
+        [[r["position"], r["layer"], r["stream"], f"{100 * r['fuser_train']:.1f}%", f"{100 * r['held_out']:.1f}%"] for r in rows],
+    ))
+    text = (
+        f"# Where the {args.sender}'s cache holds the answer (linear probes)\n\nCommand: `{command}` at commit `{commit}`.\n"
+        f"{len(train_labels)} fuser-train and {len(test_labels)} held-out facts; {classes} classes (attribute x value), "
+        f"chance {100 / classes:.1f}% overall, 12.5% within an attribute.\n\n{table}\n"
+    )
+    write_results(args.out, {"command": command, "commit": commit, "sender": args.sender, "rows": rows}, text)
+
+
+if __name__ == "__main__":
+    main()
