@@ -349,7 +349,7 @@ class FusionModule(L.LightningModule):
 
     def _print_table(self, stage: str, rows: list[dict[str, Any]]) -> None:
         table = Table(title=f"FedRefine {stage}: {self.title()} ({self.question_count} questions)")
-        for column in ("route", "accuracy", "95% CI", "latency ms/question", "bytes/token", "leakage"):
+        for column in ("route", "accuracy", "95% CI", "latency ms/question", "bytes/token", "bytes/question", "leakage"):
             table.add_column(column, justify="left" if column == "route" else "right")
         for row in rows:
             leakage = "" if row["leakage_overlap"] is None else f"{100 * row['leakage_overlap']:.0f}%"
@@ -359,6 +359,7 @@ class FusionModule(L.LightningModule):
                 f"{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}%",
                 f"{row['latency_ms']:.1f}",
                 f"{row['bytes_per_token']:.0f}",
+                f"{row['bytes_per_question']:.0f}",
                 leakage,
             )
         console = Console()
