@@ -174,8 +174,9 @@ class FusedReceiver(nn.Module):
             return None
         message = prefill_message(self.senders[name], batch.input_ids, batch.attention_mask, needed)
         if self.positions == "last" and batch.alignment is not None:
-            read = batch.alignment[:, -1:]
-            message.sent = torch.zeros_like(message.attention_mask).scatter(1, read.clamp(min=0), (read >= 0).to(message.attention_mask.dtype))
+            read = batch.alignment[:, -1:]  # the sender position each sample's last prompt token reads
+            sent = (read >= 0).to(message.attention_mask.dtype)
+            message.sent = torch.zeros_like(message.attention_mask).scatter(1, read.clamp(min=0), sent)
         return message
 
     def _messages(
