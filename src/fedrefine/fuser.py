@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -79,7 +79,7 @@ class FuserConfig:
             raise ValueError(f"Unknown fusion mode {self.mode!r}; choose 'residual' or 'concat'.")
         if self.hidden_size < 1:
             raise ValueError(f"hidden_size must be positive, got {self.hidden_size}.")
-        if self.positions not in ("prompt", "all", "last"):
+        if self.positions not in get_args(FusedPositions):
             raise ValueError(f"Unknown positions {self.positions!r}; choose 'prompt', 'all' or 'last'.")
         if self.positions != "prompt" and self.mode != "residual":
             raise ValueError(
