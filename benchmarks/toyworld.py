@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from fedrefine.bench.records import git_commit, script_command, write_results
-from fedrefine.cli import build_cli
 from fedrefine.toyworld import DEFAULT_PARTICIPANTS
+from fedrefine.trainer_cli import build_cli
 
 ROUTES = {
     "receiver_alone": "receiver",

@@ -15,12 +15,12 @@ from pathlib import Path
 import lightning as L
 
 from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
-from fedrefine.cli import build_cli
 from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser
 from fedrefine.modules import FederationModule
 from fedrefine.registry import FuserRegistry
 from fedrefine.toyworld.lightning import ToyParticipant, ToyWorldDataModule
+from fedrefine.trainer_cli import build_cli
 
 SENDERS = {"llama": ("llama-sender", 0), "qwen2": ("qwen2-sender", 1)}
 

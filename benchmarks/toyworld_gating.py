@@ -23,10 +23,10 @@ from pathlib import Path
 from toyworld_federation import SENDERS, train_fuser
 
 from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
-from fedrefine.cli import build_cli
 from fedrefine.fuser import Fuser
 from fedrefine.registry import FuserRegistry
 from fedrefine.toyworld.lightning import ToyParticipant
+from fedrefine.trainer_cli import build_cli
 
 VARIANTS = {  # name -> (gating network, train the fusers jointly; None: no fit)
     "ungated": (False, None),

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fedrefine.bench.records import git_commit, script_command
-from fedrefine.multiple_choice import predict_alone
+from fedrefine.scoring import predict_alone
 from fedrefine.toyworld import DEFAULT_PARTICIPANTS, PretrainConfig, ToyWorld, WorldConfig
 from fedrefine.toyworld.pretrain import build_toy_world, load_toy_participants, read_toy_metadata, shipped_dir
 from fedrefine.toyworld.world import ANSWER_STYLE

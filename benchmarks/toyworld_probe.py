@@ -7,7 +7,7 @@ question as the fusers see it, and a linear softmax probe (one per layer, stream
 learns the fact's value from the sender's K or V there: trained on fuser-train entities, scored
 on held-out ones. Positions: the entity's name, the end of the question (the last message token
 that the C2C reference's positions can fuse), and the last prompt token when every participant
-reads the answer prefix "The correct answer is" (``positions: last`` with ``prefill_answer``).
+reads the answer prefix "The correct answer is" (``fuse_at: last`` with ``prefill_answer``).
 Writes benchmarks/results/toyworld_probe.{json,md}.
 """
 

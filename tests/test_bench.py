@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedrefine.bench.cells import expand_cells, sender_subsets, unsupported_reason
 from fedrefine.bench.kv_bytes import PAPER_RECEIVER, PAPER_SENDERS, bytes_table, format_table
-from fedrefine.bench.report import CSV_COLUMNS
 from fedrefine.bench.runner import BenchSweep
-from fedrefine.bench.sweep import Cell, expand_cells, sender_subsets
+from fedrefine.bench.sweep_report import CSV_COLUMNS
 from fedrefine.cli import load_sweep
 from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.registry import FuserRegistry, MissingFuserError
+from fedrefine.routes import Route
 from fedrefine.t2t import T2TConfig
 from fedrefine.toyworld.lightning import ToyParticipant, ToyWorldDataModule
 
@@ -41,20 +42,20 @@ def test_invalid_subsets_are_rejected_with_the_senders_named(subsets):
 
 
 def test_cells_cover_routes_x_modes_x_subsets_plus_one_baseline_per_mode():
-    cells = expand_cells(["a", "b"], ["c2c_residual", "c2c_concat", "t2t"], ["original", "shared", "private"])
+    cells = expand_cells(["a", "b"], ["c2c.residual", "c2c.concat", "t2t"], ["original", "shared", "private"])
     assert len(cells) == 3 + 3 * 3 * 3  # baselines + routes x modes x {a, b, a+b}
-    assert [c.key for c in cells[:3]] == ["receiver|original|-", "receiver|shared|-", "receiver|private|-"]
-    assert len({c.key for c in cells}) == len(cells)
-    assert Cell("c2c_concat", "private", ("a", "b")).evaluation_route == "c2c:a+b@private"
-    assert Cell("t2t", "original", ("b",)).evaluation_route == "t2t:b"
-    assert Cell("c2c_residual", "shared", ("a",)).fusion_mode == "residual"
+    assert [str(c) for c in cells[:3]] == ["receiver", "receiver@shared", "receiver@private"]
+    assert len({str(c) for c in cells}) == len(cells)
+    assert "c2c.concat:a+b@private" in {str(c) for c in cells} and "t2t:b" in {str(c) for c in cells}
+    residual = Route.parse("c2c.residual:a@shared")
+    assert residual in cells and residual.fusion == "residual" and residual.family == "c2c.residual"
 
 
 def test_residual_fusion_in_private_mode_is_kept_as_unsupported_with_its_reason():
-    assert "private" in Cell("c2c_residual", "private", ("a",)).unsupported_reason()
-    assert Cell("c2c_concat", "private", ("a",)).unsupported_reason() is None
-    assert Cell("t2t", "private", ("a",)).unsupported_reason() is None
-    assert Cell("c2c_residual", "shared", ("a",)).unsupported_reason(options="withhold") is not None
+    assert "private" in unsupported_reason(Route.parse("c2c.residual:a@private"))
+    assert unsupported_reason(Route.parse("c2c.concat:a@private")) is None
+    assert unsupported_reason(Route.parse("t2t:a@private")) is None
+    assert unsupported_reason(Route.parse("c2c.residual:a@shared"), options="withhold") is not None
 
 
 def test_unknown_routes_or_modes_are_errors():
@@ -133,7 +134,7 @@ def toy_sweep(tmp_path, registries, **overrides):
         senders=["llama", "qwen2"],
         data=ToyWorldDataModule(test_split="all_held_out", data_dir=str(tmp_path / "data")),
         registries=registries,
-        routes=["c2c_residual", "c2c_concat", "t2t"],
+        routes=["c2c.residual", "c2c.concat", "t2t"],
         query_modes=["original", "private"],
         num_questions=4,
         batch_size=4,
@@ -147,18 +148,19 @@ def toy_sweep(tmp_path, registries, **overrides):
 def test_a_sweep_writes_one_row_per_cell_and_resumes_without_rerunning(tmp_path, toy_registries, monkeypatch):
     sweep = toy_sweep(tmp_path, toy_registries)
     rows = sweep.run(command="test")
-    assert [r["key"] for r in rows] == [c.key for c in sweep.cells]
+    assert [r["key"] for r in rows] == [str(c) for c in sweep.cells]
     ok = [r for r in rows if r["status"] == "ok"]
     unsupported = [r for r in rows if r["status"] == "unsupported"]
-    assert {r["key"] for r in unsupported} == {c.key for c in sweep.cells if c.route == "c2c_residual" and c.query_mode == "private"}
+    assert {r["key"] for r in unsupported} == {str(c) for c in sweep.cells if c.family == "c2c.residual" and c.query_mode == "private"}
     assert all(r["n_questions"] == 4 for r in ok)
-    both = next(r for r in ok if r["key"] == "c2c_concat|original|llama+qwen2")
+    both = next(r for r in ok if r["key"] == "c2c.concat:llama+qwen2")
+    assert both["route"] == "c2c.concat" and both["senders"] == "llama+qwen2"
     assert set(both["sender_bytes_per_token"]) == {"llama", "qwen2"}
     assert both["bytes_per_token"] == pytest.approx(sum(both["sender_bytes_per_token"].values()))
     assert both["transfer_s"] == pytest.approx(both["bytes_per_question"] * 8 / 100e6)
     assert both["latency_s"] == pytest.approx(sum(both[f"{s}_s"] for s in ("rephrase", "sender", "transfer", "fuse", "receiver")))
     assert both["fuse_s"] > 0 and both["sender_s"] > 0
-    t2t = next(r for r in ok if r["key"] == "t2t|original|llama+qwen2")
+    t2t = next(r for r in ok if r["key"] == "t2t:llama+qwen2")
     assert t2t["bytes_per_token"] == 8  # 4 bytes per token id, two senders
 
     out = tmp_path / "out"
@@ -180,9 +182,9 @@ def test_a_sweep_writes_one_row_per_cell_and_resumes_without_rerunning(tmp_path,
     saved = json.loads((out / "sweep.json").read_text())
     saved["rows"] = saved["rows"][:5]
     (out / "sweep.json").write_text(json.dumps(saved))
-    monkeypatch.setattr(BenchSweep, "evaluate", lambda self, cell, questions: calls.append(cell.key) or dict(rows[[r["key"] for r in rows].index(cell.key)]))
+    monkeypatch.setattr(BenchSweep, "evaluate", lambda self, cell, questions: calls.append(str(cell)) or dict(rows[[r["key"] for r in rows].index(str(cell))]))
     toy_sweep(tmp_path, toy_registries).run(command="test")
-    expected = [c.key for c in sweep.cells[5:] if c.unsupported_reason() is None]
+    expected = [str(c) for c in sweep.cells[5:] if unsupported_reason(c) is None]
     assert calls == expected
 
 
@@ -190,30 +192,30 @@ def test_changed_questions_invalidate_finished_cells(tmp_path, toy_registries, m
     toy_sweep(tmp_path, toy_registries, routes=["t2t"], query_modes=["original"]).run(command="test")
     calls = []
     original = BenchSweep.evaluate
-    monkeypatch.setattr(BenchSweep, "evaluate", lambda self, cell, q: calls.append(cell.key) or original(self, cell, q))
+    monkeypatch.setattr(BenchSweep, "evaluate", lambda self, cell, q: calls.append(str(cell)) or original(self, cell, q))
     toy_sweep(tmp_path, toy_registries, routes=["t2t"], query_modes=["original"], num_questions=3).run(command="test")
     assert len(calls) == 4  # receiver + three subsets, all re-run
 
 
 def test_a_missing_fuser_without_training_is_an_error_naming_the_fix(tmp_path, toy_registries):
-    sweep = toy_sweep(tmp_path, {"residual": str(tmp_path / "empty")}, routes=["c2c_residual"], query_modes=["original"])
+    sweep = toy_sweep(tmp_path, {"residual": str(tmp_path / "empty")}, routes=["c2c.residual"], query_modes=["original"])
     with pytest.raises(MissingFuserError, match="fedrefine fit"):
         sweep.run(command="test")
     with pytest.raises(ValueError, match="registries.concat"):
-        toy_sweep(tmp_path, {}, routes=["c2c_concat"], query_modes=["original"]).run(command="test")
+        toy_sweep(tmp_path, {}, routes=["c2c.concat"], query_modes=["original"]).run(command="test")
 
 
 def test_results_reach_an_offline_wandb_run_as_a_table_and_images(tmp_path):
     from lightning.pytorch.loggers import WandbLogger
 
-    from fedrefine.bench.report import log_to, plot_accuracy_vs_senders
+    from fedrefine.bench.sweep_report import log_to, plot_accuracy_vs_senders
 
     rows = [
-        {"key": "receiver|original|-", "route": "receiver", "query_mode": "original", "senders": "", "n_senders": 0,
+        {"key": "receiver", "route": "receiver", "query_mode": "original", "senders": "", "n_senders": 0,
          "status": "ok", "accuracy": 0.25, "leakage_overlap": None},
-        {"key": "t2t|shared|a", "route": "t2t", "query_mode": "shared", "senders": "a", "n_senders": 1,
+        {"key": "t2t:a@shared", "route": "t2t", "query_mode": "shared", "senders": "a", "n_senders": 1,
          "status": "ok", "accuracy": 0.5, "leakage_overlap": 0.1, "sender_bytes_per_token": {"a": 4.0}},
-        {"key": "c2c_residual|private|a", "route": "c2c_residual", "query_mode": "private", "senders": "a",
+        {"key": "c2c.residual:a@private", "route": "c2c.residual", "query_mode": "private", "senders": "a",
          "n_senders": 1, "status": "unsupported", "reason": "no"},
     ]
     image = tmp_path / "fig3a.png"

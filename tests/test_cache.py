@@ -3,18 +3,16 @@ import torch
 
 from fedrefine.cache import (
     WriteHookCache,
-    apply_rotary,
     cache_to_layers,
     kv_bytes_per_token,
     kv_nbytes,
     layer_map,
     layers_to_cache,
     positions_from_mask,
-    remove_rotary,
     returned_cache,
-    rotary_cos_sin,
     with_cache,
 )
+from fedrefine.rope import RotaryFrame, apply_rotary, remove_rotary, rotary_cos_sin
 
 
 def test_cache_round_trip_continues_like_the_original(receiver):
@@ -91,3 +89,15 @@ def test_write_hook_cache_changes_only_the_first_write_of_each_layer(receiver):
     for layer in cache.layers:
         assert layer.values[:, :, 2].abs().sum() == 0  # the hooked write
         assert layer.values[:, :, 3].abs().sum() > 0  # a later (decoding) write is stored as computed
+
+
+def test_rotary_frame_is_the_one_home_of_rotation(llama_sender):
+    positions = torch.tensor([[0, 1, 2, 5], [3, 3, 4, 9]])
+    frame = RotaryFrame(llama_sender.rotary_embedding, positions)
+    x = torch.randn(2, 3, 4, 8)
+    cos, sin = rotary_cos_sin(llama_sender.rotary_embedding, positions, torch.float32)
+    assert torch.equal(frame.rotate(x), apply_rotary(x, cos, sin))
+    assert torch.allclose(frame.unrotate(frame.rotate(x)), x, atol=1e-5)
+    rotated = frame.rotate(x)  # the same states at the same position rotate alike, at other positions not
+    assert torch.allclose(rotated[1, :, 0], RotaryFrame(llama_sender.rotary_embedding, positions[1:, 1:2]).rotate(x[1:, :, :1])[0, :, 0])
+    assert not torch.allclose(rotated[0, :, 3], frame.rotate(x)[1, :, 3])

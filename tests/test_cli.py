@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedrefine.cli import build_cli
+from fedrefine.trainer_cli import build_cli
 
 CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml"))
 

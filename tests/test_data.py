@@ -2,13 +2,13 @@ import json
 
 import pytest
 
-from fedrefine.data.chat import ChatStream, conversation_to_example, prefill_response
-from fedrefine.data.multiple_choice import (
+from fedrefine.data.conversations import ChatStream, conversation_to_example, prefill_response
+from fedrefine.data.loading import open_dataset
+from fedrefine.data.question_dataset import (
     QuestionDataset,
     load_questions,
     reorder_options,
 )
-from fedrefine.data.sources import open_dataset
 from fedrefine.multiple_choice import DatasetSchemaError, MultipleChoiceItem
 
 

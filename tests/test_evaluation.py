@@ -3,20 +3,16 @@
 import pytest
 import torch
 
-from fedrefine.data.multiple_choice import QuestionDataset
-from fedrefine.evaluation import (
-    EvaluationConfig,
-    QueryPlanner,
-    RouteTally,
-    encode_questions,
-    parse_route,
-    run_route,
-    wilson_interval,
-)
+from fedrefine.data.question_dataset import QuestionDataset
+from fedrefine.evaluation import EvaluationConfig, Evaluator, QueryPlanner, Variant
+from fedrefine.evaluation.metrics import wilson_interval
+from fedrefine.evaluation.question_batch import QuestionEncoder
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
 from fedrefine.multiple_choice import MultipleChoiceItem
-from fedrefine.privacy import InputRecorder, RephraseConfig, Rephraser, content_words
+from fedrefine.privacy.leakage import InputRecorder, content_words
+from fedrefine.privacy.rephrase import RephraseConfig, Rephraser
+from fedrefine.routes import Route, RouteError, parse_routes
 from fedrefine.t2t import T2TConfig
 
 DISTINCTIVE = {"zorblax", "quenford", "glimmerstone"}
@@ -26,15 +22,35 @@ ITEMS = [
 ]
 
 
+def parse_route(text, senders):
+    return Route.parse(text).resolve(senders)
+
+
 def test_route_names_parse_and_bad_ones_say_what_is_allowed():
     senders = ["llama", "qwen2"]
     assert parse_route("c2c:llama+qwen2@private", senders).query_mode == "private"
     assert parse_route("t2t:qwen2", senders).senders == ("qwen2",)
     assert parse_route("c2c_random_kv", senders).control == "random_kv"
     assert parse_route("c2c:auto", senders).auto
-    for bad in ["sender", "c2c:mistral", "t2t_mismatched", "c2c@secret", "sender:llama@shared", "c2c_reordered@shared"]:
-        with pytest.raises(ValueError, match="route|ambiguous"):
+    concat = parse_route("c2c.concat:qwen2_mismatched", senders)
+    assert (concat.kind, concat.fusion, concat.senders, concat.control) == ("c2c", "concat", ("qwen2",), "mismatched")
+    for bad in ["sender", "c2c:mistral", "t2t_mismatched", "c2c@secret", "sender:llama@shared", "c2c_reordered@shared",
+                "t2t.concat", "c2c.mixed", "c2c:llama+"]:
+        with pytest.raises(RouteError, match="route|ambiguous"):
             parse_route(bad, senders)
+
+
+@pytest.mark.parametrize("text", ["receiver", "sender:llama", "c2c", "c2c.residual:llama+qwen2", "c2c:auto",
+                                  "c2c.concat:qwen2_random_kv", "t2t:llama@private", "receiver@shared"])
+def test_route_text_round_trips(text):
+    route = Route.parse(text)
+    assert str(route) == text and Route.parse(str(route)) == route and route.label == text
+
+
+def test_resolved_routes_name_their_senders_and_keep_their_label():
+    route = parse_route("sender", ["llama"])
+    assert route.senders == ("llama",) and route.label == "sender" and str(route) == "sender:llama"
+    assert [r.senders for r in parse_routes(["c2c", "t2t:qwen2"], ["llama", "qwen2"])] == [("llama", "qwen2"), ("qwen2",)]
 
 
 def test_wilson_interval():
@@ -55,15 +71,10 @@ def federated(receiver, senders, mode):
 
 
 def run(model, routes, planner):
-    questions = [QuestionDataset(ITEMS)[i] for i in range(len(ITEMS))]
-    parsed = [parse_route(r, model.sender_names) for r in routes]
-    batch = encode_questions(model, questions, parsed, planner=planner)
-    results = {}
-    for route in parsed:
-        tally = RouteTally()
-        tally.add(run_route(model, batch, route, planner=planner, t2t=T2TConfig(budget=3)), batch.labels)
-        results[route.name] = tally.row()
-    return results
+    questions = QuestionDataset(ITEMS)
+    parsed = parse_routes(routes, model.sender_names)
+    report = Evaluator(model, parsed, EvaluationConfig(t2t=T2TConfig(budget=3)), planner).run(questions, batch_size=2)
+    return {row["route"]: row for row in report.rows()}
 
 
 @pytest.mark.parametrize("mode, routes", [("concat", ["c2c@private", "t2t@private", "c2c@shared"]),
@@ -114,8 +125,11 @@ def test_original_routes_do_reach_senders_and_bytes_are_exact(world):
 def test_private_mode_with_residual_fusion_is_refused(world):
     receiver, senders = world
     model = federated(receiver, senders, "residual")
-    with pytest.raises(ValueError, match="'private' cannot run route 'c2c_residual'.*c2c_concat"):
+    with pytest.raises(RouteError, match="'private' cannot run route 'c2c@private'.*'c2c.concat' or 't2t'"):
         run(model, ["c2c@private"], QueryPlanner(Rephraser(receiver)))
+    with pytest.raises(RouteError, match="asks for concat fusion, but the receiver's fusers are residual"):
+        run(model, ["c2c.concat"], QueryPlanner())
+    Route.parse("c2c.concat")  # the route the error suggests is one the parser takes
 
 
 def test_prefill_answer_lets_senders_read_the_answer_prefix(world):
@@ -123,11 +137,12 @@ def test_prefill_answer_lets_senders_read_the_answer_prefix(world):
     model = federated(receiver, senders, "residual")
     questions = [QuestionDataset(ITEMS)[i] for i in range(len(ITEMS))]
     routes = [parse_route("c2c", model.sender_names)]
-    plain = encode_questions(model, questions, routes, mode="cloze")
-    prefilled = encode_questions(model, questions, routes, mode="cloze", prefill=True)
-    assert torch.equal(prefilled.fusion["item@original"].receiver_input_ids, plain.fusion["item@original"].receiver_input_ids)
+    plain = QuestionEncoder(model, routes, mode="cloze")(questions)
+    prefilled = QuestionEncoder(model, routes, mode="cloze", prefill=True)(questions)
+    item = Variant("item", "original")
+    assert torch.equal(prefilled.fusion[item].receiver_input_ids, plain.fusion[item].receiver_input_ids)
     for name in model.sender_names:  # "The correct answer is" is now content every sender reads: 4+ more aligned tokens
-        aligned = [(b.fusion["item@original"].senders[name].alignment >= 0).sum(1) for b in (plain, prefilled)]
+        aligned = [(b.fusion[item].senders[name].alignment >= 0).sum(1) for b in (plain, prefilled)]
         assert (aligned[1] >= aligned[0] + 4).all()
     with pytest.raises(ValueError, match="prefill_answer"):
         EvaluationConfig(answer_mode="generate", prefill_answer=True)

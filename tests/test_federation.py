@@ -6,10 +6,9 @@ import torch
 
 from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC
 from fedrefine.cache import positions_from_mask
-from fedrefine.data.module import C2CDataModule
+from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.fuser import Fuser, FuserConfig
-from fedrefine.fusion import FusedReceiver
-from fedrefine.gating import SourceGate
+from fedrefine.fusion import FusedReceiver, SenderKV, SourceGate
 from fedrefine.modules import CoC2CModule, FederationModule
 from fedrefine.registry import FuserRegistry, MissingFuserError
 from fedrefine.sources import TinyParticipant
@@ -56,7 +55,7 @@ def test_registry_lists_loads_lazily_and_refuses_missing_pairs(tmp_path, receive
 @pytest.mark.parametrize("mode", ["residual", "concat"])
 def test_no_selected_sender_is_exactly_the_receiver_alone(mode, receiver, llama_sender, qwen2_sender):
     model = fused(receiver, [llama_sender, qwen2_sender], mode)
-    batch = model.collate([model.encode(q) for q in QUESTIONS])
+    batch = model.encoder.collate([model.encoder.encode(q) for q in QUESTIONS])
     with torch.no_grad():
         none = model(batch, senders=[])[:, 0]
         some = model(batch)[:, 0]
@@ -67,7 +66,7 @@ def test_no_selected_sender_is_exactly_the_receiver_alone(mode, receiver, llama_
 @pytest.mark.parametrize("mode", ["residual", "concat"])
 def test_unselected_senders_never_run(mode, receiver, llama_sender, qwen2_sender):
     model = fused(receiver, [llama_sender, qwen2_sender], mode)
-    batch = model.collate([model.encode(q) for q in QUESTIONS])
+    batch = model.encoder.collate([model.encoder.encode(q) for q in QUESTIONS])
     calls = {"llama": 0, "qwen2": 0}
     hooks = [llama_sender.model.register_forward_hook(lambda *a: calls.__setitem__("llama", calls["llama"] + 1)),
              qwen2_sender.model.register_forward_hook(lambda *a: calls.__setitem__("qwen2", calls["qwen2"] + 1))]
@@ -84,19 +83,23 @@ def test_concat_mode_with_different_texts_stacks_senders_ahead_of_the_receiver(r
     model = fused(receiver, [llama_sender, qwen2_sender], "concat")
     long_text = [{"role": "user", "content": "A much longer text for the first sender, with many more words in it."}]
     examples = [
-        model.encode(QUESTIONS[0], sender_messages={llama_sender.name: long_text, qwen2_sender.name: QUESTIONS[1]}),
-        model.encode(QUESTIONS[1], sender_messages={llama_sender.name: QUESTIONS[1], qwen2_sender.name: long_text}),
+        model.encoder.encode(QUESTIONS[0], sender_messages={llama_sender.name: long_text, qwen2_sender.name: QUESTIONS[1]}),
+        model.encoder.encode(QUESTIONS[1], sender_messages={llama_sender.name: QUESTIONS[1], qwen2_sender.name: long_text}),
     ]
-    batch = model.collate(examples)
+    batch = model.encoder.collate(examples)
     assert all(s.alignment is None for s in batch.senders.values())  # concat needs no alignment
-    messages = model._messages(batch, model.sender_names, None)
-    prefix, prefix_mask = model._concat_prefix(batch, messages, None)
+    messages = model.kv_messages(batch, model.sender_names)
+    context = model.strategy.prepare(
+        receiver, batch.receiver_input_ids, batch.receiver_attention_mask, model.fusion_inputs(batch, messages)
+    )
+    prefix, prefix_mask = context.cache, context.prefix_mask
+    assert context.consumed == 0  # the receiver runs its whole prompt over the prefix
     expected_length = sum(s.input_ids.shape[1] for s in batch.senders.values())
     assert prefix.layers[0].keys.shape == (2, 2, expected_length, 16)
     assert prefix_mask.sum(1).tolist() == [sum(len(e.senders[n].input_ids) for n in e.senders) for e in examples]
     # keys carry the receiver's rotary embedding at positions 0..P-1 of each sample's real prefix
-    entries = model.fuser_for(llama_sender.name)(model._unrotated_sender_layers(llama_sender.name, messages[llama_sender.name], torch.float32))
-    from fedrefine.cache import apply_rotary, rotary_cos_sin
+    entries = model.fuser_for(llama_sender.name)(SenderKV(llama_sender, messages[llama_sender.name]).unrotated(torch.float32))
+    from fedrefine.rope import apply_rotary, rotary_cos_sin
     cos, sin = rotary_cos_sin(receiver.rotary_embedding, positions_from_mask(prefix_mask), torch.float32)
     width = batch.senders[llama_sender.name].input_ids.shape[1]
     rotated = apply_rotary(entries[0][0], cos[:, :, :width], sin[:, :, :width])
@@ -105,14 +108,14 @@ def test_concat_mode_with_different_texts_stacks_senders_ahead_of_the_receiver(r
     with torch.no_grad():
         together = model(batch)[:, 0]
         for i, example in enumerate(examples):
-            assert torch.allclose(together[i], model(model.collate([example]))[0, 0], atol=1e-4)
+            assert torch.allclose(together[i], model(model.encoder.collate([example]))[0, 0], atol=1e-4)
 
 
 def test_parallel_and_sequential_agree_for_one_sender_and_differ_for_two(receiver, llama_sender, qwen2_sender):
     torch.manual_seed(0)
     parallel = fused(receiver, [llama_sender, qwen2_sender], combine="parallel")
     sequential = FusedReceiver(receiver, [llama_sender, qwen2_sender], list(parallel.fusers), "sequential").eval()
-    batch = parallel.collate([parallel.encode(q) for q in QUESTIONS])
+    batch = parallel.encoder.collate([parallel.encoder.encode(q) for q in QUESTIONS])
     with torch.no_grad():
         one = [m(batch, senders=[llama_sender.name])[:, 0] for m in (parallel, sequential)]
         two = [m(batch)[:, 0] for m in (parallel, sequential)]
@@ -125,7 +128,7 @@ def test_gating_network_gets_gradients_and_weighs_each_subset(mode, receiver, ll
     gate = SourceGate(receiver.identity.hidden_size, receiver.identity.num_layers, 2, hidden_size=8)
     torch.nn.init.normal_(gate.net[-1].weight, std=0.1)
     model = fused(receiver, [llama_sender, qwen2_sender], mode, gate=gate).train()
-    batch = model.collate([model.encode(q, response="ok") for q in QUESTIONS])
+    batch = model.encoder.collate([model.encoder.encode(q, response="ok") for q in QUESTIONS])
     model(batch).float().pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
     weights = gate(receiver.model, batch.receiver_input_ids, batch.receiver_attention_mask, [1])
@@ -157,7 +160,8 @@ def test_co_c2c_trains_both_directions(tmp_path):
     for role, model in module.directions.items():
         assert any(not torch.equal(a, b) for a, b in zip(before[role], model.fusers.parameters())), role
     assert len(FuserRegistry(tmp_path / "reg").pairs()) == 2  # both directions exported
-    assert set(module.state_dict()) and all(k.startswith(CoC2CModule.trainable_prefixes) for k in module.state_dict())
+    prefixes = ("directions.first.fusers.", "directions.second.fusers.")
+    assert set(module.state_dict()) and all(k.startswith(prefixes) for k in module.state_dict())
 
 
 def test_federation_module_trains_only_the_gating_network_and_reports_each_sender(tmp_path):
@@ -224,7 +228,39 @@ def test_auto_route_uses_the_selection_and_reports_choices(tmp_path):
     saved = json.loads((tmp_path / "test_results.json").read_text())["selected_senders"]
     assert saved == {"0": [], "1": ["llama"], "2": [], "3": ["llama"]}
     # the auto route answers "heat" questions like c2c:llama and the others like the receiver alone
-    per_q = {route: dict(rows) for route, rows in module.per_question.items()}
+    per_q = {route: dict(rows) for route, rows in module.report.per_question.items()}
     for question, senders in saved.items():
         reference = "c2c:llama" if senders else "receiver"
         assert per_q["c2c:auto"][question] == per_q[reference][question]
+
+
+def test_a_gating_network_saves_with_its_format_and_loads_only_for_its_pair(tmp_path, receiver, llama_sender, qwen2_sender):
+    gate = SourceGate(receiver.identity.hidden_size, receiver.identity.num_layers, 2, hidden_size=8)
+    torch.nn.init.normal_(gate.net[-1].weight, std=0.1)
+    senders = [llama_sender.identity, qwen2_sender.identity]
+    gate.save(tmp_path / "gate", receiver.identity, senders)
+    metadata = json.loads((tmp_path / "gate" / "source_gate.json").read_text())
+    assert (metadata["format"], metadata["version"], metadata["hidden_size"]) == ("fedrefine.source_gate", 1, 8)
+    loaded = SourceGate(receiver.identity.hidden_size, receiver.identity.num_layers, 2, hidden_size=8)
+    loaded.load_weights(tmp_path / "gate", receiver.identity, senders)
+    assert all(torch.equal(a, b) for a, b in zip(gate.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="another receiver or sender list"):
+        loaded.load_weights(tmp_path / "gate", receiver.identity, senders[::-1])
+    with pytest.raises(ValueError, match="sizes"):
+        SourceGate(receiver.identity.hidden_size, receiver.identity.num_layers, 2, hidden_size=4).load_weights(
+            tmp_path / "gate", receiver.identity, senders)
+    metadata.pop("format")
+    (tmp_path / "gate" / "source_gate.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="not a FedRefine gating network"):
+        loaded.load_weights(tmp_path / "gate", receiver.identity, senders)
+
+
+@pytest.mark.parametrize("mode, strategy", [("residual", "ResidualFusion"), ("concat", "ConcatFusion")])
+def test_a_receiver_chooses_its_fusion_strategy_once_from_its_fusers(mode, strategy, receiver, llama_sender, qwen2_sender):
+    model = fused(receiver, [llama_sender, qwen2_sender], mode)
+    assert type(model.strategy).__name__ == strategy and model.mode == mode
+    assert model.encoder.aligns == (mode == "residual")
+    mixed = [Fuser(s.identity, receiver.identity, FuserConfig(hidden_size=8, mode=m))
+             for s, m in ((llama_sender, "residual"), (qwen2_sender, "concat"))]
+    with pytest.raises(ValueError, match="one fusion mode"):
+        FusedReceiver(receiver, [llama_sender, qwen2_sender], mixed)

@@ -118,3 +118,26 @@ def test_load_refuses_tampered_weights(receiver, llama_sender, tmp_path):
     save_file(tensors, tmp_path / "fuser.safetensors")
     with pytest.raises(RuntimeError, match="Missing key"):
         Fuser.load(tmp_path, llama_sender.identity, receiver.identity)
+
+
+def test_a_version_1_fuser_reads_its_positions_as_fuse_at(receiver, llama_sender, tmp_path):
+    import json
+
+    fuser = Fuser(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=8, fuse_at="last"))
+    fuser.save(tmp_path)
+    metadata = json.loads((tmp_path / "fuser.json").read_text())
+    assert metadata["version"] == 2 and metadata["config"]["fuse_at"] == "last"
+    metadata["version"] = 1  # as written before fuse_at had its name
+    metadata["config"]["positions"] = metadata["config"].pop("fuse_at")
+    (tmp_path / "fuser.json").write_text(json.dumps(metadata))
+    assert Fuser.load(tmp_path, llama_sender.identity, receiver.identity).config.fuse_at == "last"
+    metadata["version"] = 7
+    (tmp_path / "fuser.json").write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="format version 1 or 2.*version 7"):
+        Fuser.load(tmp_path, llama_sender.identity, receiver.identity)
+
+
+@pytest.mark.parametrize("mode, layer_class", [("residual", "ResidualLayerFuser"), ("concat", "ConcatLayerFuser")])
+def test_the_fusion_mode_picks_the_layer_fusers_once(receiver, llama_sender, mode, layer_class):
+    fuser = Fuser(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=8, mode=mode))
+    assert {type(layer).__name__ for layer in fuser.layers} == {layer_class}

@@ -23,7 +23,7 @@ def make_pair(receiver, sender, scale=0.3, **config):
 @pytest.mark.parametrize("sender_name", ["llama_sender", "qwen2_sender"])
 def test_fused_logits_for_heterogeneous_pair(request, receiver, sender_name):
     pair = make_pair(receiver, request.getfixturevalue(sender_name)).eval()
-    batch = pair.collate([pair.encode(m, r) for m, r in PROMPTS])
+    batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS])
     with torch.no_grad():
         fused, alone = pair(batch), pair(batch, fuse=False)
     assert fused.shape == (3, 1 + batch.response_ids.shape[1], len(receiver.tokenizer))
@@ -33,11 +33,11 @@ def test_fused_logits_for_heterogeneous_pair(request, receiver, sender_name):
 
 def test_padding_is_handled_per_sample(receiver, llama_sender):
     pair = make_pair(receiver, llama_sender).eval()
-    examples = [pair.encode(m, r) for m, r in PROMPTS]
+    examples = [pair.encoder.encode(m, r) for m, r in PROMPTS]
     with torch.no_grad():
-        batched = pair(pair.collate(examples))
+        batched = pair(pair.encoder.collate(examples))
         for i, example in enumerate(examples):
-            alone = pair(pair.collate([example]))
+            alone = pair(pair.encoder.collate([example]))
             length = alone.shape[1]
             assert torch.allclose(batched[i, :length], alone[0], atol=1e-4), i
 
@@ -46,7 +46,7 @@ def test_closed_gates_give_exactly_the_receiver_alone(receiver, llama_sender):
     pair = make_pair(receiver, llama_sender).eval()
     for layer in pair.fusers[0].layers:
         layer.gate.logit.data.fill_(-2.0)
-    batch = pair.collate([pair.encode(m, r) for m, r in PROMPTS])
+    batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS])
     calls = []
     hook = llama_sender.model.register_forward_hook(lambda *a: calls.append(1))
     try:
@@ -66,7 +66,7 @@ def test_closed_gates_give_exactly_the_receiver_alone(receiver, llama_sender):
 
 def test_gradients_reach_only_the_fuser(receiver, qwen2_sender):
     pair = make_pair(receiver, qwen2_sender).train()
-    batch = pair.collate([pair.encode(m, r) for m, r in PROMPTS])
+    batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS])
     logits = pair(batch)
     logits.float().pow(2).mean().backward()
     fuser_grads = [p.grad for p in pair.fusers[0].parameters()]
@@ -78,12 +78,11 @@ def test_gradients_reach_only_the_fuser(receiver, qwen2_sender):
 
 def test_only_aligned_positions_change(receiver, llama_sender):
     pair = make_pair(receiver, llama_sender).eval()
-    batch = pair.collate([pair.encode(m, r) for m, r in PROMPTS[:2]])
-    ids, mask = batch.receiver_input_ids[:, :-1], batch.receiver_attention_mask[:, :-1]
-    positions = positions_from_mask(mask)
+    batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS[:2]])
+    mask = batch.receiver_attention_mask[:, :-1]
     with torch.no_grad():
-        plain = pair.prefill_receiver(ids, mask, positions, batch, senders=[])
-        fused = pair.prefill_receiver(ids, mask, positions, batch, senders=pair.sender_names)
+        plain = pair.prepare(batch, senders=[]).cache
+        fused = pair.prepare(batch, senders=pair.sender_names).cache
     changed = (fused.layers[0].keys - plain.layers[0].keys).abs().sum(dim=(1, 3)) > 0  # (B, N)
     expected = (batch.senders[llama_sender.name].alignment[:, :-1] >= 0) & mask.bool()
     assert torch.equal(changed, expected)
@@ -98,21 +97,21 @@ def test_fuser_for_other_pair_is_refused(receiver, llama_sender, qwen2_sender):
 def prefilled(pair):
     """PROMPTS with the answer prefix as an assistant prefill that the sender reads too."""
     messages = [[*m, {"role": "assistant", "content": "The correct answer is"}] for m, _ in PROMPTS]
-    batch = pair.collate([pair.encode(m, " B.") for m in messages])
+    batch = pair.encoder.collate([pair.encoder.encode(m, " B.") for m in messages])
     for sender in batch.senders.values():  # fuse nothing but the last prompt token
         sender.alignment[:, :-1] = -1
     return batch
 
 
 def test_last_prompt_token_is_fused_only_when_asked(receiver, llama_sender):
-    pair = make_pair(receiver, llama_sender, positions="all").eval()
+    pair = make_pair(receiver, llama_sender, fuse_at="all").eval()
     batch = prefilled(pair)
     assert (batch.senders[llama_sender.name].alignment[:, -1] >= 0).all()  # the prefill is aligned content
     with torch.no_grad():
         alone, fused = pair(batch, fuse=False), pair(batch)
-        pair.positions = "prompt"
+        pair.strategy.fuse_at = "prompt"
         reference_fusion = pair(batch)  # the C2C reference leaves the last prompt token unfused
-        pair.positions = "last"
+        pair.strategy.fuse_at = "last"
         last_only = pair(batch)
     assert torch.equal(reference_fusion, alone)
     assert torch.allclose(last_only, fused)  # nothing else is aligned in this batch
@@ -122,7 +121,7 @@ def test_last_prompt_token_is_fused_only_when_asked(receiver, llama_sender):
 
 
 def test_last_token_fusion_trains_only_the_fuser_and_generates(receiver, qwen2_sender):
-    pair = make_pair(receiver, qwen2_sender, positions="last").train()
+    pair = make_pair(receiver, qwen2_sender, fuse_at="last").train()
     batch = prefilled(pair)
     pair(batch).float().pow(2).mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pair.fusers[0].parameters())
@@ -135,11 +134,11 @@ def test_last_token_fusion_trains_only_the_fuser_and_generates(receiver, qwen2_s
 
 def test_fused_positions_are_checked(receiver, llama_sender, qwen2_sender):
     with pytest.raises(ValueError, match="residual"):
-        FuserConfig(mode="concat", positions="last")
+        FuserConfig(mode="concat", fuse_at="last")
     with pytest.raises(ValueError, match="'prompt', 'all' or 'last'"):
-        FuserConfig(positions="first")
+        FuserConfig(fuse_at="first")
     fusers = [
-        Fuser(s.identity, receiver.identity, FuserConfig(hidden_size=8, positions=p))
+        Fuser(s.identity, receiver.identity, FuserConfig(hidden_size=8, fuse_at=p))
         for s, p in ((llama_sender, "last"), (qwen2_sender, "prompt"))
     ]
     with pytest.raises(ValueError, match="same positions"):
@@ -147,21 +146,20 @@ def test_fused_positions_are_checked(receiver, llama_sender, qwen2_sender):
 
 
 def test_last_only_leaves_the_prompt_cache_unfused(receiver, llama_sender):
-    pair = make_pair(receiver, llama_sender, positions="last").eval()
-    batch = pair.collate([pair.encode(m, r) for m, r in PROMPTS[:2]])
-    ids, mask = batch.receiver_input_ids[:, :-1], batch.receiver_attention_mask[:, :-1]
+    pair = make_pair(receiver, llama_sender, fuse_at="last").eval()
+    batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS[:2]])
     with torch.no_grad():
-        plain = pair.prefill_receiver(ids, mask, positions_from_mask(mask), batch, senders=[])
-        last_only = pair.prefill_receiver(ids, mask, positions_from_mask(mask), batch, senders=pair.sender_names)
+        plain = pair.prepare(batch, senders=[]).cache
+        last_only = pair.prepare(batch, senders=pair.sender_names).cache
     for before, after in zip(plain.layers, last_only.layers):
         assert torch.equal(before.keys, after.keys) and torch.equal(before.values, after.values)
 
 
 def test_last_only_sends_one_position_per_prompt(receiver, llama_sender):
-    pair = make_pair(receiver, llama_sender, positions="last").eval()
+    pair = make_pair(receiver, llama_sender, fuse_at="last").eval()
     batch = prefilled(pair)
     message = pair.send(llama_sender.name, batch.senders[llama_sender.name])
     assert message.nbytes == message.bytes_per_token * len(PROMPTS)
-    pair.positions = "prompt"
+    pair.strategy.fuse_at = "prompt"
     everything = pair.send(llama_sender.name, batch.senders[llama_sender.name])
     assert everything.nbytes == everything.bytes_per_token * int(batch.senders[llama_sender.name].attention_mask.sum())

@@ -7,10 +7,10 @@ from fedrefine.multiple_choice import (
     encode_options_prompt,
     encode_question,
     extract_choice,
-    option_logits,
     question_messages,
 )
 from fedrefine.participants import TinySpec, build_tiny_participant
+from fedrefine.scoring import option_logits
 
 ITEM = MultipleChoiceItem("q1", "What colour is Zorb?", ("red", "blue", "green", "pink"), tuple("ABCD"), "C")
 
@@ -47,7 +47,7 @@ def test_answer_extraction(text, expected):
 
 
 def test_cloze_scores_are_each_options_mean_log_probability():
-    from fedrefine.multiple_choice import predict_alone, score_encoded
+    from fedrefine.scoring import predict_alone, score_encoded
 
     participant = build_tiny_participant(TinySpec("c", tokenizer_kind="byte_bpe", vocab_size=400, seed=3))
     item = MultipleChoiceItem("q", "Which is hot?", ("fire", "ice cube", "snow"), tuple("ABC"), "A")

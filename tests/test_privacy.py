@@ -2,27 +2,26 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
 
-from fedrefine.batching import left_pad
 from fedrefine.chat import encode_chat
 from fedrefine.message import prefill_message
 from fedrefine.multiple_choice import MultipleChoiceItem, question_text
-from fedrefine.privacy import (
+from fedrefine.padding import left_pad
+from fedrefine.privacy.leakage import (
     InputRecorder,
-    RephraseConfig,
-    Rephraser,
-    Rephrasing,
-    check_mode,
     content_words,
     find_leaks,
     leakage_report,
     local_sentence_embedder,
-    plan_queries,
     token_overlap,
 )
+from fedrefine.privacy.plans import plan_queries
+from fedrefine.privacy.rephrase import RephraseConfig, Rephraser, Rephrasing
+from fedrefine.routes import Route, RouteError
 from fedrefine.t2t import DEFAULT_PROMPT_TEMPLATE, T2TConfig, t2t_predict
 
 ITEMS = [
@@ -70,25 +69,36 @@ def count_forwards(participant):
 # --- mode checks ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route", ["c2c", "c2c_residual", "c2c_reordered"])
-def test_private_mode_rejects_residual_fusion(route):
-    with pytest.raises(ValueError, match=f"'private' cannot run route '{route}'.*c2c_concat.*t2t"):
-        check_mode("private", route)
+def check_mode(mode, route, options="verbatim", fusion=None):
+    Route.parse(f"{route}@{mode}" if mode != "original" else route).check(options, fusion)
+
+
+@pytest.mark.parametrize("route, fusion", [("c2c", "residual"), ("c2c", None), ("c2c.residual", None),
+                                           ("c2c.residual:a+b", "residual")])
+def test_private_mode_rejects_residual_fusion(route, fusion):
+    with pytest.raises(RouteError, match=re.escape(f"'private' cannot run route '{route}@private'") + ".*'c2c.concat' or 't2t'"):
+        check_mode("private", route, fusion=fusion)
+
+
+def test_the_routes_a_refusal_suggests_run_in_private_mode():
+    for suggested in ("c2c.concat", "t2t"):
+        check_mode("private", suggested, options="verbatim")
 
 
 def test_mode_checks():
     for mode in ("original", "shared", "private"):
-        for route in ("t2t", "c2c_concat", "receiver"):
+        for route in ("t2t", "c2c.concat", "receiver"):
             check_mode(mode, route)
+        check_mode(mode, "c2c", fusion="concat")
     check_mode("original", "c2c")
     check_mode("shared", "c2c")
-    with pytest.raises(ValueError, match="'withhold' with route 'c2c'.*verbatim"):
+    with pytest.raises(RouteError, match="'withhold' with route 'c2c@shared'.*verbatim"):
         check_mode("shared", "c2c", options="withhold")
-    with pytest.raises(ValueError, match="Unknown privacy mode 'secret'"):
+    with pytest.raises(RouteError, match="unknown query mode 'secret'"):
         check_mode("secret", "t2t")
-    with pytest.raises(ValueError, match="Unknown route 'telepathy'"):
+    with pytest.raises(RouteError, match="unknown kind 'telepathy'"):
         check_mode("original", "telepathy")
-    with pytest.raises(ValueError, match="Unknown options policy"):
+    with pytest.raises(RouteError, match="Unknown options policy"):
         check_mode("original", "t2t", options="hide")
 
 
@@ -216,7 +226,7 @@ def leaks(plans, received):
     return found
 
 
-@pytest.mark.parametrize("route", ["t2t", "c2c_concat"])
+@pytest.mark.parametrize("route", ["t2t", "c2c.concat"])
 @pytest.mark.parametrize("mode", ["shared", "private"])
 def test_nothing_but_the_rephrasing_reaches_senders(local, senders, mode, route):
     check_mode(mode, route)
@@ -227,7 +237,7 @@ def test_nothing_but_the_rephrasing_reaches_senders(local, senders, mode, route)
         assert not DISTINCTIVE & content_words(text)
 
 
-@pytest.mark.parametrize("route", ["t2t", "c2c_concat"])
+@pytest.mark.parametrize("route", ["t2t", "c2c.concat"])
 def test_the_invariant_check_catches_a_leak(local, senders, route):
     plans, received, token_channel = what_senders_received(local, senders, "original", route)
     for sender, words in leaks(plans, received).items():

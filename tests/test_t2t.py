@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from fedrefine.generation import generate_replies
-from fedrefine.multiple_choice import (
-    MultipleChoiceItem,
-    encode_question,
-    predict_alone,
-    question_messages,
-    question_text,
-    score_encoded,
-)
+from fedrefine.multiple_choice import MultipleChoiceItem, encode_question, question_messages, question_text
+from fedrefine.scoring import predict_alone, score_encoded
 from fedrefine.t2t import (
     DEFAULT_HINT_HEADER,
     Hint,

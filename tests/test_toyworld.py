@@ -330,7 +330,7 @@ def test_last_token_fusion_with_the_answer_prefill_transfers_held_out_facts(tmp_
     L.seed_everything(0)
     module = C2CModule(
         ToyParticipant("receiver"), ToyParticipant("llama-sender"),
-        FuserConfig(hidden_size=128, dropout=0.0, gate_init=2.0, positions="last"), learning_rate=3e-3,
+        FuserConfig(hidden_size=128, dropout=0.0, gate_init=2.0, fuse_at="last"), learning_rate=3e-3,
         evaluation=EvaluationConfig(answer_mode="cloze", prefill_answer=True, test_routes=["receiver", "c2c", "c2c_mismatched"]),
         export_dir=str(tmp_path / "fuser"),
     )

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import LLAMA_SPEC, RECEIVER_SPEC
-from fedrefine.data.chat import ChatExample
-from fedrefine.data.module import C2CDataModule
+from fedrefine.data.conversations import ChatExample
+from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import FuserConfig, FuserPairMismatchError
 from fedrefine.modules import C2CModule
@@ -124,24 +124,24 @@ def test_max_length_below_every_prompt_is_a_clear_error():
 
 def test_long_responses_are_truncated_and_counted():
     module = make_module()
-    prompt_len = len(module.fused.encode(chat_examples()[0].messages).receiver_ids)
-    module.max_length = prompt_len + 2
+    prompt_len = len(module.fused.encoder.encode(chat_examples()[0].messages).receiver_ids)
+    module.chat_batches.max_length = prompt_len + 2
     batch = module.encode_chat_batch(chat_examples()[:1])
     assert batch.response_ids.shape[1] == 2
     assert module.data_counts["truncated_responses"] == 1 and module.data_counts["truncated_response_tokens"] > 0
 
 
 def test_evaluation_never_skips_a_question(tmp_path, monkeypatch):
-    import fedrefine.evaluation as evaluation
+    import fedrefine.evaluation.question_batch as question_batch
 
-    real = evaluation.encode_question
+    real = question_batch.encode_question
 
     def flaky(participant, item, style="letter", prefill=False):
         if item.id == "test2":
             raise ValueError("cannot encode this one")
         return real(participant, item, style, prefill)
 
-    monkeypatch.setattr(evaluation, "encode_question", flaky)
+    monkeypatch.setattr(question_batch, "encode_question", flaky)
     module = make_module(evaluation=EvaluationConfig(
         test_routes=["receiver", "sender", "c2c", "c2c_mismatched", "c2c_random_kv", "c2c_reordered"]))
     trainer(tmp_path).test(module, write_data(tmp_path))
@@ -150,6 +150,31 @@ def test_evaluation_never_skips_a_question(tmp_path, monkeypatch):
     for row in rows.values():
         assert row["questions"] == 6 and row["failed"] == 1
         assert row["accuracy"] <= 5 / 6  # the failed question counts as wrong
-    assert module.failures == [("test2", "ValueError: cannot encode this one")]
+    assert module.report.failures == [("test2", "ValueError: cannot encode this one")]
     saved = json.loads((tmp_path / "test_results.json").read_text())
     assert saved["failures"] and len(saved["rows"]) == 6
+
+
+def test_checkpoints_follow_the_declared_trainable_parts_not_attribute_names():
+    module = make_module()
+    keys = set(module.state_dict())
+    assert keys == {f"fused.fusers.0.{k}" for k in module.fuser.state_dict()}
+
+    class Renamed(C2CModule):  # the fused receiver under another attribute name
+        def __init__(self, **kwargs):
+            super().__init__(TinyParticipant(RECEIVER_SPEC), TinyParticipant(LLAMA_SPEC), **kwargs)
+            self.pair = self.__dict__["_modules"].pop("fused")
+
+        @property
+        def fused(self):
+            return self.pair
+
+    renamed = Renamed(fuser=FuserConfig(hidden_size=32, dropout=0.0))
+    assert set(renamed.state_dict()) == {f"pair.fusers.0.{k}" for k in renamed.fuser.state_dict()}
+
+    class Undeclared(C2CModule):  # a trainable part outside the module tree cannot be checkpointed
+        def trainable_modules(self):
+            return [torch.nn.Linear(2, 2)]
+
+    with pytest.raises(ValueError, match="not its submodules"):
+        Undeclared(TinyParticipant(RECEIVER_SPEC), TinyParticipant(LLAMA_SPEC), fuser=FuserConfig(hidden_size=8)).state_dict()

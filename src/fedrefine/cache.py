@@ -1,4 +1,7 @@
-"""KV caches: per-layer access over transformers' Cache API, byte counts, layer maps, rotary helpers."""
+"""KV caches: per-layer access over transformers' Cache API, byte counts, layer maps, padded positions.
+
+Rotary embedding helpers live in :mod:`fedrefine.rope`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ from collections.abc import Sequence
 from functools import cache as memoize
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 from transformers import Cache, DynamicCache
 
@@ -108,25 +110,3 @@ def layer_map(kind: LayerMapKind, receiver_layers: int, sender_layers: int) -> l
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
     """Position ids for a (left- or right-) padded batch: 0 at each sample's first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def rotary_cos_sin(rotary_embedding: nn.Module, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin of a model's own rotary embedding at ``position_ids``, shaped (B, 1, N, head_dim)."""
-    probe = torch.zeros((), dtype=dtype, device=position_ids.device)
-    cos, sin = rotary_embedding(probe, position_ids)
-    return cos.unsqueeze(1), sin.unsqueeze(1)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, N, D) states by the given angles (HF's half-split RoPE convention)."""
-    return x * cos + _rotate_half(x) * sin
-
-
-def remove_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Inverse of :func:`apply_rotary`: rotate by the negative angles (and undo any attention scaling)."""
-    return (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)

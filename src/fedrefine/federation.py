@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from functools import cached_property
 
 from fedrefine.fusion import Combine, FusedReceiver
-from fedrefine.gating import SourceGate
+from fedrefine.fusion.gating import SourceGate
 from fedrefine.participants import Participant
 from fedrefine.registry import FuserRegistry
 from fedrefine.sources import ParticipantSource

@@ -17,7 +17,7 @@ receiver's after, so models with different rotary bases are fused in a position-
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -29,61 +29,76 @@ from fedrefine.cache import LayerKV, LayerMapKind, layer_map
 from fedrefine.participants import ParticipantIdentity
 
 FORMAT_NAME = "fedrefine.fuser"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Version 1 named ``fuse_at`` ``positions``; it is read with that one key renamed.
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "fuser.safetensors"
 METADATA_FILE = "fuser.json"
 
 
-#: Which receiver tokens a residual fuser writes to (see :class:`FuserConfig`).
-FusedPositions = Literal["prompt", "all", "last"]
+#: Which receiver tokens a residual fuser writes to (see :class:`FuserConfig`'s ``fuse_at``).
+FuseAt = Literal["prompt", "all", "last"]
+FusionMode = Literal["residual", "concat"]
 
 
 class FuserPairMismatchError(ValueError):
     """A fuser was trained for another sender/receiver pair than the one it is loaded into."""
 
 
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
 @dataclass
 class FuserConfig:
-    """Size and behaviour of a fuser. ``hidden_size=1024, num_blocks=3`` is the C2C reference size.
+    """Size and behaviour of a fuser. ``hidden_size=1024, num_blocks=3`` is the C2C reference size."""
 
-    ``mode``: ``residual`` adds to the receiver's cache at aligned positions (sender and receiver
-    read the same text); ``concat`` projects the sender's cache into extra receiver cache entries
-    placed ahead of the receiver's own (texts may differ). ``fuse_keys=False`` (residual mode)
-    leaves the receiver's keys, hence where it attends, untouched and fuses values only.
-    ``reads_receiver=False`` (residual mode) computes the deltas from the sender's states alone,
-    so the fuser cannot key on receiver features of tokens the receiver never learned.
-    ``positions`` (residual mode): which receiver tokens are fused. ``prompt`` (the C2C reference):
-    every aligned prompt token but the last. ``all``: the last prompt token too, fused as the
-    receiver computes it. ``last``: only the last prompt token. With an answer prefix that every
-    participant reads (an assistant prefill), the last token is where the sender has worked out its
-    answer; fusing only there leaves the fuser no token-by-token shortcut to memorise.
-    """
-
-    mode: Literal["residual", "concat"] = "residual"
-    hidden_size: int = 256
-    num_blocks: int = 3
-    ffn_multiplier: float = 1.0
-    dropout: float = 0.1
-    layer_map: LayerMapKind = "bottom_up"
-    gate_init: float = 1.0
-    fuse_keys: bool = True
-    reads_receiver: bool = True
-    positions: FusedPositions = "prompt"
-    temperature_start: float = 1.0
-    temperature_end: float = 0.001
+    mode: FusionMode = field(
+        default="residual",
+        metadata=_help("residual: add to the receiver's cache at aligned positions (sender and receiver read the "
+                       "same text). concat: project the sender's cache into extra receiver cache entries placed "
+                       "ahead of the receiver's own (texts may differ)."),
+    )
+    hidden_size: int = field(default=256, metadata=_help("Width of each stream's MLP trunk."))
+    num_blocks: int = field(default=3, metadata=_help("Residual MLP blocks per stream (>= 2: trunk + weight head)."))
+    ffn_multiplier: float = field(default=1.0, metadata=_help("Inner width of each block, as a multiple of hidden_size."))
+    dropout: float = field(default=0.1, metadata=_help("Dropout inside the blocks (training only)."))
+    layer_map: LayerMapKind = field(
+        default="bottom_up", metadata=_help("Which sender layer feeds each receiver layer: bottom_up, top_down, uniform.")
+    )
+    gate_init: float = field(default=1.0, metadata=_help("Initial logit of every layer's gate (> 0: open)."))
+    fuse_keys: bool = field(
+        default=True,
+        metadata=_help("Residual mode: False leaves the receiver's keys, hence where it attends, untouched and "
+                       "fuses values only."),
+    )
+    reads_receiver: bool = field(
+        default=True,
+        metadata=_help("Residual mode: False computes the deltas from the sender's states alone, so the fuser "
+                       "cannot key on receiver features of tokens the receiver never learned."),
+    )
+    fuse_at: FuseAt = field(
+        default="prompt",
+        metadata=_help("Residual mode: which receiver tokens are fused. prompt (the C2C reference): every aligned "
+                       "prompt token but the last. all: the last prompt token too, fused as the receiver computes "
+                       "it. last: only the last prompt token; with an answer prefix every participant reads, that "
+                       "is where the sender has worked out its answer."),
+    )
+    temperature_start: float = field(default=1.0, metadata=_help("Gate temperature at the start of training."))
+    temperature_end: float = field(default=0.001, metadata=_help("Gate temperature at the end (geometric schedule)."))
 
     def __post_init__(self) -> None:
         if self.num_blocks < 2:
             raise ValueError(f"num_blocks must be at least 2 (trunk + weight head), got {self.num_blocks}.")
-        if self.mode not in ("residual", "concat"):
+        if self.mode not in get_args(FusionMode):
             raise ValueError(f"Unknown fusion mode {self.mode!r}; choose 'residual' or 'concat'.")
         if self.hidden_size < 1:
             raise ValueError(f"hidden_size must be positive, got {self.hidden_size}.")
-        if self.positions not in get_args(FusedPositions):
-            raise ValueError(f"Unknown positions {self.positions!r}; choose 'prompt', 'all' or 'last'.")
-        if self.positions != "prompt" and self.mode != "residual":
+        if self.fuse_at not in get_args(FuseAt):
+            raise ValueError(f"Unknown fuse_at {self.fuse_at!r}; choose 'prompt', 'all' or 'last'.")
+        if self.fuse_at != "prompt" and self.mode != "residual":
             raise ValueError(
-                f"positions={self.positions!r} is for residual fusion; concat entries are read by every receiver token."
+                f"fuse_at={self.fuse_at!r} is for residual fusion; concat entries are read by every receiver token."
             )
 
 
@@ -154,7 +169,7 @@ class ConcreteGate(nn.Module):
 
 
 class LayerFuser(nn.Module):
-    """Fuser for one receiver layer: K and V streams plus the layer's gate."""
+    """Fuser for one receiver layer: K and V streams plus the layer's gate (see the two modes below)."""
 
     def __init__(self, sender: ParticipantIdentity, receiver: ParticipantIdentity, config: FuserConfig) -> None:
         super().__init__()
@@ -163,17 +178,28 @@ class LayerFuser(nn.Module):
         self.key = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config) if fuse_keys else None
         self.value = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config)
         self.gate = ConcreteGate(config.gate_init)
-        self.mode = config.mode
 
-    def forward(self, sender: LayerKV, receiver: LayerKV | None, temperature: Tensor) -> LayerKV:
-        """Residual: deltas (dK, dV) for the receiver's (unrotated) K/V. Concat: new (K, V) cache entries."""
+
+class ResidualLayerFuser(LayerFuser):
+    """Residual mode: gated deltas (dK, dV) for the receiver's (unrotated) K/V at the same positions."""
+
+    def forward(self, sender: LayerKV, receiver: LayerKV, temperature: Tensor) -> LayerKV:
         g = self.gate(temperature)
-        if self.mode == "concat":
-            return self.key(sender[0]), g * self.value(sender[1])
-        delta_values = g * self.value(sender[1], receiver[1])
+        delta_values = g * self.value(sender[1], receiver[1])  # (B, H_t, N, D_t)
         if self.key is None:
             return torch.zeros_like(receiver[0]), delta_values
         return g * self.key(sender[0], receiver[0]), delta_values
+
+
+class ConcatLayerFuser(LayerFuser):
+    """Concat mode: new (K, V) cache entries from the sender's states alone; the gate scales the values."""
+
+    def forward(self, sender: LayerKV, receiver: None, temperature: Tensor) -> LayerKV:
+        g = self.gate(temperature)
+        return self.key(sender[0]), g * self.value(sender[1])  # (B, H_t, N_s, D_t) each
+
+
+LAYER_FUSERS: dict[str, type[LayerFuser]] = {"residual": ResidualLayerFuser, "concat": ConcatLayerFuser}
 
 
 class Fuser(nn.Module):
@@ -187,7 +213,8 @@ class Fuser(nn.Module):
         self.sender = sender
         self.receiver = receiver
         self.layer_map = layer_map(self.config.layer_map, receiver.num_layers, sender.num_layers)
-        self.layers = nn.ModuleList(LayerFuser(sender, receiver, self.config) for _ in range(receiver.num_layers))
+        layer_class = LAYER_FUSERS[self.config.mode]  # the mode is resolved once, here
+        self.layers = nn.ModuleList(layer_class(sender, receiver, self.config) for _ in range(receiver.num_layers))
         self.register_buffer("temperature", torch.tensor(self.config.temperature_start), persistent=False)
 
     def anneal(self, progress: float) -> None:
@@ -258,8 +285,13 @@ class Fuser(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"No fuser at {directory}: {METADATA_FILE} is missing.")
         metadata = json.loads(path.read_text())
-        if metadata.get("format") != FORMAT_NAME or metadata.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a FedRefine fuser of format version {FORMAT_VERSION}.")
+        if metadata.get("format") != FORMAT_NAME or metadata.get("version") not in READABLE_VERSIONS:
+            raise ValueError(
+                f"{path} is not a FedRefine fuser of format version {' or '.join(map(str, READABLE_VERSIONS))} "
+                f"(got format {metadata.get('format')!r}, version {metadata.get('version')!r})."
+            )
+        if metadata["version"] == 1 and "positions" in metadata["config"]:
+            metadata["config"]["fuse_at"] = metadata["config"].pop("positions")
         return metadata
 
     @classmethod

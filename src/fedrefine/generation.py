@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from fedrefine.batching import left_pad
 from fedrefine.chat import encode_chat
-from fedrefine.fusion import trim_at_eos
+from fedrefine.padding import left_pad
 from fedrefine.participants import Participant
+from fedrefine.timing import stopwatch
 
 
 @dataclass(frozen=True)
@@ -23,9 +22,9 @@ class Reply:
     seconds: float
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def trim_at_eos(token_ids: list[int], eos_token_id: int) -> list[int]:
+    """Generated ids up to (not including) the first end-of-turn token."""
+    return token_ids[: token_ids.index(eos_token_id)] if eos_token_id in token_ids else token_ids
 
 
 @torch.no_grad()
@@ -36,20 +35,17 @@ def _generate_batch(
     rows = [encode_chat(participant, [{"role": "user", "content": p}]).input_ids for p in prompts]
     ids, mask = left_pad(rows, tokenizer.pad_token_id)
     ids, mask = ids.to(participant.device), mask.to(participant.device)
-    synchronize(participant.device)
-    start = time.perf_counter()
-    output = participant.model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=participant.end_of_turn_token_id,
-        **sampling,
-    )
-    synchronize(participant.device)
-    seconds = time.perf_counter() - start
+    with stopwatch(participant.device) as elapsed:
+        output = participant.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=participant.end_of_turn_token_id,
+            **sampling,
+        )
     eos = participant.end_of_turn_token_id
-    return [trim_at_eos(row[ids.shape[1] :].tolist(), eos) for row in output], seconds
+    return [trim_at_eos(row[ids.shape[1] :].tolist(), eos) for row in output], elapsed.seconds
 
 
 def generate_replies(

@@ -17,7 +17,7 @@ from fedrefine.cache import (
 from fedrefine.participants import Participant, ParticipantIdentity
 
 
-@dataclass
+@dataclass(frozen=True)
 class KVMessage:
     """Per-layer K/V of one sender's prefill of a (padded) batch of prompts.
 
@@ -27,10 +27,10 @@ class KVMessage:
     """
 
     sender: ParticipantIdentity
-    layers: dict[int, LayerKV]
-    positions: Tensor
-    attention_mask: Tensor
-    sent: Tensor | None = None
+    layers: dict[int, LayerKV]  # sender layer -> (K, V), each (B, H_s, N, D_s)
+    positions: Tensor  # (B, N)
+    attention_mask: Tensor  # (B, N)
+    sent: Tensor | None = None  # (B, N)
 
     @property
     def tokens_per_sample(self) -> Tensor:
@@ -51,10 +51,18 @@ class KVMessage:
 
 @torch.no_grad()
 def prefill_message(
-    sender: Participant, input_ids: Tensor, attention_mask: Tensor, layers: list[int] | None = None
+    sender: Participant,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    layers: list[int] | None = None,
+    sent: Tensor | None = None,
 ) -> KVMessage:
-    """Run the sender's prefill over its own (left-padded) tokens and package the needed layers."""
-    positions = positions_from_mask(attention_mask)
+    """Run the sender's prefill over its own left-padded tokens (B, N) and package the needed layers.
+
+    ``layers``: the sender layers to carry (None: all); ``sent`` (B, N): the positions transmitted
+    (None: every real position).
+    """
+    positions = positions_from_mask(attention_mask)  # (B, N)
     output = sender.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
     cache = cache_to_layers(returned_cache(output))
     wanted = range(len(cache)) if layers is None else layers
@@ -63,4 +71,17 @@ def prefill_message(
         layers={j: cache[j] for j in wanted},
         positions=positions,
         attention_mask=attention_mask,
+        sent=sent,
     )
+
+
+def random_message_like(message: KVMessage, generator: torch.Generator | None = None) -> KVMessage:
+    """A message of the same shape whose K/V are Gaussian with each layer's own mean and std (a control)."""
+    layers = {}
+    for j, (keys, values) in message.layers.items():
+        fake = []
+        for states in (keys, values):
+            noise = torch.randn(states.shape, generator=generator, dtype=torch.float32).to(states.device)
+            fake.append((noise * states.float().std() + states.float().mean()).to(states.dtype))
+        layers[j] = (fake[0], fake[1])
+    return KVMessage(message.sender, layers, message.positions, message.attention_mask)

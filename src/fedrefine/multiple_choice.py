@@ -1,22 +1,18 @@
-"""Multiple-choice questions in the OpenBookQA schema: validation, the zero-shot prompt, option scoring.
+"""Multiple-choice questions in the OpenBookQA schema: validation, the zero-shot prompt, how options are named.
 
-The prompt is one user message; the assistant's answer starts with :data:`ANSWER_PREFIX` and
-the model is scored by its next-token logits over the option letters (deterministic).
+The prompt is one user message; the assistant's answer starts with :data:`ANSWER_PREFIX`.
+:mod:`fedrefine.scoring` scores the options (letter logits or cloze); :func:`extract_choice`
+reads the choice out of generated text.
 The toy world trains its tiny models on exactly this rendering.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-from torch import Tensor
-
-from fedrefine.batching import left_pad, right_pad
-from fedrefine.cache import positions_from_mask
 from fedrefine.chat import EncodedChat, Message, encode_chat, truncate_chat
 from fedrefine.participants import Participant
 
@@ -163,20 +159,6 @@ def encode_options_prompt(
     return EncodedQuestion(truncate_chat(variants[0], shared), candidates, continuations)
 
 
-def option_logits(next_token_logits: Tensor, option_token_ids: Sequence[Sequence[int]]) -> Tensor:
-    """(B, max options) logits of each row's option tokens from (B, V) next-token logits.
-
-    Rows with fewer options (ragged batches) are padded with -inf, so argmax never picks a padding slot.
-    """
-    width = max(len(row) for row in option_token_ids)
-    index = torch.zeros((len(option_token_ids), width), dtype=torch.long, device=next_token_logits.device)
-    valid = torch.zeros_like(index, dtype=torch.bool)
-    for i, row in enumerate(option_token_ids):
-        index[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        valid[i, : len(row)] = True
-    return next_token_logits.gather(1, index).masked_fill(~valid, float("-inf"))
-
-
 _STATED = re.compile(r"answer(?: is|:)\s*\(?([A-Za-z])\b", re.IGNORECASE)
 _LEADING = re.compile(r"^\s*\(?([A-Z])(?:[.):]|\s*$)")
 
@@ -193,60 +175,3 @@ def extract_choice(text: str, labels: Sequence[str]) -> str | None:
             return match.group(1).upper()
     standalone = {t for t in re.findall(r"\b([A-Z])\b", text) if t in labels}
     return standalone.pop() if len(standalone) == 1 else None
-
-
-def continuation_scores(
-    forward: Callable[[Tensor, Tensor], Tensor], continuations: Sequence[Sequence[Sequence[int]]], pad_id: int
-) -> Tensor:
-    """(B, max options) mean log-probability per token of each option's continuation (cloze scoring).
-
-    ``forward(response_ids, response_mask)`` returns logits (B, 1 + R, V) from the last prompt
-    token on, with the right-padded response teacher-forced. Missing options of ragged rows score -inf.
-    """
-    width = max(len(options) for options in continuations)
-    scores = torch.full((len(continuations), width), float("-inf"))
-    for k in range(width):
-        rows = [options[k] if k < len(options) else options[0] for options in continuations]
-        ids, mask = right_pad(rows, pad_id)
-        logits = forward(ids, mask)
-        ids, mask = ids.to(logits.device), mask.to(logits.device)
-        log_probs = logits[:, :-1].float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        mean = (log_probs * mask).sum(1) / mask.sum(1)
-        present = torch.tensor([k < len(options) for options in continuations], device=mean.device)
-        scores[:, k] = torch.where(present, mean, float("-inf")).cpu()
-    return scores
-
-
-@torch.no_grad()
-def score_encoded(participant: Participant, encoded: Sequence[EncodedQuestion], style: AnswerStyle = "letter") -> Tensor:
-    """(B, max options) scores of encoded questions by the participant alone, in one left-padded batch:
-    option-letter logits (``letter``) or the options' mean log-probability (``text``, cloze)."""
-    device = participant.device
-    ids, mask = left_pad([e.chat.input_ids for e in encoded], participant.tokenizer.pad_token_id)
-    ids, mask = ids.to(device), mask.to(device)
-    if style == "letter":
-        logits = participant.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
-        return option_logits(logits[:, -1].float(), [e.option_token_ids for e in encoded]).cpu()
-
-    def forward(response_ids: Tensor, response_mask: Tensor) -> Tensor:
-        full_mask = torch.cat((mask, response_mask.to(device)), 1)
-        output = participant.model(
-            input_ids=torch.cat((ids, response_ids.to(device)), 1),
-            attention_mask=full_mask,
-            position_ids=positions_from_mask(full_mask),
-            logits_to_keep=response_ids.shape[1] + 1,
-        )
-        return output.logits
-
-    return continuation_scores(forward, [e.continuations for e in encoded], participant.tokenizer.pad_token_id)
-
-
-def predict_alone(
-    participant: Participant, items: Sequence[MultipleChoiceItem], batch_size: int = 16, style: AnswerStyle = "letter"
-) -> list[int]:
-    """Predicted option index of each item by the participant alone (see :func:`score_encoded`)."""
-    predictions: list[int] = []
-    for start in range(0, len(items), batch_size):
-        encoded = [encode_question(participant, item, style) for item in items[start : start + batch_size]]
-        predictions.extend(score_encoded(participant, encoded, style).argmax(-1).tolist())
-    return predictions

@@ -20,21 +20,16 @@ ids per token for four senders". The end-of-turn token is not sent.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from fedrefine.chat import Message
-from fedrefine.generation import Reply, generate_replies, synchronize
-from fedrefine.multiple_choice import (
-    AnswerStyle,
-    MultipleChoiceItem,
-    encode_options_prompt,
-    question_text,
-    score_encoded,
-)
+from fedrefine.generation import Reply, generate_replies
+from fedrefine.multiple_choice import AnswerStyle, MultipleChoiceItem, encode_options_prompt, question_text
 from fedrefine.participants import Participant
+from fedrefine.scoring import score_encoded
+from fedrefine.timing import stopwatch
 
 #: The reference's communication prompt (C2C's ``TwoStageInference.background_prompt``).
 DEFAULT_PROMPT_TEMPLATE = "Briefly describe the most useful background to solve the problem:\n\n{question}"
@@ -48,27 +43,27 @@ HintPlacement = Literal["user_message", "dialogue"]
 
 @dataclass(frozen=True)
 class T2TConfig:
-    """How senders are prompted and how their text reaches the receiver.
+    """How senders are prompted and how their text reaches the receiver (see each field's help)."""
 
-    Args:
-        prompt_template: the sender's user message; ``{question}`` is replaced by the text the
-            sender reads (by default the question stem, without options).
-        budget: most new tokens a sender may generate (greedy).
-        placement: ``"user_message"``: one user message ``hint_header + hint1 + "\\n\\n" + ... +
-            "\\n\\n" + question_text(item)``. ``"dialogue"``: the reference's layout, user asks
-            ``prompt_template`` for the receiver's question stem, the assistant turn holds the
-            hints (joined by a blank line), then the user asks the multiple-choice question.
-        hint_header: first line of the hint block (``user_message`` placement).
-        bytes_per_id: bytes per transmitted token id, for :attr:`Hint.id_bytes`.
-        batch_size: questions per batched forward / generate call.
-    """
-
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    budget: int = 64
-    placement: HintPlacement = "user_message"
-    hint_header: str = DEFAULT_HINT_HEADER
-    bytes_per_id: int = TOKEN_ID_BYTES
-    batch_size: int = 16
+    prompt_template: str = field(
+        default=DEFAULT_PROMPT_TEMPLATE,
+        metadata={"help": "The sender's user message; {question} is replaced by the text the sender reads "
+                          "(by default the question stem, without options)."},
+    )
+    budget: int = field(default=64, metadata={"help": "Most new tokens a sender may generate (greedy)."})
+    placement: HintPlacement = field(
+        default="user_message",
+        metadata={"help": "user_message: one user message hint_header + hint1 + blank line + ... + the question. "
+                          "dialogue: the reference's layout, the user asks prompt_template for the question stem, "
+                          "the assistant turn holds the hints, then the user asks the multiple-choice question."},
+    )
+    hint_header: str = field(
+        default=DEFAULT_HINT_HEADER, metadata={"help": "First line of the hint block (user_message placement)."}
+    )
+    bytes_per_id: int = field(
+        default=TOKEN_ID_BYTES, metadata={"help": "Bytes per transmitted token id, for Hint.id_bytes."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Questions per batched forward / generate call."})
 
     def __post_init__(self) -> None:
         if "{question}" not in self.prompt_template:
@@ -219,11 +214,9 @@ def t2t_predict(
             )
             for i in chunk
         ]
-        synchronize(receiver.device)
-        began = time.perf_counter()
-        scores = score_encoded(receiver, encoded, style)
-        synchronize(receiver.device)
-        receiver_seconds = (time.perf_counter() - began) / len(chunk)
+        with stopwatch(receiver.device) as elapsed:
+            scores = score_encoded(receiver, encoded, style)
+        receiver_seconds = elapsed.seconds / len(chunk)
         for row, i in enumerate(chunk):
             replies = [hints[s.name][i] for s in senders]
             results.append(

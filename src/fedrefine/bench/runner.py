@@ -14,8 +14,6 @@ import dataclasses
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,51 +22,22 @@ from lightning.pytorch.loggers import Logger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedrefine.bench.cells import ROUTES, SubsetPolicy, expand_cells, unsupported_reason
+from fedrefine.bench.fuser_training import FuserTraining
 from fedrefine.bench.records import git_commit
-from fedrefine.bench.sweep import ROUTES, Cell, SubsetPolicy, expand_cells
-from fedrefine.cli import build_cli
-from fedrefine.data.module import C2CDataModule
-from fedrefine.data.multiple_choice import QuestionDataset
-from fedrefine.evaluation import EvaluationConfig, QueryPlanner, RouteTally, encode_questions, parse_route, run_route
+from fedrefine.bench.results_file import RESULTS_FORMAT, SweepResultsFile, result_row, unsupported_row
+from fedrefine.bench.sweep_report import write_reports
+from fedrefine.data.datamodule import C2CDataModule
+from fedrefine.data.question_dataset import QuestionDataset
+from fedrefine.evaluation import EvaluationConfig, Evaluator, QueryPlanner
 from fedrefine.federation import Federation
 from fedrefine.fuser import WEIGHTS_FILE, Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
 from fedrefine.participants import Participant
-from fedrefine.privacy import MODES, Rephraser
+from fedrefine.privacy.rephrase import Rephraser
 from fedrefine.registry import FuserRegistry
+from fedrefine.routes import QUERY_MODES, Route
 from fedrefine.sources import ParticipantSource
-
-#: Latency stages, in pipeline order; ``transfer`` is modelled from the bytes sent and the link speed.
-STAGES: tuple[str, ...] = ("rephrase", "sender", "transfer", "fuse", "receiver")
-RESULTS_FORMAT = 1
-
-
-@dataclass
-class FuserTraining:
-    """How the runner trains a fuser missing from a registry: ``fedrefine fit`` with a config.
-
-    Args:
-        config: the ``fedrefine fit`` config (its receiver and senders must be the sweep's participants).
-        sender_args: extra CLI overrides per sender name (e.g. which participant is the sender).
-        args: overrides for every run.
-        mode_arg: the override that sets the fusion mode.
-        root: where training runs are written.
-    """
-
-    config: str
-    sender_args: dict[str, list[str]] = field(default_factory=dict)
-    args: list[str] = field(default_factory=list)
-    mode_arg: str = "--model.fuser.mode"
-    root: str = "runs/bench/fusers"
-
-    def fit(self, sender: str, mode: str) -> Path:
-        """Train F[sender -> receiver] in ``mode``; returns the exported fuser directory."""
-        directory = Path(self.root) / f"{mode}-{sender}"
-        build_cli([
-            "fit", "--config", self.config, *self.args, *self.sender_args.get(sender, []), self.mode_arg, mode,
-            "--trainer.default_root_dir", str(directory), "--model.export_dir", str(directory / "fuser"),
-        ])
-        return directory / "fuser"
 
 
 class BenchSweep:
@@ -81,7 +50,7 @@ class BenchSweep:
         data: where the evaluation questions come from (its ``test_split`` unless ``split`` is given).
         registries: fuser registry directory per fusion mode (``residual``, ``concat``); C2C routes
             need the registry of their mode.
-        routes: any of ``c2c_residual``, ``c2c_concat``, ``t2t``.
+        routes: route families, any of ``c2c.residual``, ``c2c.concat``, ``t2t``.
         query_modes: any of ``original``, ``shared``, ``private``.
         subsets: ``prefixes`` (first k senders), ``all`` (every non-empty subset) or explicit lists.
         singles: also evaluate every single sender (point-to-point, Fig. 3b).
@@ -135,7 +104,7 @@ class BenchSweep:
         if unknown_modes:
             raise ValueError(f"Registries are keyed by fusion mode 'residual' or 'concat', got {unknown_modes}.")
         self.federation = Federation(participants, registry=None)  # each fusion mode has its own registry
-        self.cells = expand_cells(senders, routes or list(ROUTES), query_modes or list(MODES), subsets, singles)
+        self.cells = expand_cells(senders, routes or list(ROUTES), query_modes or list(QUERY_MODES), subsets, singles)
         self.evaluation = evaluation or EvaluationConfig()
         self.link_mbit_per_s, self.train_missing = link_mbit_per_s, train_missing
         self.output_dir, self.name, self.plot_prefix = Path(output_dir), name, plot_prefix
@@ -153,11 +122,11 @@ class BenchSweep:
     @property
     def fusion_modes(self) -> list[str]:
         """Fusion modes the sweep's C2C cells need, in sweep order."""
-        return list(dict.fromkeys(c.fusion_mode for c in self.cells if c.fusion_mode))
+        return list(dict.fromkeys(c.fusion for c in self.cells if c.fusion))
 
     def registry(self, mode: str) -> FuserRegistry:
         if mode not in self.registries:
-            raise ValueError(f"Route c2c_{mode} needs a fuser registry: set registries.{mode} to a directory.")
+            raise ValueError(f"Route c2c.{mode} needs a fuser registry: set registries.{mode} to a directory.")
         return self.registries[mode]
 
     def prepare_fusers(self) -> None:
@@ -224,76 +193,15 @@ class BenchSweep:
         return digest.hexdigest()[:16]
 
     # --- cells ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, cell: Cell, questions: QuestionDataset) -> dict[str, Any]:
+    def evaluate(self, cell: Route, questions: QuestionDataset) -> dict[str, Any]:
         """Run one cell on every question; returns its result row."""
-        model = self.model(cell.fusion_mode)
-        route = parse_route(cell.evaluation_route, model.sender_names)
-        config = self.evaluation
-        tally, failures = RouteTally(), []
-        for start in range(0, len(questions), self.batch_size):
-            chunk = [questions[i] for i in range(start, min(start + self.batch_size, len(questions)))]
-            batch = encode_questions(model, chunk, [route], config.answer_mode, self.planner, config.prefill_answer)
-            batch = batch.to(self.device)
-            failures.extend(batch.ids[row] for row in batch.failures)
-            result = run_route(
-                model, batch, route, config.answer_mode, config.max_new_tokens, planner=self.planner, t2t=config.t2t
-            )
-            tally.add(result, batch.labels)
-        return self.row(cell, tally, failures)
+        model = self.model(cell.fusion)
+        evaluator = Evaluator(model, [cell.resolve(model.sender_names)], self.evaluation, self.planner)
+        return result_row(cell, evaluator.run(questions, self.batch_size, self.device), self.link_mbit_per_s)
 
-    def row(self, cell: Cell, tally: RouteTally, failures: Sequence[str]) -> dict[str, Any]:
-        """A cell's result row: accuracy and interval, latency per question and stage (s), bytes."""
-        summary = tally.row()
-        stages = {stage: summary.get(f"{stage}_ms", 0.0) / 1000 for stage in STAGES}
-        stages["transfer"] = summary["bytes_per_question"] * 8 / (self.link_mbit_per_s * 1e6)
+    def header(self, fingerprint: str, command: str) -> dict[str, Any]:
+        """What the results file records besides its rows."""
         return {
-            **cell_fields(cell),
-            "status": "ok",
-            "accuracy": summary["accuracy"],
-            "ci_low": summary["ci_low"],
-            "ci_high": summary["ci_high"],
-            "latency_s": sum(stages.values()),
-            **{f"{stage}_s": seconds for stage, seconds in stages.items()},
-            "bytes_per_token": summary["bytes_per_token"],
-            "sender_bytes_per_token": summary["sender_bytes_per_token"],
-            "bytes_per_question": summary["bytes_per_question"],
-            "leakage_overlap": summary["leakage_overlap"],
-            "n_questions": summary["questions"],
-            "failed": len(failures),
-            "failed_ids": list(failures),
-            "commit": git_commit(),
-        }
-
-    @staticmethod
-    def unsupported_row(cell: Cell, reason: str) -> dict[str, Any]:
-        return {**cell_fields(cell), "status": "unsupported", "reason": reason}
-
-    # --- the sweep ------------------------------------------------------------------------------
-    @property
-    def results_path(self) -> Path:
-        return self.output_dir / f"{self.name}.json"
-
-    def load_previous(self, fingerprint: str) -> dict[str, dict[str, Any]]:
-        """Finished rows of an earlier run of this sweep with the same fingerprint (resume)."""
-        if not self.results_path.is_file():
-            return {}
-        previous = json.loads(self.results_path.read_text())
-        if previous.get("fingerprint") != fingerprint:
-            self.console.print(
-                f"[yellow]{self.results_path} was made with other questions, participants, fusers or settings; "
-                "starting the sweep over.[/]"
-            )
-            return {}
-        rows = previous.get("rows", [])  # rows from before per-row commits were recorded get the file's commit
-        return {r["key"]: {"commit": previous.get("commit"), **r} if r["status"] == "ok" else r for r in rows}
-
-    def save(self, rows: dict[str, dict[str, Any]], fingerprint: str, command: str) -> None:
-        """Write every finished row (atomically), in sweep order."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        ordered = [rows[c.key] for c in self.cells if c.key in rows]
-        payload = {
-            "format": RESULTS_FORMAT,
             "name": self.name,
             "fingerprint": fingerprint,
             "command": command,
@@ -303,44 +211,37 @@ class BenchSweep:
             "answer_mode": self.evaluation.answer_mode,
             "link_mbit_per_s": self.link_mbit_per_s,
             "device": str(self.device),
-            "rows": ordered,
         }
-        temporary = self.results_path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(payload, indent=2) + "\n")
-        temporary.replace(self.results_path)
 
     def run(self, fresh: bool = False, command: str | None = None) -> list[dict[str, Any]]:
         """Evaluate every unfinished cell (all of them with ``fresh``), then write tables and plots."""
-        from fedrefine.bench.report import write_reports  # matplotlib is only needed here
-
         command = command or " ".join(["fedrefine", *sys.argv[1:]])
         self.prepare_fusers()
         questions = self.questions()
         if not len(questions):
             raise ValueError(f"The evaluation split {self.split or self.data.test_split!r} has no questions.")
         fingerprint = self.fingerprint(questions)
-        rows = {} if fresh else self.load_previous(fingerprint)
-        done = sum(c.key in rows for c in self.cells)
+        results = SweepResultsFile(self.output_dir / f"{self.name}.json", self.console)
+        rows = {} if fresh else results.load(fingerprint)
+        done = sum(str(c) in rows for c in self.cells)
         if done:
-            self.console.print(f"Resuming: {done} of {len(self.cells)} cells already finished in {self.results_path}.")
+            self.console.print(f"Resuming: {done} of {len(self.cells)} cells already finished in {results.path}.")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=self.console) as progress:
             task = progress.add_task("cells", total=len(self.cells), completed=done)
             for cell in self.cells:
-                if cell.key in rows:
+                if str(cell) in rows:
                     continue
-                progress.update(task, description=f"{cell.key} ({len(questions)} questions)")
-                reason = cell.unsupported_reason(self.evaluation.options)
-                rows[cell.key] = self.unsupported_row(cell, reason) if reason else self.evaluate(cell, questions)
-                self.save(rows, fingerprint, command)
+                progress.update(task, description=f"{cell} ({len(questions)} questions)")
+                reason = unsupported_reason(cell, self.evaluation.options)
+                rows[str(cell)] = unsupported_row(cell, reason) if reason else self.evaluate(cell, questions)
+                results.save(self.header(fingerprint, command), [rows[str(c)] for c in self.cells if str(c) in rows])
                 progress.advance(task)
-        self.save(rows, fingerprint, command)
-        ordered = [rows[c.key] for c in self.cells]
-        write_reports(self, ordered, command)
+        results.save(self.header(fingerprint, command), [rows[str(c)] for c in self.cells])
+        ordered = [rows[str(c)] for c in self.cells]
+        write_reports(
+            ordered, self.output_dir, self.name, self.plot_prefix, self.receiver_name, self.sender_names, command,
+            self.logger, self.console,
+        )
         return ordered
 
-
-def cell_fields(cell: Cell) -> dict[str, Any]:
-    """The columns that name a cell in its result row."""
-    return {"key": cell.key, "route": cell.route, "query_mode": cell.query_mode, "senders": "+".join(cell.senders),
-            "n_senders": len(cell.senders)}

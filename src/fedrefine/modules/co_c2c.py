@@ -12,12 +12,11 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from fedrefine.batching import FusionBatch
-from fedrefine.data.chat import ChatExample
+from fedrefine.data.conversations import ChatExample
 from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser, FuserConfig
-from fedrefine.fusion import FusedReceiver
-from fedrefine.modules.base import FusionModule, mark_frozen
+from fedrefine.fusion import FusedReceiver, FusionBatch
+from fedrefine.modules.fusion_module import FusionModule, mark_frozen
 from fedrefine.participants import Participant
 from fedrefine.registry import FuserRegistry
 from fedrefine.sources import ParticipantSource
@@ -37,8 +36,6 @@ class CoC2CModule(FusionModule):
             (default: ``<export_dir or log_dir>/registry``).
         from_registry: start from (or evaluate) both fusers saved in ``registry``.
     """
-
-    trainable_prefixes = ("directions.first.fusers.", "directions.second.fusers.")
 
     def __init__(
         self,
@@ -79,8 +76,12 @@ class CoC2CModule(FusionModule):
     def fused(self) -> FusedReceiver:
         return self.directions[self.eval_receiver]
 
+    def trainable_modules(self) -> list[nn.Module]:
+        """Both directions' fusers."""
+        return [model.fusers for model in self.directions.values()]
+
     def encode_chat_batch(self, examples: Sequence[ChatExample]) -> dict[str, FusionBatch | None]:
-        return {role: self.encode_for(model, examples) for role, model in self.directions.items()}
+        return {role: self.chat_batches(model, examples) for role, model in self.directions.items()}
 
     def training_step(self, batch: dict[str, FusionBatch | None], batch_idx: int) -> Tensor | None:
         self.anneal_gates()

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fedrefine.batching import FusionBatch
 from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser, FuserConfig
-from fedrefine.fusion import FusedReceiver
-from fedrefine.modules.base import FusionModule, load_or_create_fuser, mark_frozen
+from fedrefine.fusion import FusedReceiver, FusionBatch
+from fedrefine.modules.fusion_module import FusionModule, load_or_create_fuser, mark_frozen
 from fedrefine.sources import ParticipantSource
 
 
@@ -31,7 +30,7 @@ class C2CModule(FusionModule):
         weight_decay: AdamW weight decay.
         warmup_fraction: share of the optimizer steps spent in linear warm-up (then linear decay to 0).
         max_length: receiver tokens per training sample (prompt + response).
-        evaluation: answer mode, routes (see :mod:`fedrefine.evaluation`), T2T and rephrasing settings.
+        evaluation: answer mode, routes (see :mod:`fedrefine.routes`), T2T and rephrasing settings.
         gate_log_every: log the per-layer gate logits every N optimizer steps.
     """
 

@@ -1,14 +1,14 @@
 """The toy world as CLI building blocks: a participant source and a data module.
 
 ``configs/toyworld.yaml`` uses them with the same :class:`~fedrefine.modules.C2CModule` and
-:class:`~fedrefine.data.module.C2CDataModule` machinery as the real models.
+:class:`~fedrefine.data.datamodule.C2CDataModule` machinery as the real models.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fedrefine.data.module import C2CDataModule
+from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.participants import Participant
 from fedrefine.sources import ParticipantSource
 from fedrefine.toyworld.pretrain import DEFAULT_PARTICIPANTS, PretrainConfig, load_toy_participants

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedrefine.batching import left_pad
 from fedrefine.cache import positions_from_mask
 from fedrefine.chat import encode_chat
 from fedrefine.multiple_choice import (
@@ -40,6 +39,7 @@ from fedrefine.multiple_choice import (
     question_messages,
     question_text,
 )
+from fedrefine.padding import left_pad
 from fedrefine.participants import (
     Participant,
     TinySpec,

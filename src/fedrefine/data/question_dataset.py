@@ -7,7 +7,7 @@ from itertools import islice
 
 from torch.utils.data import Dataset
 
-from fedrefine.data.sources import open_dataset
+from fedrefine.data.loading import open_dataset
 from fedrefine.multiple_choice import MultipleChoiceItem
 
 

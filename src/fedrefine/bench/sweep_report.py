@@ -11,29 +11,28 @@ import csv
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
 
+from fedrefine.bench.cells import ROUTES  # noqa: E402
 from fedrefine.bench.records import git_commit  # noqa: E402
-from fedrefine.bench.runner import STAGES  # noqa: E402
-from fedrefine.bench.sweep import ROUTES  # noqa: E402
-
-if TYPE_CHECKING:
-    from fedrefine.bench.runner import BenchSweep
+from fedrefine.evaluation.metrics import STAGES  # noqa: E402
+from fedrefine.evaluation.report import log_table  # noqa: E402
 
 CSV_COLUMNS = (
     "route", "query_mode", "senders", "n_senders", "status", "accuracy", "ci_low", "ci_high", "receiver_accuracy",
     "latency_s", *(f"{stage}_s" for stage in STAGES), "bytes_per_token", "bytes_per_token_by_sender",
     "bytes_per_question", "leakage_overlap", "n_questions", "failed",
 )
-ROUTE_LABELS = {"receiver": "receiver alone", "c2c_residual": "KV (C2C residual)", "c2c_concat": "KV (C2C concat)",
+ROUTE_LABELS = {"receiver": "receiver alone", "c2c.residual": "KV (C2C residual)", "c2c.concat": "KV (C2C concat)",
                 "t2t": "Token (T2T)"}
 MODE_STYLES = {"original": "-", "shared": "--", "private": ":"}
-ROUTE_COLOURS = {"c2c_residual": "tab:blue", "c2c_concat": "tab:orange", "t2t": "tab:green"}
+ROUTE_COLOURS = {"c2c.residual": "tab:blue", "c2c.concat": "tab:orange", "t2t": "tab:green"}
 
 
 def with_baselines(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -184,35 +183,44 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def write_reports(sweep: BenchSweep, rows: Sequence[dict[str, Any]], command: str) -> dict[str, Path]:
-    """Write ``<name>.csv``, ``<name>.md`` and the three plots; log them to the sweep's logger."""
+def write_reports(
+    rows: Sequence[dict[str, Any]],
+    output_dir: Path,
+    name: str,
+    plot_prefix: str,
+    receiver: str,
+    senders: Sequence[str],
+    command: str,
+    logger: Any = None,
+    console: Console | None = None,
+) -> dict[str, Path]:
+    """Write ``<name>.csv``, ``<name>.md`` and the three plots (``<plot_prefix>a/b/c.png``); log them to ``logger``."""
     rows = with_baselines(rows)
-    directory = sweep.output_dir
+    console = console or Console()
     paths = {
-        "csv": directory / f"{sweep.name}.csv",
-        "markdown": directory / f"{sweep.name}.md",
-        "fig3a": directory / f"{sweep.plot_prefix}a.png",
-        "fig3b": directory / f"{sweep.plot_prefix}b.png",
-        "fig3c": directory / f"{sweep.plot_prefix}c.png",
+        "csv": output_dir / f"{name}.csv",
+        "markdown": output_dir / f"{name}.md",
+        "fig3a": output_dir / f"{plot_prefix}a.png",
+        "fig3b": output_dir / f"{plot_prefix}b.png",
+        "fig3c": output_dir / f"{plot_prefix}c.png",
     }
     write_csv(rows, paths["csv"])
-    title = f"Sweep {sweep.name}: {' + '.join(sweep.sender_names)} -> {sweep.receiver_name}"
+    title = f"Sweep {name}: {' + '.join(senders)} -> {receiver}"
     paths["markdown"].write_text(markdown(rows, title, command, git_commit()))
     plot_accuracy_vs_senders(rows, paths["fig3a"])
-    plot_point_to_point(rows, sweep.sender_names, paths["fig3b"])
+    plot_point_to_point(rows, senders, paths["fig3b"])
     plot_latency(rows, paths["fig3c"])
-    if sweep.logger is not None:
-        log_to(sweep.logger, sweep.name, rows, paths)
-    sweep.console.print(paths["markdown"].read_text())
-    sweep.console.print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    if logger is not None:
+        log_to(logger, name, rows, paths)
+    console.print(paths["markdown"].read_text())
+    console.print("Wrote " + ", ".join(str(p) for p in paths.values()))
     return paths
 
 
 def log_to(logger: Any, name: str, rows: Sequence[dict[str, Any]], paths: dict[str, Path]) -> None:
     """The table and plots into a logger with ``log_table`` / ``log_image`` (W&B); others get metrics per cell."""
     if hasattr(logger, "log_table"):
-        data = [list(table_row(r).values()) for r in rows]
-        logger.log_table(key=f"bench/{name}", columns=list(CSV_COLUMNS), data=data)
+        log_table([logger], f"bench/{name}", [table_row(r) for r in rows], CSV_COLUMNS)
         for key in ("fig3a", "fig3b", "fig3c"):
             logger.log_image(key=f"bench/{key}", images=[str(paths[key])])
     else:

@@ -7,29 +7,17 @@ chat data with a random non-empty subset of senders per batch.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from rich.console import Console
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
-from fedrefine.batching import FusionBatch
-from fedrefine.evaluation import (
-    EvaluationConfig,
-    encode_questions,
-    parse_route,
-    run_route,
-)
+from fedrefine.evaluation import EvaluationConfig, Evaluator
 from fedrefine.federation import Federation
-from fedrefine.fusion import Combine
-from fedrefine.gating import SourceGate
-from fedrefine.modules.base import FusionModule, mark_frozen
+from fedrefine.fusion import Combine, FusionBatch, SourceGate
+from fedrefine.modules.fusion_module import FusionModule, mark_frozen
+from fedrefine.routes import parse_routes
 from fedrefine.selection import MeasuredSelection, PriorSelection
 from fedrefine.sources import ParticipantSource
-
-GATE_WEIGHTS, GATE_METADATA = "source_gate.safetensors", "source_gate.json"
 
 
 class FederationModule(FusionModule):
@@ -93,11 +81,14 @@ class FederationModule(FusionModule):
         self.fused = self.federation.receiver(receiver, senders, combine, source_gate)
         mark_frozen(receiving, *self.fused.senders.values())
         if gate_path:
-            self._load_gate(gate_path)
+            source_gate.load_weights(gate_path, *self._gate_pair())
         self.fused.fusers.requires_grad_(train_fusers)
-        if not train_fusers:
-            self.trainable_prefixes = ("fused.source_gate.",)
         self.subset_generator = torch.Generator().manual_seed(0)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """The gating network, and the pairwise fusers when ``train_fusers``."""
+        gate = [self.fused.source_gate] if self.fused.source_gate is not None else []
+        return [self.fused.fusers, *gate] if self.hparams.train_fusers else gate
 
     def train(self, mode: bool = True) -> FederationModule:
         """Frozen fusers stay in eval mode too (hard gates, no dropout): the gate learns what ``test`` will see."""
@@ -111,24 +102,16 @@ class FederationModule(FusionModule):
             self.selection = self.measure_selection()
             Console().print(f"[bold]Measured sender selection[/] (category -> senders): {self.selection.ranking}")
 
-    @torch.no_grad()
     def measure_selection(self) -> MeasuredSelection:
         """Rank senders per category by single-sender C2C accuracy on the validation split."""
         datamodule = self.trainer.datamodule
         questions = datamodule.load_split(datamodule.val_split)
-        routes = [parse_route(name, self.fused.sender_names) for name in ["receiver", *(f"c2c:{s}" for s in self.fused.sender_names)]]
-        correct: dict[str, list[bool]] = {route.name: [] for route in routes}
-        items = []
-        for start in range(0, len(questions), datamodule.eval_batch_size):
-            chunk = [questions[i] for i in range(start, min(start + datamodule.eval_batch_size, len(questions)))]
-            batch = encode_questions(self.fused, chunk, routes, self.answer_mode, prefill=self.evaluation.prefill_answer)
-            batch = batch.to(self.device)
-            items.extend(q.item for q in chunk)
-            for route in routes:
-                result = run_route(self.fused, batch, route, self.answer_mode, self.max_new_tokens)
-                correct[route.name].extend((result.predictions == batch.labels).tolist())
-        senders = {name: correct[f"c2c:{name}"] for name in self.fused.sender_names}
-        return MeasuredSelection.from_results(items, correct["receiver"], senders, max_senders=self.hparams.max_selected)
+        names = self.fused.sender_names
+        routes = parse_routes(["receiver", *(f"c2c:{s}" for s in names)], names)
+        report = Evaluator(self.fused, routes, self.evaluation).run(questions, datamodule.eval_batch_size, self.device)
+        senders = {name: report.correct(route) for name, route in zip(names, routes[1:])}
+        items = [questions[i].item for i in range(len(questions))]
+        return MeasuredSelection.from_results(items, report.correct(routes[0]), senders, max_senders=self.hparams.max_selected)
 
     def title(self) -> str:
         return f"{'+'.join(self.fused.sender_names)} -> {self.hparams.receiver}"
@@ -165,29 +148,12 @@ class FederationModule(FusionModule):
             return
         directory = self.export_directory()
         if self.fused.source_gate is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().cpu().contiguous() for k, v in self.fused.source_gate.state_dict().items()}
-            save_file(state, directory / GATE_WEIGHTS)
-            (directory / GATE_METADATA).write_text(json.dumps(self._gate_metadata(), indent=2) + "\n")
+            self.fused.source_gate.save(directory, *self._gate_pair())
         if self.hparams.train_fusers:
             for fuser in self.fused.fusers:
                 self.federation.registry.save(fuser)
         self.report_data_counts(directory)
 
-    def _gate_metadata(self) -> dict:
-        return {
-            "receiver": self.fused.receiver.identity.to_dict(),
-            "senders": [self.fused.senders[n].identity.to_dict() for n in self.fused.sender_names],
-            "hidden_size": self.hparams.gating_hidden_size,
-        }
-
-    def _load_gate(self, directory: str) -> None:
-        saved = json.loads((Path(directory) / GATE_METADATA).read_text())
-        mine = self._gate_metadata()
-        if (saved["receiver"], saved["senders"]) != (mine["receiver"], mine["senders"]):
-            raise ValueError(
-                f"The gating network in {directory} was trained for another receiver or sender list; "
-                f"train one for {self.title()}."
-            )
-        self.fused.source_gate.load_state_dict(load_file(Path(directory) / GATE_WEIGHTS), strict=True)
-
+    def _gate_pair(self):
+        """The receiver's identity and its senders' identities, in order: what a saved gating network is for."""
+        return self.fused.receiver.identity, [self.fused.senders[n].identity for n in self.fused.sender_names]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fedrefine.padding import left_pad, right_pad
+
 
 @dataclass
 class SenderExample:
@@ -32,9 +34,11 @@ class FusionExample:
 
 @dataclass
 class SenderBatch:
-    input_ids: Tensor
-    attention_mask: Tensor
-    alignment: Tensor | None = None
+    """One sender's padded prompts and, for residual fusion, where each receiver token reads from."""
+
+    input_ids: Tensor  # (B, N_s)
+    attention_mask: Tensor  # (B, N_s)
+    alignment: Tensor | None = None  # (B, N_t): sender column per receiver column, -1 where unaligned
 
     def to(self, device: torch.device | str) -> SenderBatch:
         alignment = None if self.alignment is None else self.alignment.to(device)
@@ -49,11 +53,11 @@ class SenderBatch:
 class FusionBatch:
     """Padded tensors for a batch of :class:`FusionExample`."""
 
-    receiver_input_ids: Tensor
-    receiver_attention_mask: Tensor
+    receiver_input_ids: Tensor  # (B, N_t), left-padded
+    receiver_attention_mask: Tensor  # (B, N_t)
     senders: dict[str, SenderBatch] = field(default_factory=dict)
-    response_ids: Tensor | None = None
-    response_mask: Tensor | None = None
+    response_ids: Tensor | None = None  # (B, R), right-padded
+    response_mask: Tensor | None = None  # (B, R)
 
     def __len__(self) -> int:
         return self.receiver_input_ids.shape[0]
@@ -68,7 +72,6 @@ class FusionBatch:
             move(self.response_mask),
         )
 
-
     def select(self, rows: Sequence[int]) -> FusionBatch:
         """The sub-batch of the given rows (padding is kept, which is harmless)."""
         index = torch.tensor(list(rows), device=self.receiver_input_ids.device)
@@ -82,35 +85,12 @@ class FusionBatch:
         )
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
-    """Left-pad token id rows into (ids, attention_mask)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
-def right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
-    """Right-pad token id rows into (ids, attention_mask)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 def _pad_alignments(examples: Sequence[FusionExample], name: str, receiver_width: int, sender_width: int) -> Tensor:
-    alignment = torch.full((len(examples), receiver_width), -1, dtype=torch.long)
+    alignment = torch.full((len(examples), receiver_width), -1, dtype=torch.long)  # (B, N_t)
     for i, example in enumerate(examples):
         sender = example.senders[name]
         row = torch.tensor(sender.alignment, dtype=torch.long)
-        row = torch.where(row >= 0, row + sender_width - len(sender.input_ids), row)
+        row = torch.where(row >= 0, row + sender_width - len(sender.input_ids), row)  # shift by the left padding
         alignment[i, receiver_width - len(example.receiver_ids) :] = row
     return alignment
 

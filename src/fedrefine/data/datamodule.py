@@ -11,9 +11,9 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from fedrefine.data.chat import ChatStream
-from fedrefine.data.multiple_choice import QuestionDataset, load_questions
-from fedrefine.data.sources import open_dataset
+from fedrefine.data.conversations import ChatStream
+from fedrefine.data.loading import open_dataset
+from fedrefine.data.question_dataset import QuestionDataset, load_questions
 
 
 def _as_list(batch: list) -> list:

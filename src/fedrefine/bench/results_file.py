@@ -1,0 +1,79 @@
+"""A sweep's results file: one row per finished cell, written as each cell finishes, so that an interrupted
+sweep resumes where it stopped; rows are valid only for the fingerprint (questions, participants, fusers,
+settings) that made them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fedrefine.bench.cells import cell_fields
+from fedrefine.bench.records import git_commit
+from fedrefine.evaluation import EvaluationReport
+from fedrefine.evaluation.metrics import STAGES
+from fedrefine.routes import Route
+
+#: Version 2: cells are keyed by their route's canonical text (``c2c.concat:a+b@private``).
+RESULTS_FORMAT = 2
+
+
+def result_row(cell: Route, report: EvaluationReport, link_mbit_per_s: float) -> dict[str, Any]:
+    """A cell's result row: accuracy and interval, latency per question and stage (s), bytes."""
+    summary = report.rows()[0]
+    stages = {stage: summary.get(f"{stage}_ms", 0.0) / 1000 for stage in STAGES}
+    stages["transfer"] = summary["bytes_per_question"] * 8 / (link_mbit_per_s * 1e6)
+    return {
+        **cell_fields(cell),
+        "status": "ok",
+        "accuracy": summary["accuracy"],
+        "ci_low": summary["ci_low"],
+        "ci_high": summary["ci_high"],
+        "latency_s": sum(stages.values()),
+        **{f"{stage}_s": seconds for stage, seconds in stages.items()},
+        "bytes_per_token": summary["bytes_per_token"],
+        "sender_bytes_per_token": summary["sender_bytes_per_token"],
+        "bytes_per_question": summary["bytes_per_question"],
+        "leakage_overlap": summary["leakage_overlap"],
+        "n_questions": summary["questions"],
+        "failed": len(report.failures),
+        "failed_ids": [question for question, _ in report.failures],
+        "commit": git_commit(),
+    }
+
+
+def unsupported_row(cell: Route, reason: str) -> dict[str, Any]:
+    """The row of a cell that cannot run, with the reason."""
+    return {**cell_fields(cell), "status": "unsupported", "reason": reason}
+
+
+class SweepResultsFile:
+    """``<output_dir>/<name>.json``: the finished rows of a sweep and what made them."""
+
+    def __init__(self, path: Path, console: Console | None = None) -> None:
+        self.path, self.console = path, console or Console()
+
+    def load(self, fingerprint: str) -> dict[str, dict[str, Any]]:
+        """Finished rows (by cell key) of an earlier run with the same fingerprint; none for another one."""
+        if not self.path.is_file():
+            return {}
+        previous = json.loads(self.path.read_text())
+        if previous.get("format") != RESULTS_FORMAT or previous.get("fingerprint") != fingerprint:
+            self.console.print(
+                f"[yellow]{self.path} was made with other questions, participants, fusers, settings or results "
+                "format; starting the sweep over.[/]"
+            )
+            return {}
+        rows = previous.get("rows", [])  # rows from before per-row commits were recorded get the file's commit
+        return {r["key"]: {"commit": previous.get("commit"), **r} if r["status"] == "ok" else r for r in rows}
+
+    def save(self, header: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
+        """Write the header and rows (atomically)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"format": RESULTS_FORMAT, **header, "rows": list(rows)}
+        temporary = self.path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(payload, indent=2) + "\n")
+        temporary.replace(self.path)

@@ -1,0 +1,187 @@
+"""Answering a batch of encoded questions by one route: the receiver alone, a sender alone, C2C (any sender
+subset, with controls, or chosen per question) or T2T, timed per stage with the bytes each sender sent."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from fedrefine.evaluation.config import AnswerMode, answer_style
+from fedrefine.evaluation.metrics import RouteResult
+from fedrefine.evaluation.question_batch import QueryPlanner, QuestionBatch, Variant
+from fedrefine.fusion import FusedReceiver, FusionBatch
+from fedrefine.message import KVMessage, random_message_like
+from fedrefine.multiple_choice import extract_choice
+from fedrefine.privacy.leakage import leakage_report
+from fedrefine.privacy.plans import QueryPlan
+from fedrefine.routes import Route
+from fedrefine.scoring import score_alone, score_options
+from fedrefine.selection import SenderSelection
+from fedrefine.t2t import T2TConfig, t2t_predict
+from fedrefine.timing import stopwatch, time_inside
+
+
+class RouteRunner:
+    """Answers encoded question batches by any route of a fused receiver.
+
+    Args:
+        model: the receiver, its senders and fusers.
+        mode: answer mode (letter logits, cloze or generation).
+        max_new_tokens: generation budget (``generate`` mode).
+        planner: who read what in rephrased modes (for the rephrase stage and leakage).
+        t2t: the T2T baseline's settings.
+        selection: chooses senders per question for ``c2c:auto``.
+        generator: random numbers of the ``_random_kv`` control (None: torch's global generator).
+    """
+
+    def __init__(
+        self,
+        model: FusedReceiver,
+        mode: AnswerMode = "logits",
+        max_new_tokens: int = 64,
+        planner: QueryPlanner | None = None,
+        t2t: T2TConfig | None = None,
+        selection: SenderSelection | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.model, self.mode, self.max_new_tokens = model, mode, max_new_tokens
+        self.planner, self.t2t = planner or QueryPlanner(), t2t
+        self.selection, self.generator = selection, generator
+
+    def run(self, batch: QuestionBatch, route: Route) -> RouteResult:
+        """Answer every encodable question of the batch; questions that failed to encode are predicted -1."""
+        device = batch.labels.device
+        predictions = torch.full((len(batch),), -1, dtype=torch.long, device=device)
+        result = RouteResult(predictions, 0.0)
+        if not batch.encoded_rows:
+            return result
+        plans = batch.plans.get((route.query_mode, self.planner.route_options(route)))
+        if plans is not None and route.query_mode != "original":
+            rephrasings = {id(r): r for p in plans for r in p.rephrasings.values()}
+            result.stages["rephrase"] = sum(r.seconds for r in rephrasings.values())
+            result.leakage = leakage_report(plans)[1].mean_token_overlap
+        if route.kind == "t2t":
+            chosen = self._t2t(route, plans, result)
+        elif route.auto:
+            chosen = self._auto(batch, result)
+        elif route.kind == "sender":
+            with stopwatch(device) as elapsed:
+                chosen = self._alone(batch, route.senders[0])
+            result.stages["sender"] = elapsed.seconds
+        else:
+            chosen = self._fused(batch, route, result)
+        predictions[torch.tensor(batch.encoded_rows, device=device)] = chosen.to(device)
+        result.seconds = sum(result.stages.values())
+        return result
+
+    # --- C2C -----------------------------------------------------------------------------------
+    def _send(self, fusion: FusionBatch, senders: Sequence[str], result: RouteResult) -> dict[str, KVMessage]:
+        """Every selected sender's prefill, timed and its bytes counted."""
+        with stopwatch(fusion.receiver_input_ids.device) as elapsed:
+            kv_messages = {n: m for n in senders if (m := self.model.send(n, fusion.senders[n])) is not None}
+        result.stages["sender"] = elapsed.seconds
+        result.bytes_sent += sum(m.nbytes for m in kv_messages.values())
+        result.sender_bytes_per_token = {n: float(m.bytes_per_token) for n, m in kv_messages.items()}
+        result.bytes_per_token += sum(result.sender_bytes_per_token.values())
+        return kv_messages
+
+    @torch.no_grad()
+    def _choose(
+        self, fusion: FusionBatch, senders: Sequence[str], kv_messages: Mapping[str, KVMessage] | None, options
+    ) -> Tensor:
+        """Option chosen per row by the (fused) receiver, scored by letter logits or by cloze likelihood."""
+        model = self.model
+
+        def next_token_logits() -> Tensor:
+            return model(fusion, senders=senders, kv_messages=kv_messages)[:, 0]  # (B, V)
+
+        def forward(response_ids: Tensor, response_mask: Tensor) -> Tensor:
+            device = fusion.receiver_input_ids.device
+            scored = dataclasses.replace(fusion, response_ids=response_ids.to(device), response_mask=response_mask.to(device))
+            return model(scored, senders=senders, kv_messages=kv_messages)  # (B, 1 + R, V)
+
+        style = answer_style(self.mode)
+        return score_options(next_token_logits, forward, options, style, model.receiver.tokenizer.pad_token_id).argmax(-1).cpu()
+
+    def _fused(self, batch: QuestionBatch, route: Route, result: RouteResult) -> Tensor:
+        fusion = batch.fusion[Variant.of(route)]
+        options = batch.receiver_options[route.query_mode]
+        senders = list(route.senders) if route.kind == "c2c" else []
+        kv_messages = self._send(fusion, senders, result) if senders else {}
+        if route.control == "random_kv":
+            kv_messages = {n: random_message_like(m, self.generator) for n, m in kv_messages.items()}
+        device = fusion.receiver_input_ids.device
+        model = self.model
+        fusing = [*model.fusers, *([model.source_gate] if model.source_gate is not None else [])]
+        with time_inside(fusing, device) as fuse, stopwatch(device) as elapsed:
+            if self.mode != "generate":
+                chosen = self._choose(fusion, list(kv_messages), kv_messages, options)
+            else:
+                generated = model.generate(fusion, self.max_new_tokens, senders=list(kv_messages), kv_messages=kv_messages)
+                texts = model.receiver.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                chosen = self._extract(texts, batch)
+        if kv_messages:
+            result.stages["fuse"] = fuse.seconds
+        result.stages["receiver"] = elapsed.seconds - fuse.seconds
+        return chosen
+
+    def _auto(self, batch: QuestionBatch, result: RouteResult) -> Tensor:
+        if self.selection is None:
+            raise ValueError("Route 'c2c:auto' needs a sender selection (model.selection or measure_selection).")
+        result.selected = [tuple(self.selection.select(item)) for item in batch.items]
+        fusion, options = batch.fusion[Variant("item", "original")], batch.receiver_options["original"]
+        chosen = torch.empty(len(result.selected), dtype=torch.long)
+        with stopwatch(fusion.receiver_input_ids.device) as elapsed:
+            for subset in sorted(set(result.selected)):
+                rows = [i for i, s in enumerate(result.selected) if s == subset]
+                chosen[rows] = self._choose(fusion.select(rows), list(subset), None, [options[i] for i in rows])
+        result.stages["receiver"] = elapsed.seconds
+        return chosen
+
+    # --- one model alone, T2T ------------------------------------------------------------------
+    @torch.no_grad()
+    def _alone(self, batch: QuestionBatch, name: str) -> Tensor:
+        sender, alone = self.model.senders[name], batch.alone[name]
+        if self.mode != "generate":
+            return score_alone(sender, alone.input_ids, alone.attention_mask, alone.options, answer_style(self.mode)).argmax(-1)
+        output = sender.model.generate(
+            input_ids=alone.input_ids,
+            attention_mask=alone.attention_mask,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=sender.tokenizer.pad_token_id,
+            eos_token_id=sender.end_of_turn_token_id,
+        )
+        texts = sender.tokenizer.batch_decode(output[:, alone.input_ids.shape[1] :], skip_special_tokens=True)
+        return self._extract(texts, batch)
+
+    def _t2t(self, route: Route, plans: list[QueryPlan], result: RouteResult) -> Tensor:
+        model = self.model
+        senders = [model.senders[n] for n in route.senders]
+        answers = t2t_predict(
+            model.receiver,
+            senders,
+            [p.receiver_item for p in plans],
+            self.t2t,
+            sender_questions={model.senders[n].name: [p.sender_texts[n] for p in plans] for n in route.senders},
+            style=plans[0].style if plans else "letter",
+        )
+        for answer in answers:
+            for stage, seconds in answer.seconds.items():
+                key = "sender" if stage.startswith("sender:") else stage
+                result.stages[key] = result.stages.get(key, 0.0) + seconds
+            result.bytes_sent += answer.id_bytes
+        result.bytes_per_token = float(sum((self.t2t or T2TConfig()).bytes_per_id for _ in senders))
+        return torch.tensor([a.prediction for a in answers])
+
+    @staticmethod
+    def _extract(texts: Sequence[str], batch: QuestionBatch) -> Tensor:
+        chosen = []
+        for text, row in zip(texts, batch.encoded_rows):
+            labels = batch.option_labels[row]
+            letter = extract_choice(text, labels)
+            chosen.append(labels.index(letter) if letter is not None else -1)
+        return torch.tensor(chosen)

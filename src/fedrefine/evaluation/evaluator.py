@@ -1,0 +1,65 @@
+"""The one evaluation loop: encode question batches for a set of routes and answer each route, into an
+:class:`~fedrefine.evaluation.report.EvaluationReport`. Lightning's ``test``/``validate`` call its
+steps; ``fedrefine bench`` and the measured sender selection call :meth:`Evaluator.run`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedrefine.data.question_dataset import QuestionWithControls
+from fedrefine.evaluation.answer import RouteRunner
+from fedrefine.evaluation.config import EvaluationConfig
+from fedrefine.evaluation.question_batch import QueryPlanner, QuestionBatch, QuestionEncoder
+from fedrefine.evaluation.report import EvaluationReport
+from fedrefine.fusion import FusedReceiver
+from fedrefine.routes import Route
+from fedrefine.selection import SenderSelection
+
+
+class Evaluator:
+    """Answers multiple-choice questions by every route of a fused receiver.
+
+    Args:
+        model: the receiver, its senders and fusers.
+        routes: resolved routes (see :func:`fedrefine.routes.parse_routes`).
+        config: answer mode, generation budget, T2T settings, answer prefill.
+        planner: who reads what in rephrased query modes (default: original queries only).
+        selection: chooses senders per question for ``c2c:auto``.
+    """
+
+    def __init__(
+        self,
+        model: FusedReceiver,
+        routes: Sequence[Route],
+        config: EvaluationConfig | None = None,
+        planner: QueryPlanner | None = None,
+        selection: SenderSelection | None = None,
+    ) -> None:
+        config = config or EvaluationConfig()
+        self.routes = list(routes)
+        self.encoder = QuestionEncoder(model, self.routes, config.answer_mode, planner, config.prefill_answer)
+        self.runner = RouteRunner(
+            model, config.answer_mode, config.max_new_tokens, planner, config.t2t, selection=selection
+        )
+
+    def encode(self, questions: Sequence[QuestionWithControls]) -> QuestionBatch:
+        return self.encoder(questions)
+
+    @torch.no_grad()
+    def evaluate(self, batch: QuestionBatch, report: EvaluationReport) -> None:
+        """Answer one encoded batch by every route."""
+        report.add_batch(batch)
+        for route in self.routes:
+            report.add(route, batch, self.runner.run(batch, route))
+
+    def run(
+        self, questions: Sequence[QuestionWithControls], batch_size: int, device: torch.device | str = "cpu"
+    ) -> EvaluationReport:
+        """Evaluate every question, ``batch_size`` at a time, on ``device``."""
+        report = EvaluationReport(self.routes, device)
+        for start in range(0, len(questions), batch_size):
+            chunk = [questions[i] for i in range(start, min(start + batch_size, len(questions)))]
+            self.evaluate(self.encode(chunk).to(device), report)
+        return report

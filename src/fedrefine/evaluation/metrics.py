@@ -1,0 +1,91 @@
+"""A route's results on a batch, and their tally over an evaluation: accuracy with its interval,
+latency per stage, bytes sent, leakage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+#: Latency stages, in pipeline order. ``transfer`` is modelled from the bytes sent (benchmarks);
+#: ``fuse`` is the time inside fusers and the gating network, taken out of the receiver's.
+STAGES: tuple[str, ...] = ("rephrase", "sender", "transfer", "fuse", "receiver")
+
+
+@dataclass
+class RouteResult:
+    """One route on one batch.
+
+    ``predictions``: option index per question (-1 = wrong/unanswerable); ``seconds``: wall time;
+    ``stages``: seconds per stage (see :data:`STAGES`); ``bytes_sent``: exact bytes the senders
+    transmitted (C2C: K/V of the carried layers at the transmitted positions; T2T: token ids);
+    ``bytes_per_token``: bytes per transmitted token position, summed over senders
+    (``sender_bytes_per_token``: the same per sender); ``selected``: for ``c2c:auto``, the senders
+    chosen per encoded question; ``leakage``: for rephrased modes, the mean share of the question's
+    content words that reached senders.
+    """
+
+    predictions: Tensor
+    seconds: float
+    stages: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_per_token: float = 0.0
+    sender_bytes_per_token: dict[str, float] = field(default_factory=dict)
+    selected: list[tuple[str, ...]] | None = None
+    leakage: float | None = None
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy (well-behaved at 0% and 100% and for small counts)."""
+    if total == 0:
+        return 0.0, 0.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * ((p * (1 - p) / total + z * z / (4 * total * total)) ** 0.5) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class RouteTally:
+    """A route's results accumulated over batches (every question counts, failures as wrong)."""
+
+    correct: int = 0
+    questions: int = 0
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_per_token: float = 0.0
+    sender_bytes_per_token: dict[str, float] = field(default_factory=dict)
+    leakage_sum: float = 0.0
+    leakage_batches: int = 0
+
+    def add(self, result: RouteResult, labels: Tensor) -> None:
+        self.correct += int((result.predictions == labels).sum())
+        self.questions += len(labels)
+        self.seconds += result.seconds
+        for stage, seconds in result.stages.items():
+            self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+        self.bytes_sent += result.bytes_sent
+        self.bytes_per_token = max(self.bytes_per_token, result.bytes_per_token)
+        for sender, value in result.sender_bytes_per_token.items():
+            self.sender_bytes_per_token[sender] = max(self.sender_bytes_per_token.get(sender, 0.0), value)
+        if result.leakage is not None:
+            self.leakage_sum += result.leakage
+            self.leakage_batches += 1
+
+    def row(self) -> dict[str, float | int | None]:
+        """Accuracy with its 95% interval, latency per question (total and per stage), bytes, leakage."""
+        n = max(1, self.questions)
+        low, high = wilson_interval(self.correct, self.questions)
+        return {
+            "accuracy": self.correct / n,
+            "ci_low": low,
+            "ci_high": high,
+            "questions": self.questions,
+            "latency_ms": 1000 * self.seconds / n,
+            **{f"{stage}_ms": 1000 * seconds / n for stage, seconds in sorted(self.stages.items())},
+            "bytes_per_token": self.bytes_per_token,
+            "bytes_per_question": self.bytes_sent / n,
+            "sender_bytes_per_token": dict(self.sender_bytes_per_token),
+            "leakage_overlap": self.leakage_sum / self.leakage_batches if self.leakage_batches else None,
+        }

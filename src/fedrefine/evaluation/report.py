@@ -1,0 +1,129 @@
+"""An evaluation's results, route by route: accuracy (torchmetrics) with its interval, latency per stage,
+bytes, leakage, per-question correctness and the questions that could not be encoded; as rows, a
+rich table, a JSON file and a W&B table. Used by ``test``/``validate``, ``fedrefine bench`` and the
+measured sender selection alike."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torchmetrics.classification import MulticlassAccuracy
+
+from fedrefine.evaluation.metrics import RouteResult, RouteTally
+from fedrefine.evaluation.question_batch import QuestionBatch
+from fedrefine.routes import Route
+
+#: Option slots of the accuracy metric (labels A-Z).
+MAX_OPTIONS = 26
+TABLE_COLUMNS = ("route", "accuracy", "95% CI", "latency ms/question", "bytes/token", "bytes/question", "leakage")
+
+
+class EvaluationReport:
+    """Accumulates every route's results over question batches.
+
+    Args:
+        routes: the routes evaluated, in report order (rows are keyed by each route's ``label``).
+        device: where the accuracy metrics live (the batches' labels' device).
+    """
+
+    def __init__(self, routes: Sequence[Route], device: torch.device | str = "cpu") -> None:
+        self.routes = list(routes)
+        self.metrics = {r.label: MulticlassAccuracy(num_classes=MAX_OPTIONS, average="micro").to(device) for r in routes}
+        self.tallies: dict[str, RouteTally] = defaultdict(RouteTally)
+        self.per_question: dict[str, list[tuple[str, bool]]] = defaultdict(list)
+        self.selections: list[tuple[str, tuple[str, ...]]] = []
+        self.failures: list[tuple[str, str]] = []
+        self.question_count = 0
+
+    def add_batch(self, batch: QuestionBatch) -> None:
+        """Count a batch's questions, and those that could not be encoded with their reasons."""
+        self.question_count += len(batch)
+        self.failures.extend((batch.ids[row], reason) for row, reason in batch.failures.items())
+
+    def add(self, route: Route, batch: QuestionBatch, result: RouteResult) -> None:
+        """One route's result on a batch (added after :meth:`add_batch` of that batch)."""
+        correct = (result.predictions == batch.labels).tolist()
+        self.per_question[route.label].extend(zip(batch.ids, correct))
+        if result.selected is not None:
+            self.selections.extend(zip([batch.ids[row] for row in batch.encoded_rows], result.selected))
+        # -1 (unanswerable) never equals a label: counted wrong, never skipped.
+        predictions = torch.where(result.predictions < 0, (batch.labels + 1) % MAX_OPTIONS, result.predictions)
+        self.metrics[route.label].update(predictions, batch.labels)
+        self.tallies[route.label].add(result, batch.labels)
+
+    @property
+    def empty(self) -> bool:
+        return not self.question_count
+
+    def correct(self, route: Route) -> list[bool]:
+        """Per question (in evaluation order), whether ``route`` answered it correctly."""
+        return [ok for _, ok in self.per_question[route.label]]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per route: accuracy with its 95% interval, questions, failures, latency per question
+        (total and per stage), bytes sent, and leakage in rephrased modes."""
+        rows = []
+        for route in self.routes:
+            rows.append(
+                {
+                    "route": route.label,
+                    "senders": "+".join(route.senders),
+                    "query_mode": route.query_mode,
+                    **self.tallies[route.label].row(),
+                    "accuracy": float(self.metrics[route.label].compute()),
+                    "questions": self.question_count,
+                    "failed": len(self.failures),
+                }
+            )
+        return rows
+
+    def print_table(self, title: str, console: Console | None = None) -> None:
+        """The rows as a rich table, then the questions that could not be encoded (at most 10)."""
+        table = Table(title=f"{title} ({self.question_count} questions)")
+        for column in TABLE_COLUMNS:
+            table.add_column(column, justify="left" if column == "route" else "right")
+        for row in self.rows():
+            leakage = "" if row["leakage_overlap"] is None else f"{100 * row['leakage_overlap']:.0f}%"
+            table.add_row(
+                row["route"],
+                f"{100 * row['accuracy']:.1f}%",
+                f"{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}%",
+                f"{row['latency_ms']:.1f}",
+                f"{row['bytes_per_token']:.0f}",
+                f"{row['bytes_per_question']:.0f}",
+                leakage,
+            )
+        console = console or Console()
+        console.print(table)
+        if self.failures:
+            console.print(f"[red]{len(self.failures)} question(s) could not be encoded and count as wrong:[/]")
+            for question_id, reason in self.failures[:10]:
+                console.print(f"  {question_id}: {reason}")
+
+    def save_json(self, path: str | Path, title: str) -> Path:
+        """``{"title", "rows", "failures"[, "selected_senders"]}`` at ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload: dict[str, Any] = {"title": title, "rows": self.rows(), "failures": self.failures}
+        if self.selections:
+            payload["selected_senders"] = {question: list(senders) for question, senders in self.selections}
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        return path
+
+
+def log_table(loggers: Iterable[Any], key: str, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """Rows as a table in every logger that takes tables (``WandbLogger.log_table``); cells must be scalars,
+    so by default the columns are those whose first-row value is not a dict."""
+    if not rows:
+        return
+    columns = list(columns or [c for c, value in rows[0].items() if not isinstance(value, dict)])
+    for logger in loggers:
+        if hasattr(logger, "log_table"):
+            logger.log_table(key=key, columns=columns, data=[[row.get(c) for c in columns] for row in rows])

@@ -1,0 +1,23 @@
+"""Fusion: how senders' KV caches enter a receiver.
+
+- :mod:`~fedrefine.fusion.encoding`: prompts encoded (and aligned) for the receiver and each sender;
+- :mod:`~fedrefine.fusion.sender_kv`: a sender's K/V taken out of its rotary frame;
+- :mod:`~fedrefine.fusion.residual` / :mod:`~fedrefine.fusion.concat`: the two strategies;
+- :mod:`~fedrefine.fusion.gating`: the network weighing the receiver's own cache against each sender;
+- :mod:`~fedrefine.fusion.receiver`: the receiver that runs prefill, forward and generation over them.
+"""
+
+from fedrefine.fusion.batch import FusionBatch, FusionExample, SenderBatch
+from fedrefine.fusion.concat import ConcatFusion
+from fedrefine.fusion.encoding import PromptEncoder, encode_response
+from fedrefine.fusion.gating import SourceGate
+from fedrefine.fusion.receiver import FusedReceiver, choose_strategy
+from fedrefine.fusion.residual import Combine, ResidualFusion
+from fedrefine.fusion.sender_kv import SenderKV
+from fedrefine.fusion.strategy import FusionInput, FusionStrategy, ReceiverContext
+
+__all__ = [
+    "Combine", "ConcatFusion", "FusedReceiver", "FusionBatch", "FusionExample", "FusionInput", "FusionStrategy",
+    "PromptEncoder", "ReceiverContext", "ResidualFusion", "SenderBatch", "SenderKV", "SourceGate",
+    "choose_strategy", "encode_response",
+]

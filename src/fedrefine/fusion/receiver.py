@@ -1,0 +1,222 @@
+"""A frozen receiver fused with any subset of its senders' KV caches: C2C's forward and generation.
+
+    each selected sender prefills its own rendering of the prompt     -> KVMessage (sending)
+    the fusion strategy (residual or concat, chosen once) prepares     -> ReceiverContext
+    the receiver runs the rest of its prompt (+ response / generation) over that context
+
+Senders that are not selected never run; a sender whose fuser has every gate closed sends
+nothing. Senders are consulted only at prefill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fedrefine.cache import positions_from_mask, with_cache
+from fedrefine.fuser import Fuser
+from fedrefine.fusion.batch import FusionBatch, SenderBatch
+from fedrefine.fusion.concat import ConcatFusion
+from fedrefine.fusion.encoding import PromptEncoder
+from fedrefine.fusion.gating import SourceGate
+from fedrefine.fusion.residual import Combine, ResidualFusion
+from fedrefine.fusion.sender_kv import SenderKV
+from fedrefine.fusion.strategy import FusionInput, FusionStrategy, NoFusion, ReceiverContext
+from fedrefine.generation import trim_at_eos
+from fedrefine.message import KVMessage, prefill_message
+from fedrefine.participants import Participant
+
+
+def choose_strategy(fusers: Sequence[Fuser], combine: Combine = "parallel") -> FusionStrategy:
+    """The one fusion strategy of a receiver's fusers: they must agree on mode and fused positions."""
+    if combine not in ("parallel", "sequential"):
+        raise ValueError(f"Unknown combine {combine!r}; choose 'parallel' or 'sequential'.")
+    modes = {f.mode for f in fusers}
+    if len(modes) > 1:
+        raise ValueError(f"All fusers of a receiver must share one fusion mode, got {sorted(modes)}.")
+    fuse_at = {f.config.fuse_at for f in fusers}
+    if len(fuse_at) > 1:
+        raise ValueError(f"All fusers of a receiver must fuse the same positions (fuse_at), got {sorted(fuse_at)}.")
+    if modes == {"concat"}:
+        return ConcatFusion()
+    return ResidualFusion(fuse_at.pop() if fuse_at else "prompt", combine)
+
+
+def check_pairs(receiver: Participant, senders: Sequence[Participant], fusers: Sequence[Fuser]) -> None:
+    """Every fuser must be the one trained for exactly its (sender -> receiver) pair."""
+    if len(senders) != len(fusers):
+        raise ValueError(f"Got {len(senders)} senders but {len(fusers)} fusers; give one fuser per sender.")
+    for sender, fuser in zip(senders, fusers):
+        if (fuser.sender, fuser.receiver) != (sender.identity, receiver.identity):
+            raise ValueError(
+                f"Fuser is for {fuser.sender.key} -> {fuser.receiver.key}, participants are "
+                f"{sender.identity.key} -> {receiver.identity.key}."
+            )
+
+
+class FusedReceiver(nn.Module):
+    """A frozen receiver, frozen senders, and one trainable fuser per sender (all of one fusion mode).
+
+    Args:
+        receiver: the participant that answers.
+        senders: participants that may share their caches.
+        fusers: one fuser per sender, same order, each for exactly (sender -> receiver).
+        combine: residual mode with several senders: ``parallel`` (deltas summed, as the C2C
+            reference) or ``sequential`` (each fuser reads the cache fused by the previous ones).
+        source_gate: optional gating network weighing the receiver's own cache against each sender.
+        sender_names: names for the senders (default: their identity names), used to select them.
+    """
+
+    def __init__(
+        self,
+        receiver: Participant,
+        senders: Sequence[Participant],
+        fusers: Sequence[Fuser],
+        combine: Combine = "parallel",
+        source_gate: SourceGate | None = None,
+        sender_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        check_pairs(receiver, senders, fusers)
+        self.sender_names = list(sender_names) if sender_names is not None else [s.name for s in senders]
+        if len(set(self.sender_names)) != len(self.sender_names):
+            raise ValueError(f"Sender names must be unique, got {self.sender_names}.")
+        self.strategy = choose_strategy(fusers, combine)
+        self.receiver = receiver
+        self.senders = dict(zip(self.sender_names, senders))
+        self.encoder = PromptEncoder(receiver, self.senders, aligns=self.strategy.aligns)
+        self.receiver_model = receiver.model
+        self.sender_models = nn.ModuleList(s.model for s in senders)
+        self.fusers = nn.ModuleList(fusers)
+        self.source_gate = source_gate
+
+    @property
+    def mode(self) -> str:
+        """The fusers' mode: ``residual`` or ``concat``."""
+        return self.strategy.mode
+
+    def fuser_for(self, name: str) -> Fuser:
+        return self.fusers[self._index(name)]
+
+    def _index(self, name: str) -> int:
+        if name not in self.senders:
+            raise KeyError(f"Unknown sender {name!r}; this receiver has {self.sender_names}.")
+        return self.sender_names.index(name)
+
+    # --- sending ----------------------------------------------------------------------------
+    def send(self, name: str, batch: SenderBatch) -> KVMessage | None:
+        """One sender's prefill, carrying only the layers (and positions) its fuser reads; None if every gate is closed."""
+        needed = self.fuser_for(name).sender_layers_needed()
+        if not needed:
+            return None
+        sent = self.strategy.sent_positions(batch)
+        return prefill_message(self.senders[name], batch.input_ids, batch.attention_mask, needed, sent)
+
+    def kv_messages(
+        self, batch: FusionBatch, senders: Sequence[str], given: Mapping[str, KVMessage] | None = None
+    ) -> dict[str, KVMessage]:
+        """The selected senders' messages: ``given`` ones (controls, or timed elsewhere) or fresh prefills."""
+        kv_messages = {}
+        for name in senders:
+            if name not in batch.senders:
+                raise KeyError(f"Sender {name!r} was selected but the batch was not encoded for it.")
+            message = (given or {}).get(name) or self.send(name, batch.senders[name])
+            if message is not None:
+                kv_messages[name] = message
+        return kv_messages
+
+    def fusion_inputs(self, batch: FusionBatch, kv_messages: Mapping[str, KVMessage]) -> list[FusionInput]:
+        """Each sending sender's K/V, fuser, alignment and (with a gating network) weight per receiver layer."""
+        names = list(kv_messages)
+        weights = None  # (B, L_t, len(names))
+        if self.source_gate is not None and names:
+            available = [self._index(name) for name in names]
+            weights = self.source_gate(
+                self.receiver_model, batch.receiver_input_ids, batch.receiver_attention_mask, available
+            )
+        return [
+            FusionInput(
+                SenderKV(self.senders[name], kv_messages[name]),
+                self.fuser_for(name),
+                batch.senders[name].alignment,
+                None if weights is None else weights[:, :, slot],
+            )
+            for slot, name in enumerate(names)
+        ]
+
+    # --- prefill / forward / generate -----------------------------------------------------------
+    def prepare(
+        self,
+        batch: FusionBatch,
+        senders: Sequence[str] | None = None,
+        fuse: bool = True,
+        kv_messages: Mapping[str, KVMessage] | None = None,
+    ) -> ReceiverContext:
+        """The receiver's context for the batch's prompts, fused with ``senders`` (default: every sender in the
+        batch); with none selected (or ``fuse=False``, or every gate closed) the receiver's own prefill."""
+        selected = (list(batch.senders) if senders is None else list(senders)) if fuse else []
+        found = self.kv_messages(batch, selected, kv_messages) if selected else {}
+        strategy = self.strategy if found else NoFusion()
+        inputs = self.fusion_inputs(batch, found)
+        return strategy.prepare(self.receiver, batch.receiver_input_ids, batch.receiver_attention_mask, inputs)
+
+    def forward(
+        self,
+        batch: FusionBatch,
+        senders: Sequence[str] | None = None,
+        fuse: bool = True,
+        kv_messages: Mapping[str, KVMessage] | None = None,
+    ) -> Tensor:
+        """Receiver logits for the last prompt token and every response token, (B, 1 + R, V).
+
+        ``senders``/``fuse`` select the senders (see :meth:`prepare`); ``kv_messages`` replace
+        senders' own prefills (controls).
+        """
+        prompt_ids = batch.receiver_input_ids  # (B, N)
+        full_ids, full_mask = prompt_ids, batch.receiver_attention_mask
+        if batch.response_ids is not None:
+            full_ids = torch.cat((prompt_ids, batch.response_ids), dim=1)  # (B, N + R)
+            full_mask = torch.cat((full_mask, batch.response_mask), dim=1)
+        context = self.prepare(batch, senders, fuse, kv_messages)
+        attention = full_mask if context.prefix_mask is None else torch.cat((context.prefix_mask, full_mask), dim=1)
+        positions = positions_from_mask(attention)[:, context.prefix_length + context.consumed :]
+        output = self.receiver_model(
+            input_ids=full_ids[:, context.consumed :],
+            attention_mask=attention,  # (B, P + N + R): cached entries and the tokens run now
+            position_ids=positions,
+            **with_cache(self.receiver_model, context.cache),
+            use_cache=False,
+            logits_to_keep=full_ids.shape[1] - (prompt_ids.shape[1] - 1),
+        )
+        return output.logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: FusionBatch,
+        max_new_tokens: int = 64,
+        senders: Sequence[str] | None = None,
+        fuse: bool = True,
+        kv_messages: Mapping[str, KVMessage] | None = None,
+    ) -> list[list[int]]:
+        """Greedy continuation of each prompt over the fused context; new token ids per sample (up to eos)."""
+        context = self.prepare(batch, senders, fuse, kv_messages)
+        ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
+        pad = self.receiver.tokenizer.pad_token_id
+        if context.prefix_mask is not None:
+            # generate() skips the tokens its cache already holds: stand-ins for the prefix entries.
+            ids = torch.cat((torch.full_like(context.prefix_mask, pad), ids), dim=1)  # (B, P + N)
+            mask = torch.cat((context.prefix_mask, mask), dim=1)
+        eos = self.receiver.end_of_turn_token_id
+        output = self.receiver_model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            **with_cache(self.receiver_model, context.cache),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        return [trim_at_eos(row[ids.shape[1] :].tolist(), eos) for row in output]

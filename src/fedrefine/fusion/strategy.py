@@ -1,0 +1,93 @@
+"""What every fusion strategy shares: its inputs, what it hands the receiver, and the unfused prefill.
+
+A strategy (:mod:`~fedrefine.fusion.residual` or :mod:`~fedrefine.fusion.concat`) is chosen once
+per receiver from its fusers' mode; the receiver then only runs its model over the
+:class:`ReceiverContext` the strategy prepares.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import Cache
+
+from fedrefine.cache import positions_from_mask, returned_cache
+from fedrefine.fuser import Fuser
+from fedrefine.fusion.batch import SenderBatch
+from fedrefine.fusion.sender_kv import SenderKV
+from fedrefine.participants import Participant
+
+
+@dataclass(frozen=True)
+class FusionInput:
+    """One sender's part in a fusion: its K/V, its fuser, where receiver tokens read it, and its weight.
+
+    ``alignment`` (B, N_t): sender column per receiver column, -1 where unaligned (residual only).
+    ``weight`` (B, L_t): the gating network's share of this sender per receiver layer (None: 1).
+    """
+
+    kv: SenderKV
+    fuser: Fuser
+    alignment: Tensor | None = None
+    weight: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ReceiverContext:
+    """What the receiver runs the rest of its tokens over.
+
+    ``cache`` holds either the first ``consumed`` prompt tokens (residual: fused in place) or
+    ``prefix_mask.shape[1]`` entries placed ahead of the prompt (concat), with ``prefix_mask`` (B, P).
+    """
+
+    cache: Cache
+    prefix_mask: Tensor | None
+    consumed: int
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prefix_mask is None else self.prefix_mask.shape[1]
+
+
+def prefill_all_but_last(receiver: Participant, input_ids: Tensor, attention_mask: Tensor) -> ReceiverContext:
+    """The receiver's own cache over its prompt (B, N) but the last token, which it then runs itself."""
+    cut = input_ids.shape[1] - 1
+    mask = attention_mask[:, :cut]  # (B, N - 1)
+    with torch.no_grad():
+        output = receiver.model(
+            input_ids=input_ids[:, :cut], attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True
+        )
+    return ReceiverContext(returned_cache(output), None, cut)
+
+
+class FusionStrategy(ABC):
+    """How sender K/V enter a receiver: prepares the receiver's context from the senders' inputs."""
+
+    #: ``residual`` or ``concat`` (the fusers' mode).
+    mode: str
+    #: Whether sender tokens must be aligned to the receiver's (same text read by both).
+    aligns: bool
+
+    def sent_positions(self, batch: SenderBatch) -> Tensor | None:
+        """(B, N_s) the sender positions its fuser reads, hence transmitted; None: every real position."""
+        return None
+
+    @abstractmethod
+    def prepare(
+        self, receiver: Participant, input_ids: Tensor, attention_mask: Tensor, inputs: Sequence[FusionInput]
+    ) -> ReceiverContext:
+        """The receiver's context for its prompt ``input_ids``/``attention_mask`` (B, N), fused with ``inputs``."""
+
+
+class NoFusion(FusionStrategy):
+    """The receiver alone: its own prefill of all but the last prompt token (what every strategy starts from
+    when no sender has anything to send)."""
+
+    mode, aligns = "none", False
+
+    def prepare(self, receiver, input_ids, attention_mask, inputs=()) -> ReceiverContext:
+        return prefill_all_but_last(receiver, input_ids, attention_mask)

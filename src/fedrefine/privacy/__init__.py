@@ -1,0 +1,6 @@
+"""Privacy: queries rephrased by the receiver so that senders never read the user's text.
+
+- :mod:`~fedrefine.privacy.rephrase`: the rephraser and its cache;
+- :mod:`~fedrefine.privacy.plans`: who reads what in each query mode;
+- :mod:`~fedrefine.privacy.leakage`: what reached each participant, and leakage figures.
+"""

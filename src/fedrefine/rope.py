@@ -1,0 +1,53 @@
+"""Rotary position embedding (RoPE): the one place keys leave and re-enter a model's position frame.
+
+Fusers work in a position-free space: a sender's keys are un-rotated with the *sender's* RoPE
+(its own base and scaling) and whatever a fuser writes is rotated with the *receiver's*, so
+models with different rotary bases are fused without mixing their angles.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def rotary_cos_sin(rotary_embedding: nn.Module, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of a model's own rotary embedding at ``position_ids`` (B, N), shaped (B, 1, N, head_dim)."""
+    probe = torch.zeros((), dtype=dtype, device=position_ids.device)
+    cos, sin = rotary_embedding(probe, position_ids)  # (B, N, D) each
+    return cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads: (B, 1, N, D)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)  # (..., D/2) each
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, N, D) states by the given angles (HF's half-split RoPE convention)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def remove_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Inverse of :func:`apply_rotary`: rotate by the negative angles (and undo any attention scaling)."""
+    return (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
+
+
+class RotaryFrame:
+    """One model's rotary angles at a batch of positions (B, N); rotates and un-rotates keys there in fp32.
+
+    Args:
+        rotary_embedding: the model's own rotary embedding module (``Participant.rotary_embedding``).
+        positions: position ids (B, N) of the keys that will be rotated or un-rotated.
+    """
+
+    def __init__(self, rotary_embedding: nn.Module, positions: Tensor) -> None:
+        self.cos, self.sin = rotary_cos_sin(rotary_embedding, positions, torch.float32)  # (B, 1, N, D) each
+
+    def unrotate(self, keys: Tensor) -> Tensor:
+        """Position-free fp32 keys (B, H, N, D) from keys rotated at this frame's positions."""
+        return remove_rotary(keys.float(), self.cos, self.sin)
+
+    def rotate(self, keys: Tensor) -> Tensor:
+        """fp32 keys (B, H, N, D) rotated to this frame's positions."""
+        return apply_rotary(keys.float(), self.cos, self.sin)
