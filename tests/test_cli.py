@@ -41,3 +41,26 @@ def test_tiny_fit_test_and_predict_from_the_command_line(tmp_path, capsys):
     build_cli(["predict", *common, "--model.fuser_path", str(root / "fuser"), "--model.evaluation.max_new_tokens", "3",
                "--data.predict_prompts", "[What conducts heat?]"])
     assert "What conducts heat?" in capsys.readouterr().out
+
+
+def test_config_fields_carry_help_that_the_cli_shows():
+    import dataclasses
+
+    from jsonargparse import ArgumentParser
+
+    from fedrefine.evaluation import EvaluationConfig
+    from fedrefine.field_help import documented
+    from fedrefine.fuser import FuserConfig
+
+    for config in (FuserConfig, EvaluationConfig):
+        assert all(f.metadata["help"] for f in dataclasses.fields(config))
+    parser = ArgumentParser()
+    parser.add_class_arguments(FuserConfig, "fuser")
+    assert "which receiver tokens are fused" in parser.format_help()
+
+    @dataclasses.dataclass
+    class Undocumented:
+        size: int = 1
+
+    with pytest.raises(TypeError, match=r"\['size'\]"):
+        documented(Undocumented)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fedrefine.cache import LayerKV, LayerMapKind, layer_map
+from fedrefine.field_help import documented
 from fedrefine.participants import ParticipantIdentity
 
 FORMAT_NAME = "fedrefine.fuser"
@@ -49,6 +50,7 @@ def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+@documented
 @dataclass
 class FuserConfig:
     """Size and behaviour of a fuser. ``hidden_size=1024, num_blocks=3`` is the C2C reference size."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fedrefine.chat import Message
+from fedrefine.field_help import documented
 from fedrefine.generation import Reply, generate_replies
 from fedrefine.multiple_choice import AnswerStyle, MultipleChoiceItem, encode_options_prompt, question_text
 from fedrefine.participants import Participant
@@ -41,9 +42,10 @@ TOKEN_ID_BYTES = 4
 HintPlacement = Literal["user_message", "dialogue"]
 
 
+@documented
 @dataclass(frozen=True)
 class T2TConfig:
-    """How senders are prompted and how their text reaches the receiver (see each field's help)."""
+    """How senders are prompted and how their text reaches the receiver ."""
 
     prompt_template: str = field(
         default=DEFAULT_PROMPT_TEMPLATE,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fedrefine.field_help import documented
 from fedrefine.multiple_choice import AnswerStyle
 from fedrefine.privacy.rephrase import RephraseConfig
 from fedrefine.routes import OptionsPolicy
@@ -21,9 +22,10 @@ def answer_style(mode: AnswerMode) -> AnswerStyle:
     return "text" if mode == "cloze" else "letter"
 
 
+@documented
 @dataclass
 class EvaluationConfig:
-    """How ``validate`` / ``test`` answer and what they report (see each field's help)."""
+    """How ``validate`` / ``test`` answer and what they report ."""
 
     answer_mode: AnswerMode = field(
         default="logits",

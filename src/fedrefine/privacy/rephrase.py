@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedrefine.field_help import documented
 from fedrefine.generation import generate_replies
 from fedrefine.participants import Participant
 
@@ -19,9 +20,10 @@ DEFAULT_REPHRASE_TEMPLATE = (
 )
 
 
+@documented
 @dataclass(frozen=True)
 class RephraseConfig:
-    """How the rephraser rewrites a query (see each field's help)."""
+    """How the rephraser rewrites a query ."""
 
     template: str = field(
         default=DEFAULT_REPHRASE_TEMPLATE,
