@@ -11,7 +11,7 @@ Flow for a batch of multiple-choice questions::
 Hints of several senders are concatenated in the order the senders are given (the caller
 fixes that order, e.g. sorted by name, so results are reproducible). Empty hints are left
 out, so with no senders (or a zero budget) the receiver's prompt is exactly the one of
-:func:`fedrefine.multiple_choice.predict_alone`.
+:func:`fedrefine.scoring.predict_alone`.
 
 Bytes on the wire per sender: the hint's UTF-8 text, and alternatively its token ids at
 :data:`TOKEN_ID_BYTES` (int32) each, the width behind the FedRefine paper's "16 bytes of token
@@ -191,7 +191,7 @@ def t2t_predict(
         items: the questions as the receiver reads them.
         config: prompt, budget, placement and byte accounting (:class:`T2TConfig`).
         sender_questions: per sender name, the text it reads for each item in place of the
-            question stem (e.g. :attr:`fedrefine.privacy.QueryPlan.sender_texts`). When given it
+            question stem (e.g. :attr:`fedrefine.privacy.plans.QueryPlan.sender_texts`). When given it
             must cover every sender.
         style: the receiver answers by letter (logits) or by option text (cloze scoring).
 
