@@ -95,7 +95,7 @@ class Route:
         return None
 
     def _spelling(self) -> str:
-        text = self.kind + (f".{self.fusion}" if self.fusion else "")
+        text = self.family
         if self.auto or self.senders:  # an auto route's senders are the ones it may choose from
             text += ":" + ("auto" if self.auto else "+".join(self.senders))
         suffix = {value: key for key, value in CONTROL_SUFFIXES.items()}.get(self.control, "")

@@ -61,7 +61,7 @@ class SweepResultsFile:
         if not self.path.is_file():
             return {}
         previous = json.loads(self.path.read_text())
-        if previous.get("format") != RESULTS_FORMAT or previous.get("fingerprint") != fingerprint:
+        if previous.get("fingerprint") != fingerprint:  # the fingerprint covers the results format too
             self.console.print(
                 f"[yellow]{self.path} was made with other questions, participants, fusers, settings or results "
                 "format; starting the sweep over.[/]"
