@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from fedrefine.data.conversations import ChatStream, conversation_to_example, prefill_response
+from fedrefine.data.conversations import (
+    ChatStream,
+    TrainingDataError,
+    UnusableConversation,
+    conversation_to_example,
+    number_rows,
+    prefill_response,
+)
+from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.data.loading import open_dataset
 from fedrefine.data.question_dataset import (
     QuestionDataset,
@@ -37,8 +45,9 @@ def test_conversation_drops_system_turns_and_supervises_the_last_answer():
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}
     ]
     assert example.response == "bye"
-    assert conversation_to_example({"conversations": [{"from": "human", "value": "no answer"}]}) is None
-    with pytest.raises(ValueError, match="'conversations'"):
+    with pytest.raises(UnusableConversation, match="no assistant answer"):
+        conversation_to_example({"conversations": [{"from": "human", "value": "no answer"}]})
+    with pytest.raises(TrainingDataError, match="'conversations'"):
         conversation_to_example({"text": "wrong schema"})
 
 
@@ -49,9 +58,52 @@ def test_stream_shards_disjointly_across_ranks_and_counts_skips(tmp_path):
     for rank in range(2):
         stream = ChatStream(open_dataset(path, "train"), rank=rank, world_size=2)
         seen.append([e.response for e in stream])
-        assert stream.skipped == (1 if rank == 0 else 0)  # the answerless row is row 10 -> rank 0
+        assert stream.complete_pass.skipped_without_answer == (1 if rank == 0 else 0)  # the answerless row 10 -> rank 0
     assert set(seen[0]).isdisjoint(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(f"a{i}" for i in range(10))
+
+
+def test_a_pass_without_usable_rows_fails_naming_the_file_the_rows_and_why(tmp_path):
+    answerless = {"conversations": [{"from": "human", "value": "no answer"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [answerless] * 7)
+    with pytest.raises(TrainingDataError, match=r"chat.jsonl: none of the 7 rows read is usable.*line 1: no assistant "
+                                                r"answer.*and 2 more"):
+        list(ChatStream(number_rows(open_dataset(path, "train")), source=path))
+    empty = write_jsonl(tmp_path / "empty.jsonl", [conversation(0)])
+    with pytest.raises(TrainingDataError, match="no training rows were read"):
+        list(ChatStream(number_rows(open_dataset(empty, "train").take(0)), source=empty))
+
+
+def test_zero_train_samples_is_refused_at_setup(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [conversation(0)])
+    data = C2CDataModule(train_path=path, train_samples=0, eval_path=path)
+    with pytest.raises(TrainingDataError, match="data.train_samples=0"):
+        data.setup("fit")
+
+
+def test_errors_name_the_file_line_before_shuffling_and_the_expected_schema(tmp_path):
+    rows = [conversation(i) for i in range(8)]
+    rows[5] = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    questions = write_jsonl(tmp_path / "obqa.jsonl", [obqa(0), obqa(1, "B")])
+    data = C2CDataModule(train_path=path, train_samples=8, eval_path=questions, eval_config=None, shuffle_buffer=8, seed=3)
+    data.setup("fit")
+    with pytest.raises(TrainingDataError, match=r"chat.jsonl line 6 has no 'conversations' field \(it has 'messages' "
+                                                r"instead\); chat data needs conversations = \[\{'from'"):
+        list(data.train_stream)
+
+
+def test_pass_counts_are_per_pass_and_resume_skips_what_was_trained(tmp_path):
+    rows = [conversation(i) for i in range(6)] + [{"conversations": [{"from": "human", "value": "x"}]}] * 2
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    stream = ChatStream(number_rows(open_dataset(path, "train")), source=path)
+    first = [e.response for e in stream]
+    assert [e.response for e in stream] == first
+    assert stream.passes == 2
+    assert stream.complete_pass.as_dict() == {"rows_read": 8, "usable": 6, "skipped_without_answer": 2}
+    stream.resume_after(4)
+    assert [e.response for e in stream] == first[4:]
+    assert [e.response for e in stream] == first  # only the pass after the resume skips
 
 
 def test_local_split_placeholder_and_missing_file(tmp_path):

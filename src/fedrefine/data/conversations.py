@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,28 +23,46 @@ class ChatExample:
     response: str
 
 
-def conversation_to_example(row: Mapping[str, Any], where: str = "row") -> ChatExample | None:
+#: The column that carries a row's position in its file through shuffling and sharding.
+ROW_COLUMN = "_fedrefine_row"
+SCHEMA = "conversations = [{'from': 'human'|'gpt'|'system', 'value': str}, ...] (OpenHermes-2.5)"
+
+
+class TrainingDataError(ValueError):
+    """Training data that cannot be used: wrong schema, or no usable conversation at all."""
+
+
+class UnusableConversation(ValueError):
+    """A conversation in the right schema that has nothing to supervise (counted and skipped, not fatal)."""
+
+
+def conversation_to_example(row: Mapping[str, Any], where: str = "row") -> ChatExample:
     """Turn an OpenHermes row (``conversations``: [{from, value}]) into a prompt and its final answer.
 
-    System turns are dropped. Returns None for a conversation with no assistant turn after a
-    user turn (the caller counts those).
+    System turns are dropped. A row in another schema raises :class:`TrainingDataError`; a
+    conversation with no assistant turn after a user turn raises :class:`UnusableConversation`
+    (the stream counts and skips those).
     """
-    if "conversations" not in row:
-        raise ValueError(
-            f"{where} has no 'conversations' field; chat data needs the OpenHermes-2.5 schema "
-            f"(conversations = [{{'from': 'human'|'gpt'|'system', 'value': str}}, ...])."
-        )
+    turns = row.get("conversations")
+    if turns is None:
+        other = [key for key in ("messages", "conversation", "text", "prompt") if row.get(key) is not None]
+        found = f"it has {other[0]!r} instead" if other else f"its fields are {sorted(k for k in row if k != ROW_COLUMN)}"
+        raise TrainingDataError(f"{where} has no 'conversations' field ({found}); chat data needs {SCHEMA}.")
+    if isinstance(turns, (str, bytes)) or not isinstance(turns, Sequence):
+        raise TrainingDataError(f"{where}: 'conversations' must be a list of turns, got {type(turns).__name__}; expected {SCHEMA}.")
     messages: list[Message] = []
-    for turn in row["conversations"]:
-        if "from" not in turn or "value" not in turn:
-            raise ValueError(f"{where}: every turn needs 'from' and 'value', got keys {sorted(turn)}.")
+    for turn in turns:
+        if not isinstance(turn, Mapping) or turn.get("from") is None or turn.get("value") is None:
+            keys = sorted(turn) if isinstance(turn, Mapping) else type(turn).__name__
+            raise TrainingDataError(f"{where}: every turn needs 'from' and 'value', got {keys}; expected {SCHEMA}.")
         role = ROLE_NAMES.get(turn["from"])
         if role is None:
-            raise ValueError(f"{where}: unknown speaker {turn['from']!r}; expected one of {sorted(ROLE_NAMES)}.")
+            raise TrainingDataError(f"{where}: unknown speaker {turn['from']!r}; expected one of {sorted(ROLE_NAMES)}.")
         if role != "system":
             messages.append({"role": role, "content": str(turn["value"])})
-    if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[0]["role"] != "user":
-        return None
+    if len(messages) < 2 or messages[0]["role"] != "user" or messages[-1]["role"] != "assistant":
+        roles = [m["role"] for m in messages]
+        raise UnusableConversation(f"{where}: no assistant answer after a user turn (turns: {roles or 'none'})")
     return ChatExample(messages=messages[:-1], response=messages[-1]["content"])
 
 
@@ -54,34 +72,94 @@ def prefill_response(example: ChatExample, prefill: str, where: str = "row") -> 
     Every participant then reads it (senders included) and only the rest of the answer is supervised.
     """
     if not example.response.startswith(prefill) or len(example.response) == len(prefill):
-        raise ValueError(
+        raise TrainingDataError(
             f"{where}: the answer {example.response[:60]!r} does not start with data.response_prefill={prefill!r} "
             f"followed by more text; unset response_prefill or use data whose answers all start with it."
         )
     return ChatExample([*example.messages, {"role": "assistant", "content": prefill}], example.response[len(prefill) :])
 
 
+@dataclass
+class PassCounts:
+    """What one pass over a rank's training rows found."""
+
+    rows_read: int = 0
+    usable: int = 0
+    skipped_without_answer: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"rows_read": self.rows_read, "usable": self.usable, "skipped_without_answer": self.skipped_without_answer}
+
+
+def number_rows(rows: datasets.IterableDataset) -> datasets.IterableDataset:
+    """Tag every row with its position in the file (:data:`ROW_COLUMN`), before shuffling or sharding."""
+    return rows.map(lambda row, index: {ROW_COLUMN: index}, with_indices=True)
+
+
 class ChatStream(IterableDataset):
     """Streams :class:`ChatExample` from a split, sharded over distributed ranks.
 
-    Rows without a usable assistant answer are skipped and counted in ``skipped`` (per worker).
+    Rows without a usable assistant answer are skipped and counted per pass (``last_pass``, and
+    ``complete_pass`` once a pass has finished; per worker when ``num_workers > 0``). A pass that
+    finds no usable row raises :class:`TrainingDataError` naming ``source``, the rows read and why
+    each was unusable, instead of letting training spin through empty epochs.
     With ``response_prefill`` every answer's fixed start becomes part of the prompt (:func:`prefill_response`).
+    Rows tagged by :func:`number_rows` are named by their position in the file in errors.
     """
 
     def __init__(
-        self, rows: datasets.IterableDataset, rank: int = 0, world_size: int = 1, response_prefill: str | None = None
+        self,
+        rows: datasets.IterableDataset,
+        rank: int = 0,
+        world_size: int = 1,
+        response_prefill: str | None = None,
+        source: str = "training data",
     ) -> None:
         super().__init__()
         self.rows = split_dataset_by_node(rows, rank=rank, world_size=world_size) if world_size > 1 else rows
-        self.response_prefill = response_prefill
-        self.skipped = 0
+        self.response_prefill, self.source, self.rank = response_prefill, source, rank
+        self.passes = 0
+        self.last_pass = PassCounts()
+        self.complete_pass: PassCounts | None = None
+        self.skip_examples = 0
+
+    def resume_after(self, examples: int) -> None:
+        """Skip the first ``examples`` usable examples of the next pass (they were trained on before a resume)."""
+        self.skip_examples = examples
 
     def __iter__(self) -> Iterator[ChatExample]:
-        for index, row in enumerate(self.rows):
-            example = conversation_to_example(row, where=f"chat row {index}")
-            if example is None:
-                self.skipped += 1
+        self.passes += 1
+        counts, skip, self.skip_examples = PassCounts(), self.skip_examples, 0
+        self.last_pass, unusable = counts, []
+        for position, row in enumerate(self.rows):
+            counts.rows_read += 1
+            where = self.describe_row(row.get(ROW_COLUMN, position))
+            try:
+                example = conversation_to_example(row, where=where)
+            except UnusableConversation as reason:
+                counts.skipped_without_answer += 1
+                unusable.append(str(reason))
                 continue
             if self.response_prefill:
-                example = prefill_response(example, self.response_prefill, where=f"chat row {index}")
-            yield example
+                example = prefill_response(example, self.response_prefill, where=where)
+            counts.usable += 1
+            if counts.usable > skip:
+                yield example
+        if not counts.usable:
+            raise TrainingDataError(self.nothing_usable(counts, unusable))
+        self.complete_pass = counts
+
+    def describe_row(self, index: int) -> str:
+        """``<file> line N`` for a JSONL file, else ``<source> row N`` (0-based position in the file)."""
+        if str(self.source).endswith(".jsonl"):
+            return f"{self.source} line {index + 1}"
+        return f"{self.source} row {index}"
+
+    def nothing_usable(self, counts: PassCounts, unusable: list[str]) -> str:
+        shard = f" (rank {self.rank}'s shard)" if self.rank else ""
+        if not counts.rows_read:
+            return (f"{self.source}{shard}: no training rows were read (data.train_samples is 0, or the file or "
+                    f"split is empty); point data.train_path at chat data in the schema {SCHEMA}.")
+        shown = "; ".join(unusable[:5]) + (f"; and {len(unusable) - 5} more" if len(unusable) > 5 else "")
+        return (f"{self.source}{shard}: none of the {counts.rows_read} rows read is usable for training: {shown}. "
+                f"Every row needs a user turn followed by an assistant ('gpt') answer.")

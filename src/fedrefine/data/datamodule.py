@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from fedrefine.data.conversations import ChatStream
+from fedrefine.data.conversations import ChatStream, TrainingDataError, number_rows
 from fedrefine.data.loading import open_dataset
 from fedrefine.data.question_dataset import QuestionDataset, load_questions
 
@@ -73,11 +73,19 @@ class C2CDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if stage == "fit":
             if self.train_path is None:
-                raise ValueError("`fit` needs training data: set data.train_path.")
+                raise TrainingDataError("`fit` needs training data: set data.train_path.")
+            if self.train_samples < 1:
+                raise TrainingDataError(
+                    f"data.train_samples={self.train_samples} leaves no training rows of {self.train_path}; "
+                    f"set it to the number of conversations to train on (at least 1)."
+                )
             rows = open_dataset(self.train_path, "train", streaming=True, option="data.train_path").take(self.train_samples)
+            rows = number_rows(rows)
             if self.shuffle_buffer:
                 rows = rows.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-            self.train_stream = ChatStream(rows, rank=rank, world_size=world, response_prefill=self.response_prefill)
+            self.train_stream = ChatStream(
+                rows, rank=rank, world_size=world, response_prefill=self.response_prefill, source=self.train_path
+            )
         if stage in ("fit", "validate"):
             self.questions["val"] = self.load_split(self.val_split)
         if stage == "test":
@@ -89,6 +97,11 @@ class C2CDataModule(L.LightningDataModule):
         return QuestionDataset(items)
 
     def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None and self.trainer.ckpt_path:
+            # Resuming mid-pass: the stream restarts at the top, so skip what this rank already trained on.
+            # ``processed`` counts the batches whose step ran, also in checkpoints written in on_train_batch_end.
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            self.train_stream.resume_after(done * self.batch_size)
         return DataLoader(self.train_stream, batch_size=self.batch_size, collate_fn=_as_list, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
