@@ -8,6 +8,7 @@ from conftest import LLAMA_SPEC, RECEIVER_SPEC
 from fedrefine.data.conversations import ChatExample
 from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.evaluation import EvaluationConfig
+from fedrefine.field_help import SettingsError
 from fedrefine.fuser import FuserConfig, FuserPairMismatchError
 from fedrefine.modules import C2CModule
 from fedrefine.participants import TinySpec
@@ -178,3 +179,22 @@ def test_checkpoints_follow_the_declared_trainable_parts_not_attribute_names():
 
     with pytest.raises(ValueError, match="not its submodules"):
         Undeclared(TinyParticipant(RECEIVER_SPEC), TinyParticipant(LLAMA_SPEC), fuser=FuserConfig(hidden_size=8)).state_dict()
+
+
+def test_a_saved_fuser_refuses_fuser_settings_that_differ_from_its_own(tmp_path):
+    make_module().fuser.save(tmp_path / "fuser")
+    reloaded = make_module(fuser=None, fuser_path=str(tmp_path / "fuser"))  # no fuser settings: the saved ones
+    assert reloaded.fuser.config == FuserConfig(hidden_size=32, dropout=0.0)
+    assert reloaded.hparams["fuser"]["hidden_size"] == 32
+    with pytest.raises(SettingsError, match=r"model.fuser.hidden_size=64 \(saved: 32\).*drop those model.fuser"):
+        make_module(fuser=FuserConfig(hidden_size=64, dropout=0.0), fuser_path=str(tmp_path / "fuser"))
+
+
+def test_last_token_fusion_without_the_answer_prefix_is_refused_naming_both_settings(tmp_path):
+    last = FuserConfig(hidden_size=32, dropout=0.0, fuse_at="last")
+    with pytest.raises(SettingsError, match="fuse_at=last.*model.evaluation.prefill_answer=true"):
+        make_module(fuser=last).setup("test")
+    module = make_module(fuser=last, evaluation=EvaluationConfig(prefill_answer=True))
+    module.setup("test")  # evaluation alone is fine; training also needs the data's response prefix
+    with pytest.raises(SettingsError, match="data.response_prefill"):
+        trainer(tmp_path, max_steps=1).fit(module, write_data(tmp_path))

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import signal
 import sys
 from pathlib import Path
 
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from fedrefine.data.conversations import TrainingDataError
+from fedrefine.field_help import SettingsError
 from fedrefine.fuser import FuserPairMismatchError
 from fedrefine.multiple_choice import DatasetSchemaError
 from fedrefine.participants import ParticipantLoadError
@@ -19,7 +23,7 @@ from fedrefine.trainer_cli import build_cli
 #: Errors that name a user mistake and its fix: shown without a traceback.
 USER_ERRORS = (
     ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, MissingFuserError, RouteError,
-    ConnectionError, FileNotFoundError,
+    TrainingDataError, SettingsError, ConnectionError, FileNotFoundError,
 )
 
 
@@ -65,6 +69,8 @@ def main() -> None:
     except USER_ERRORS as err:
         print(f"fedrefine: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:  # Lightning stops a SIGTERM'd fit as a plain SystemExit (status 0): say it was killed
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 def toy_main(argv: list[str] | None = None) -> None:

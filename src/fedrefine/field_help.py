@@ -10,6 +10,10 @@ from typing import TypeVar
 ConfigClass = TypeVar("ConfigClass", bound=type)
 
 
+class SettingsError(ValueError):
+    """Settings that contradict each other (the message names both and the fix)."""
+
+
 def documented(cls: ConfigClass) -> ConfigClass:
     """Append an ``Args:`` section built from each field's ``metadata["help"]`` to a dataclass's docstring.
 

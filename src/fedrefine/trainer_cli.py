@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.modules import FusionModule
+from fedrefine.modules.checkpointing import InterruptCheckpoint
 
 
 class LogConfigCallback(SaveConfigCallback):
@@ -68,6 +69,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FedRefineCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         seed_everything_default=0,
+        trainer_defaults={"callbacks": [InterruptCheckpoint()]},  # always on: Ctrl-C / SIGTERM save last.ckpt
         args=args,
         run=run,
     )

@@ -47,9 +47,9 @@ class ChatBatchEncoder:
         return response
 
     def check_not_all_dropped(self, kept: int, prompt_lengths: Sequence[int]) -> None:
-        if not kept and not self.counts["train_samples"]:
+        if not kept and not self.counts["encoded_samples"]:
             raise ValueError(
                 f"model.max_length={self.max_length} is smaller than the receiver prompt of every sample in the "
                 f"first batch (shortest: {min(prompt_lengths)} tokens); raise model.max_length."
             )
-        self.counts["train_samples"] += kept
+        self.counts["encoded_samples"] += kept

@@ -83,7 +83,6 @@ class FederationModule(FusionModule):
         if gate_path:
             source_gate.load_weights(gate_path, *self._gate_pair())
         self.fused.fusers.requires_grad_(train_fusers)
-        self.subset_generator = torch.Generator().manual_seed(0)
 
     def trainable_modules(self) -> list[nn.Module]:
         """The gating network, and the pairwise fusers when ``train_fusers``."""
@@ -117,10 +116,10 @@ class FederationModule(FusionModule):
         return f"{'+'.join(self.fused.sender_names)} -> {self.hparams.receiver}"
 
     def random_subset(self) -> list[str]:
-        """A uniformly drawn non-empty subset of the senders (deterministic sequence)."""
+        """A uniformly drawn non-empty subset of the senders (from the step's seed, so resumes redraw it)."""
         names = self.fused.sender_names
         while True:
-            keep = torch.rand(len(names), generator=self.subset_generator) < 0.5
+            keep = torch.rand(len(names)) < 0.5
             if keep.any():
                 return [n for n, k in zip(names, keep.tolist()) if k]
 

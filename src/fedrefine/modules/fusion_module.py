@@ -23,9 +23,11 @@ from fedrefine.data.conversations import ChatExample
 from fedrefine.data.question_dataset import QuestionWithControls
 from fedrefine.evaluation import EvaluationConfig, EvaluationReport, Evaluator, QueryPlanner
 from fedrefine.evaluation.report import log_table
+from fedrefine.field_help import SettingsError
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver, FusionBatch
 from fedrefine.modules.chat_batches import ChatBatchEncoder
+from fedrefine.modules.checkpointing import step_seed
 from fedrefine.modules.optimization import adamw_with_warmup
 from fedrefine.modules.trainable import (
     check_fuser_pairs,
@@ -115,6 +117,26 @@ class FusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_fuser_pairs(checkpoint.get("fedrefine_fusers"), fuser_metadata(self))
 
+    def setup(self, stage: str) -> None:
+        self.check_last_token_settings(stage)
+
+    def check_last_token_settings(self, stage: str) -> None:
+        """``fuse_at: last`` fuses only the last prompt token; without the answer prefix that token is a chat-template
+        token no sender reads, so nothing would be fused (0 bytes): refuse that, naming the settings."""
+        fusers = [m for m in self.modules() if isinstance(m, Fuser) and m.config.mode == "residual"]
+        if not any(f.config.fuse_at == "last" for f in fusers):
+            return
+        missing = [] if self.evaluation.prefill_answer else ["model.evaluation.prefill_answer=true"]
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if stage == "fit" and datamodule is not None and not getattr(datamodule, "response_prefill", None):
+            missing.append("data.response_prefill (e.g. 'The correct answer is')")
+        if missing:
+            raise SettingsError(
+                f"model.fuser.fuse_at=last fuses only the last prompt token, which every participant reads only with "
+                f"the answer prefix; without it no sender token is aligned there and nothing is fused. Set "
+                f"{' and '.join(missing)}, or use model.fuser.fuse_at=prompt."
+            )
+
     # --- batches --------------------------------------------------------------------------
     @property
     def data_counts(self) -> dict[str, int]:
@@ -142,6 +164,11 @@ class FusionModule(L.LightningModule):
     def encode_chat_batch(self, examples: Sequence[ChatExample]) -> FusionBatch | None:
         """Encode conversations for the receiver and its senders; too-long ones are truncated or dropped (counted)."""
         return self.chat_batches(self.fused, examples)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed the step's random draws (gate noise, dropout, sender subsets) from the run seed and the step,
+        so that a resumed run draws exactly what the uninterrupted one did (see :func:`step_seed`)."""
+        torch.manual_seed(step_seed(self.global_step))
 
     @staticmethod
     def response_loss(model: FusedReceiver, batch: FusionBatch, senders: Sequence[str] | None = None) -> Tensor:
@@ -174,11 +201,16 @@ class FusionModule(L.LightningModule):
         return Path(self.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "fuser")
 
     def report_data_counts(self, directory: Path) -> None:
-        counts = dict(self.data_counts)
+        """Print where the result went and what the data held: rows per pass over this rank's training rows
+        (counted once, not summed over passes), and the samples encoded over the whole run."""
         stream = getattr(self.trainer.datamodule, "train_stream", None)
-        if stream is not None:
-            counts["skipped_without_answer"] = stream.skipped
-        Console().print(f"[bold]Exported to[/] {directory}   data: {counts}")
+        Console().print(f"[bold]Exported to[/] {directory}")
+        if stream is not None and stream.passes:
+            finished = stream.complete_pass is not None
+            counts = (stream.complete_pass if finished else stream.last_pass).as_dict()
+            scope = "per pass" if finished else "in the first pass (not finished)"
+            Console().print(f"training rows {scope}: {counts}; passes started: {stream.passes}")
+        Console().print(f"samples encoded over the run (repeats across passes included): {dict(self.data_counts)}")
 
     # --- evaluation -----------------------------------------------------------------------
     @property
@@ -248,11 +280,26 @@ class FusionModule(L.LightningModule):
         return [{"prompt": p, "answer": a} for p, a in zip(batch, answers)]
 
 
-def load_or_create_fuser(sender: Participant, receiver: Participant, config: FuserConfig, path: str | None) -> Fuser:
-    """The saved fuser at ``path`` (for exactly this pair), or a new one."""
-    if path is not None:
-        return Fuser.load(path, sender.identity, receiver.identity)
-    return Fuser(sender.identity, receiver.identity, config)
+def load_or_create_fuser(
+    sender: Participant, receiver: Participant, config: FuserConfig | None, path: str | None
+) -> Fuser:
+    """The saved fuser at ``path`` (for exactly this pair), or a new one with ``config`` (None: the defaults).
+
+    A saved fuser keeps the settings it was trained with; a ``config`` that says otherwise is refused
+    rather than silently ignored.
+    """
+    if path is None:
+        return Fuser(sender.identity, receiver.identity, config or FuserConfig())
+    fuser = Fuser.load(path, sender.identity, receiver.identity)
+    if config is not None:
+        saved, given = asdict(fuser.config), asdict(config)
+        differ = [f"model.fuser.{k}={given[k]!r} (saved: {saved[k]!r})" for k in given if given[k] != saved.get(k)]
+        if differ:
+            raise SettingsError(
+                f"model.fuser_path={path} is a fuser trained with other settings than model.fuser: {', '.join(differ)}. "
+                f"A saved fuser keeps its settings; drop those model.fuser overrides, or train a new fuser with them."
+            )
+    return fuser
 
 
 def mark_frozen(*participants: Participant) -> None:

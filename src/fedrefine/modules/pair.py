@@ -51,11 +51,10 @@ class C2CModule(FusionModule):
         super().__init__(
             learning_rate, weight_decay, warmup_fraction, max_length, evaluation, export_dir,
         )
-        fuser = fuser or FuserConfig()
-        self.save_plain_hyperparameters({"receiver": receiver, "sender": sender}, {"fuser": fuser})
         receiver_participant, sender_participant = receiver.load(), sender.load()
         mark_frozen(receiver_participant, sender_participant)
         fuser_module = load_or_create_fuser(sender_participant, receiver_participant, fuser, fuser_path)
+        self.save_plain_hyperparameters({"receiver": receiver, "sender": sender}, {"fuser": fuser_module.config})
         self.fused = FusedReceiver(receiver_participant, [sender_participant], [fuser_module])
         self.gate_log_every = gate_log_every
 
