@@ -11,7 +11,7 @@ from fedrefine.data.conversations import (
     prefill_response,
 )
 from fedrefine.data.datamodule import C2CDataModule
-from fedrefine.data.loading import open_dataset
+from fedrefine.data.loading import DataFileError, open_dataset
 from fedrefine.data.question_dataset import (
     QuestionDataset,
     load_questions,
@@ -151,3 +151,18 @@ def test_response_prefill_moves_the_answers_fixed_start_into_the_prompt():
     assert prefilled.messages[:-1] == example.messages and prefilled.response == " red."
     with pytest.raises(ValueError, match="response_prefill"):
         prefill_response(example, "Answer:", where="chat row 7")
+
+
+def test_unreadable_data_files_are_one_error_naming_the_file_and_the_setting(tmp_path):
+    latin1 = tmp_path / "obqa.jsonl"
+    latin1.write_bytes(json.dumps(obqa(0), ensure_ascii=False).replace("stem 0", "caf\u00e9").encode("latin-1") + b"\n")
+    with pytest.raises(DataFileError, match=r"obqa.jsonl cannot be read \(UnicodeDecodeError.*`data.eval_path`"):
+        load_questions(str(latin1), "test", None, option="data.eval_path")
+    junk = tmp_path / "obqa.parquet"
+    junk.write_bytes(b"not parquet at all" * 10)
+    with pytest.raises(DataFileError, match=r"obqa.parquet cannot be read"):
+        load_questions(str(junk), "test", None)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_bytes(b'{"conversations": [{"from": "human", "value": "\xff"}]}\n')
+    with pytest.raises(DataFileError, match=r"chat.jsonl cannot be read.*data.train_path"):
+        list(ChatStream(open_dataset(str(chat), "train"), source=str(chat)))

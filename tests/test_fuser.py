@@ -5,6 +5,7 @@ from fedrefine.fuser import (
     ConcreteGate,
     Fuser,
     FuserConfig,
+    FuserFileError,
     FuserPairMismatchError,
     fuser_parameter_count,
 )
@@ -116,8 +117,28 @@ def test_load_refuses_tampered_weights(receiver, llama_sender, tmp_path):
     tensors = load_file(tmp_path / "fuser.safetensors")
     tensors.pop(next(iter(tensors)))
     save_file(tensors, tmp_path / "fuser.safetensors")
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(FuserFileError, match=r"fuser.safetensors does not hold the weights .*\(missing "):
         Fuser.load(tmp_path, llama_sender.identity, receiver.identity)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "other size", "bad json"])
+def test_damaged_fuser_files_are_one_error_naming_the_file(receiver, llama_sender, tmp_path, damage):
+    Fuser(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=16)).save(tmp_path / "small")
+    Fuser(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=24)).save(tmp_path / "large")
+    weights, metadata = tmp_path / "small" / "fuser.safetensors", tmp_path / "small" / "fuser.json"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "random bytes":
+        weights.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    elif damage == "other size":
+        weights.write_bytes((tmp_path / "large" / "fuser.safetensors").read_bytes())
+    else:
+        metadata.write_text(metadata.read_text()[:40])
+    expected = {"truncated": "not a readable safetensors file", "random bytes": "not a readable safetensors file",
+                "other size": r"is \(.*\), expected \(", "bad json": "fuser.json is not valid JSON"}[damage]
+    with pytest.raises(FuserFileError, match=expected) as error:
+        Fuser.load(tmp_path / "small", llama_sender.identity, receiver.identity)
+    assert str(tmp_path / "small") in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_version_1_fuser_reads_its_positions_as_fuse_at(receiver, llama_sender, tmp_path):

@@ -85,3 +85,24 @@ def test_a_saved_custom_tokenizer_loads_back_unchanged(request, name, tmp_path):
     loaded = load_participant(str(tmp_path))
     text = "Café 東京 quick fox?\nThe correct answer is B."
     assert loaded.tokenizer(text)["input_ids"] == participant.tokenizer(text)["input_ids"]
+
+
+def test_a_local_directory_without_tokenizer_files_is_refused_naming_them(receiver, tmp_path):
+    receiver.model.save_pretrained(tmp_path)  # weights and config, no tokenizer
+    with pytest.raises(ParticipantLoadError, match=rf"{tmp_path} lacks tokenizer files \(tokenizer.json, or "):
+        load_participant(str(tmp_path))
+
+
+def test_an_empty_or_missing_directory_says_which_file_is_missing(tmp_path):
+    with pytest.raises(ParticipantLoadError, match=rf"{tmp_path} has no config.json \(it holds nothing\)"):
+        load_participant(str(tmp_path))
+    with pytest.raises(ParticipantLoadError, match="does not exist"):
+        load_participant(str(tmp_path / "absent"))
+
+
+def test_an_unknown_hub_id_offline_fails_at_once_with_the_hf_download_command(monkeypatch):
+    from fedrefine.bench.kv_bytes import identity_of
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ParticipantLoadError, match=r"`hf download foo/bar --local-dir <DIR>`"):
+        identity_of("foo/bar")

@@ -12,8 +12,9 @@ import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fedrefine.data.conversations import TrainingDataError
+from fedrefine.data.loading import DataFileError
 from fedrefine.field_help import SettingsError
-from fedrefine.fuser import FuserPairMismatchError
+from fedrefine.fuser import FuserFileError, FuserPairMismatchError
 from fedrefine.multiple_choice import DatasetSchemaError
 from fedrefine.participants import ParticipantLoadError
 from fedrefine.registry import MissingFuserError
@@ -22,8 +23,8 @@ from fedrefine.trainer_cli import build_cli
 
 #: Errors that name a user mistake and its fix: shown without a traceback.
 USER_ERRORS = (
-    ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, MissingFuserError, RouteError,
-    TrainingDataError, SettingsError, ConnectionError, FileNotFoundError,
+    ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, FuserFileError, MissingFuserError, RouteError,
+    TrainingDataError, DataFileError, SettingsError, ConnectionError, FileNotFoundError,
 )
 
 

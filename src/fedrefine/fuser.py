@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -40,6 +41,10 @@ METADATA_FILE = "fuser.json"
 #: Which receiver tokens a residual fuser writes to (see :class:`FuserConfig`'s ``fuse_at``).
 FuseAt = Literal["prompt", "all", "last"]
 FusionMode = Literal["residual", "concat"]
+
+
+class FuserFileError(ValueError):
+    """A saved fuser's files are missing, unreadable, or do not belong together."""
 
 
 class FuserPairMismatchError(ValueError):
@@ -286,8 +291,11 @@ class Fuser(nn.Module):
         path = Path(directory) / METADATA_FILE
         if not path.is_file():
             raise FileNotFoundError(f"No fuser at {directory}: {METADATA_FILE} is missing.")
-        metadata = json.loads(path.read_text())
-        if metadata.get("format") != FORMAT_NAME or metadata.get("version") not in READABLE_VERSIONS:
+        try:
+            metadata = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise FuserFileError(f"{path} is not valid JSON ({err}); the file is truncated or corrupted: re-export the fuser.") from None
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME or metadata.get("version") not in READABLE_VERSIONS:
             raise ValueError(
                 f"{path} is not a FedRefine fuser of format version {' or '.join(map(str, READABLE_VERSIONS))} "
                 f"(got format {metadata.get('format')!r}, version {metadata.get('version')!r})."
@@ -317,8 +325,33 @@ class Fuser(nn.Module):
         fuser = cls(sender, receiver, FuserConfig(**metadata["config"]))
         if fuser.layer_map != metadata["layer_map"]:
             raise ValueError(f"Layer map in {directory} does not match its layer_map kind; the file was edited.")
-        fuser.load_state_dict(load_file(Path(directory) / WEIGHTS_FILE, device=str(map_location)), strict=True)
+        fuser.load_state_dict(read_weights(Path(directory) / WEIGHTS_FILE, fuser, map_location))
         return fuser.to(map_location)
+
+
+def read_weights(path: Path, module: nn.Module, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """The tensors of a saved module's safetensors file (a fuser's, a gate's), checked against ``module``, built
+    from the metadata saved beside it: every error names the file."""
+    if not path.is_file():
+        raise FuserFileError(f"{path} is missing; a saved fuser or gate needs its JSON metadata and {path.name}.")
+    try:
+        weights = load_file(path, device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise FuserFileError(
+            f"{path} is not a readable safetensors file ({err}); it is truncated or corrupted: re-export or copy the fuser again."
+        ) from None
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in weights.items()}
+    problems = [f"missing {name}" for name in expected if name not in found]
+    problems += [f"unexpected {name}" for name in found if name not in expected]
+    problems += [f"{name} is {found[name]}, expected {shape}" for name, shape in expected.items() if found.get(name, shape) != shape]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise FuserFileError(
+            f"{path} does not hold the weights that the metadata beside it describes ({shown}); the two files come "
+            f"from different exports: copy both from the same one."
+        )
+    return weights
 
 
 def fuser_parameter_count(sender: ParticipantIdentity, receiver: ParticipantIdentity, config: FuserConfig) -> int:

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig
 
 from fedrefine.cache import LayerMapKind, layer_map
-from fedrefine.participants import REAL_MODELS, ParticipantIdentity, real_model_config
+from fedrefine.participants import REAL_MODELS, ParticipantIdentity, load_model_config, real_model_config
 from fedrefine.t2t import TOKEN_ID_BYTES
 
 PAPER_RECEIVER = "Qwen/Qwen3-0.6B"
@@ -28,7 +27,7 @@ PAPER_SENDERS = (
 
 def identity_of(name_or_path: str) -> ParticipantIdentity:
     """The identity (cache shape) of a shipped real config, or of any local directory / hub id's config.json."""
-    config = real_model_config(name_or_path) if name_or_path in REAL_MODELS else AutoConfig.from_pretrained(name_or_path)
+    config = real_model_config(name_or_path) if name_or_path in REAL_MODELS else load_model_config(name_or_path)
     return ParticipantIdentity.from_config(config, name_or_path, "main")
 
 

@@ -11,6 +11,7 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import IterableDataset
 
 from fedrefine.chat import Message
+from fedrefine.data.loading import read_rows
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -131,7 +132,7 @@ class ChatStream(IterableDataset):
         self.passes += 1
         counts, skip, self.skip_examples = PassCounts(), self.skip_examples, 0
         self.last_pass, unusable = counts, []
-        for position, row in enumerate(self.rows):
+        for position, row in enumerate(read_rows(self.rows, self.source, "data.train_path")):
             counts.rows_read += 1
             where = self.describe_row(row.get(ROW_COLUMN, position))
             try:

@@ -7,7 +7,7 @@ from itertools import islice
 
 from torch.utils.data import Dataset
 
-from fedrefine.data.loading import open_dataset
+from fedrefine.data.loading import open_dataset, read_rows
 from fedrefine.multiple_choice import MultipleChoiceItem
 
 
@@ -18,7 +18,7 @@ def load_questions(
     rows = open_dataset(path_or_id, split, config_name, streaming=True, option=option)
     items = [
         MultipleChoiceItem.from_row(row, where=f"{path_or_id} [{split}] row {index}")
-        for index, row in enumerate(islice(rows, limit))
+        for index, row in enumerate(islice(read_rows(rows, path_or_id.replace("{split}", split), option), limit))
     ]
     if not items:
         raise ValueError(f"{path_or_id} [{split}] holds no questions.")

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from fedrefine.fuser import read_weights
 from fedrefine.participants import ParticipantIdentity
 
 FORMAT_NAME = "fedrefine.source_gate"
@@ -115,5 +116,5 @@ class SourceGate(nn.Module):
         sizes = {key: metadata[key] for key in ("receiver_hidden", "num_layers", "hidden_size")}
         if sizes != {"receiver_hidden": self.receiver_hidden, "num_layers": self.num_layers, "hidden_size": self.hidden_size}:
             raise ValueError(f"The gating network in {directory} has sizes {sizes}; build it with those (gating_hidden_size).")
-        self.load_state_dict(load_file(Path(directory) / WEIGHTS_FILE), strict=True)
+        self.load_state_dict(read_weights(Path(directory) / WEIGHTS_FILE, self))
         return self
