@@ -9,6 +9,7 @@ import torch
 
 from fedrefine.bench.cells import expand_cells, sender_subsets, unsupported_reason
 from fedrefine.bench.kv_bytes import PAPER_RECEIVER, PAPER_SENDERS, bytes_table, format_table
+from fedrefine.bench.results_file import StaleResultsError
 from fedrefine.bench.runner import BenchSweep
 from fedrefine.bench.sweep_report import CSV_COLUMNS
 from fedrefine.cli import load_sweep
@@ -188,13 +189,21 @@ def test_a_sweep_writes_one_row_per_cell_and_resumes_without_rerunning(tmp_path,
     assert calls == expected
 
 
-def test_changed_questions_invalidate_finished_cells(tmp_path, toy_registries, monkeypatch):
+def test_results_of_another_setting_are_refused_and_moved_aside_with_fresh(tmp_path, toy_registries, monkeypatch):
     toy_sweep(tmp_path, toy_registries, routes=["t2t"], query_modes=["original"]).run(command="test")
+    out = tmp_path / "out"
+    finished = (out / "sweep.json").read_text()
     calls = []
     original = BenchSweep.evaluate
     monkeypatch.setattr(BenchSweep, "evaluate", lambda self, cell, q: calls.append(str(cell)) or original(self, cell, q))
-    toy_sweep(tmp_path, toy_registries, routes=["t2t"], query_modes=["original"], num_questions=3).run(command="test")
+    changed = dict(routes=["t2t"], query_modes=["original"], num_questions=3)
+    with pytest.raises(StaleResultsError, match=r"sweep.json holds the results of another sweep.*--fresh"):
+        toy_sweep(tmp_path, toy_registries, **changed).run(command="test")
+    assert calls == [] and (out / "sweep.json").read_text() == finished  # nothing evaluated, nothing overwritten
+    toy_sweep(tmp_path, toy_registries, **changed).run(fresh=True, command="test")
     assert len(calls) == 4  # receiver + three subsets, all re-run
+    (aside,) = out.glob("sweep.stale-*.json")
+    assert aside.read_text() == finished and {p.suffix for p in out.glob("sweep.stale-*")} == {".json", ".csv", ".md"}
 
 
 def test_a_missing_fuser_without_training_is_an_error_naming_the_fix(tmp_path, toy_registries):

@@ -144,6 +144,25 @@ def test_plans_refuse_leaky_setups(local):
 # --- rephrasing: cache and determinism ---------------------------------------------------------
 
 
+def test_a_torn_last_cache_line_is_dropped_and_cut_while_damage_elsewhere_names_the_line(tmp_path):
+    from fedrefine.privacy.rephrase import RephrasingCache
+
+    cache = RephrasingCache(tmp_path)
+    cache.put({"key": "a", "rephrasing": "one"})
+    cache.put({"key": "b", "rephrasing": "two"})
+    path = tmp_path / "rephrasings.jsonl"
+    path.write_text(path.read_text() + '{"key": "c", "rephr')  # killed mid-write
+    with pytest.warns(UserWarning, match="dropped a torn last line 3"):
+        reopened = RephrasingCache(tmp_path)
+    assert set(reopened.records) == {"a", "b"}
+    reopened.put({"key": "c", "rephrasing": "three"})
+    assert set(RephrasingCache(tmp_path).records) == {"a", "b", "c"}  # the append started on a fresh line
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"rephrasings.jsonl line 2 is not a rephrasing record"):
+        RephrasingCache(tmp_path)
+
+
 def test_cached_rephrasings_do_not_run_the_model(local, tmp_path):
     queries = [item.question_stem for item in ITEMS]
     calls, handle = count_forwards(local)

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from fedrefine.bench.results_file import StaleResultsError
 from fedrefine.data.conversations import TrainingDataError
 from fedrefine.data.loading import DataFileError
 from fedrefine.field_help import SettingsError
@@ -24,7 +25,7 @@ from fedrefine.trainer_cli import build_cli
 #: Errors that name a user mistake and its fix: shown without a traceback.
 USER_ERRORS = (
     ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, FuserFileError, MissingFuserError, RouteError,
-    TrainingDataError, DataFileError, SettingsError, ConnectionError, FileNotFoundError,
+    TrainingDataError, DataFileError, SettingsError, StaleResultsError, ConnectionError, FileNotFoundError,
 )
 
 
@@ -36,7 +37,7 @@ def bench_parser():
 
     parser = ArgumentParser(prog="fedrefine bench", description=BenchSweep.__doc__.splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile, help="the sweep's YAML (e.g. benchmarks/fig3_toy.yaml)")
-    parser.add_argument("--fresh", action="store_true", help="ignore finished cells of an earlier run")
+    parser.add_argument("--fresh", action="store_true", help="start over: move an earlier run's results aside (never deleted)")
     parser.add_class_arguments(BenchSweep)
     return parser
 

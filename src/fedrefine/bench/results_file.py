@@ -5,6 +5,7 @@ settings) that made them."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,12 @@ from fedrefine.routes import Route
 
 #: Version 2: cells are keyed by their route's canonical text (``c2c.concat:a+b@private``).
 RESULTS_FORMAT = 2
+#: Header fields that say how a file was made rather than what it measured.
+_PROVENANCE = ("command", "commit", "rows", "format")
+
+
+class StaleResultsError(ValueError):
+    """A sweep's results file holds another setting's results; it is never overwritten silently."""
 
 
 def result_row(cell: Route, report: EvaluationReport, link_mbit_per_s: float) -> dict[str, Any]:
@@ -56,19 +63,48 @@ class SweepResultsFile:
     def __init__(self, path: Path, console: Console | None = None) -> None:
         self.path, self.console = path, console or Console()
 
-    def load(self, fingerprint: str) -> dict[str, dict[str, Any]]:
-        """Finished rows (by cell key) of an earlier run with the same fingerprint; none for another one."""
+    def load(self, header: dict[str, Any], fresh: bool = False) -> dict[str, dict[str, Any]]:
+        """Finished rows (by cell key) of an earlier run with the same fingerprint.
+
+        A file made with other questions, participants, fusers or settings is refused unless ``fresh``;
+        with ``fresh`` any earlier file is moved aside (never deleted) and the sweep starts over.
+        """
         if not self.path.is_file():
             return {}
-        previous = json.loads(self.path.read_text())
-        if previous.get("fingerprint") != fingerprint:  # the fingerprint covers the results format too
-            self.console.print(
-                f"[yellow]{self.path} was made with other questions, participants, fusers, settings or results "
-                "format; starting the sweep over.[/]"
+        try:
+            previous = json.loads(self.path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            previous = {"unreadable": str(err)}
+        if previous.get("fingerprint") == header["fingerprint"] and not fresh:  # it covers the results format too
+            rows = previous.get("rows", [])  # rows from before per-row commits were recorded get the file's commit
+            return {r["key"]: {"commit": previous.get("commit"), **r} if r["status"] == "ok" else r for r in rows}
+        if not fresh:
+            raise StaleResultsError(
+                f"{self.path} holds the results of another sweep ({self.differences(previous, header)}). Rerun with "
+                f"--fresh to move it aside and start over, or set --name or --output_dir to keep both."
             )
-            return {}
-        rows = previous.get("rows", [])  # rows from before per-row commits were recorded get the file's commit
-        return {r["key"]: {"commit": previous.get("commit"), **r} if r["status"] == "ok" else r for r in rows}
+        aside = self.move_aside(previous.get("commit"))
+        self.console.print(f"[yellow]--fresh: moved the earlier results to {', '.join(map(str, aside))}.[/]")
+        return {}
+
+    @staticmethod
+    def differences(previous: dict[str, Any], header: dict[str, Any]) -> str:
+        if "unreadable" in previous:
+            return f"it is not valid JSON: {previous['unreadable']}"
+        changed = [k for k in header if k not in (*_PROVENANCE, "fingerprint") and previous.get(k) != header[k]]
+        if changed:
+            return "differs in " + ", ".join(f"{k}: {previous.get(k)!r} -> {header[k]!r}" for k in changed)
+        return "same header, but other questions, participants, fusers or results format: the fingerprint differs"
+
+    def move_aside(self, commit: str | None) -> list[Path]:
+        """Rename ``<name>.json`` and its ``.csv`` / ``.md`` tables to ``<name>.stale-<commit>-<time>.*``."""
+        stamp = f"stale-{(commit or 'unknown')[:7]}-{time.strftime('%Y%m%d-%H%M%S')}"
+        moved = []
+        for suffix in (".json", ".csv", ".md"):
+            source = self.path.with_suffix(suffix)
+            if source.is_file():
+                moved.append(source.replace(source.with_name(f"{self.path.stem}.{stamp}{suffix}")))
+        return moved
 
     def save(self, header: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
         """Write the header and rows (atomically)."""

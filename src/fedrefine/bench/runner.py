@@ -214,7 +214,8 @@ class BenchSweep:
         }
 
     def run(self, fresh: bool = False, command: str | None = None) -> list[dict[str, Any]]:
-        """Evaluate every unfinished cell (all of them with ``fresh``), then write tables and plots."""
+        """Evaluate every unfinished cell, then write tables and plots. Results of another setting are refused,
+        or with ``fresh`` moved aside (see :meth:`SweepResultsFile.load`)."""
         command = command or " ".join(["fedrefine", *sys.argv[1:]])
         self.prepare_fusers()
         questions = self.questions()
@@ -222,7 +223,7 @@ class BenchSweep:
             raise ValueError(f"The evaluation split {self.split or self.data.test_split!r} has no questions.")
         fingerprint = self.fingerprint(questions)
         results = SweepResultsFile(self.output_dir / f"{self.name}.json", self.console)
-        rows = {} if fresh else results.load(fingerprint)
+        rows = results.load(self.header(fingerprint, command), fresh=fresh)
         done = sum(str(c) in rows for c in self.cells)
         if done:
             self.console.print(f"Resuming: {done} of {len(self.cells)} cells already finished in {results.path}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,10 +82,29 @@ class RephrasingCache:
         self.path = None if cache_dir is None else Path(cache_dir) / self.FILENAME
         self.records: dict[str, dict[str, Any]] = {}
         if self.path is not None and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    self.records[record["key"]] = record
+            self.read()
+
+    def read(self) -> None:
+        """Load the records; a torn last line (a run killed mid-write) is dropped and cut from the file, so that
+        later appends start on a fresh line. Damage anywhere else is an error naming the file and line."""
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                self.records[record["key"]] = record
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                if any(rest.strip() for rest in lines[number:]):
+                    raise ValueError(
+                        f"{self.path} line {number} is not a rephrasing record ({err}); delete that line or the file "
+                        f"(it is a cache: rephrasings are regenerated)."
+                    ) from None
+                warnings.warn(f"{self.path}: dropped a torn last line {number} (an interrupted write).", stacklevel=3)
+                kept = "".join(f"{text}\n" for text in lines[: number - 1])
+                temporary = self.path.with_suffix(".jsonl.tmp")
+                temporary.write_text(kept, encoding="utf-8")
+                temporary.replace(self.path)
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.records.get(key)
