@@ -64,3 +64,47 @@ def test_config_fields_carry_help_that_the_cli_shows():
 
     with pytest.raises(TypeError, match=r"\['size'\]"):
         documented(Undocumented)
+
+
+def run_main(monkeypatch, *argv):
+    from fedrefine.cli import main
+
+    monkeypatch.setattr("sys.argv", ["fedrefine", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code
+
+
+def test_help_lists_every_subcommand(monkeypatch, capsys):
+    from lightning.pytorch.cli import LightningCLI
+
+    assert run_main(monkeypatch, "--help") == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert listed == set(LightningCLI.subcommands()) | {"bench", "kv-bytes"}
+    assert run_main(monkeypatch) == 2  # no subcommand: the same overview, as an error
+
+
+def test_fit_without_training_rows_fails_at_once_with_one_line(monkeypatch, capsys, tmp_path):
+    code = run_main(monkeypatch, "fit", "--config", "configs/tiny.yaml", "--data.train_samples", "0",
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false")
+    err = capsys.readouterr().err
+    assert code == 2 and "fedrefine: error: data.train_samples=0 leaves no training rows" in err
+    assert "Traceback" not in err
+
+
+def test_a_failed_load_shows_its_message_not_a_config_dump(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = run_main(monkeypatch, "test", "--config", "configs/qwen3_llama.yaml")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("fedrefine: error: Cannot load 'Qwen/Qwen3-0.6B'")
+    assert "Namespace(" not in err and "Traceback" not in err
+
+
+def test_runs_print_no_product_tips_or_lightning_deprecations(tmp_path, capfd, recwarn):
+    build_cli(["fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path),
+               "--trainer.logger", "false", "--trainer.max_steps", "1", "--model.export_dir", str(tmp_path / "fuser")])
+    out, err = capfd.readouterr()
+    assert "Tip:" not in out + err and "litlogger" not in out + err
+    assert "/-2" not in out + err  # the progress bar of a step-bounded run
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message)]

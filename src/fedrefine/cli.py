@@ -29,6 +29,17 @@ USER_ERRORS = (
 )
 
 
+def user_error(err: BaseException) -> BaseException | None:
+    """The user mistake behind ``err``: itself, or one that jsonargparse wrapped while building a class from the
+    config (its own message then is a dump of the whole config around the one line that matters)."""
+    seen = 0
+    while err is not None and seen < 20:
+        if isinstance(err, USER_ERRORS):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 def bench_parser():
     """The ``fedrefine bench`` argument parser: a sweep's YAML names :class:`BenchSweep`'s arguments."""
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -58,8 +69,30 @@ def bench_main(argv: list[str] | None = None) -> None:
     sweep.run(fresh=fresh)
 
 
+#: Every ``fedrefine`` subcommand and what it does (the overview of ``fedrefine --help``).
+SUBCOMMANDS = {
+    "fit": "train fusers (or a gate) on chat data; writes checkpoints and the exported fuser",
+    "validate": "evaluate the validation routes on the validation split",
+    "test": "evaluate the test routes (receiver, sender, C2C, T2T, controls) on the test split",
+    "predict": "answer free-text prompts with C2C",
+    "bench": "run or resume a benchmark sweep (routes x query modes x sender subsets) with tables and plots",
+    "kv-bytes": "bytes per prompt token each sender transmits, from model configs (no weights)",
+}
+
+
+def overview() -> str:
+    lines = ["usage: fedrefine <subcommand> [options]   (fedrefine <subcommand> --help for its options)", "",
+             "subcommands:"]
+    lines += [f"  {name:<9} {text}" for name, text in SUBCOMMANDS.items()]
+    lines += ["", "fedrefine-toy runs the offline toy-world job (fit, then test with controls)."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else None
+    if command in (None, "-h", "--help"):
+        print(overview())
+        raise SystemExit(0 if command else 2)
     try:
         if command == "bench":
             return bench_main()
@@ -68,8 +101,11 @@ def main() -> None:
 
             return kv_bytes_main(sys.argv[2:])
         build_cli()
-    except USER_ERRORS as err:
-        print(f"fedrefine: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - a user mistake is shown alone, anything else re-raised as it is
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"fedrefine: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
     except SIGTERMException:  # Lightning stops a SIGTERM'd fit as a plain SystemExit (status 0): say it was killed
         raise SystemExit(128 + signal.SIGTERM) from None
@@ -92,8 +128,11 @@ def toy_main(argv: list[str] | None = None) -> None:
     try:
         build_cli(["fit", "--config", args.config, *overrides])
         build_cli(["test", "--config", args.config, "--model.fuser_path", fuser_dir, *overrides])
-    except USER_ERRORS as err:
-        print(f"fedrefine-toy: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - as in main
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"fedrefine-toy: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

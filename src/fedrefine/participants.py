@@ -211,7 +211,7 @@ def locate_model(name_or_path: str, revision: str | None = None, weights: bool =
     if local.is_dir():
         check_model_directory(local, weights=weights, tokenizer=tokenizer)
         return {"revision": revision}
-    if name_or_path.startswith((".", "/", "~")) or local.suffix:
+    if name_or_path.startswith((".", "/", "~")):
         raise ParticipantLoadError(f"Model directory {name_or_path!r} does not exist; pass an existing directory or a hub id.")
     try:
         AutoConfig.from_pretrained(name_or_path, revision=revision, local_files_only=True)

@@ -6,7 +6,9 @@ Used by the ``fedrefine`` console script and by anything that runs those subcomm
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -57,9 +59,27 @@ def _short(source) -> str:
     return str(spec.get("name")) if hasattr(spec, "get") else "participant"
 
 
+class _DropAdvertisements(logging.Filter):
+    """Lightning's "Tip: try installing litlogger / litmodels" lines, printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip:" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Keep runs' output to what matters: no product tips, no deprecation Lightning itself triggers in torch."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdvertisements) for f in logger.filters):
+            logger.addFilter(_DropAdvertisements())
+    # lightning/pytorch/utilities/_pytree.py calls the deprecated torch LeafSpec check on every batch.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> FedRefineCLI:
     """Build (and by default run) the CLI; ``args`` default to ``sys.argv[1:]``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_lightning()
     return FedRefineCLI(
         FusionModule,
         C2CDataModule,

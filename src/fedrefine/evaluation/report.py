@@ -25,6 +25,10 @@ MAX_OPTIONS = 26
 TABLE_COLUMNS = ("route", "accuracy", "95% CI", "latency ms/question", "bytes/token", "bytes/question", "leakage")
 
 
+#: Failed questions printed under the table; the results JSON lists every one.
+SHOWN_FAILURES = 10
+
+
 class EvaluationReport:
     """Accumulates every route's results over question batches.
 
@@ -104,8 +108,10 @@ class EvaluationReport:
         console.print(table)
         if self.failures:
             console.print(f"[red]{len(self.failures)} question(s) could not be encoded and count as wrong:[/]")
-            for question_id, reason in self.failures[:10]:
+            for question_id, reason in self.failures[:SHOWN_FAILURES]:
                 console.print(f"  {question_id}: {reason}")
+            if len(self.failures) > SHOWN_FAILURES:
+                console.print(f"  and {len(self.failures) - SHOWN_FAILURES} more (all of them in the results JSON)")
 
     def save_json(self, path: str | Path, title: str) -> Path:
         """``{"title", "rows", "failures"[, "selected_senders"]}`` at ``path``."""
