@@ -46,24 +46,28 @@ def test_answer_extraction(text, expected):
     assert extract_choice(text, ITEM.labels) == expected
 
 
-def test_cloze_scores_are_each_options_mean_log_probability():
+def test_cloze_scores_are_each_options_summed_log_probability_with_its_lengths():
     from fedrefine.scoring import predict_alone, score_encoded
 
     participant = build_tiny_participant(TinySpec("c", tokenizer_kind="byte_bpe", vocab_size=400, seed=3))
     item = MultipleChoiceItem("q", "Which is hot?", ("fire", "ice cube", "snow"), tuple("ABC"), "A")
     encoded = encode_question(participant, item, "text")
-    scores = score_encoded(participant, [encoded], "text")[0]
+    scores = score_encoded(participant, [encoded], "text")
     for k, continuation in enumerate(encoded.continuations):
         ids = torch.tensor([[*encoded.chat.input_ids, *continuation]])
         with torch.no_grad():
             log_probs = participant.model(ids).logits[0].log_softmax(-1)
         start = len(encoded.chat.input_ids)
-        expected = sum(log_probs[start - 1 + j, t] for j, t in enumerate(continuation)) / len(continuation)
-        assert scores[k].item() == pytest.approx(expected.item(), abs=1e-4)
-    assert predict_alone(participant, [item], style="text") == [int(scores.argmax())]
-    # the continuations spell the options (after any tokens all options share)
-    texts = [participant.tokenizer.decode(c).strip() for c in encoded.continuations]
-    assert all(text and choice.endswith(text) for choice, text in zip(item.choices, texts))
+        expected = sum(log_probs[start - 1 + j, t] for j, t in enumerate(continuation))
+        assert scores.total[0, k].item() == pytest.approx(expected.item(), abs=1e-4)
+        assert scores.tokens[0, k] == len(continuation) and scores.chars[0, k] == len(item.choices[k])
+    for normalization in ("sum", "chars", "token_mean"):
+        expected = int(scores.normalized(normalization)[0].argmax())
+        assert predict_alone(participant, [item], style="text", normalization=normalization) == [expected]
+    # the continuations spell " " + each option, after the prompt's own tokens (lm-eval's split)
+    texts = [participant.tokenizer.decode(c) for c in encoded.continuations]
+    assert texts == [f" {choice}" for choice in item.choices]
+    assert participant.tokenizer.decode(encoded.chat.input_ids).endswith(ANSWER_PREFIX)
 
 
 @pytest.mark.parametrize("kind, style", [("byte_bpe", "chatml"), ("metaspace_bpe", "llama3"), ("word", "chatml")])

@@ -103,7 +103,7 @@ def test_t2t_predict_results(receiver, llama_chatty, qwen2_chatty):
     senders = [llama_chatty, qwen2_chatty]
     results = t2t_predict(receiver, senders, ITEMS, T2TConfig(budget=5))
     assert [r.question_id for r in results] == [item.id for item in ITEMS]
-    alone = score_encoded(receiver, [encode_question(receiver, item) for item in ITEMS])
+    alone = score_encoded(receiver, [encode_question(receiver, item) for item in ITEMS]).total
     assert all(any(h.text.strip() for h in r.hints) for r in results)  # not vacuous: there is text to place
     for result, item, scores_alone in zip(results, ITEMS, alone):
         assert [h.sender for h in result.hints] == [s.name for s in senders]  # the given order

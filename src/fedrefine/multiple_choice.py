@@ -1,9 +1,15 @@
 """Multiple-choice questions in the OpenBookQA schema: validation, the zero-shot prompt, how options are named.
 
-The prompt is one user message; the assistant's answer starts with :data:`ANSWER_PREFIX`.
+Two prompt styles (:data:`PromptStyle`):
+
+- ``chat``: one user message (question, lettered options, instruction) in the participant's chat
+  template; the assistant's answer starts with :data:`ANSWER_PREFIX`. The toy world trains its tiny
+  models on exactly this rendering.
+- ``lm_eval``: lm-evaluation-harness's stock OpenBookQA prompt: the bare question stem as the
+  context (no chat template, options or instruction), each option scored as ``" " + text``.
+
 :mod:`fedrefine.scoring` scores the options (letter logits or cloze); :func:`extract_choice`
 reads the choice out of generated text.
-The toy world trains its tiny models on exactly this rendering.
 """
 
 from __future__ import annotations
@@ -24,6 +30,12 @@ INSTRUCTIONS: dict[str, str] = {
     "text": "Answer with the correct option.",
 }
 REQUIRED_FIELDS = ("id", "question_stem", "choices", "answerKey")
+#: ``chat``: the project's chat prompt; ``lm_eval``: lm-eval-harness's stock OpenBookQA prompt (bare stem).
+PromptStyle = Literal["chat", "lm_eval"]
+PROMPT_STYLES: tuple[str, ...] = ("chat", "lm_eval")
+#: What separates the context from an option's text in a cloze continuation (lm-eval's default
+#: ``target_delimiter``): every option is scored as ``" " + text``.
+OPTION_DELIMITER = " "
 
 
 class DatasetSchemaError(ValueError):
@@ -105,43 +117,134 @@ def correct_answer(item: MultipleChoiceItem, style: AnswerStyle = "letter") -> s
 
 
 @dataclass(frozen=True)
+class ClozeOptions:
+    """A question's options as cloze continuations: each option's token ids after the prompt, and its
+    text's length in characters (lm-eval's ``acc_norm`` divides by it: the option text, not the delimiter)."""
+
+    continuations: tuple[tuple[int, ...], ...]
+    chars: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class EncodedQuestion:
-    """A question encoded for one participant: the prompt through :data:`ANSWER_PREFIX`, each option's
-    first token, and (text style) each option's full continuation tokens."""
+    """A question encoded for one participant: the prompt (chat style: through :data:`ANSWER_PREFIX`),
+    each option's first token, and (text style) each option's cloze continuation."""
 
     chat: EncodedChat
     option_token_ids: tuple[int, ...]
-    continuations: tuple[tuple[int, ...], ...] = ()
+    cloze: ClozeOptions | None = None
+
+    @property
+    def continuations(self) -> tuple[tuple[int, ...], ...]:
+        """Each option's continuation token ids (text style; empty for letters)."""
+        return () if self.cloze is None else self.cloze.continuations
 
 
 def encode_question(
-    participant: Participant, item: MultipleChoiceItem, style: AnswerStyle = "letter", prefill: bool = False
+    participant: Participant,
+    item: MultipleChoiceItem,
+    style: AnswerStyle = "letter",
+    prefill: bool = False,
+    prompt_style: PromptStyle = "chat",
 ) -> EncodedQuestion:
-    """Encode the question's prompt through :data:`ANSWER_PREFIX` and find how each option is named.
+    """Encode the question's prompt and find how each option is named.
 
-    ``letter``: the token of each option's letter. ``text``: each option's text continuation (cloze).
-    ``prefill``: the answer prefix is an assistant prefill (message content) rather than appended text;
-    the rendered prompt is the same.
+    ``letter``: the token of each option's letter after :data:`ANSWER_PREFIX`. ``text``: each option's
+    cloze continuation (see :func:`encode_cloze`). ``prefill``: the answer prefix is an assistant prefill
+    (message content) rather than appended text; the rendered prompt is the same. ``prompt_style``
+    ``lm_eval``: the bare question stem (text style only, no prefill; see :func:`encode_lm_eval_question`).
     """
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"Unknown prompt_style {prompt_style!r}; choose one of {list(PROMPT_STYLES)}.")
+    if prompt_style == "lm_eval":
+        if style != "text" or prefill:
+            raise ValueError(
+                "prompt_style 'lm_eval' is lm-eval's bare-stem prompt: it scores option texts (answer style 'text', "
+                "evaluation.answer_mode cloze) and has no answer prefix to prefill (evaluation.prefill_answer false)."
+            )
+        return encode_lm_eval_question(participant, item)
     messages = question_messages(item, style, prefill)
     if style == "letter":
         return encode_options_prompt(participant, messages, item.labels)
-    encoded = encode_options_prompt(participant, messages, item.choices, distinct_first_token=False)
-    if any(not c for c in encoded.continuations):
-        raise ValueError(f"Question {item.id}: two options have the same text; cloze scoring cannot tell them apart.")
-    return encoded
+    return encode_cloze_prompt(participant, messages, item)
 
 
-def encode_options_prompt(
-    participant: Participant, messages: Sequence[Message], answers: Sequence[str], distinct_first_token: bool = True
-) -> EncodedQuestion:
-    """Encode any conversation ending in a multiple-choice question, through :data:`ANSWER_PREFIX`.
+def encode_cloze_prompt(participant: Participant, messages: Sequence[Message], item: MultipleChoiceItem) -> EncodedQuestion:
+    """Chat style, cloze: the conversation rendered through :data:`ANSWER_PREFIX` is the context, and each
+    option is scored as ``" " + text`` after it (see :func:`encode_cloze`).
 
-    The prompt is tokenized with each answer (a letter, or an option's text) appended; the
-    tokens all variants share are the context, and each variant's remaining tokens are its
-    continuation, whose first token names it. Tokenizers that merge the answer with the space
-    before it and those that do not are both handled. Letters must differ in their first token.
     Conversations that end with :data:`ANSWER_PREFILL` already hold the prefix.
+    """
+    prefix = "" if messages[-1] == ANSWER_PREFILL else ANSWER_PREFIX
+    return encode_cloze(participant, encode_chat(participant, messages, suffix=prefix), item)
+
+
+def encode_lm_eval_question(participant: Participant, item: MultipleChoiceItem) -> EncodedQuestion:
+    """lm-eval-harness's stock OpenBookQA prompt: the bare question stem is the context, each option is
+    scored as ``" " + text``.
+
+    The stem is tokenized as lm-eval's ``hf`` model tokenizes a context: with the tokenizer's own
+    special tokens (e.g. a Llama tokenizer's BOS). As lm-eval does, whitespace at the end of the stem
+    moves to the start of every continuation. The whole stem is the one message content (for alignment).
+    """
+    stem = item.question_stem.rstrip()
+    if not stem:
+        raise ValueError(f"Question {item.id}: the question stem is empty; lm_eval-style prompts are the stem alone.")
+    encoding = participant.tokenizer(stem, return_offsets_mapping=True)
+    context = EncodedChat(
+        text=stem,
+        input_ids=list(encoding["input_ids"]),
+        offsets=[tuple(o) for o in encoding["offset_mapping"]],
+        content_spans=[(0, len(stem))],
+        contents=[stem],
+    )
+    delimiter = item.question_stem[len(stem) :] + OPTION_DELIMITER
+    return encode_cloze(participant, context, item, delimiter, add_special_tokens=True)
+
+
+def encode_cloze(
+    participant: Participant,
+    context: EncodedChat,
+    item: MultipleChoiceItem,
+    delimiter: str = OPTION_DELIMITER,
+    add_special_tokens: bool = False,
+) -> EncodedQuestion:
+    """Each option's continuation after ``context``, split as lm-eval's ``hf`` model splits it.
+
+    The context's text plus ``delimiter + option`` is tokenized whole, and the continuation is what
+    follows the first ``len(context.input_ids)`` tokens. The model reads the context's own tokens
+    followed by that tail, exactly as lm-eval feeds it; where a tokenizer merges across the boundary
+    (rare: contexts end in a word, options start with a space) the tail differs from the option's own
+    tokens, and both tools score the same ids. ``add_special_tokens`` must match how ``context`` was
+    tokenized. Options must be non-empty and tokenize differently.
+    """
+    if context.text != context.text.rstrip():
+        raise ValueError("A cloze context must not end in whitespace; move it into the delimiter (as lm-eval does).")
+    if any(not text for text in item.choices):
+        raise ValueError(f"Question {item.id}: an option's text is empty; cloze scoring needs text to score.")
+    cut = len(context.input_ids)
+    continuations = []
+    for text in item.choices:
+        whole = participant.tokenizer(context.text + delimiter + text, add_special_tokens=add_special_tokens)["input_ids"]
+        continuations.append(tuple(whole[cut:]))
+    if any(not c for c in continuations) or len(set(continuations)) != len(continuations):
+        raise ValueError(
+            f"Question {item.id}: two options have the same text or the same tokens for {participant.name}; "
+            f"cloze scoring cannot tell them apart."
+        )
+    cloze = ClozeOptions(tuple(continuations), tuple(len(text) for text in item.choices))
+    return EncodedQuestion(context, tuple(c[0] for c in continuations), cloze)
+
+
+def encode_options_prompt(participant: Participant, messages: Sequence[Message], answers: Sequence[str]) -> EncodedQuestion:
+    """Encode any conversation ending in a multiple-choice question, through :data:`ANSWER_PREFIX`, for
+    answers named by one token (option letters).
+
+    The prompt is tokenized with each answer appended; the tokens all variants share are the
+    context, and each variant's next token names it. Tokenizers that merge the answer with the space
+    before it and those that do not are both handled. Letters must differ in their first token.
+    Conversations that end with :data:`ANSWER_PREFILL` already hold the prefix. Option texts are
+    scored by :func:`encode_cloze_prompt` instead.
     """
     prefix = "" if messages[-1] == ANSWER_PREFILL else ANSWER_PREFIX
     variants = [encode_chat(participant, messages, suffix=f"{prefix} {answer}") for answer in answers]
@@ -150,13 +253,12 @@ def encode_options_prompt(
     while all(len(row) > shared for row in ids) and len({row[shared] for row in ids}) == 1:
         shared += 1
     candidates = tuple(row[shared] if len(row) > shared else -1 for row in ids)
-    if distinct_first_token and (-1 in candidates or len(set(candidates)) != len(candidates)):
+    if -1 in candidates or len(set(candidates)) != len(candidates):
         raise ValueError(
             f"Tokenizer of {participant.name} cannot tell the option labels {list(answers)} apart by one token "
             f"after {ANSWER_PREFIX!r}; use single-character labels."
         )
-    continuations = tuple(tuple(row[shared:]) for row in ids)
-    return EncodedQuestion(truncate_chat(variants[0], shared), candidates, continuations)
+    return EncodedQuestion(truncate_chat(variants[0], shared), candidates)
 
 
 _STATED = re.compile(r"answer(?: is|:)\s*\(?([A-Za-z])\b", re.IGNORECASE)

@@ -27,9 +27,15 @@ from typing import Literal
 from fedrefine.chat import Message
 from fedrefine.field_help import documented
 from fedrefine.generation import Reply, generate_replies
-from fedrefine.multiple_choice import AnswerStyle, MultipleChoiceItem, encode_options_prompt, question_text
+from fedrefine.multiple_choice import (
+    AnswerStyle,
+    MultipleChoiceItem,
+    encode_cloze_prompt,
+    encode_options_prompt,
+    question_text,
+)
 from fedrefine.participants import Participant
-from fedrefine.scoring import score_encoded
+from fedrefine.scoring import NORMALIZATIONS, Normalization, score_encoded
 from fedrefine.timing import stopwatch
 
 #: The reference's communication prompt (C2C's ``TwoStageInference.background_prompt``).
@@ -134,7 +140,8 @@ class Hint:
 class T2TResult:
     """One question answered by T2T: the hints in sender order, the prediction, and seconds per stage.
 
-    ``seconds`` maps ``"sender:<name>"`` (its hint generation) and ``"receiver"`` (the scored
+    ``option_scores`` are the scores behind ``prediction`` (cloze: under the requested normalisation);
+    ``cloze_predictions`` (cloze only) the option chosen under each normalisation. ``seconds`` maps ``"sender:<name>"`` (its hint generation) and ``"receiver"`` (the scored
     forward) to this question's share of its batch's wall time.
     """
 
@@ -143,6 +150,7 @@ class T2TResult:
     prediction: int
     option_scores: list[float]
     seconds: dict[str, float] = field(default_factory=dict)
+    cloze_predictions: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -181,6 +189,7 @@ def t2t_predict(
     config: T2TConfig | None = None,
     sender_questions: Mapping[str, Sequence[str]] | None = None,
     style: AnswerStyle = "letter",
+    normalization: Normalization = "token_mean",
 ) -> list[T2TResult]:
     """Answer each question by the receiver with the senders' generated hints in its context.
 
@@ -194,6 +203,7 @@ def t2t_predict(
             question stem (e.g. :attr:`fedrefine.privacy.plans.QueryPlan.sender_texts`). When given it
             must cover every sender.
         style: the receiver answers by letter (logits) or by option text (cloze scoring).
+        normalization: how cloze scores are normalised for ``prediction`` (see :mod:`fedrefine.scoring`).
 
     Returns one :class:`T2TResult` per item, in order.
     """
@@ -207,18 +217,19 @@ def t2t_predict(
     results: list[T2TResult] = []
     for start in range(0, len(items), config.batch_size):
         chunk = range(start, min(start + config.batch_size, len(items)))
-        encoded = [
-            encode_options_prompt(
-                receiver,
-                hint_messages(items[i], [hints[s.name][i].text for s in senders], config, style),
-                items[i].labels if style == "letter" else items[i].choices,
-                distinct_first_token=style == "letter",
+        encoded = []
+        for i in chunk:
+            messages = hint_messages(items[i], [hints[s.name][i].text for s in senders], config, style)
+            encoded.append(
+                encode_options_prompt(receiver, messages, items[i].labels)
+                if style == "letter"
+                else encode_cloze_prompt(receiver, messages, items[i])
             )
-            for i in chunk
-        ]
         with stopwatch(receiver.device) as elapsed:
             scores = score_encoded(receiver, encoded, style)
         receiver_seconds = elapsed.seconds / len(chunk)
+        chosen, normalized = scores.predictions(normalization), scores.normalized(normalization)  # (B,), (B, K)
+        cloze = {n: scores.predictions(n) for n in NORMALIZATIONS} if scores.cloze else {}
         for row, i in enumerate(chunk):
             replies = [hints[s.name][i] for s in senders]
             results.append(
@@ -228,12 +239,13 @@ def t2t_predict(
                         Hint(s.name, reply.text, reply.token_ids, config.bytes_per_id)
                         for s, reply in zip(senders, replies)
                     ],
-                    prediction=int(scores[row].argmax()),
-                    option_scores=scores[row, : len(items[i].labels)].tolist(),
+                    prediction=int(chosen[row]),
+                    option_scores=normalized[row, : len(items[i].labels)].tolist(),
                     seconds={
                         **{f"sender:{s.name}": reply.seconds for s, reply in zip(senders, replies)},
                         "receiver": receiver_seconds,
                     },
+                    cloze_predictions={n: int(picks[row]) for n, picks in cloze.items()},
                 )
             )
     return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -18,10 +19,24 @@ from fedrefine.multiple_choice import extract_choice
 from fedrefine.privacy.leakage import leakage_report
 from fedrefine.privacy.plans import QueryPlan
 from fedrefine.routes import Route
-from fedrefine.scoring import score_alone, score_options
+from fedrefine.scoring import NORMALIZATIONS, Normalization, OptionScores, score_alone, score_options
 from fedrefine.selection import SenderSelection
 from fedrefine.t2t import T2TConfig, t2t_predict
 from fedrefine.timing import stopwatch, time_inside
+
+
+@dataclass
+class Choices:
+    """The option chosen per encoded row (B,), and in cloze mode under each normalisation (B,) too."""
+
+    chosen: Tensor
+    cloze: dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, scores: OptionScores, normalization: Normalization) -> Choices:
+        """Choices from option scores: under ``normalization`` and, for cloze scores, under each one."""
+        cloze = {n: scores.predictions(n) for n in NORMALIZATIONS} if scores.cloze else {}
+        return cls(scores.predictions(normalization), cloze)
 
 
 class RouteRunner:
@@ -30,6 +45,7 @@ class RouteRunner:
     Args:
         model: the receiver, its senders and fusers.
         mode: answer mode (letter logits, cloze or generation).
+        normalization: how cloze scores are normalised for the reported predictions (each one is kept too).
         max_new_tokens: generation budget (``generate`` mode).
         planner: who read what in rephrased modes (for the rephrase stage and leakage).
         t2t: the T2T baseline's settings.
@@ -46,8 +62,9 @@ class RouteRunner:
         t2t: T2TConfig | None = None,
         selection: SenderSelection | None = None,
         generator: torch.Generator | None = None,
+        normalization: Normalization = "token_mean",
     ) -> None:
-        self.model, self.mode, self.max_new_tokens = model, mode, max_new_tokens
+        self.model, self.mode, self.max_new_tokens, self.normalization = model, mode, max_new_tokens, normalization
         self.planner, self.t2t = planner or QueryPlanner(), t2t
         self.selection, self.generator = selection, generator
 
@@ -56,6 +73,8 @@ class RouteRunner:
         device = batch.labels.device
         predictions = torch.full((len(batch),), -1, dtype=torch.long, device=device)
         result = RouteResult(predictions, 0.0)
+        if self.mode == "cloze":
+            result.cloze_predictions = {n: predictions.clone() for n in NORMALIZATIONS}
         if not batch.encoded_rows:
             return result
         plans = batch.plans.get((route.query_mode, self.planner.route_options(route)))
@@ -73,7 +92,10 @@ class RouteRunner:
             result.stages["sender"] = elapsed.seconds
         else:
             chosen = self._fused(batch, route, result)
-        predictions[torch.tensor(batch.encoded_rows, device=device)] = chosen.to(device)
+        rows = torch.tensor(batch.encoded_rows, device=device)
+        predictions[rows] = chosen.chosen.to(device)
+        for normalization, picks in chosen.cloze.items():
+            result.cloze_predictions[normalization][rows] = picks.to(device)
         result.seconds = sum(result.stages.values())
         return result
 
@@ -91,7 +113,7 @@ class RouteRunner:
     @torch.no_grad()
     def _choose(
         self, fusion: FusionBatch, senders: Sequence[str], kv_messages: Mapping[str, KVMessage] | None, options
-    ) -> Tensor:
+    ) -> Choices:
         """Option chosen per row by the (fused) receiver, scored by letter logits or by cloze likelihood."""
         model = self.model
 
@@ -103,10 +125,10 @@ class RouteRunner:
             scored = dataclasses.replace(fusion, response_ids=response_ids.to(device), response_mask=response_mask.to(device))
             return model(scored, senders=senders, kv_messages=kv_messages)  # (B, 1 + R, V)
 
-        style = answer_style(self.mode)
-        return score_options(next_token_logits, forward, options, style, model.receiver.tokenizer.pad_token_id).argmax(-1).cpu()
+        scores = score_options(next_token_logits, forward, options, answer_style(self.mode), model.receiver.tokenizer.pad_token_id)
+        return Choices.of(scores.cpu(), self.normalization)
 
-    def _fused(self, batch: QuestionBatch, route: Route, result: RouteResult) -> Tensor:
+    def _fused(self, batch: QuestionBatch, route: Route, result: RouteResult) -> Choices:
         fusion = batch.fusion[Variant.of(route)]
         options = batch.receiver_options[route.query_mode]
         senders = list(route.senders) if route.kind == "c2c" else []
@@ -122,31 +144,36 @@ class RouteRunner:
             else:
                 generated = model.generate(fusion, self.max_new_tokens, senders=list(kv_messages), kv_messages=kv_messages)
                 texts = model.receiver.tokenizer.batch_decode(generated, skip_special_tokens=True)
-                chosen = self._extract(texts, batch)
+                chosen = Choices(self._extract(texts, batch))
         if kv_messages:
             result.stages["fuse"] = fuse.seconds
         result.stages["receiver"] = elapsed.seconds - fuse.seconds
         return chosen
 
-    def _auto(self, batch: QuestionBatch, result: RouteResult) -> Tensor:
+    def _auto(self, batch: QuestionBatch, result: RouteResult) -> Choices:
         if self.selection is None:
             raise ValueError("Route 'c2c:auto' needs a sender selection (model.selection or measure_selection).")
         result.selected = [tuple(self.selection.select(item)) for item in batch.items]
         fusion, options = batch.fusion[Variant("item", "original")], batch.receiver_options["original"]
-        chosen = torch.empty(len(result.selected), dtype=torch.long)
+        empty = torch.empty(len(result.selected), dtype=torch.long)
+        chosen = Choices(empty, {n: empty.clone() for n in NORMALIZATIONS} if self.mode == "cloze" else {})
         with stopwatch(fusion.receiver_input_ids.device) as elapsed:
             for subset in sorted(set(result.selected)):
                 rows = [i for i, s in enumerate(result.selected) if s == subset]
-                chosen[rows] = self._choose(fusion.select(rows), list(subset), None, [options[i] for i in rows])
+                part = self._choose(fusion.select(rows), list(subset), None, [options[i] for i in rows])
+                chosen.chosen[rows] = part.chosen
+                for normalization, picks in part.cloze.items():
+                    chosen.cloze[normalization][rows] = picks
         result.stages["receiver"] = elapsed.seconds
         return chosen
 
     # --- one model alone, T2T ------------------------------------------------------------------
     @torch.no_grad()
-    def _alone(self, batch: QuestionBatch, name: str) -> Tensor:
+    def _alone(self, batch: QuestionBatch, name: str) -> Choices:
         sender, alone = self.model.senders[name], batch.alone[name]
         if self.mode != "generate":
-            return score_alone(sender, alone.input_ids, alone.attention_mask, alone.options, answer_style(self.mode)).argmax(-1)
+            scores = score_alone(sender, alone.input_ids, alone.attention_mask, alone.options, answer_style(self.mode))
+            return Choices.of(scores.cpu(), self.normalization)
         output = sender.model.generate(
             input_ids=alone.input_ids,
             attention_mask=alone.attention_mask,
@@ -156,9 +183,9 @@ class RouteRunner:
             eos_token_id=sender.end_of_turn_token_id,
         )
         texts = sender.tokenizer.batch_decode(output[:, alone.input_ids.shape[1] :], skip_special_tokens=True)
-        return self._extract(texts, batch)
+        return Choices(self._extract(texts, batch))
 
-    def _t2t(self, route: Route, plans: list[QueryPlan], result: RouteResult) -> Tensor:
+    def _t2t(self, route: Route, plans: list[QueryPlan], result: RouteResult) -> Choices:
         model = self.model
         senders = [model.senders[n] for n in route.senders]
         answers = t2t_predict(
@@ -168,6 +195,7 @@ class RouteRunner:
             self.t2t,
             sender_questions={model.senders[n].name: [p.sender_texts[n] for p in plans] for n in route.senders},
             style=plans[0].style if plans else "letter",
+            normalization=self.normalization,
         )
         for answer in answers:
             for stage, seconds in answer.seconds.items():
@@ -175,7 +203,8 @@ class RouteRunner:
                 result.stages[key] = result.stages.get(key, 0.0) + seconds
             result.bytes_sent += answer.id_bytes
         result.bytes_per_token = float(sum((self.t2t or T2TConfig()).bytes_per_id for _ in senders))
-        return torch.tensor([a.prediction for a in answers])
+        cloze = {n: torch.tensor([a.cloze_predictions[n] for a in answers]) for n in NORMALIZATIONS} if self.mode == "cloze" else {}
+        return Choices(torch.tensor([a.prediction for a in answers]), cloze)
 
     @staticmethod
     def _extract(texts: Sequence[str], batch: QuestionBatch) -> Tensor:

@@ -6,14 +6,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fedrefine.field_help import documented
-from fedrefine.multiple_choice import AnswerStyle
+from fedrefine.multiple_choice import PROMPT_STYLES, AnswerStyle, PromptStyle
 from fedrefine.privacy.rephrase import RephraseConfig
 from fedrefine.routes import OptionsPolicy
+from fedrefine.scoring import Normalization, check_normalization
 from fedrefine.t2t import T2TConfig
 
 #: ``logits``: argmax of the next-token logits over the option letters; ``cloze``: argmax of each
-#: option text's mean log-probability after "The correct answer is" (lm-eval-harness style);
-#: ``generate``: greedy generation and answer extraction.
+#: option text's log-likelihood after the prompt, normalised per ``cloze_normalization`` (lm-eval-harness
+#: style); ``generate``: greedy generation and answer extraction.
 AnswerMode = Literal["logits", "cloze", "generate"]
 
 
@@ -22,15 +23,43 @@ def answer_style(mode: AnswerMode) -> AnswerStyle:
     return "text" if mode == "cloze" else "letter"
 
 
+def check_prompt_style(prompt_style: PromptStyle, mode: AnswerMode, prefill: bool) -> None:
+    """``lm_eval`` prompts (the bare stem) are scored by cloze and have no answer prefix to prefill."""
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"Unknown evaluation.prompt_style {prompt_style!r}; choose one of {list(PROMPT_STYLES)}.")
+    if prompt_style == "lm_eval" and (mode != "cloze" or prefill):
+        raise ValueError(
+            f"evaluation.prompt_style 'lm_eval' (the bare question stem) scores option texts and has no answer "
+            f"prefix: set evaluation.answer_mode cloze (got {mode!r}) and evaluation.prefill_answer false "
+            f"(got {prefill}), or use prompt_style chat."
+        )
+
+
 @documented
 @dataclass
 class EvaluationConfig:
-    """How ``validate`` / ``test`` answer and what they report ."""
+    """How ``validate`` / ``test`` answer and what they report."""
 
     answer_mode: AnswerMode = field(
         default="logits",
         metadata={"help": "logits (argmax over option letters, deterministic), cloze (option texts' likelihood, "
                           "deterministic) or generate (greedy + extractor)."},
+    )
+    cloze_normalization: Normalization = field(
+        default="token_mean",
+        metadata={"help": "How cloze scoring normalises an option's summed log-probability before the argmax "
+                          "(the accuracy reported as 'accuracy'): sum (none; lm-eval's acc), chars (per character "
+                          "of the option text; lm-eval's acc_norm, the figure usually quoted for OpenBookQA) or "
+                          "token_mean (per continuation token). Default token_mean: the project's earlier results "
+                          "were measured with it and stay unchanged. Cloze rows always report acc and acc_norm too."},
+    )
+    prompt_style: PromptStyle = field(
+        default="chat",
+        metadata={"help": "chat: the project's prompt (chat template, lettered options, instruction, answer "
+                          "prefix 'The correct answer is'); lm_eval: lm-eval-harness's stock OpenBookQA prompt (the "
+                          "bare question stem, each option scored as ' ' + text), for comparing a model alone "
+                          "with published figures: needs answer_mode cloze and runs the receiver and sender "
+                          "routes only (fusers are trained on chat prompts)."},
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Generation budget in generate mode and for predict."})
     test_routes: list[str] | None = field(
@@ -65,3 +94,8 @@ class EvaluationConfig:
     def __post_init__(self) -> None:
         if self.prefill_answer and self.answer_mode == "generate":
             raise ValueError("evaluation.prefill_answer needs answer_mode 'logits' or 'cloze' (a scored answer prefix).")
+        try:
+            check_normalization(self.cloze_normalization)
+        except ValueError as err:
+            raise ValueError(f"evaluation.cloze_normalization: {err}") from None
+        check_prompt_style(self.prompt_style, self.answer_mode, self.prefill_answer)

@@ -24,7 +24,7 @@ class Evaluator:
     Args:
         model: the receiver, its senders and fusers.
         routes: resolved routes (see :func:`fedrefine.routes.parse_routes`).
-        config: answer mode, generation budget, T2T settings, answer prefill.
+        config: answer mode, cloze normalisation, prompt style, generation budget, T2T settings, answer prefill.
         planner: who reads what in rephrased query modes (default: original queries only).
         selection: chooses senders per question for ``c2c:auto``.
     """
@@ -39,9 +39,17 @@ class Evaluator:
     ) -> None:
         config = config or EvaluationConfig()
         self.routes = list(routes)
-        self.encoder = QuestionEncoder(model, self.routes, config.answer_mode, planner, config.prefill_answer)
+        self.encoder = QuestionEncoder(
+            model, self.routes, config.answer_mode, planner, config.prefill_answer, config.prompt_style
+        )
         self.runner = RouteRunner(
-            model, config.answer_mode, config.max_new_tokens, planner, config.t2t, selection=selection
+            model,
+            config.answer_mode,
+            config.max_new_tokens,
+            planner,
+            config.t2t,
+            selection=selection,
+            normalization=config.cloze_normalization,
         )
 
     def encode(self, questions: Sequence[QuestionWithControls]) -> QuestionBatch:

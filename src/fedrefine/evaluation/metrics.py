@@ -22,7 +22,8 @@ class RouteResult:
     ``bytes_per_token``: bytes per transmitted token position, summed over senders
     (``sender_bytes_per_token``: the same per sender); ``selected``: for ``c2c:auto``, the senders
     chosen per encoded question; ``leakage``: for rephrased modes, the mean share of the question's
-    content words that reached senders.
+    content words that reached senders; ``cloze_predictions`` (cloze mode): the option index per
+    question under each normalisation (``sum``, ``chars``, ``token_mean``), -1 where unanswered.
     """
 
     predictions: Tensor
@@ -33,6 +34,11 @@ class RouteResult:
     sender_bytes_per_token: dict[str, float] = field(default_factory=dict)
     selected: list[tuple[str, ...]] | None = None
     leakage: float | None = None
+    cloze_predictions: dict[str, Tensor] = field(default_factory=dict)
+
+
+#: lm-eval-harness's names of the accuracies under the ``sum`` and ``chars`` normalisations.
+LM_EVAL_ACCURACIES: dict[str, str] = {"acc": "sum", "acc_norm": "chars"}
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -58,9 +64,12 @@ class RouteTally:
     sender_bytes_per_token: dict[str, float] = field(default_factory=dict)
     leakage_sum: float = 0.0
     leakage_batches: int = 0
+    cloze_correct: dict[str, int] = field(default_factory=dict)
 
     def add(self, result: RouteResult, labels: Tensor) -> None:
         self.correct += int((result.predictions == labels).sum())
+        for normalization, predictions in result.cloze_predictions.items():
+            self.cloze_correct[normalization] = self.cloze_correct.get(normalization, 0) + int((predictions == labels).sum())
         self.questions += len(labels)
         self.seconds += result.seconds
         for stage, seconds in result.stages.items():
@@ -74,13 +83,16 @@ class RouteTally:
             self.leakage_batches += 1
 
     def row(self) -> dict[str, float | int | None]:
-        """Accuracy with its 95% interval, latency per question (total and per stage), bytes, leakage."""
+        """Accuracy with its 95% interval, in cloze mode lm-eval's ``acc`` (sum) and ``acc_norm`` (chars) too,
+        latency per question (total and per stage), bytes, leakage."""
         n = max(1, self.questions)
         low, high = wilson_interval(self.correct, self.questions)
+        cloze = {name: self.cloze_correct[by] / n for name, by in LM_EVAL_ACCURACIES.items() if by in self.cloze_correct}
         return {
             "accuracy": self.correct / n,
             "ci_low": low,
             "ci_high": high,
+            **cloze,
             "questions": self.questions,
             "latency_ms": 1000 * self.seconds / n,
             **{f"{stage}_ms": 1000 * seconds / n for stage, seconds in sorted(self.stages.items())},

@@ -17,21 +17,28 @@ from torch import Tensor
 
 from fedrefine.chat import EncodedChat, encode_chat
 from fedrefine.data.question_dataset import QuestionWithControls
-from fedrefine.evaluation.config import AnswerMode, answer_style
+from fedrefine.evaluation.config import AnswerMode, answer_style, check_prompt_style
 from fedrefine.fusion import FusedReceiver, FusionBatch, FusionExample
-from fedrefine.multiple_choice import MultipleChoiceItem, encode_question, question_messages, with_answer_prefill
+from fedrefine.multiple_choice import (
+    ClozeOptions,
+    MultipleChoiceItem,
+    PromptStyle,
+    encode_question,
+    question_messages,
+    with_answer_prefill,
+)
 from fedrefine.padding import left_pad
 from fedrefine.participants import Participant
 from fedrefine.privacy.plans import QueryPlan, plan_queries
 from fedrefine.privacy.rephrase import Rephraser
-from fedrefine.routes import OptionsPolicy, QueryMode, Route, SenderText
+from fedrefine.routes import OptionsPolicy, QueryMode, Route, RouteError, SenderText
 
 #: T2T senders read the question without its options, as in the C2C reference's baseline.
 T2T_OPTIONS: OptionsPolicy = "withhold"
 #: A question's plans are made per (query mode, options policy).
 PlanKey = tuple[QueryMode, OptionsPolicy]
-#: How one question's options are scored: first-token ids (logits), continuations (cloze), nothing (generate).
-OptionIds = tuple
+#: How one question's options are scored: first-token ids (logits), ClozeOptions (cloze), nothing (generate).
+OptionIds = tuple | ClozeOptions
 
 
 @dataclass(frozen=True)
@@ -107,13 +114,29 @@ class QueryPlanner:
 
 
 def encode_for_scoring(
-    participant: Participant, item: MultipleChoiceItem, mode: AnswerMode, prefill: bool = False
+    participant: Participant,
+    item: MultipleChoiceItem,
+    mode: AnswerMode,
+    prefill: bool = False,
+    prompt_style: PromptStyle = "chat",
 ) -> tuple[EncodedChat, OptionIds]:
-    """The prompt and how options are scored: letter token ids (logits), continuations (cloze), nothing (generate)."""
+    """The prompt and how options are scored: letter token ids (logits), cloze options (cloze), nothing (generate)."""
     if mode == "generate":
         return encode_chat(participant, question_messages(item)), ()
-    encoded = encode_question(participant, item, answer_style(mode), prefill)
-    return encoded.chat, encoded.option_token_ids if mode == "logits" else encoded.continuations
+    encoded = encode_question(participant, item, answer_style(mode), prefill, prompt_style)
+    return encoded.chat, encoded.option_token_ids if mode == "logits" else encoded.cloze
+
+
+def check_routes_for_prompt_style(routes: Sequence[Route], prompt_style: PromptStyle) -> None:
+    """``lm_eval`` prompts (the bare stem) run the receiver and senders alone, on the original question."""
+    refused = [r.label for r in routes if r.kind not in ("receiver", "sender") or r.query_mode != "original"]
+    if prompt_style != "chat" and refused:
+        raise RouteError(
+            f"evaluation.prompt_style {prompt_style!r} (lm-eval's bare-stem prompt) runs a model alone on the "
+            f"original question; route(s) {refused} need chat prompts (fusers are trained on them, senders and "
+            f"rephrasings read chat-rendered questions). Evaluate routes 'receiver' and 'sender:<name>' "
+            f"(test_routes / val_routes), or use evaluation.prompt_style chat."
+        )
 
 
 class QuestionEncoder:
@@ -125,6 +148,7 @@ class QuestionEncoder:
         mode: answer mode (how options are scored).
         planner: who reads what in rephrased modes.
         prefill: C2C senders also read the answer prefix (``EvaluationConfig.prefill_answer``).
+        prompt_style: ``chat`` or ``lm_eval`` (``EvaluationConfig.prompt_style``; receiver and sender routes only).
     """
 
     def __init__(
@@ -134,8 +158,12 @@ class QuestionEncoder:
         mode: AnswerMode = "logits",
         planner: QueryPlanner | None = None,
         prefill: bool = False,
+        prompt_style: PromptStyle = "chat",
     ) -> None:
         self.model, self.routes, self.mode, self.prefill = model, list(routes), mode, prefill
+        check_prompt_style(prompt_style, mode, prefill)
+        check_routes_for_prompt_style(self.routes, prompt_style)
+        self.prompt_style = prompt_style
         self.planner = planner or QueryPlanner()
         for route in self.routes:
             if route.helped:
@@ -165,7 +193,10 @@ class QuestionEncoder:
         for row, question in enumerate(questions):
             try:
                 encoded, row_options = self._encode_row(question, {key: value[row] for key, value in plans.items()})
-                singles = {name: encode_for_scoring(self.model.senders[name], question.item, self.mode) for name in self.alone}
+                singles = {
+                    name: encode_for_scoring(self.model.senders[name], question.item, self.mode, prompt_style=self.prompt_style)
+                    for name in self.alone
+                }
             except (ValueError, KeyError, IndexError) as err:
                 batch.failures[row] = f"{type(err).__name__}: {err}"
                 continue
@@ -195,7 +226,7 @@ class QuestionEncoder:
             plan = plans[(variant.query_mode, self.planner.options)] if variant.query_mode != "original" else None
             receiver_item = plan.receiver_item if plan else question.item
             receiver_chat, row_options[variant.query_mode] = encode_for_scoring(
-                model.receiver, receiver_item, self.mode, self.prefill
+                model.receiver, receiver_item, self.mode, self.prefill, self.prompt_style
             )
             chats = {
                 n: encode_chat(
@@ -208,5 +239,5 @@ class QuestionEncoder:
             }
             encoded[variant] = model.encoder.encode_chats(receiver_chat, chats, strict=variant.sender_text == "item")
         if "original" not in row_options:
-            row_options["original"] = encode_for_scoring(model.receiver, question.item, self.mode)[1]
+            row_options["original"] = encode_for_scoring(model.receiver, question.item, self.mode, prompt_style=self.prompt_style)[1]
         return encoded, row_options

@@ -23,6 +23,8 @@ from fedrefine.routes import Route
 #: Option slots of the accuracy metric (labels A-Z).
 MAX_OPTIONS = 26
 TABLE_COLUMNS = ("route", "accuracy", "95% CI", "latency ms/question", "bytes/token", "bytes/question", "leakage")
+#: Extra columns of cloze evaluations: lm-eval's accuracies under the ``sum`` and ``chars`` normalisations.
+CLOZE_COLUMNS = ("acc", "acc_norm")
 
 
 #: Failed questions printed under the table; the results JSON lists every one.
@@ -71,8 +73,8 @@ class EvaluationReport:
         return [ok for _, ok in self.per_question[route.label]]
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per route: accuracy with its 95% interval, questions, failures, latency per question
-        (total and per stage), bytes sent, and leakage in rephrased modes."""
+        """One row per route: accuracy with its 95% interval (cloze: also lm-eval's ``acc`` and ``acc_norm``),
+        questions, failures, latency per question (total and per stage), bytes sent, and leakage in rephrased modes."""
         rows = []
         for route in self.routes:
             rows.append(
@@ -90,15 +92,18 @@ class EvaluationReport:
 
     def print_table(self, title: str, console: Console | None = None) -> None:
         """The rows as a rich table, then the questions that could not be encoded (at most 10)."""
+        rows = self.rows()
+        cloze = [c for c in CLOZE_COLUMNS if rows and c in rows[0]]
         table = Table(title=f"{title} ({self.question_count} questions)")
-        for column in TABLE_COLUMNS:
+        for column in (*TABLE_COLUMNS[:3], *cloze, *TABLE_COLUMNS[3:]):
             table.add_column(column, justify="left" if column == "route" else "right")
-        for row in self.rows():
+        for row in rows:
             leakage = "" if row["leakage_overlap"] is None else f"{100 * row['leakage_overlap']:.0f}%"
             table.add_row(
                 row["route"],
                 f"{100 * row['accuracy']:.1f}%",
                 f"{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}%",
+                *(f"{100 * row[c]:.1f}%" for c in cloze),
                 f"{row['latency_ms']:.1f}",
                 f"{row['bytes_per_token']:.0f}",
                 f"{row['bytes_per_question']:.0f}",

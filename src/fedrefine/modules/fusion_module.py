@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from fedrefine.data.conversations import ChatExample
 from fedrefine.data.question_dataset import QuestionWithControls
 from fedrefine.evaluation import EvaluationConfig, EvaluationReport, Evaluator, QueryPlanner
-from fedrefine.evaluation.report import log_table
+from fedrefine.evaluation.report import CLOZE_COLUMNS, log_table
 from fedrefine.field_help import SettingsError
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver, FusionBatch
@@ -259,6 +259,9 @@ class FusionModule(L.LightningModule):
         rows = self.report.rows()
         for row in rows:
             self.log(f"{stage}/{row['route']}/accuracy", row["accuracy"], prog_bar=row["route"] == "c2c")
+            for name in CLOZE_COLUMNS:  # cloze mode: lm-eval's acc (sum) and acc_norm (chars)
+                if name in row:
+                    self.log(f"{stage}/{row['route']}/{name}", row[name])
             self.log(f"{stage}/{row['route']}/latency_ms", row["latency_ms"])
             self.log(f"{stage}/{row['route']}/bytes_per_token", float(row["bytes_per_token"]))
         self.log(f"{stage}/failed_questions", float(len(self.report.failures)))
