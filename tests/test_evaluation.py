@@ -146,3 +146,18 @@ def test_prefill_answer_lets_senders_read_the_answer_prefix(world):
         assert (aligned[1] >= aligned[0] + 4).all()
     with pytest.raises(ValueError, match="prefill_answer"):
         EvaluationConfig(answer_mode="generate", prefill_answer=True)
+
+
+def test_the_printed_failure_list_says_how_many_more_there_are():
+    from rich.console import Console
+
+    from fedrefine.evaluation.report import SHOWN_FAILURES, EvaluationReport
+    from fedrefine.routes import parse_routes
+
+    report = EvaluationReport(parse_routes(["receiver"], []))
+    report.failures = [(f"q{i}", "ValueError: bad") for i in range(SHOWN_FAILURES + 3)]
+    console = Console(record=True, width=200)
+    report.print_table("t", console)
+    text = console.export_text()
+    assert f"q{SHOWN_FAILURES - 1}: ValueError" in text and f"q{SHOWN_FAILURES}:" not in text
+    assert "and 3 more (all of them in the results JSON)" in text

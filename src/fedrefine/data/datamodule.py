@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from fedrefine.data.conversations import ChatStream, TrainingDataError, number_rows
@@ -102,6 +103,12 @@ class C2CDataModule(L.LightningDataModule):
             # ``processed`` counts the batches whose step ran, also in checkpoints written in on_train_batch_end.
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
             self.train_stream.resume_after(done * self.batch_size)
+            if self.num_workers > 0 and done:
+                rank_zero_warn(
+                    f"Resuming mid-pass with data.num_workers={self.num_workers}: workers interleave batches, so the "
+                    f"skipped rows are approximate and the run will not repeat the uninterrupted one exactly; use "
+                    f"data.num_workers=0 for an exact resume."
+                )
         return DataLoader(self.train_stream, batch_size=self.batch_size, collate_fn=_as_list, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
