@@ -94,12 +94,13 @@ class EvaluationReport:
         """The rows as a rich table, then the questions that could not be encoded (at most 10)."""
         rows = self.rows()
         cloze = [c for c in CLOZE_COLUMNS if rows and c in rows[0]]
+        leaks = any(row["leakage_overlap"] is not None for row in rows)  # only rephrased modes have leakage
+        columns = [*TABLE_COLUMNS[:3], *cloze, *TABLE_COLUMNS[3:-1], *TABLE_COLUMNS[-1:] * leaks]
         table = Table(title=f"{title} ({self.question_count} questions)")
-        for column in (*TABLE_COLUMNS[:3], *cloze, *TABLE_COLUMNS[3:]):
-            table.add_column(column, justify="left" if column == "route" else "right")
+        for column in columns:
+            table.add_column(column, justify="left" if column == "route" else "right", no_wrap=column in ("route", "accuracy", "95% CI"))
         for row in rows:
-            leakage = "" if row["leakage_overlap"] is None else f"{100 * row['leakage_overlap']:.0f}%"
-            table.add_row(
+            cells = [
                 row["route"],
                 f"{100 * row['accuracy']:.1f}%",
                 f"{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}%",
@@ -107,8 +108,10 @@ class EvaluationReport:
                 f"{row['latency_ms']:.1f}",
                 f"{row['bytes_per_token']:.0f}",
                 f"{row['bytes_per_question']:.0f}",
-                leakage,
-            )
+            ]
+            if leaks:
+                cells.append("" if row["leakage_overlap"] is None else f"{100 * row['leakage_overlap']:.0f}%")
+            table.add_row(*cells)
         console = console or Console()
         console.print(table)
         if self.failures:
