@@ -66,8 +66,8 @@ def test_stream_shards_disjointly_across_ranks_and_counts_skips(tmp_path):
 def test_a_pass_without_usable_rows_fails_naming_the_file_the_rows_and_why(tmp_path):
     answerless = {"conversations": [{"from": "human", "value": "no answer"}]}
     path = write_jsonl(tmp_path / "chat.jsonl", [answerless] * 7)
-    with pytest.raises(TrainingDataError, match=r"chat.jsonl: none of the 7 rows read is usable.*line 1: no assistant "
-                                                r"answer.*and 2 more"):
+    with pytest.raises(TrainingDataError, match=r"chat.jsonl: none of the 7 rows read is usable for training: 7 x no "
+                                                r"assistant answer after a user turn .* \(lines 1, 2, 3, 4, 5 and 2 more\)"):
         list(ChatStream(number_rows(open_dataset(path, "train")), source=path))
     empty = write_jsonl(tmp_path / "empty.jsonl", [conversation(0)])
     with pytest.raises(TrainingDataError, match="no training rows were read"):

@@ -36,6 +36,10 @@ class TrainingDataError(ValueError):
 class UnusableConversation(ValueError):
     """A conversation in the right schema that has nothing to supervise (counted and skipped, not fatal)."""
 
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
+
 
 def conversation_to_example(row: Mapping[str, Any], where: str = "row") -> ChatExample:
     """Turn an OpenHermes row (``conversations``: [{from, value}]) into a prompt and its final answer.
@@ -63,7 +67,7 @@ def conversation_to_example(row: Mapping[str, Any], where: str = "row") -> ChatE
             messages.append({"role": role, "content": str(turn["value"])})
     if len(messages) < 2 or messages[0]["role"] != "user" or messages[-1]["role"] != "assistant":
         roles = [m["role"] for m in messages]
-        raise UnusableConversation(f"{where}: no assistant answer after a user turn (turns: {roles or 'none'})")
+        raise UnusableConversation(where, f"no assistant answer after a user turn (turns: {roles or 'none'})")
     return ChatExample(messages=messages[:-1], response=messages[-1]["content"])
 
 
@@ -137,9 +141,9 @@ class ChatStream(IterableDataset):
             where = self.describe_row(row.get(ROW_COLUMN, position))
             try:
                 example = conversation_to_example(row, where=where)
-            except UnusableConversation as reason:
+            except UnusableConversation as unusable_row:
                 counts.skipped_without_answer += 1
-                unusable.append(str(reason))
+                unusable.append((row.get(ROW_COLUMN, position), unusable_row.reason))
                 continue
             if self.response_prefill:
                 example = prefill_response(example, self.response_prefill, where=where)
@@ -156,11 +160,19 @@ class ChatStream(IterableDataset):
             return f"{self.source} line {index + 1}"
         return f"{self.source} row {index}"
 
-    def nothing_usable(self, counts: PassCounts, unusable: list[str]) -> str:
+    def nothing_usable(self, counts: PassCounts, unusable: list[tuple[int, str]]) -> str:
         shard = f" (rank {self.rank}'s shard)" if self.rank else ""
         if not counts.rows_read:
             return (f"{self.source}{shard}: no training rows were read (data.train_samples is 0, or the file or "
                     f"split is empty); point data.train_path at chat data in the schema {SCHEMA}.")
-        shown = "; ".join(unusable[:5]) + (f"; and {len(unusable) - 5} more" if len(unusable) > 5 else "")
+        by_reason: dict[str, list[int]] = {}
+        for index, reason in sorted(unusable):
+            by_reason.setdefault(reason, []).append(index)
+        unit = "line" if str(self.source).endswith(".jsonl") else "row"
+        shown = "; ".join(
+            f"{len(rows)} x {reason} ({unit}s {', '.join(str(i + (unit == 'line')) for i in rows[:5])}"
+            f"{f' and {len(rows) - 5} more' if len(rows) > 5 else ''})"
+            for reason, rows in by_reason.items()
+        )
         return (f"{self.source}{shard}: none of the {counts.rows_read} rows read is usable for training: {shown}. "
                 f"Every row needs a user turn followed by an assistant ('gpt') answer.")
