@@ -31,6 +31,7 @@ class KVMessage:
     positions: Tensor  # (B, N)
     attention_mask: Tensor  # (B, N)
     sent: Tensor | None = None  # (B, N)
+    wire_bytes: int | None = None  # its serialised size, header included, once it went through a link
 
     @property
     def tokens_per_sample(self) -> Tensor:
@@ -38,15 +39,23 @@ class KVMessage:
         return self.attention_mask.sum(-1)
 
     @property
-    def bytes_per_token(self) -> int:
-        """Bytes of the carried layers' K and V for one token."""
+    def transmitted_positions(self) -> int:
+        return int((self.attention_mask if self.sent is None else self.sent).sum())
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes per transmitted position: the serialised size spread over them once sent over a link, else
+        the carried layers' K and V for one token in memory."""
+        if self.wire_bytes is not None:
+            return self.wire_bytes / max(1, self.transmitted_positions)
         return kv_bytes_per_token(list(self.layers.values()))
 
     @property
     def nbytes(self) -> int:
-        """Exact payload in bytes: the carried layers' K/V at the transmitted positions of every sample."""
-        sent = self.attention_mask if self.sent is None else self.sent
-        return self.bytes_per_token * int(sent.sum())
+        """Exact bytes sent: the serialised size over a link, else the carried K/V at the transmitted positions."""
+        if self.wire_bytes is not None:
+            return self.wire_bytes
+        return kv_bytes_per_token(list(self.layers.values())) * self.transmitted_positions
 
 
 @torch.no_grad()

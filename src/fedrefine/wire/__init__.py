@@ -1,0 +1,10 @@
+"""KV messages on the wire: codecs (casts, KIVI-style grouped quantisation), the versioned format, links."""
+
+from fedrefine.wire.codecs import CODEC_NAMES, Codec, codec_by_name
+from fedrefine.wire.format import WireFormatError, decode_message, encode_message
+from fedrefine.wire.link import LinkConfig, budgeted_layers, transmit
+
+__all__ = [
+    "CODEC_NAMES", "Codec", "LinkConfig", "WireFormatError", "budgeted_layers", "codec_by_name", "decode_message",
+    "encode_message", "transmit",
+]
