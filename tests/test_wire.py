@@ -107,3 +107,52 @@ def test_the_layer_budget_keeps_the_most_important_layers():
         LinkConfig(layer_budget=1.5)
     with pytest.raises(ValueError, match="Unknown link codec 'int3'"):
         LinkConfig(codec="int3")
+
+
+# --- links inside a fused receiver ----------------------------------------------------------------
+
+
+def fused_pair(receiver, sender, **config):
+    from test_fusion import PROMPTS, make_pair
+
+    pair = make_pair(receiver, sender, **config).eval()
+    return pair, pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS])
+
+
+def test_a_lossless_link_fuses_exactly_what_in_process_messages_fuse(receiver, llama_sender):
+    pair, batch = fused_pair(receiver, llama_sender)
+    with torch.no_grad():
+        in_process = pair(batch)
+        pair.link = LinkConfig(codec="fp32")
+        over_the_wire = pair(batch)
+        pair.link = LinkConfig(codec="int8")
+        int8 = pair(batch)
+    assert torch.equal(over_the_wire, in_process)
+    assert not torch.equal(int8, in_process) and torch.allclose(int8, in_process, atol=0.05)
+    message = pair.send(llama_sender.name, batch.senders[llama_sender.name])
+    assert message.wire_bytes is not None and message.nbytes == message.wire_bytes
+
+
+def test_the_layer_budget_sends_fewer_layers_and_the_fuser_skips_the_rest(receiver, llama_sender):
+    pair, batch = fused_pair(receiver, llama_sender)
+    full = pair.send(llama_sender.name, batch.senders[llama_sender.name])
+    pair.link = LinkConfig(layer_budget=0.5)
+    half = pair.send(llama_sender.name, batch.senders[llama_sender.name])
+    importance = pair.fuser_for(llama_sender.name).sender_layer_importance()
+    assert len(half.layers) == -(-len(full.layers) // 2) and half.nbytes < full.nbytes
+    assert min(importance[j] for j in half.layers) >= max(importance[j] for j in full.layers if j not in half.layers)
+    with torch.no_grad():
+        assert torch.isfinite(pair(batch)).all()
+
+
+def test_links_apply_in_training_only_when_asked(receiver, llama_sender):
+    pair, batch = fused_pair(receiver, llama_sender)
+    pair.link = LinkConfig(codec="int4")
+    pair.train()
+    assert pair.active_link is None
+    pair.link = LinkConfig(codec="int4", in_training=True)
+    assert pair.active_link is pair.link
+    loss = pair(batch)[:, :-1].float().mean()
+    loss.backward()
+    assert all(p.grad is None for p in pair.sender_models.parameters())
+    assert any(p.grad is not None for p in pair.fusers.parameters())

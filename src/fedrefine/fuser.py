@@ -233,6 +233,14 @@ class Fuser(nn.Module):
     def gate_logits(self) -> Tensor:
         return torch.stack([layer.gate.logit.detach() for layer in self.layers])
 
+    def sender_layer_importance(self) -> dict[int, float]:
+        """Per sender layer read, the largest gate logit among the receiver layers that read it."""
+        importance: dict[int, float] = {}
+        for index, logit in enumerate(self.gate_logits().tolist()):
+            j = self.layer_map[index]
+            importance[j] = max(importance.get(j, float("-inf")), logit)
+        return importance
+
     def sender_layers_needed(self) -> list[int]:
         """Sender layers that open gates read: only these need to be transmitted."""
         return sorted({self.layer_map[i] for i, is_open in enumerate(self.open_layers()) if is_open})

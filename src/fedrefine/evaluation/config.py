@@ -11,6 +11,7 @@ from fedrefine.privacy.rephrase import RephraseConfig
 from fedrefine.routes import OptionsPolicy
 from fedrefine.scoring import Normalization, check_normalization
 from fedrefine.t2t import T2TConfig
+from fedrefine.wire import LinkConfig
 
 #: ``logits``: argmax of the next-token logits over the option letters; ``cloze``: argmax of each
 #: option text's log-likelihood after the prompt, normalised per ``cloze_normalization`` (lm-eval-harness
@@ -82,6 +83,11 @@ class EvaluationConfig:
         default="verbatim",
         metadata={"help": "What C2C senders get of a question's options in rephrased modes: verbatim (residual "
                           "fusion needs it), rephrase or withhold."},
+    )
+    link: LinkConfig = field(
+        default_factory=LinkConfig,
+        metadata={"help": "How C2C messages travel: codec (fp32 / bf16 / fp16 / int8 / int4 / int2 through the wire "
+                          "format, or in-process), layer budget, size limit, and whether training uses them too."},
     )
     prefill_answer: bool = field(
         default=False,

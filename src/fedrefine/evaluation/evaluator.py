@@ -39,6 +39,7 @@ class Evaluator:
     ) -> None:
         config = config or EvaluationConfig()
         self.routes = list(routes)
+        model.link = config.link  # how the senders' messages travel (codec, layer budget)
         self.encoder = QuestionEncoder(
             model, self.routes, config.answer_mode, planner, config.prefill_answer, config.prompt_style
         )

@@ -27,6 +27,7 @@ from fedrefine.fusion.strategy import FusionInput, FusionStrategy, NoFusion, Rec
 from fedrefine.generation import trim_at_eos
 from fedrefine.message import KVMessage, prefill_message
 from fedrefine.participants import Participant
+from fedrefine.wire import LinkConfig, budgeted_layers, transmit
 
 
 def choose_strategy(fusers: Sequence[Fuser], combine: Combine = "parallel") -> FusionStrategy:
@@ -91,6 +92,7 @@ class FusedReceiver(nn.Module):
         self.sender_models = nn.ModuleList(s.model for s in senders)
         self.fusers = nn.ModuleList(fusers)
         self.source_gate = source_gate
+        self.link: LinkConfig | None = None  # how messages travel (set from the evaluation config)
 
     @property
     def mode(self) -> str:
@@ -106,13 +108,33 @@ class FusedReceiver(nn.Module):
         return self.sender_names.index(name)
 
     # --- sending ----------------------------------------------------------------------------
+    @property
+    def active_link(self) -> LinkConfig | None:
+        """The link messages go through now: the configured one, except in training unless ``in_training``."""
+        if self.link is None or (self.training and not self.link.in_training):
+            return None
+        return self.link
+
     def send(self, name: str, batch: SenderBatch) -> KVMessage | None:
-        """One sender's prefill, carrying only the layers (and positions) its fuser reads; None if every gate is closed."""
-        needed = self.fuser_for(name).sender_layers_needed()
+        """One sender's prefill, carrying only the layers (and positions) its fuser reads, through the link's
+        layer budget and codec; None if every gate is closed."""
+        fuser, link = self.fuser_for(name), self.active_link
+        needed = fuser.sender_layers_needed()
+        if link is not None and link.layer_budget is not None:
+            if self.mode == "concat":
+                raise ValueError(
+                    "link.layer_budget applies to residual fusion: concat fusion needs an entry at every receiver "
+                    "layer. Unset link.layer_budget or use residual fusers."
+                )
+            needed = budgeted_layers(needed, fuser.sender_layer_importance(), link.layer_budget)
         if not needed:
             return None
         sent = self.strategy.sent_positions(batch)
-        return prefill_message(self.senders[name], batch.input_ids, batch.attention_mask, needed, sent)
+        message = prefill_message(self.senders[name], batch.input_ids, batch.attention_mask, needed, sent)
+        codec = None if link is None else link.codec_for(name)
+        if codec is None:
+            return message
+        return transmit(message, codec, link, trained_for={f.sender.key for f in self.fusers})
 
     def kv_messages(
         self, batch: FusionBatch, senders: Sequence[str], given: Mapping[str, KVMessage] | None = None

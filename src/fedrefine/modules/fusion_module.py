@@ -119,6 +119,9 @@ class FusionModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.check_last_token_settings(stage)
+        for fused in self.modules():
+            if isinstance(fused, FusedReceiver):
+                fused.link = self.evaluation.link  # used in training only with link.in_training
 
     def check_last_token_settings(self, stage: str) -> None:
         """``fuse_at: last`` fuses only the last prompt token; without the answer prefix that token is a chat-template
