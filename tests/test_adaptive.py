@@ -93,6 +93,15 @@ def test_ties_in_dev_accuracy_go_to_fewer_bytes():
     assert policy.choose(0).name == "c2c/int8/all"
 
 
+def test_a_dev_accuracy_margin_lets_fewer_bytes_win_a_near_tie():
+    int8 = dict(C2C_INT4, name="c2c/int8/all", codec="int8", dev_accuracy=0.895, bytes=[1_000_000] * N)
+    profile = standard_profile([RECEIVER, C2C_FP32, int8, C2C_INT4])
+    link = LinkProfile(mbit_per_s=1000, rtt_s=0.02)
+    assert AdaptivePolicy(profile.options, link, budget_s=10.0).choose(0).name == "c2c/fp32/all"
+    # 0.90 vs 0.895 is within 1 point: int8 sends a quarter of the bytes; int4 (0.85) is not within it
+    assert AdaptivePolicy(profile.options, link, 10.0, dev_accuracy_margin=0.01).choose(0).name == "c2c/int8/all"
+
+
 def test_chooses_per_question_from_its_bytes():
     long_questions = dict(C2C_FP32, bytes=[400_000, 4_000_000, 400_000, 4_000_000])
     profile = standard_profile([RECEIVER, long_questions, C2C_INT4])

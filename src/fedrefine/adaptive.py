@@ -297,16 +297,24 @@ class AdaptivePolicy:
         options: the route options of a profile.
         link: the link to the senders.
         budget_s: the latency budget in seconds.
+        dev_accuracy_margin: development accuracies within this of the best fitting one count as a tie
+            (then fewer bytes wins); 0 = exact ties only. A margin near the development split's noise
+            keeps the policy from paying bytes for a difference it cannot resolve (e.g. fp32 vs int8).
     """
 
-    def __init__(self, options: Sequence[RouteOption], link: LinkProfile, budget_s: float):
+    def __init__(
+        self, options: Sequence[RouteOption], link: LinkProfile, budget_s: float, dev_accuracy_margin: float = 0.0
+    ):
         if not options:
             raise ValueError("AdaptivePolicy needs at least one route option.")
         if not budget_s >= 0:
             raise ValueError(f"AdaptivePolicy.budget_s must be >= 0 seconds, got {budget_s!r}.")
+        if not 0 <= dev_accuracy_margin < 1:
+            raise ValueError(f"AdaptivePolicy.dev_accuracy_margin must be in [0, 1), got {dev_accuracy_margin!r}.")
         self.options = tuple(options)
         self.link = link
         self.budget_s = float(budget_s)
+        self.dev_accuracy_margin = float(dev_accuracy_margin)
 
     def latency_s(self, option: RouteOption, question_index: int) -> float:
         return predicted_latency_s(option, question_index, self.link)
@@ -316,7 +324,9 @@ class AdaptivePolicy:
                   for order, o in enumerate(self.options)]
         fitting = [s for s in scored if s[0] <= self.budget_s]
         if fitting:
-            return min(fitting, key=lambda s: (-s[3].dev_accuracy, s[1], s[0], s[2]))[3]
+            best = max(s[3].dev_accuracy for s in fitting)
+            tied = [s for s in fitting if s[3].dev_accuracy >= best - self.dev_accuracy_margin - _EPS]
+            return min(tied, key=lambda s: (s[1], s[0], s[2]))[3]
         return min(scored, key=lambda s: (s[0], s[1], -s[3].dev_accuracy, s[2]))[3]
 
 
@@ -469,6 +479,7 @@ def sweep(
     rtt_s: float = 0.02,
     budgets_s: Sequence[float] | Mapping[float, Sequence[float]] | None = None,
     accuracy_tolerance: float = ACCURACY_TOLERANCE,
+    dev_accuracy_margin: float = 0.0,
 ) -> SweepResult:
     """Score the adaptive policy and every fixed option at each link rate and budget.
 
@@ -480,6 +491,7 @@ def sweep(
             None: :func:`default_budgets_s` at each rate.
         accuracy_tolerance: how far below the best budget-meeting fixed option the adaptive policy's
             accuracy may be (0.01 = 1 point).
+        dev_accuracy_margin: the policy's tie margin on development accuracy (see :class:`AdaptivePolicy`).
     """
     n = len(profile.questions)
     rows: list[SweepRow] = []
@@ -494,7 +506,7 @@ def sweep(
             budgets = list(budgets_s)
         rate_verdicts = []
         for budget in budgets:
-            policy = AdaptivePolicy(profile.options, link, budget)
+            policy = AdaptivePolicy(profile.options, link, budget, dev_accuracy_margin)
             adaptive = score_choices("adaptive", False, [policy.choose(i) for i in range(n)], link, budget)
             fixed = [score_choices(o.name, True, [o] * n, link, budget) for o in profile.options]
             rows += [adaptive, *fixed]
