@@ -2,7 +2,12 @@
 
 import copy
 import dataclasses
+import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -261,3 +266,35 @@ def test_the_accuracy_check_is_vacuous_when_no_fixed_route_meets_the_budget():
     (verdict,) = result.verdicts[0].budgets
     assert verdict.best_fixed_meeting_budget is None and verdict.accuracy_ok
     assert verdict.adaptive_share == 1.0 > verdict.best_fixed_share == 0.5 and verdict.holds
+
+
+# ----------------------------------------------------------------------------- the benchmark script
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), MPLBACKEND="Agg")
+    return subprocess.run([sys.executable, str(REPO / "benchmarks/adaptive.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+
+
+def test_the_script_runs_on_a_profile_and_labels_a_synthetic_one(tmp_path):
+    profile_path = write(tmp_path, profile_dict(copy.deepcopy(STANDARD)))
+    done = run_script("--profile", str(profile_path), "--rates", "10", "1000", "--out", str(tmp_path / "out/adaptive"))
+    assert done.returncode == 0, done.stderr
+    payload = json.loads((tmp_path / "out/adaptive.json").read_text())
+    assert payload["profile"]["sha256"] == hashlib.sha256(profile_path.read_bytes()).hexdigest()
+    assert payload["profile"]["synthetic"] is False and set(payload["bar"]) == {"10", "1000"}
+    assert len(payload["commit"] or "0" * 40) == 40 and (tmp_path / "out/adaptive.png").stat().st_size > 0
+    assert "SYNTHETIC" not in (tmp_path / "out/adaptive.md").read_text()
+
+    done = run_script("--synthetic", "--rates", "100", "--out", str(tmp_path / "smoke/adaptive"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "smoke/adaptive.json").read_text())["profile"]["synthetic"] is True
+    assert "SYNTHETIC PROFILE" in (tmp_path / "smoke/adaptive.md").read_text()
+
+
+def test_the_script_refuses_synthetic_results_under_benchmarks_results():
+    done = run_script("--synthetic", "--out", str(REPO / "benchmarks/results/adaptive"))
+    assert done.returncode == 2 and "must not go under" in done.stderr
