@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedrefine.bench.cells import expand_cells, sender_subsets, unsupported_reason
+from fedrefine.bench.cells import ROUTES, expand_cells, sender_subsets, unsupported_reason
 from fedrefine.bench.kv_bytes import PAPER_RECEIVER, PAPER_SENDERS, bytes_table, format_table
 from fedrefine.bench.results_file import StaleResultsError
 from fedrefine.bench.runner import BenchSweep
@@ -232,3 +232,10 @@ def test_results_reach_an_offline_wandb_run_as_a_table_and_images(tmp_path):
     logger = WandbLogger(project="fedrefine-test", offline=True, save_dir=str(tmp_path))
     log_to(logger, "sweep", rows, {"fig3a": image, "fig3b": image, "fig3c": image})
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_a_sweep_may_add_one_adaptive_cell_over_every_sender_on_original_queries():
+    cells = expand_cells(["a", "b"], routes=["c2c.residual", "adaptive"], query_modes=["original", "private"])
+    adaptive = [c for c in cells if c.kind == "adaptive"]
+    assert [str(c) for c in adaptive] == ["adaptive:a+b"]
+    assert "adaptive" not in ROUTES  # the default sweep needs no profile

@@ -11,6 +11,8 @@ Syntax: ``KIND[.FUSION][:SENDERS][_CONTROL][@QUERY_MODE]``
 - a C2C control suffix: ``_mismatched`` (senders read another question whose correct letter
   differs), ``_random_kv`` (Gaussian K/V of each layer's own mean and std stand in for the
   senders'), ``_reordered`` (senders read the same question with the options reordered);
+- ``adaptive`` / ``adaptive:<a>+<b>``: per evaluation, the option (receiver alone, T2T, or C2C with a codec and layer budget) that
+  :mod:`fedrefine.adaptive`'s policy picks for the link and latency budget (``evaluation.adaptive``);
 - a query-mode suffix ``@shared`` / ``@private`` (default ``@original``) on receiver, c2c and t2t
   routes: who reads a rephrasing (see :mod:`fedrefine.privacy`).
 
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-RouteKind = Literal["receiver", "sender", "c2c", "t2t"]
+RouteKind = Literal["receiver", "sender", "c2c", "t2t", "adaptive"]
 Control = Literal["none", "mismatched", "random_kv", "reordered"]
 #: Who reads a rephrasing (see :mod:`fedrefine.privacy`).
 QueryMode = Literal["original", "shared", "private"]
@@ -38,7 +40,7 @@ QUERY_MODES: tuple[str, ...] = get_args(QueryMode)
 OPTIONS_POLICIES: tuple[str, ...] = get_args(OptionsPolicy)
 CONTROL_SUFFIXES = {"_mismatched": "mismatched", "_random_kv": "random_kv", "_reordered": "reordered"}
 SYNTAX = (
-    "KIND[.FUSION][:SENDERS][_CONTROL][@QUERY_MODE] with KIND receiver, sender, c2c or t2t; FUSION residual or "
+    "KIND[.FUSION][:SENDERS][_CONTROL][@QUERY_MODE] with KIND receiver, sender, c2c, t2t or adaptive; FUSION residual or "
     "concat (c2c); SENDERS A+B (or auto for c2c); CONTROL mismatched, random_kv or reordered (c2c); QUERY_MODE "
     "original, shared or private"
 )
@@ -86,6 +88,8 @@ class Route:
             return "auto chooses the senders of a c2c route"
         if self.query_mode != "original" and (self.kind == "sender" or self.control != "none" or self.auto):
             return "senders alone, controls and auto run on original queries only"
+        if self.kind == "adaptive" and (self.control != "none" or self.fusion or self.auto or self.query_mode != "original"):
+            return "adaptive takes no control, fusion mode or query mode (it picks among whole routes)"
         if self.kind == "receiver" and self.senders:
             return "the receiver alone has no senders"
         if self.kind == "sender" and len(self.senders) > 1:
@@ -134,7 +138,7 @@ class Route:
                     f"Route {self.label!r} is ambiguous with senders {list(sender_names)}; use 'sender:NAME'."
                 )
             senders = tuple(sender_names)
-        if self.kind in ("c2c", "t2t") and not senders:  # auto: the senders it may choose from
+        if self.kind in ("c2c", "t2t", "adaptive") and not senders:  # auto: the senders it may choose from
             senders = tuple(sender_names)
         return dataclasses.replace(self, senders=senders)
 

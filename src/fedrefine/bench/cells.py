@@ -2,7 +2,7 @@
 
 A cell is one :class:`~fedrefine.routes.Route` evaluated on the sweep's questions: the receiver
 alone, or the receiver helped by a subset of senders through one route family (``c2c.residual``,
-``c2c.concat`` or ``t2t``), in one query mode (``original``, ``shared``, ``private``; see
+``c2c.concat`` or ``t2t``; ``adaptive``: one cell over every sender), in one query mode (``original``, ``shared``, ``private``; see
 :mod:`fedrefine.privacy`). Cells that cannot run (residual fusion in ``private`` mode) are kept
 with the reason, never dropped silently.
 """
@@ -18,6 +18,8 @@ from fedrefine.routes import QUERY_MODES, OptionsPolicy, Route, RouteError
 
 #: The route families a sweep compares.
 ROUTES: tuple[str, ...] = ("c2c.residual", "c2c.concat", "t2t")
+#: What a sweep may also name: ``adaptive`` (needs ``evaluation.adaptive.profile``; not plotted in Fig. 3a/b).
+SWEEP_ROUTES: tuple[str, ...] = (*ROUTES, "adaptive")
 #: ``prefixes``: the first k senders for k = 1..N (the paper's Fig. 3a); ``all``: every non-empty subset.
 SubsetPolicy = Literal["prefixes", "all"]
 
@@ -73,16 +75,19 @@ def expand_cells(
     singles: bool = True,
 ) -> list[Route]:
     """Every cell of a sweep: the receiver alone per query mode, then route families x query modes x subsets."""
-    unknown_routes = [r for r in routes if r not in ROUTES]
+    unknown_routes = [r for r in routes if r not in SWEEP_ROUTES]
     unknown_modes = [m for m in query_modes if m not in QUERY_MODES]
     if unknown_routes or unknown_modes or not routes or not query_modes:
         raise ValueError(
-            f"Sweep routes must be a non-empty subset of {list(ROUTES)} (got {list(routes)}) and query modes of "
+            f"Sweep routes must be a non-empty subset of {list(SWEEP_ROUTES)} (got {list(routes)}) and query modes of "
             f"{list(QUERY_MODES)} (got {list(query_modes)})."
         )
     chosen = sender_subsets(senders, subsets, singles)
     cells = [Route("receiver", query_mode=mode) for mode in query_modes]
     for family in routes:
+        if family == "adaptive":  # one cell: it picks among whole routes over every sender, on original queries
+            cells += [Route("adaptive", tuple(senders))] if "original" in query_modes else []
+            continue
         template = Route.parse(family)
         cells += [
             Route(template.kind, subset, query_mode=mode, fusion=template.fusion)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fedrefine.evaluation.adaptive_choice import AdaptiveChoice
 from fedrefine.evaluation.config import AnswerMode, answer_style
 from fedrefine.evaluation.metrics import RouteResult
 from fedrefine.evaluation.question_batch import QueryPlanner, QuestionBatch, Variant
@@ -51,6 +52,7 @@ class RouteRunner:
         t2t: the T2T baseline's settings.
         selection: chooses senders per question for ``c2c:auto``.
         generator: random numbers of the ``_random_kv`` control (None: torch's global generator).
+        adaptive: the ``adaptive`` route's choice (see :mod:`fedrefine.evaluation.adaptive_choice`).
     """
 
     def __init__(
@@ -63,10 +65,12 @@ class RouteRunner:
         selection: SenderSelection | None = None,
         generator: torch.Generator | None = None,
         normalization: Normalization = "token_mean",
+        adaptive: AdaptiveChoice | None = None,
     ) -> None:
         self.model, self.mode, self.max_new_tokens, self.normalization = model, mode, max_new_tokens, normalization
         self.planner, self.t2t = planner or QueryPlanner(), t2t
         self.selection, self.generator = selection, generator
+        self.adaptive = adaptive
 
     def run(self, batch: QuestionBatch, route: Route) -> RouteResult:
         """Answer every encodable question of the batch; questions that failed to encode are predicted -1."""
@@ -82,6 +86,8 @@ class RouteRunner:
             rephrasings = {id(r): r for p in plans for r in p.rephrasings.values()}
             result.stages["rephrase"] = sum(r.seconds for r in rephrasings.values())
             result.leakage = leakage_report(plans)[1].mean_token_overlap
+        if route.kind == "adaptive":
+            return self._adaptive(batch, route)
         if route.kind == "t2t":
             chosen = self._t2t(route, plans, result)
         elif route.auto:
@@ -166,6 +172,18 @@ class RouteRunner:
                     chosen.cloze[normalization][rows] = picks
         result.stages["receiver"] = elapsed.seconds
         return chosen
+
+    def _adaptive(self, batch: QuestionBatch, route: Route) -> RouteResult:
+        """The option the adaptive policy chose, run as its own route over its own link."""
+        if self.adaptive is None:
+            raise ValueError("Route 'adaptive' needs evaluation.adaptive.profile.")
+        option, model = self.adaptive.option, self.model
+        saved = model.link
+        model.link = self.adaptive.link_for(option, saved) if option.route == "c2c" else saved
+        try:
+            return self.run(batch, self.adaptive.route_for(option, route.senders))
+        finally:
+            model.link = saved
 
     # --- one model alone, T2T ------------------------------------------------------------------
     @torch.no_grad()

@@ -38,6 +38,25 @@ def check_prompt_style(prompt_style: PromptStyle, mode: AnswerMode, prefill: boo
 
 @documented
 @dataclass
+class AdaptiveRouteConfig:
+    """What the ``adaptive`` route knows: the measured options and the link and latency budget it must meet."""
+
+    profile: str | None = field(
+        default=None,
+        metadata={"help": "Profile JSON of the options (fedrefine.adaptive_profile, e.g. written by "
+                          "benchmarks/codecs.py): development accuracy, bytes and compute time of each route option."},
+    )
+    mbit_per_s: float = field(default=100.0, metadata={"help": "Link rate to the senders, Mbit/s."})
+    rtt_s: float = field(default=0.02, metadata={"help": "Round-trip time to the senders, seconds."})
+    budget_s: float = field(default=0.05, metadata={"help": "Latency budget per query, seconds."})
+    dev_accuracy_margin: float = field(
+        default=0.0,
+        metadata={"help": "Development accuracies within this of the best count as a tie, broken by fewer bytes."},
+    )
+
+
+@documented
+@dataclass
 class EvaluationConfig:
     """How ``validate`` / ``test`` answer and what they report."""
 
@@ -88,6 +107,10 @@ class EvaluationConfig:
         default_factory=LinkConfig,
         metadata={"help": "How C2C messages travel: codec (fp32 / bf16 / fp16 / int8 / int4 / int2 through the wire "
                           "format, or in-process), layer budget, size limit, and whether training uses them too."},
+    )
+    adaptive: AdaptiveRouteConfig = field(
+        default_factory=AdaptiveRouteConfig,
+        metadata={"help": "The adaptive route's profile, link and latency budget."},
     )
     prefill_answer: bool = field(
         default=False,

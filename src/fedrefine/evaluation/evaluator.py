@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from fedrefine.data.question_dataset import QuestionWithControls
+from fedrefine.evaluation.adaptive_choice import AdaptiveChoice
 from fedrefine.evaluation.answer import RouteRunner
 from fedrefine.evaluation.config import EvaluationConfig
 from fedrefine.evaluation.question_batch import QueryPlanner, QuestionBatch, QuestionEncoder
@@ -40,9 +41,12 @@ class Evaluator:
         config = config or EvaluationConfig()
         self.routes = list(routes)
         model.link = config.link  # how the senders' messages travel (codec, layer budget)
-        self.encoder = QuestionEncoder(
-            model, self.routes, config.answer_mode, planner, config.prefill_answer, config.prompt_style
-        )
+        adaptive = AdaptiveChoice(config.adaptive) if any(r.kind == "adaptive" for r in self.routes) else None
+        encoded = [r for r in self.routes if r.kind != "adaptive"]
+        for route in self.routes:
+            if route.kind == "adaptive":
+                encoded += adaptive.sub_routes(route.senders)
+        self.encoder = QuestionEncoder(model, encoded, config.answer_mode, planner, config.prefill_answer, config.prompt_style)
         self.runner = RouteRunner(
             model,
             config.answer_mode,
@@ -51,6 +55,7 @@ class Evaluator:
             config.t2t,
             selection=selection,
             normalization=config.cloze_normalization,
+            adaptive=adaptive,
         )
 
     def encode(self, questions: Sequence[QuestionWithControls]) -> QuestionBatch:
