@@ -10,8 +10,9 @@ seed, ``fedrefine fit`` trains the Llama-style sender's fuser (reused when it ex
 does) and layer budget. The paper's four real senders' bytes per prompt token are measured the
 same way: random K/V of their exact shapes (128-token prompt, batch 1, bf16 as the models run)
 serialised with each codec, header included. Writes ``benchmarks/results/codecs.{json,md,png}``
-and the profile the adaptive-route sweep reads, ``benchmarks/results/adaptive_profile.json``
-(development-split accuracy per option, held-out correctness per question, bytes, compute time).
+and the profile the adaptive route and its sweep read, ``benchmarks/results/adaptive_profile.json``:
+the best recipe's options of seed 0 (receiver alone, T2T, C2C per codec and layer budget) with
+their development-split accuracy, held-out correctness per question, bytes and compute time.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fedrefine.bench.kv_bytes import PAPER_RECEIVER, PAPER_SENDERS, bytes_table,
 from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
 from fedrefine.evaluation import Evaluator
 from fedrefine.message import KVMessage
+from fedrefine.multiple_choice import encode_question
 from fedrefine.routes import parse_routes
 from fedrefine.trainer_cli import build_cli
 from fedrefine.wire import CODEC_NAMES, LinkConfig, codec_by_name, encode_message
@@ -80,14 +82,14 @@ def measure(recipe: str, seed: int, steps: int, runs: Path, batch_size: int) -> 
                          "accuracy": row["accuracy"], "receiver_accuracy": receiver_accuracy,
                          "bytes_per_question": row["bytes_per_question"], "bytes_per_token": row["bytes_per_token"],
                          "questions": row["questions"], "seconds_per_question": seconds})
-            if seed == 0:
+            if seed == 0 and recipe == "last":  # the profile holds the best recipe's options (as the model runs)
                 dev, _ = evaluate(module, development, ["c2c"], link, batch_size)
                 name = f"c2c/{recipe}/{codec}/{'all' if budget is None else budget}"
                 options[name] = {"name": name, "route": "c2c", "codec": codec, "layer_budget": budget,
                                  "dev_accuracy": dev.rows()[0]["accuracy"], "correct": report.correct(report.routes[0]),
                                  "bytes": [round(row["bytes_per_question"])] * len(held_out),
                                  "compute_s": seconds, "round_trips": 1}
-    if seed == 0:
+    if seed == 0 and recipe == "last":
         for route in ("receiver", "t2t"):
             report, seconds = evaluate(module, held_out, [route], LinkConfig(), batch_size)
             dev, _ = evaluate(module, development, [route], LinkConfig(), batch_size)
@@ -98,8 +100,18 @@ def measure(recipe: str, seed: int, steps: int, runs: Path, batch_size: int) -> 
                 "bytes": [round(row["bytes_per_question"])] * len(held_out), "compute_s": seconds,
                 "round_trips": 0 if route == "receiver" else 1,
             }
-        options["questions"] = [{"id": q.item.id} for q in (held_out[i] for i in range(len(held_out)))]
+        options["questions"] = question_tokens(module, [held_out[i].item for i in range(len(held_out))])
     return rows, options
+
+
+def question_tokens(module, items) -> list[dict]:
+    """Each question's id and prompt length in the receiver's and each sender's tokens (the profile's questions)."""
+    fused = module.fused
+    return [{"id": item.id,
+             "receiver_tokens": len(encode_question(fused.receiver, item, "text").chat.input_ids),
+             "sender_tokens": {name: len(encode_question(sender, item, "text").chat.input_ids)
+                               for name, sender in fused.senders.items()}}
+            for item in items]
 
 
 def paper_bytes_per_token() -> dict[str, dict[str, float]]:

@@ -2,8 +2,9 @@
 
 A message is one safetensors blob. Its metadata holds a versioned JSON header: the sender's
 identity, the carried layers, the batch shape, the transmitted positions' count, the codec and
-its parameters, and the dtype to restore. Its tensors are ``positions`` and ``attention_mask``
-(B, N), ``sent`` (B, N) when not every real position travels, and each carried layer's K and V
+its parameters, and the dtype to restore. Its tensors are ``attention_mask`` (B, N) as bits (the
+positions follow from it, as the sender computed them), ``sent`` (B, N) as bits when not every
+real position travels, and each carried layer's K and V
 at the transmitted positions only, flattened to (H, T, D) and coded (``k{layer}.{part}``,
 ``v{layer}.{part}``). The reported size of a message is the length of these bytes, header included.
 
@@ -19,12 +20,14 @@ import struct
 from collections.abc import Collection
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
+from fedrefine.cache import positions_from_mask
 from fedrefine.message import KVMessage
 from fedrefine.participants import ParticipantIdentity
 from fedrefine.wire.codecs import Codec, Role, codec_by_name
@@ -44,12 +47,11 @@ def encode_message(message: KVMessage, codec: Codec) -> bytes:
     """The message's bytes: header plus coded K/V at the transmitted positions."""
     mask = message.attention_mask if message.sent is None else message.sent  # (B, N)
     flat = mask.reshape(-1).bool().cpu()  # (B * N,)
-    tensors: dict[str, Tensor] = {
-        "positions": message.positions.to("cpu", torch.int32).contiguous(),
-        "attention_mask": message.attention_mask.to("cpu", torch.uint8).contiguous(),
-    }
+    if not torch.equal(message.positions.cpu(), positions_from_mask(message.attention_mask).cpu()):
+        raise WireFormatError(f"Message from {message.sender.name_or_path}: positions must follow its attention mask.")
+    tensors: dict[str, Tensor] = {"attention_mask": pack_bits(message.attention_mask)}  # positions follow from it
     if message.sent is not None:
-        tensors["sent"] = message.sent.to("cpu", torch.uint8).contiguous()
+        tensors["sent"] = pack_bits(message.sent)
     dtype = None
     for layer, (keys, values) in message.layers.items():
         dtype = keys.dtype
@@ -69,6 +71,18 @@ def encode_message(message: KVMessage, codec: Codec) -> bytes:
     }
     metadata = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "header": json.dumps(header, sort_keys=True)}
     return save_tensors(tensors, metadata=metadata)
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """A (B, N) 0/1 mask as bits, eight positions per byte."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().bool().numpy().reshape(-1)))
+
+
+def unpack_bits(packed: Tensor, shape: tuple[int, int]) -> Tensor:
+    count = shape[0] * shape[1]
+    if packed.dtype != torch.uint8 or packed.numel() != (count + 7) // 8:
+        raise ValueError(f"expected {(count + 7) // 8} mask bytes, got {packed.numel()} of {packed.dtype}")
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).reshape(shape).astype(bool))
 
 
 def transmitted(states: Tensor, flat_mask: Tensor) -> Tensor:
@@ -137,13 +151,18 @@ def assemble(
         return WireFormatError(f"Message from {name} is malformed: {problem}; refused.")
 
     batch, length, count = header.get("batch"), header.get("length"), header.get("transmitted")
-    for key, shape in (("positions", (batch, length)), ("attention_mask", (batch, length))):
-        if key not in tensors or tuple(tensors[key].shape) != shape:
-            raise refuse(f"{key} should be {shape}, got {None if key not in tensors else tuple(tensors[key].shape)}")
-    mask = tensors["attention_mask"].bool()
-    sent = tensors["sent"].bool() if "sent" in tensors else None
-    if sent is not None and tuple(sent.shape) != (batch, length):
-        raise refuse(f"sent should be {(batch, length)}, got {tuple(sent.shape)}")
+    if not all(isinstance(v, int) and v >= 0 for v in (batch, length, count)):
+        raise refuse(f"batch, length and transmitted must be counts, got {batch}, {length}, {count}")
+    masks = {}
+    for key in ("attention_mask", "sent"):
+        if key in tensors:
+            try:
+                masks[key] = unpack_bits(tensors[key], (batch, length))
+            except ValueError as err:
+                raise refuse(f"{key}: {err}") from None
+    if "attention_mask" not in masks:
+        raise refuse("attention_mask is missing")
+    mask, sent = masks["attention_mask"], masks.get("sent")
     flat = (mask if sent is None else sent).reshape(-1)
     if int(flat.sum()) != count:
         raise refuse(f"the header says {count} transmitted positions, the masks {int(flat.sum())}")
@@ -165,8 +184,8 @@ def assemble(
     return KVMessage(
         sender=sender,
         layers=decoded,
-        positions=tensors["positions"].long().to(device),
-        attention_mask=tensors["attention_mask"].long().to(device),
+        positions=positions_from_mask(mask.long()).to(device),
+        attention_mask=mask.long().to(device),
         sent=None if sent is None else sent.long().to(device),
         wire_bytes=size,
     )
