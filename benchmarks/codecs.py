@@ -232,7 +232,7 @@ def main() -> None:
     write_results(args.out, payload, "\n".join(lines))
     plot(rows, Path(args.out).with_suffix(".png"))
     questions = profile_options.pop("questions")
-    profile = {"format": "fedrefine.adaptive_profile", "version": 1, "command": command, "commit": commit,
+    profile = {"format": "fedrefine.adaptive_profile", "version": 1, "notes": {"command": command, "commit": commit},
                "questions": questions, "options": list(profile_options.values())}
     Path(args.out).with_name("adaptive_profile.json").write_text(__import__("json").dumps(profile, indent=1) + "\n")
 
