@@ -25,14 +25,13 @@ from pathlib import Path
 
 import torch
 
-from fedrefine.bench.kv_bytes import PAPER_RECEIVER, PAPER_SENDERS, bytes_table, identity_of
+from fedrefine.bench.kv_bytes import PAPER_RECEIVER, PAPER_SENDERS, bytes_table, identity_of, wire_bytes_per_token
 from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
 from fedrefine.evaluation import Evaluator
-from fedrefine.message import KVMessage
 from fedrefine.multiple_choice import encode_question
 from fedrefine.routes import parse_routes
 from fedrefine.trainer_cli import build_cli
-from fedrefine.wire import CODEC_NAMES, LinkConfig, codec_by_name, encode_message
+from fedrefine.wire import CODEC_NAMES, LinkConfig
 
 RECIPES = {"last": "configs/toyworld.yaml", "prompt": "configs/toyworld_reference.yaml"}
 BUDGETS = (None, 0.5, 0.3)
@@ -116,21 +115,11 @@ def question_tokens(module, items) -> list[dict]:
 
 def paper_bytes_per_token() -> dict[str, dict[str, float]]:
     """Per codec: the paper's four senders' serialised bytes per prompt token (a 128-token prompt, batch 1)."""
-
-
     table = bytes_table(PAPER_RECEIVER, PAPER_SENDERS, torch.bfloat16)
-    generator = torch.Generator().manual_seed(0)
     result: dict[str, dict[str, float]] = {}
     for codec in CODEC_NAMES:
-        per_sender = {}
-        for entry in table:
-            identity = identity_of(entry.sender)
-            shape = (1, identity.num_kv_heads, PROMPT_TOKENS, identity.head_dim)
-            layers = {j: tuple(torch.randn(shape, generator=generator).to(torch.bfloat16) for _ in range(2))
-                      for j in range(entry.layers_sent)}
-            mask = torch.ones(1, PROMPT_TOKENS, dtype=torch.long)
-            message = KVMessage(identity, layers, torch.arange(PROMPT_TOKENS)[None], mask)
-            per_sender[entry.sender] = len(encode_message(message, codec_by_name(codec))) / PROMPT_TOKENS
+        per_sender = {e.sender: wire_bytes_per_token(identity_of(e.sender), e.layers_sent, codec, PROMPT_TOKENS)
+                      for e in table}
         result[codec] = {"total": sum(per_sender.values()), **per_sender}
     return result
 

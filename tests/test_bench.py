@@ -239,3 +239,16 @@ def test_a_sweep_may_add_one_adaptive_cell_over_every_sender_on_original_queries
     adaptive = [c for c in cells if c.kind == "adaptive"]
     assert [str(c) for c in adaptive] == ["adaptive:a+b"]
     assert "adaptive" not in ROUTES  # the default sweep needs no profile
+
+
+def test_kv_bytes_with_a_codec_measures_serialised_messages(capsys):
+    from fedrefine.bench.kv_bytes import main
+
+    main(["--codec", "int4"])
+    int4 = capsys.readouterr().out
+    main([])
+    bf16 = capsys.readouterr().out
+    assert "int4 wire format, header included" in int4
+    total = {name: int(next(line for line in out.splitlines() if line.startswith("all 4")).split()[3].replace(",", ""))
+             for name, out in (("int4", int4), ("bf16", bf16))}
+    assert total["bf16"] == 86_016 and total["int4"] <= 22_528 < total["bf16"] // 3

@@ -156,3 +156,17 @@ def test_links_apply_in_training_only_when_asked(receiver, llama_sender):
     loss.backward()
     assert all(p.grad is None for p in pair.sender_models.parameters())
     assert any(p.grad is not None for p in pair.fusers.parameters())
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int4"])
+def test_tensors_whose_shapes_contradict_the_sender_identity_are_refused(llama_sender, codec):
+    from fedrefine.message import KVMessage
+
+    message = message_of(llama_sender)
+    narrow = {j: (k[:, :-1], v[:, :-1]) for j, (k, v) in message.layers.items()}  # one KV head short
+    forged = KVMessage(message.sender, narrow, message.positions, message.attention_mask)
+    with pytest.raises(WireFormatError, match=rf"from {llama_sender.identity.name_or_path} is malformed: .* do not decode"):
+        decode_message(encode_message(forged, codec_by_name(codec)), llama_sender.identity)
+    extra = KVMessage(message.sender, {**message.layers, 99: message.layers[0]}, message.positions, message.attention_mask)
+    with pytest.raises(WireFormatError, match="are not layers of a"):
+        decode_message(encode_message(extra, codec_by_name(codec)), llama_sender.identity)

@@ -7,14 +7,17 @@ compare with the paper's 88 KB (four senders, KV) vs 16 bytes (T2T) per token.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from fedrefine.cache import LayerMapKind, layer_map
+from fedrefine.cache import LayerMapKind, layer_map, positions_from_mask
+from fedrefine.message import KVMessage
 from fedrefine.participants import REAL_MODELS, ParticipantIdentity, load_model_config, real_model_config
 from fedrefine.t2t import TOKEN_ID_BYTES
+from fedrefine.wire import CODEC_NAMES, codec_by_name, encode_message
 
 PAPER_RECEIVER = "Qwen/Qwen3-0.6B"
 PAPER_SENDERS = (
@@ -56,6 +59,19 @@ def sender_bytes(
     return SenderBytes(sender.name_or_path, layers, sender.num_kv_heads, sender.head_dim, kv, token_bytes)
 
 
+def wire_bytes_per_token(
+    sender: ParticipantIdentity, layers: int, codec: str, tokens: int = 128, dtype: torch.dtype = torch.bfloat16
+) -> float:
+    """Serialised bytes per prompt token of one sender's message (header included, spread over ``tokens``):
+    random K/V of the sender's exact shapes for one ``tokens``-long prompt, encoded with ``codec``."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (1, sender.num_kv_heads, tokens, sender.head_dim)
+    kv = {j: tuple(torch.randn(shape, generator=generator).to(dtype) for _ in range(2)) for j in range(layers)}
+    mask = torch.ones(1, tokens, dtype=torch.long)
+    message = KVMessage(sender, kv, positions_from_mask(mask), mask)
+    return len(encode_message(message, codec_by_name(codec))) / tokens
+
+
 def bytes_table(
     receiver: str = PAPER_RECEIVER,
     senders: Sequence[str] = PAPER_SENDERS,
@@ -67,9 +83,10 @@ def bytes_table(
     return [sender_bytes(identity_of(s), target, dtype, map_kind) for s in senders]
 
 
-def format_table(rows: Sequence[SenderBytes], receiver: str, dtype: torch.dtype) -> str:
+def format_table(rows: Sequence[SenderBytes], receiver: str, dtype: torch.dtype, codec: str | None = None) -> str:
+    what = f"{codec} wire format, header included" if codec else f"{str(dtype).removeprefix('torch.')} K/V"
     lines = [
-        f"Bytes per prompt token sent to {receiver} ({str(dtype).removeprefix('torch.')} K/V; T2T: token ids)",
+        f"Bytes per prompt token sent to {receiver} ({what}; T2T: token ids)",
         f"{'sender':40} {'layers':>6} {'kv heads x dim':>15} {'C2C bytes':>10} {'T2T bytes':>10}",
     ]
     for r in rows:
@@ -88,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--senders", nargs="+", default=list(PAPER_SENDERS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--layer-map", default="bottom_up", choices=["bottom_up", "top_down", "uniform"])
+    parser.add_argument("--codec", choices=CODEC_NAMES, help="measure serialised messages with this codec instead")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length the header is spread over")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    print(format_table(bytes_table(args.receiver, args.senders, dtype, args.layer_map), args.receiver, dtype))
+    rows = bytes_table(args.receiver, args.senders, dtype, args.layer_map)
+    if args.codec:
+        rows = [dataclasses.replace(r, kv_bytes=round(wire_bytes_per_token(
+            identity_of(r.sender), r.layers_sent, args.codec, args.prompt_tokens, dtype))) for r in rows]
+    print(format_table(rows, args.receiver, dtype, args.codec))
