@@ -39,13 +39,26 @@ SENDER = "llama-sender"
 PROMPT_TOKENS = 128
 
 
-def fuser_dir(runs: Path, recipe: str, seed: int, steps: int) -> Path:
-    """Train (once) the fuser of one recipe and seed; returns its directory."""
-    directory = runs / f"{recipe}-seed{seed}-steps{steps}"
+def fuser_dir(runs: Path, recipe: str, seed: int, steps: int, trained_with: str | None = None) -> Path:
+    """Train (once) the fuser of one recipe and seed (with ``trained_with``: on K/V through that codec, the
+    link's ``in_training`` option); returns its directory."""
+    directory = runs / f"{recipe}-seed{seed}-steps{steps}{f'-train-{trained_with}' if trained_with else ''}"
+    link = ["--model.evaluation.link.codec", trained_with, "--model.evaluation.link.in_training", "true"] * bool(trained_with)
     if not (directory / "fuser" / "fuser.json").is_file():
         build_cli(["fit", *common_args(recipe, seed, directory), "--trainer.max_steps", str(steps),
-                   "--trainer.val_check_interval", str(steps)])
+                   "--trainer.val_check_interval", str(steps), *link])
     return directory / "fuser"
+
+
+def quantisation_aware(seed: int, steps: int, runs: Path, batch_size: int, codec: str = "int2") -> dict:
+    """The best recipe's fuser trained on ``codec``-coded K/V, evaluated through the same codec."""
+    directory = fuser_dir(runs, "last", seed, steps, trained_with=codec)
+    cli = build_cli([*common_args("last", seed, directory.parent), "--model.fuser_path", str(directory)], run=False)
+    module, data = cli.model.eval(), cli.datamodule
+    report, seconds = evaluate(module, data.load_split(data.test_split), ["c2c"], LinkConfig(codec=codec), batch_size)
+    row = report.rows()[0]
+    return {"recipe": "last", "codec": codec, "layer_budget": None, "seed": seed, "trained_with": codec,
+            "accuracy": row["accuracy"], "bytes_per_question": row["bytes_per_question"], "questions": row["questions"]}
 
 
 def common_args(recipe: str, seed: int, directory: Path) -> list[str]:
@@ -185,6 +198,7 @@ def main() -> None:
             measured, options = measure(recipe, seed, args.steps, Path(args.runs), args.batch_size)
             rows += measured
             profile_options.update(options)
+    aware = [quantisation_aware(seed, args.steps, Path(args.runs), args.batch_size) for seed in args.seeds]
     paper = paper_bytes_per_token()
     table = summary(rows)
     best = {r["codec"]: r for r in table if r["recipe"] == "last" and r["layer_budget"] is None}
@@ -201,6 +215,7 @@ def main() -> None:
         "rows": [r for r in rows if r["recipe"] == "last" and r["layer_budget"] is None],
         "sweep_rows": rows,
         "summary": table,
+        "quantisation_aware_rows": aware,
         "paper_four_senders_bytes_per_token": {codec: value["total"] for codec, value in paper.items()},
         "paper_bytes_per_token_by_sender": paper,
         "bars": bars,
@@ -213,6 +228,11 @@ def main() -> None:
         [[r["recipe"], "all" if r["layer_budget"] is None else f"{r['layer_budget']:.0%}", r["codec"],
           f"{100 * r['accuracy']:.1f}", f"{r['loss_vs_fp32_points']:+.2f}", f"{r['bytes_per_question']:,.0f}"]
          for r in table])
+    plain = statistics.mean(r["accuracy"] for r in rows if (r["recipe"], r["codec"], r["layer_budget"]) == ("last", "int2", None))
+    lines += ["", "## Quantisation-aware training (`link.in_training`): the best recipe, int2", "",
+              f"Trained on fp32 K/V, evaluated through int2: {100 * plain:.1f}%. Trained and evaluated through int2: "
+              f"{100 * statistics.mean(r['accuracy'] for r in aware):.1f}% (per seed: "
+              f"{', '.join(format(100 * r['accuracy'], '.1f') for r in aware)})."]
     lines += ["", f"## The paper's four senders -> {PAPER_RECEIVER}, bytes per prompt token (128-token prompt, "
               "header included; the paper: 88 KB in bf16)", ""]
     lines += markdown_table(["codec", "bytes/token", *(s.rsplit("/", 1)[-1] for s in PAPER_SENDERS)],
