@@ -154,6 +154,7 @@ def test_a_sweep_writes_one_row_per_cell_and_resumes_without_rerunning(tmp_path,
     unsupported = [r for r in rows if r["status"] == "unsupported"]
     assert {r["key"] for r in unsupported} == {str(c) for c in sweep.cells if c.family == "c2c.residual" and c.query_mode == "private"}
     assert all(r["n_questions"] == 4 for r in ok)
+    assert all(0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1 for r in ok)  # cloze cells carry lm-eval's accuracies
     both = next(r for r in ok if r["key"] == "c2c.concat:llama+qwen2")
     assert both["route"] == "c2c.concat" and both["senders"] == "llama+qwen2"
     assert set(both["sender_bytes_per_token"]) == {"llama", "qwen2"}
@@ -202,6 +203,9 @@ def test_results_of_another_setting_are_refused_and_moved_aside_with_fresh(tmp_p
     assert calls == [] and (out / "sweep.json").read_text() == finished  # nothing evaluated, nothing overwritten
     toy_sweep(tmp_path, toy_registries, **changed).run(fresh=True, command="test")
     assert len(calls) == 4  # receiver + three subsets, all re-run
+    monkeypatch.setattr(BenchSweep, "prepare_fusers", lambda self: pytest.fail("trained fusers before refusing"))
+    with pytest.raises(StaleResultsError, match=r"differs in link_mbit_per_s: 100.0 -> 10.0"):
+        toy_sweep(tmp_path, toy_registries, **changed, link_mbit_per_s=10.0).run(command="test")
     (aside,) = out.glob("sweep.stale-*.json")
     assert aside.read_text() == finished and {p.suffix for p in out.glob("sweep.stale-*")} == {".json", ".csv", ".md"}
 

@@ -39,6 +39,7 @@ def result_row(cell: Route, report: EvaluationReport, link_mbit_per_s: float) ->
         "accuracy": summary["accuracy"],
         "ci_low": summary["ci_low"],
         "ci_high": summary["ci_high"],
+        **{key: summary[key] for key in ("acc", "acc_norm") if key in summary},  # cloze: lm-eval's two accuracies
         "latency_s": sum(stages.values()),
         **{f"{stage}_s": seconds for stage, seconds in stages.items()},
         "bytes_per_token": summary["bytes_per_token"],
@@ -86,6 +87,22 @@ class SweepResultsFile:
         aside = self.move_aside(previous.get("commit"))
         self.console.print(f"[yellow]--fresh: moved the earlier results to {', '.join(map(str, aside))}.[/]")
         return {}
+
+    def check_settings(self, header: dict[str, Any]) -> None:
+        """Refuse early (before any fuser is trained) when the settings in the header already differ from the
+        earlier file's; the fingerprint is compared later, in :meth:`load`."""
+        if not self.path.is_file():
+            return
+        try:
+            previous = json.loads(self.path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return  # load() says so, with the fix
+        changed = [k for k in header if k not in (*_PROVENANCE, "fingerprint") and previous.get(k) != header[k]]
+        if changed:
+            raise StaleResultsError(
+                f"{self.path} holds the results of another sweep ({self.differences(previous, header)}). Rerun with "
+                f"--fresh to move it aside and start over, or set --name or --output_dir to keep both."
+            )
 
     @staticmethod
     def differences(previous: dict[str, Any], header: dict[str, Any]) -> str:

@@ -199,7 +199,7 @@ class BenchSweep:
         evaluator = Evaluator(model, [cell.resolve(model.sender_names)], self.evaluation, self.planner)
         return result_row(cell, evaluator.run(questions, self.batch_size, self.device), self.link_mbit_per_s)
 
-    def header(self, fingerprint: str, command: str) -> dict[str, Any]:
+    def header(self, fingerprint: str | None, command: str) -> dict[str, Any]:
         """What the results file records besides its rows."""
         return {
             "name": self.name,
@@ -217,12 +217,14 @@ class BenchSweep:
         """Evaluate every unfinished cell, then write tables and plots. Results of another setting are refused,
         or with ``fresh`` moved aside (see :meth:`SweepResultsFile.load`)."""
         command = command or " ".join(["fedrefine", *sys.argv[1:]])
+        results = SweepResultsFile(self.output_dir / f"{self.name}.json", self.console)
+        if not fresh:  # before training missing fusers: settings that differ are known already
+            results.check_settings(self.header(None, command))
         self.prepare_fusers()
         questions = self.questions()
         if not len(questions):
             raise ValueError(f"The evaluation split {self.split or self.data.test_split!r} has no questions.")
         fingerprint = self.fingerprint(questions)
-        results = SweepResultsFile(self.output_dir / f"{self.name}.json", self.console)
         rows = results.load(self.header(fingerprint, command), fresh=fresh)
         done = sum(str(c) in rows for c in self.cells)
         if done:
