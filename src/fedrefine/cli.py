@@ -6,6 +6,8 @@ import argparse
 import inspect
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -27,6 +29,19 @@ USER_ERRORS = (
     ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, FuserFileError, MissingFuserError, RouteError,
     TrainingDataError, DataFileError, SettingsError, StaleResultsError, ConnectionError, FileNotFoundError,
 )
+
+
+@contextmanager
+def user_errors_exit(prog: str) -> Iterator[None]:
+    """Show a user mistake (see :func:`user_error`) as one ``<prog>: error:`` line and exit 2; re-raise anything else."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - a user mistake is shown alone, anything else re-raised as it is
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"{prog}: error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -94,19 +109,14 @@ def main() -> None:
         print(overview())
         raise SystemExit(0 if command else 2)
     try:
-        if command == "bench":
-            return bench_main()
-        if command == "kv-bytes":
-            from fedrefine.bench.kv_bytes import main as kv_bytes_main
+        with user_errors_exit("fedrefine"):
+            if command == "bench":
+                return bench_main()
+            if command == "kv-bytes":
+                from fedrefine.bench.kv_bytes import main as kv_bytes_main
 
-            return kv_bytes_main(sys.argv[2:])
-        build_cli()
-    except Exception as err:  # noqa: BLE001 - a user mistake is shown alone, anything else re-raised as it is
-        cause = user_error(err)
-        if cause is None:
-            raise
-        print(f"fedrefine: error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
+                return kv_bytes_main(sys.argv[2:])
+            build_cli()
     except SIGTERMException:  # Lightning stops a SIGTERM'd fit as a plain SystemExit (status 0): say it was killed
         raise SystemExit(128 + signal.SIGTERM) from None
 
@@ -125,15 +135,9 @@ def toy_main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"fedrefine-toy: error: {args.config} not found; run from the repository root or pass --config.")
     model = yaml.safe_load(Path(args.config).read_text())["model"]["init_args"]
     fuser_dir = next((v for k, v in zip(overrides, overrides[1:]) if k == "--model.export_dir"), model["export_dir"])
-    try:
+    with user_errors_exit("fedrefine-toy"):
         build_cli(["fit", "--config", args.config, *overrides])
         build_cli(["test", "--config", args.config, "--model.fuser_path", fuser_dir, *overrides])
-    except Exception as err:  # noqa: BLE001 - as in main
-        cause = user_error(err)
-        if cause is None:
-            raise
-        print(f"fedrefine-toy: error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
