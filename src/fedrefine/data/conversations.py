@@ -154,11 +154,17 @@ class ChatStream(IterableDataset):
             raise TrainingDataError(self.nothing_usable(counts, unusable))
         self.complete_pass = counts
 
+    @property
+    def by_line(self) -> bool:
+        """Rows of a JSONL file are named by line (1-based), others by their 0-based position."""
+        return str(self.source).endswith(".jsonl")
+
+    def row_number(self, index: int) -> str:
+        return str(index + 1) if self.by_line else str(index)
+
     def describe_row(self, index: int) -> str:
-        """``<file> line N`` for a JSONL file, else ``<source> row N`` (0-based position in the file)."""
-        if str(self.source).endswith(".jsonl"):
-            return f"{self.source} line {index + 1}"
-        return f"{self.source} row {index}"
+        """``<file> line N`` for a JSONL file, else ``<source> row N``."""
+        return f"{self.source} {'line' if self.by_line else 'row'} {self.row_number(index)}"
 
     def nothing_usable(self, counts: PassCounts, unusable: list[tuple[int, str]]) -> str:
         shard = f" (rank {self.rank}'s shard)" if self.rank else ""
@@ -168,9 +174,9 @@ class ChatStream(IterableDataset):
         by_reason: dict[str, list[int]] = {}
         for index, reason in sorted(unusable):
             by_reason.setdefault(reason, []).append(index)
-        unit = "line" if str(self.source).endswith(".jsonl") else "row"
+        unit = "line" if self.by_line else "row"
         shown = "; ".join(
-            f"{len(rows)} x {reason} ({unit}s {', '.join(str(i + (unit == 'line')) for i in rows[:5])}"
+            f"{len(rows)} x {reason} ({unit}s {', '.join(self.row_number(i) for i in rows[:5])}"
             f"{f' and {len(rows) - 5} more' if len(rows) > 5 else ''})"
             for reason, rows in by_reason.items()
         )
