@@ -170,3 +170,11 @@ def test_tensors_whose_shapes_contradict_the_sender_identity_are_refused(llama_s
     extra = KVMessage(message.sender, {**message.layers, 99: message.layers[0]}, message.positions, message.attention_mask)
     with pytest.raises(WireFormatError, match="are not layers of a"):
         decode_message(encode_message(extra, codec_by_name(codec)), llama_sender.identity)
+
+
+def test_a_layer_budget_is_refused_for_concat_fusion_when_the_link_is_set(receiver, llama_sender):
+    pair, _ = fused_pair(receiver, llama_sender, mode="concat")
+    pair.link = LinkConfig(codec="int8")  # codecs are fine
+    with pytest.raises(ValueError, match="link.layer_budget applies to residual fusion"):
+        pair.link = LinkConfig(layer_budget=0.5)
+    assert pair.link == LinkConfig(codec="int8")

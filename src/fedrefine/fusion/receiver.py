@@ -92,7 +92,7 @@ class FusedReceiver(nn.Module):
         self.sender_models = nn.ModuleList(s.model for s in senders)
         self.fusers = nn.ModuleList(fusers)
         self.source_gate = source_gate
-        self.link: LinkConfig | None = None  # how messages travel (set from the evaluation config)
+        self._link: LinkConfig | None = None  # how messages travel (set from the evaluation config)
 
     @property
     def mode(self) -> str:
@@ -109,6 +109,20 @@ class FusedReceiver(nn.Module):
 
     # --- sending ----------------------------------------------------------------------------
     @property
+    def link(self) -> LinkConfig | None:
+        return self._link
+
+    @link.setter
+    def link(self, link: LinkConfig | None) -> None:
+        """Set how messages travel; a layer budget is refused for concat fusion when it is set, not at the first send."""
+        if link is not None and link.layer_budget is not None and self.mode == "concat":
+            raise ValueError(
+                "link.layer_budget applies to residual fusion: concat fusion needs an entry at every receiver "
+                "layer. Unset link.layer_budget or use residual fusers."
+            )
+        self._link = link
+
+    @property
     def active_link(self) -> LinkConfig | None:
         """The link messages go through now: the configured one, except in training unless ``in_training``."""
         if self.link is None or (self.training and not self.link.in_training):
@@ -121,11 +135,6 @@ class FusedReceiver(nn.Module):
         fuser, link = self.fuser_for(name), self.active_link
         needed = fuser.sender_layers_needed()
         if link is not None and link.layer_budget is not None:
-            if self.mode == "concat":
-                raise ValueError(
-                    "link.layer_budget applies to residual fusion: concat fusion needs an entry at every receiver "
-                    "layer. Unset link.layer_budget or use residual fusers."
-                )
             needed = budgeted_layers(needed, fuser.sender_layer_importance(), link.layer_budget)
         if not needed:
             return None
