@@ -23,12 +23,12 @@ from fedrefine.data.conversations import ChatExample
 from fedrefine.data.question_dataset import QuestionWithControls
 from fedrefine.evaluation import EvaluationConfig, EvaluationReport, Evaluator, QueryPlanner
 from fedrefine.evaluation.report import CLOZE_COLUMNS, log_table
-from fedrefine.field_help import SettingsError
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver, FusionBatch
 from fedrefine.modules.chat_batches import ChatBatchEncoder
 from fedrefine.modules.checkpointing import step_seed
 from fedrefine.modules.optimization import adamw_with_warmup
+from fedrefine.modules.settings import check_last_token_settings, check_saved_fuser_settings
 from fedrefine.modules.trainable import (
     check_fuser_pairs,
     check_trainable_keys,
@@ -118,27 +118,12 @@ class FusionModule(L.LightningModule):
         check_fuser_pairs(checkpoint.get("fedrefine_fusers"), fuser_metadata(self))
 
     def setup(self, stage: str) -> None:
-        self.check_last_token_settings(stage)
+        fusers = [m for m in self.modules() if isinstance(m, Fuser)]
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        check_last_token_settings(fusers, self.evaluation, datamodule if stage == "fit" else None)
         for fused in self.modules():
             if isinstance(fused, FusedReceiver):
                 fused.link = self.evaluation.link  # used in training only with link.in_training
-
-    def check_last_token_settings(self, stage: str) -> None:
-        """``fuse_at: last`` fuses only the last prompt token; without the answer prefix that token is a chat-template
-        token no sender reads, so nothing would be fused (0 bytes): refuse that, naming the settings."""
-        fusers = [m for m in self.modules() if isinstance(m, Fuser) and m.config.mode == "residual"]
-        if not any(f.config.fuse_at == "last" for f in fusers):
-            return
-        missing = [] if self.evaluation.prefill_answer else ["model.evaluation.prefill_answer=true"]
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if stage == "fit" and datamodule is not None and not getattr(datamodule, "response_prefill", None):
-            missing.append("data.response_prefill (e.g. 'The correct answer is')")
-        if missing:
-            raise SettingsError(
-                f"model.fuser.fuse_at=last fuses only the last prompt token, which every participant reads only with "
-                f"the answer prefix; without it no sender token is aligned there and nothing is fused. Set "
-                f"{' and '.join(missing)}, or use model.fuser.fuse_at=prompt."
-            )
 
     # --- batches --------------------------------------------------------------------------
     @property
@@ -292,19 +277,12 @@ def load_or_create_fuser(
     """The saved fuser at ``path`` (for exactly this pair), or a new one with ``config`` (None: the defaults).
 
     A saved fuser keeps the settings it was trained with; a ``config`` that says otherwise is refused
-    rather than silently ignored.
+    rather than silently ignored (see :func:`check_saved_fuser_settings`).
     """
     if path is None:
         return Fuser(sender.identity, receiver.identity, config or FuserConfig())
     fuser = Fuser.load(path, sender.identity, receiver.identity)
-    if config is not None:
-        saved, given = asdict(fuser.config), asdict(config)
-        differ = [f"model.fuser.{k}={given[k]!r} (saved: {saved[k]!r})" for k in given if given[k] != saved.get(k)]
-        if differ:
-            raise SettingsError(
-                f"model.fuser_path={path} is a fuser trained with other settings than model.fuser: {', '.join(differ)}. "
-                f"A saved fuser keeps its settings; drop those model.fuser overrides, or train a new fuser with them."
-            )
+    check_saved_fuser_settings(fuser.config, config, path)
     return fuser
 
 
