@@ -92,6 +92,7 @@ SUBCOMMANDS = {
     "predict": "answer free-text prompts with C2C",
     "bench": "run or resume a benchmark sweep (routes x query modes x sender subsets) with tables and plots",
     "kv-bytes": "bytes per prompt token each sender transmits, from model configs (no weights)",
+    "serve": "run a participant (`serve participant`) or the fuser registry (`serve registry`) as a gRPC service",
 }
 
 
@@ -116,6 +117,10 @@ def main() -> None:
                 from fedrefine.bench.kv_bytes import main as kv_bytes_main
 
                 return kv_bytes_main(sys.argv[2:])
+            if command == "serve":
+                from fedrefine.runtime.serve_cli import main as serve_main
+
+                return serve_main(sys.argv[2:])
             build_cli()
     except SIGTERMException:  # Lightning stops a SIGTERM'd fit as a plain SystemExit (status 0): say it was killed
         raise SystemExit(128 + signal.SIGTERM) from None
