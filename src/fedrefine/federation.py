@@ -1,7 +1,9 @@
 """A federation: named participants plus the registry of fusers between them.
 
 Any participant can be the receiver; any subset of the others can be its senders, each through
-the registry's fuser F[sender -> receiver].
+the registry's fuser F[sender -> receiver]. A participant may be served elsewhere
+(:class:`~fedrefine.wire.RemoteSource`, e.g. ``fedrefine.runtime.RemoteParticipant``): as a sender it
+is then called over its transport.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fedrefine.fusion.gating import SourceGate
 from fedrefine.participants import Participant
 from fedrefine.registry import FuserRegistry
 from fedrefine.sources import ParticipantSource
+from fedrefine.wire import RemoteSender, RemoteSource
 
 
 class Federation:
@@ -30,6 +33,7 @@ class Federation:
         self.sources = dict(participants)
         self.registry = registry if isinstance(registry, FuserRegistry) or registry is None else FuserRegistry(registry)
         self._loaded: dict[str, Participant] = {}
+        self._clients: dict[str, RemoteSender] = {}
 
     def participant(self, name: str) -> Participant:
         if name not in self.sources:
@@ -37,6 +41,15 @@ class Federation:
         if name not in self._loaded:
             self._loaded[name] = self.sources[name].load()
         return self._loaded[name]
+
+    def client(self, name: str) -> RemoteSender | None:
+        """The client of a participant served elsewhere (one per federation), None for in-process ones."""
+        source = self.sources[name]
+        if not isinstance(source, RemoteSource):
+            return None
+        if name not in self._clients:
+            self._clients[name] = source.client()
+        return self._clients[name]
 
     @cached_property
     def names(self) -> list[str]:
@@ -67,7 +80,10 @@ class Federation:
         federation's); a missing fuser is an error."""
         if name in senders:
             raise ValueError(f"{name!r} cannot be its own sender.")
+        if isinstance(self.sources[name], RemoteSource):
+            raise ValueError(f"{name!r} is served elsewhere; a receiver must run here (give it an in-process source).")
         receiver = self.participant(name)
         chosen = [self.participant(s) for s in senders]
         fusers = [self._registry(registry).get(s.identity, receiver.identity) for s in chosen]
-        return FusedReceiver(receiver, chosen, fusers, combine, source_gate, sender_names=list(senders))
+        remotes = {s: client for s in senders if (client := self.client(s)) is not None}
+        return FusedReceiver(receiver, chosen, fusers, combine, source_gate, sender_names=list(senders), remotes=remotes)

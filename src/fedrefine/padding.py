@@ -9,9 +9,12 @@ import torch
 from torch import Tensor
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
-    """Left-pad token id rows into (ids, attention_mask), each (B, longest row)."""
-    width = max(len(r) for r in rows)
+def left_pad(rows: Sequence[Sequence[int]], pad: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Left-pad token id rows into (ids, attention_mask), each (B, ``width``: default the longest row)."""
+    longest = max(len(r) for r in rows)
+    if width is not None and width < longest:
+        raise ValueError(f"Cannot left-pad to {width} columns: the longest row has {longest} tokens.")
+    width = longest if width is None else width
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):

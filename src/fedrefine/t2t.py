@@ -20,7 +20,7 @@ ids per token for four senders". The end-of-turn token is not sent.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,6 +42,8 @@ from fedrefine.timing import stopwatch
 DEFAULT_PROMPT_TEMPLATE = "Briefly describe the most useful background to solve the problem:\n\n{question}"
 #: Header of the hint block when hints are placed in the receiver's user message.
 DEFAULT_HINT_HEADER = "Background from other models:\n"
+#: Writes one sender's hints: ``(prompts, budget, batch_size) -> one Reply per prompt``.
+HintWriter = Callable[[Sequence[str], int, int], list[Reply]]
 #: Bytes per transmitted token id (int32): the paper's 16 bytes per token for four T2T senders.
 TOKEN_ID_BYTES = 4
 
@@ -190,6 +192,7 @@ def t2t_predict(
     sender_questions: Mapping[str, Sequence[str]] | None = None,
     style: AnswerStyle = "letter",
     normalization: Normalization = "token_mean",
+    writers: Mapping[str, HintWriter] | None = None,
 ) -> list[T2TResult]:
     """Answer each question by the receiver with the senders' generated hints in its context.
 
@@ -204,6 +207,8 @@ def t2t_predict(
             must cover every sender.
         style: the receiver answers by letter (logits) or by option text (cloze scoring).
         normalization: how cloze scores are normalised for ``prediction`` (see :mod:`fedrefine.scoring`).
+        writers: per sender name, who writes its hints instead of its local model (e.g. a remote sender's
+            ``hints``), called as ``writer(prompts, budget, batch_size)``.
 
     Returns one :class:`T2TResult` per item, in order.
     """
@@ -212,7 +217,11 @@ def t2t_predict(
     hints: dict[str, list[Reply]] = {}
     for sender in senders:
         prompts = [config.prompt_template.format(question=q) for q in questions[sender.name]]
-        hints[sender.name] = generate_replies(sender, prompts, config.budget, config.batch_size)
+        write = (writers or {}).get(sender.name)
+        if write is None:
+            hints[sender.name] = generate_replies(sender, prompts, config.budget, config.batch_size)
+        else:
+            hints[sender.name] = write(prompts, config.budget, config.batch_size)
 
     results: list[T2TResult] = []
     for start in range(0, len(items), config.batch_size):

@@ -32,7 +32,8 @@ def result_row(cell: Route, report: EvaluationReport, link_mbit_per_s: float) ->
     """A cell's result row: accuracy and interval, latency per question and stage (s), bytes."""
     summary = report.rows()[0]
     stages = {stage: summary.get(f"{stage}_ms", 0.0) / 1000 for stage in STAGES}
-    stages["transfer"] = summary["bytes_per_question"] * 8 / (link_mbit_per_s * 1e6)
+    if "transfer_ms" not in summary:  # in-process senders: the transfer is modelled at the link's rate
+        stages["transfer"] = summary["bytes_per_question"] * 8 / (link_mbit_per_s * 1e6)
     return {
         **cell_fields(cell),
         "status": "ok",
@@ -46,6 +47,8 @@ def result_row(cell: Route, report: EvaluationReport, link_mbit_per_s: float) ->
         "sender_bytes_per_token": summary["sender_bytes_per_token"],
         "bytes_per_question": summary["bytes_per_question"],
         "leakage_overlap": summary["leakage_overlap"],
+        "transport_bytes_per_question": summary["transport_bytes_per_question"],
+        "senders_dropped": summary["senders_dropped"],
         "n_questions": summary["questions"],
         "failed": len(report.failures),
         "failed_ids": [question for question, _ in report.failures],

@@ -15,6 +15,7 @@ from fedrefine.evaluation.config import AnswerMode, answer_style
 from fedrefine.evaluation.metrics import RouteResult
 from fedrefine.evaluation.question_batch import QueryPlanner, QuestionBatch, Variant
 from fedrefine.fusion import FusedReceiver, FusionBatch
+from fedrefine.generation import Reply
 from fedrefine.message import KVMessage, random_message_like
 from fedrefine.multiple_choice import extract_choice
 from fedrefine.privacy.leakage import leakage_report
@@ -24,6 +25,7 @@ from fedrefine.scoring import NORMALIZATIONS, Normalization, OptionScores, score
 from fedrefine.selection import SenderSelection
 from fedrefine.t2t import T2TConfig, t2t_predict
 from fedrefine.timing import stopwatch, time_inside
+from fedrefine.wire import SenderUnavailable
 
 
 @dataclass
@@ -107,10 +109,18 @@ class RouteRunner:
 
     # --- C2C -----------------------------------------------------------------------------------
     def _send(self, fusion: FusionBatch, senders: Sequence[str], result: RouteResult) -> dict[str, KVMessage]:
-        """Every selected sender's prefill, timed and its bytes counted."""
+        """Every selected sender's message (remote ones all at once), timed and its bytes counted; remote senders
+        that did not deliver are recorded and left out."""
         with stopwatch(fusion.receiver_input_ids.device) as elapsed:
-            kv_messages = {n: m for n in senders if (m := self.model.send(n, fusion.senders[n])) is not None}
-        result.stages["sender"] = elapsed.seconds
+            outcome, _ = self.model.send_all(fusion, senders)
+        kv_messages = outcome.messages
+        transfer = max((d.transfer_seconds for d in outcome.deliveries.values()), default=0.0)
+        result.stages["sender"] = elapsed.seconds - transfer
+        if outcome.deliveries:
+            result.stages["transfer"] = transfer  # measured: the slowest call's time on the wire
+        result.transport_bytes += sum(d.transport_bytes for d in outcome.deliveries.values())
+        result.contributed = tuple(kv_messages)
+        result.dropped = {n: f"{err.reason}: {err.detail}" for n, err in outcome.dropped.items()}
         result.bytes_sent += sum(m.nbytes for m in kv_messages.values())
         result.sender_bytes_per_token = {n: float(m.bytes_per_token) for n, m in kv_messages.items()}
         result.bytes_per_token += sum(result.sender_bytes_per_token.values())
@@ -188,6 +198,9 @@ class RouteRunner:
     # --- one model alone, T2T ------------------------------------------------------------------
     @torch.no_grad()
     def _alone(self, batch: QuestionBatch, name: str) -> Choices:
+        if name in self.model.remotes:
+            raise ValueError(f"Route 'sender:{name}' scores options with the sender's own model, which is served "
+                             f"elsewhere ({self.model.remotes[name].endpoint}); evaluate it where it runs.")
         sender, alone = self.model.senders[name], batch.alone[name]
         if self.mode != "generate":
             scores = score_alone(sender, alone.input_ids, alone.attention_mask, alone.options, answer_style(self.mode))
@@ -206,6 +219,7 @@ class RouteRunner:
     def _t2t(self, route: Route, plans: list[QueryPlan], result: RouteResult) -> Choices:
         model = self.model
         senders = [model.senders[n] for n in route.senders]
+        writers = {model.senders[n].name: self._remote_writer(n, result) for n in route.senders if n in model.remotes}
         answers = t2t_predict(
             model.receiver,
             senders,
@@ -214,6 +228,7 @@ class RouteRunner:
             sender_questions={model.senders[n].name: [p.sender_texts[n] for p in plans] for n in route.senders},
             style=plans[0].style if plans else "letter",
             normalization=self.normalization,
+            writers=writers,
         )
         for answer in answers:
             for stage, seconds in answer.seconds.items():
@@ -223,6 +238,21 @@ class RouteRunner:
         result.bytes_per_token = float(sum((self.t2t or T2TConfig()).bytes_per_id for _ in senders))
         cloze = {n: torch.tensor([a.cloze_predictions[n] for a in answers]) for n in NORMALIZATIONS} if self.mode == "cloze" else {}
         return Choices(torch.tensor([a.prediction for a in answers]), cloze)
+
+    def _remote_writer(self, name: str, result: RouteResult):
+        """Hints from a remote sender; one that fails writes empty hints (left out of the prompt), recorded."""
+        remote = self.model.remotes[name]
+
+        def write(prompts: Sequence[str], budget: int, batch_size: int) -> list[Reply]:
+            try:
+                replies = remote.hints(prompts, budget, batch_size)
+            except SenderUnavailable as err:
+                result.dropped[name] = f"{err.reason}: {err.detail}"
+                return [Reply("", (), 0.0) for _ in prompts]
+            result.contributed = (*result.contributed, name)
+            return replies
+
+        return write
 
     @staticmethod
     def _extract(texts: Sequence[str], batch: QuestionBatch) -> Tensor:

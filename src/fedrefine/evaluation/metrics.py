@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-#: Latency stages, in pipeline order. ``transfer`` is modelled from the bytes sent (benchmarks);
-#: ``fuse`` is the time inside fusers and the gating network, taken out of the receiver's.
+#: Latency stages, in pipeline order. ``transfer`` is measured with remote senders (the calls' wall time
+#: less the senders' own work) and otherwise modelled from the bytes sent (benchmarks); ``fuse`` is the
+#: time inside fusers and the gating network, taken out of the receiver's.
 STAGES: tuple[str, ...] = ("rephrase", "sender", "transfer", "fuse", "receiver")
 
 
@@ -24,6 +25,9 @@ class RouteResult:
     chosen per encoded question; ``leakage``: for rephrased modes, the mean share of the question's
     content words that reached senders; ``cloze_predictions`` (cloze mode): the option index per
     question under each normalisation (``sum``, ``chars``, ``token_mean``), -1 where unanswered.
+    With remote senders: ``transport_bytes`` is what the transport carried (payload and framing),
+    ``contributed`` the senders whose message was fused, ``dropped`` sender -> why it was left out
+    (``reason: detail``) for the batch's questions.
     """
 
     predictions: Tensor
@@ -35,6 +39,9 @@ class RouteResult:
     selected: list[tuple[str, ...]] | None = None
     leakage: float | None = None
     cloze_predictions: dict[str, Tensor] = field(default_factory=dict)
+    transport_bytes: int = 0
+    contributed: tuple[str, ...] = ()
+    dropped: dict[str, str] = field(default_factory=dict)
 
 
 #: lm-eval-harness's names of the accuracies under the ``sum`` and ``chars`` normalisations.
@@ -65,6 +72,9 @@ class RouteTally:
     leakage_sum: float = 0.0
     leakage_batches: int = 0
     cloze_correct: dict[str, int] = field(default_factory=dict)
+    transport_bytes: int = 0
+    contributed: dict[str, int] = field(default_factory=dict)  # sender -> questions its message was fused into
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # sender -> reason -> questions left out of
 
     def add(self, result: RouteResult, labels: Tensor) -> None:
         self.correct += int((result.predictions == labels).sum())
@@ -81,6 +91,13 @@ class RouteTally:
         if result.leakage is not None:
             self.leakage_sum += result.leakage
             self.leakage_batches += 1
+        self.transport_bytes += result.transport_bytes
+        for sender in result.contributed:
+            self.contributed[sender] = self.contributed.get(sender, 0) + len(labels)
+        for sender, why in result.dropped.items():
+            reasons = self.dropped.setdefault(sender, {})
+            reason = why.split(":", 1)[0]
+            reasons[reason] = reasons.get(reason, 0) + len(labels)
 
     def row(self) -> dict[str, float | int | None]:
         """Accuracy with its 95% interval, in cloze mode lm-eval's ``acc`` (sum) and ``acc_norm`` (chars) too,
@@ -100,4 +117,7 @@ class RouteTally:
             "bytes_per_question": self.bytes_sent / n,
             "sender_bytes_per_token": dict(self.sender_bytes_per_token),
             "leakage_overlap": self.leakage_sum / self.leakage_batches if self.leakage_batches else None,
+            "transport_bytes_per_question": self.transport_bytes / n,
+            "senders_contributed": dict(self.contributed),
+            "senders_dropped": {sender: dict(reasons) for sender, reasons in self.dropped.items()},
         }

@@ -46,6 +46,7 @@ class EvaluationReport:
         self.per_question: dict[str, list[tuple[str, bool]]] = defaultdict(list)
         self.selections: list[tuple[str, tuple[str, ...]]] = []
         self.failures: list[tuple[str, str]] = []
+        self.dropped: list[dict[str, str]] = []  # per question and route: a sender left out, and why
         self.question_count = 0
 
     def add_batch(self, batch: QuestionBatch) -> None:
@@ -59,6 +60,10 @@ class EvaluationReport:
         self.per_question[route.label].extend(zip(batch.ids, correct))
         if result.selected is not None:
             self.selections.extend(zip([batch.ids[row] for row in batch.encoded_rows], result.selected))
+        for sender, why in result.dropped.items():
+            self.dropped.extend(
+                {"question": batch.ids[row], "route": route.label, "sender": sender, "why": why} for row in batch.encoded_rows
+            )
         # -1 (unanswerable) never equals a label: counted wrong, never skipped.
         predictions = torch.where(result.predictions < 0, (batch.labels + 1) % MAX_OPTIONS, result.predictions)
         self.metrics[route.label].update(predictions, batch.labels)
@@ -120,14 +125,21 @@ class EvaluationReport:
                 console.print(f"  {question_id}: {reason}")
             if len(self.failures) > SHOWN_FAILURES:
                 console.print(f"  and {len(self.failures) - SHOWN_FAILURES} more (all of them in the results JSON)")
+        for row in rows:
+            for sender, reasons in row["senders_dropped"].items():
+                counts = ", ".join(f"{reason} on {n}" for reason, n in reasons.items())
+                console.print(f"[yellow]{row['route']}: sender {sender} was left out ({counts} questions); "
+                              f"the others answered them.[/]")
 
     def save_json(self, path: str | Path, title: str) -> Path:
-        """``{"title", "rows", "failures"[, "selected_senders"]}`` at ``path``."""
+        """``{"title", "rows", "failures"[, "selected_senders"][, "dropped_senders"]}`` at ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload: dict[str, Any] = {"title": title, "rows": self.rows(), "failures": self.failures}
         if self.selections:
             payload["selected_senders"] = {question: list(senders) for question, senders in self.selections}
+        if self.dropped:
+            payload["dropped_senders"] = self.dropped
         path.write_text(json.dumps(payload, indent=2) + "\n")
         return path
 

@@ -24,8 +24,15 @@ class ConcatFusion(FusionStrategy):
     mode, aligns = "concat", False
 
     def prepare(
-        self, receiver: Participant, input_ids: Tensor, attention_mask: Tensor, inputs: Sequence[FusionInput]
+        self,
+        receiver: Participant,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        inputs: Sequence[FusionInput],
+        own: ReceiverContext | None = None,
     ) -> ReceiverContext:
+        """The senders' projected caches ahead of the prompt; the receiver's prompt runs after them, so a
+        prefill made without them (``own``) cannot be used."""
         dtype = next(inputs[0].fuser.parameters()).dtype
         per_sender = []
         for item in inputs:

@@ -6,11 +6,20 @@
 
 Senders that are not selected never run; a sender whose fuser has every gate closed sends
 nothing. Senders are consulted only at prefill.
+
+A sender may live in another process (a :class:`~fedrefine.wire.RemoteSender`): the receiver then
+sends its requests to every remote sender at once and prefills its own prompt meanwhile; a remote
+sender that does not deliver in time (or delivers an invalid message) is left out of that batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -23,11 +32,32 @@ from fedrefine.fusion.encoding import PromptEncoder
 from fedrefine.fusion.gating import SourceGate
 from fedrefine.fusion.residual import Combine, ResidualFusion
 from fedrefine.fusion.sender_kv import SenderKV
-from fedrefine.fusion.strategy import FusionInput, FusionStrategy, NoFusion, ReceiverContext
+from fedrefine.fusion.strategy import FusionInput, FusionStrategy, NoFusion, ReceiverContext, prefill_all_but_last
 from fedrefine.generation import trim_at_eos
 from fedrefine.message import KVMessage, prefill_message
 from fedrefine.participants import Participant
-from fedrefine.wire import LinkConfig, budgeted_layers, transmit
+from fedrefine.wire import Delivery, LinkConfig, RemoteSender, SenderUnavailable, budgeted_layers, transmit
+from fedrefine.wire.format import MAX_MESSAGE_BYTES
+
+logger = logging.getLogger("fedrefine.fusion")
+T = TypeVar("T")
+#: The codec a remote sender's K/V travel in without a link codec: its own dtype, losslessly.
+LOSSLESS_CODECS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass
+class SendOutcome:
+    """What the selected senders delivered for one batch.
+
+    ``messages``: sender -> its message (senders with every gate closed send none); ``dropped``: sender ->
+    why it did not deliver; ``deliveries``: remote sender -> its call's measured time and bytes;
+    ``seconds``: wall time of sending (all remote calls run at once).
+    """
+
+    messages: dict[str, KVMessage] = field(default_factory=dict)
+    dropped: dict[str, SenderUnavailable] = field(default_factory=dict)
+    deliveries: dict[str, Delivery] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 def choose_strategy(fusers: Sequence[Fuser], combine: Combine = "parallel") -> FusionStrategy:
@@ -68,6 +98,8 @@ class FusedReceiver(nn.Module):
             reference) or ``sequential`` (each fuser reads the cache fused by the previous ones).
         source_gate: optional gating network weighing the receiver's own cache against each sender.
         sender_names: names for the senders (default: their identity names), used to select them.
+        remotes: sender name -> its client, for senders served in other processes; their participants
+            here are local views (tokenizer, chat template, rotary embedding) to encode for and read them.
     """
 
     def __init__(
@@ -78,6 +110,7 @@ class FusedReceiver(nn.Module):
         combine: Combine = "parallel",
         source_gate: SourceGate | None = None,
         sender_names: Sequence[str] | None = None,
+        remotes: Mapping[str, RemoteSender] | None = None,
     ) -> None:
         super().__init__()
         check_pairs(receiver, senders, fusers)
@@ -93,6 +126,11 @@ class FusedReceiver(nn.Module):
         self.fusers = nn.ModuleList(fusers)
         self.source_gate = source_gate
         self._link: LinkConfig | None = None  # how messages travel (set from the evaluation config)
+        self.remotes = dict(remotes or {})
+        unknown = sorted(set(self.remotes) - set(self.senders))
+        if unknown:
+            raise ValueError(f"Remote sender(s) {unknown} are not senders of this receiver ({self.sender_names}).")
+        self._calls = ThreadPoolExecutor(max_workers=len(self.remotes), thread_name_prefix="fedrefine-send") if self.remotes else None
 
     @property
     def mode(self) -> str:
@@ -129,13 +167,22 @@ class FusedReceiver(nn.Module):
             return None
         return self.link
 
-    def send(self, name: str, batch: SenderBatch) -> KVMessage | None:
-        """One sender's prefill, carrying only the layers (and positions) its fuser reads, through the link's
-        layer budget and codec; None if every gate is closed."""
+    def _carried_layers(self, name: str) -> list[int]:
+        """The sender layers its fuser reads, cut to the link's layer budget."""
         fuser, link = self.fuser_for(name), self.active_link
         needed = fuser.sender_layers_needed()
         if link is not None and link.layer_budget is not None:
             needed = budgeted_layers(needed, fuser.sender_layer_importance(), link.layer_budget)
+        return needed
+
+    def send(self, name: str, batch: SenderBatch) -> KVMessage | None:
+        """One sender's prefill, carrying only the layers (and positions) its fuser reads, through the link's
+        layer budget and codec; None if every gate is closed. A remote sender's failure raises
+        :class:`~fedrefine.wire.SenderUnavailable`."""
+        if name in self.remotes:
+            delivery = self.deliver(name, batch)
+            return None if delivery is None else delivery.message
+        needed, link = self._carried_layers(name), self.active_link
         if not needed:
             return None
         sent = self.strategy.sent_positions(batch)
@@ -145,18 +192,58 @@ class FusedReceiver(nn.Module):
             return message
         return transmit(message, codec, link, trained_for={f.sender.key for f in self.fusers})
 
-    def kv_messages(
-        self, batch: FusionBatch, senders: Sequence[str], given: Mapping[str, KVMessage] | None = None
-    ) -> dict[str, KVMessage]:
-        """The selected senders' messages: ``given`` ones (controls, or timed elsewhere) or fresh prefills."""
-        kv_messages = {}
+    def deliver(self, name: str, batch: SenderBatch) -> Delivery | None:
+        """A remote sender's prefill of ``batch`` over its transport (None if every gate is closed)."""
+        needed, link = self._carried_layers(name), self.active_link
+        if not needed:
+            return None
+        codec = link.codec_for(name) if link is not None else None
+        return self.remotes[name].prefill(
+            batch.input_ids,
+            batch.attention_mask,
+            needed,
+            self.strategy.sent_positions(batch),
+            codec or LOSSLESS_CODECS.get(self.senders[name].model.dtype, "fp32"),
+            128 if link is None else link.group_size,
+            sorted({f.sender.key for f in self.fusers}),
+            MAX_MESSAGE_BYTES if link is None else link.max_message_bytes,
+        )
+
+    def send_all(
+        self, batch: FusionBatch, senders: Sequence[str], meanwhile: Callable[[], T] | None = None
+    ) -> tuple[SendOutcome, T | None]:
+        """Every selected sender's message: remote calls all at once, then ``meanwhile`` (e.g. the receiver's own
+        prefill) and the local senders' prefills here while they run. A remote sender that fails is dropped."""
         for name in senders:
             if name not in batch.senders:
                 raise KeyError(f"Sender {name!r} was selected but the batch was not encoded for it.")
-            message = (given or {}).get(name) or self.send(name, batch.senders[name])
-            if message is not None:
-                kv_messages[name] = message
-        return kv_messages
+        outcome, start = SendOutcome(), time.perf_counter()
+        calls = {n: self._calls.submit(self.deliver, n, batch.senders[n]) for n in senders if n in self.remotes}
+        done = meanwhile() if meanwhile is not None else None
+        for name in senders:
+            if name not in calls and (message := self.send(name, batch.senders[name])) is not None:
+                outcome.messages[name] = message
+        for name, call in calls.items():
+            try:
+                delivery = call.result()  # bounded: the client's connection attempts and deadline end every call
+            except SenderUnavailable as err:
+                logger.warning("%s; answering without it", err)
+                outcome.dropped[name] = err
+                continue
+            if delivery is not None:
+                outcome.messages[name], outcome.deliveries[name] = delivery.message, delivery
+        outcome.messages = {n: outcome.messages[n] for n in senders if n in outcome.messages}  # selection order
+        outcome.seconds = time.perf_counter() - start
+        return outcome, done
+
+    def kv_messages(
+        self, batch: FusionBatch, senders: Sequence[str], given: Mapping[str, KVMessage] | None = None
+    ) -> dict[str, KVMessage]:
+        """The selected senders' messages: ``given`` ones (controls, or timed elsewhere) or fresh prefills
+        (remote senders that fail are left out)."""
+        given = given or {}
+        outcome, _ = self.send_all(batch, [n for n in senders if n not in given])
+        return {n: given.get(n) or outcome.messages[n] for n in senders if n in given or n in outcome.messages}
 
     def fusion_inputs(self, batch: FusionBatch, kv_messages: Mapping[str, KVMessage]) -> list[FusionInput]:
         """Each sending sender's K/V, fuser, alignment and (with a gating network) weight per receiver layer."""
@@ -188,10 +275,19 @@ class FusedReceiver(nn.Module):
         """The receiver's context for the batch's prompts, fused with ``senders`` (default: every sender in the
         batch); with none selected (or ``fuse=False``, or every gate closed) the receiver's own prefill."""
         selected = (list(batch.senders) if senders is None else list(senders)) if fuse else []
-        found = self.kv_messages(batch, selected, kv_messages) if selected else {}
+        given = kv_messages or {}
+        fresh = [n for n in selected if n not in given]
+        own = None
+        if any(n in self.remotes for n in fresh) and self.strategy.aligns:
+            # residual fusion starts from the receiver's own prefill: run it while the remote senders work
+            ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
+            outcome, own = self.send_all(batch, fresh, meanwhile=lambda: prefill_all_but_last(self.receiver, ids, mask))
+        else:
+            outcome, _ = self.send_all(batch, fresh) if fresh else (SendOutcome(), None)
+        found = {n: given.get(n) or outcome.messages[n] for n in selected if n in given or n in outcome.messages}
         strategy = self.strategy if found else NoFusion()
         inputs = self.fusion_inputs(batch, found)
-        return strategy.prepare(self.receiver, batch.receiver_input_ids, batch.receiver_attention_mask, inputs)
+        return strategy.prepare(self.receiver, batch.receiver_input_ids, batch.receiver_attention_mask, inputs, own)
 
     def forward(
         self,

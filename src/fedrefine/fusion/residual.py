@@ -53,9 +53,14 @@ class ResidualFusion(FusionStrategy):
         return torch.zeros_like(batch.attention_mask).scatter(1, read.clamp(min=0), sent)  # (B, N_s)
 
     def prepare(
-        self, receiver: Participant, input_ids: Tensor, attention_mask: Tensor, inputs: Sequence[FusionInput]
+        self,
+        receiver: Participant,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        inputs: Sequence[FusionInput],
+        own: ReceiverContext | None = None,
     ) -> ReceiverContext:
-        context = prefill_all_but_last(receiver, input_ids, attention_mask)
+        context = own or prefill_all_but_last(receiver, input_ids, attention_mask)
         layers = cache_to_layers(context.cache)
         if self.fuse_at != "last":
             positions = positions_from_mask(attention_mask[:, : context.consumed])  # (B, N - 1)

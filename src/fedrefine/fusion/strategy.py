@@ -78,9 +78,17 @@ class FusionStrategy(ABC):
 
     @abstractmethod
     def prepare(
-        self, receiver: Participant, input_ids: Tensor, attention_mask: Tensor, inputs: Sequence[FusionInput]
+        self,
+        receiver: Participant,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        inputs: Sequence[FusionInput],
+        own: ReceiverContext | None = None,
     ) -> ReceiverContext:
-        """The receiver's context for its prompt ``input_ids``/``attention_mask`` (B, N), fused with ``inputs``."""
+        """The receiver's context for its prompt ``input_ids``/``attention_mask`` (B, N), fused with ``inputs``.
+
+        ``own``: the receiver's :func:`prefill_all_but_last` of that prompt when it already ran (e.g. while
+        remote senders worked); strategies that start from it use it instead of running it again."""
 
 
 class NoFusion(FusionStrategy):
@@ -89,5 +97,5 @@ class NoFusion(FusionStrategy):
 
     mode, aligns = "none", False
 
-    def prepare(self, receiver, input_ids, attention_mask, inputs=()) -> ReceiverContext:
-        return prefill_all_but_last(receiver, input_ids, attention_mask)
+    def prepare(self, receiver, input_ids, attention_mask, inputs=(), own=None) -> ReceiverContext:
+        return own or prefill_all_but_last(receiver, input_ids, attention_mask)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*fedrefine/runtime/protos/participant.proto\x12\x18\x66\x65\x64refine.participant.v1\"\x11\n\x0fIdentityRequest\"t\n\rIdentityReply\x12\x15\n\ridentity_json\x18\x01 \x01(\t\x12\x13\n\x0bwire_format\x18\x02 \x01(\t\x12\x14\n\x0cwire_version\x18\x03 \x01(\x05\x12\x0e\n\x06\x63odecs\x18\x04 \x03(\t\x12\x11\n\trephrases\x18\x05 \x01(\x08\"\x17\n\x08TokenRow\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb9\x01\n\x0ePrefillRequest\x12\x33\n\x07prompts\x18\x01 \x03(\x0b\x32\".fedrefine.participant.v1.TokenRow\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x0e\n\x06layers\x18\x03 \x03(\x05\x12\x30\n\x04sent\x18\x04 \x03(\x0b\x32\".fedrefine.participant.v1.TokenRow\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x12\n\ngroup_size\x18\x06 \x01(\x05\"b\n\x0cMessageChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x04 \x01(\x01\"J\n\x0bHintRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\"9\n\x05Reply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"=\n\tHintReply\x12\x30\n\x07replies\x18\x01 \x03(\x0b\x32\x1f.fedrefine.participant.v1.Reply\"3\n\x0fRephraseRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"Q\n\nRephrasing\x12\x10\n\x08original\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"J\n\rRephraseReply\x12\x39\n\x0brephrasings\x18\x01 \x03(\x0b\x32$.fedrefine.participant.v1.Rephrasing2\x80\x03\n\x0bParticipant\x12^\n\x08Identity\x12).fedrefine.participant.v1.IdentityRequest\x1a\'.fedrefine.participant.v1.IdentityReply\x12]\n\x07Prefill\x12(.fedrefine.participant.v1.PrefillRequest\x1a&.fedrefine.participant.v1.MessageChunk0\x01\x12R\n\x04Hint\x12%.fedrefine.participant.v1.HintRequest\x1a#.fedrefine.participant.v1.HintReply\x12^\n\x08Rephrase\x12).fedrefine.participant.v1.RephraseRequest\x1a\'.fedrefine.participant.v1.RephraseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*fedrefine/runtime/protos/participant.proto\x12\x18\x66\x65\x64refine.participant.v1\"\x11\n\x0fIdentityRequest\"t\n\rIdentityReply\x12\x15\n\ridentity_json\x18\x01 \x01(\t\x12\x13\n\x0bwire_format\x18\x02 \x01(\t\x12\x14\n\x0cwire_version\x18\x03 \x01(\x05\x12\x0e\n\x06\x63odecs\x18\x04 \x03(\t\x12\x11\n\trephrases\x18\x05 \x01(\x08\"\x17\n\x08TokenRow\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc8\x01\n\x0ePrefillRequest\x12\x33\n\x07prompts\x18\x01 \x03(\x0b\x32\".fedrefine.participant.v1.TokenRow\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x0e\n\x06layers\x18\x03 \x03(\x05\x12\x30\n\x04sent\x18\x04 \x03(\x0b\x32\".fedrefine.participant.v1.TokenRow\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x12\n\ngroup_size\x18\x06 \x01(\x05\x12\r\n\x05width\x18\x07 \x01(\x05\"b\n\x0cMessageChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x17\n\x0fprefill_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x04 \x01(\x01\"J\n\x0bHintRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\"9\n\x05Reply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"=\n\tHintReply\x12\x30\n\x07replies\x18\x01 \x03(\x0b\x32\x1f.fedrefine.participant.v1.Reply\"3\n\x0fRephraseRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\"Q\n\nRephrasing\x12\x10\n\x08original\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"J\n\rRephraseReply\x12\x39\n\x0brephrasings\x18\x01 \x03(\x0b\x32$.fedrefine.participant.v1.Rephrasing2\x80\x03\n\x0bParticipant\x12^\n\x08Identity\x12).fedrefine.participant.v1.IdentityRequest\x1a\'.fedrefine.participant.v1.IdentityReply\x12]\n\x07Prefill\x12(.fedrefine.participant.v1.PrefillRequest\x1a&.fedrefine.participant.v1.MessageChunk0\x01\x12R\n\x04Hint\x12%.fedrefine.participant.v1.HintRequest\x1a#.fedrefine.participant.v1.HintReply\x12^\n\x08Rephrase\x12).fedrefine.participant.v1.RephraseRequest\x1a\'.fedrefine.participant.v1.RephraseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,21 +38,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENROW']._serialized_start=209
   _globals['_TOKENROW']._serialized_end=232
   _globals['_PREFILLREQUEST']._serialized_start=235
-  _globals['_PREFILLREQUEST']._serialized_end=420
-  _globals['_MESSAGECHUNK']._serialized_start=422
-  _globals['_MESSAGECHUNK']._serialized_end=520
-  _globals['_HINTREQUEST']._serialized_start=522
-  _globals['_HINTREQUEST']._serialized_end=596
-  _globals['_REPLY']._serialized_start=598
-  _globals['_REPLY']._serialized_end=655
-  _globals['_HINTREPLY']._serialized_start=657
-  _globals['_HINTREPLY']._serialized_end=718
-  _globals['_REPHRASEREQUEST']._serialized_start=720
-  _globals['_REPHRASEREQUEST']._serialized_end=771
-  _globals['_REPHRASING']._serialized_start=773
-  _globals['_REPHRASING']._serialized_end=854
-  _globals['_REPHRASEREPLY']._serialized_start=856
-  _globals['_REPHRASEREPLY']._serialized_end=930
-  _globals['_PARTICIPANT']._serialized_start=933
-  _globals['_PARTICIPANT']._serialized_end=1317
+  _globals['_PREFILLREQUEST']._serialized_end=435
+  _globals['_MESSAGECHUNK']._serialized_start=437
+  _globals['_MESSAGECHUNK']._serialized_end=535
+  _globals['_HINTREQUEST']._serialized_start=537
+  _globals['_HINTREQUEST']._serialized_end=611
+  _globals['_REPLY']._serialized_start=613
+  _globals['_REPLY']._serialized_end=670
+  _globals['_HINTREPLY']._serialized_start=672
+  _globals['_HINTREPLY']._serialized_end=733
+  _globals['_REPHRASEREQUEST']._serialized_start=735
+  _globals['_REPHRASEREQUEST']._serialized_end=786
+  _globals['_REPHRASING']._serialized_start=788
+  _globals['_REPHRASING']._serialized_end=869
+  _globals['_REPHRASEREPLY']._serialized_start=871
+  _globals['_REPHRASEREPLY']._serialized_end=945
+  _globals['_PARTICIPANT']._serialized_start=948
+  _globals['_PARTICIPANT']._serialized_end=1332
 # @@protoc_insertion_point(module_scope)

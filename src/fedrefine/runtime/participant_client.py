@@ -1,0 +1,246 @@
+"""A receiver's client for a served participant: connect (with backoff), check its identity, and prefill
+or write hints within a deadline; every failure becomes :class:`~fedrefine.wire.SenderUnavailable`.
+
+Bytes on the wire are counted as the transport carries the reply: each streamed chunk's serialised
+size plus gRPC's 5-byte message prefix (HTTP/2 frame headers and TLS records are not counted).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+
+import grpc
+from torch import Tensor
+
+from fedrefine.generation import Reply
+from fedrefine.participants import Participant, ParticipantIdentity
+from fedrefine.runtime.protos import participant_pb2 as pb
+from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
+from fedrefine.runtime.security import ClientSecurity, logger, split_endpoint
+from fedrefine.sources import ParticipantSource
+from fedrefine.wire.format import MAX_MESSAGE_BYTES, WireFormatError, decode_message
+from fedrefine.wire.remote import Delivery, RemoteSender, RemoteSource, SenderUnavailable
+
+#: gRPC's length-prefixed message framing: 1 byte compressed flag + 4 bytes length, per message.
+GRPC_MESSAGE_PREFIX = 5
+_REASONS = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+    grpc.StatusCode.UNAVAILABLE: "unreachable",
+    grpc.StatusCode.UNAUTHENTICATED: "refused",
+    grpc.StatusCode.PERMISSION_DENIED: "refused",
+    grpc.StatusCode.INVALID_ARGUMENT: "refused",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "refused",
+}
+
+
+class ParticipantClient(RemoteSender):
+    """Calls one served participant.
+
+    Args:
+        endpoint: ``grpc://host:port`` or ``grpcs://host:port`` (TLS).
+        expected: the identity its fusers were trained for; a server reporting another is refused.
+        security: token and TLS material.
+        deadline_s: each call's deadline.
+        connect_timeout_s: how long one connection attempt may take.
+        connect_retries: attempts to set up the connection (backoff doubles from 0.5 s between them).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        expected: ParticipantIdentity,
+        security: ClientSecurity | None = None,
+        deadline_s: float = 30.0,
+        connect_timeout_s: float = 5.0,
+        connect_retries: int = 3,
+    ) -> None:
+        self.endpoint, self.expected = endpoint, expected
+        self.target, self.tls = split_endpoint(endpoint)
+        self.security = security or ClientSecurity()
+        self.deadline_s, self.connect_timeout_s, self.connect_retries = deadline_s, connect_timeout_s, connect_retries
+        self._metadata = self.security.metadata()
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.ParticipantStub | None = None
+        self._identity_error: SenderUnavailable | None = None
+        self._lock = threading.Lock()
+
+    # --- connection ------------------------------------------------------------------------------
+    def _options(self) -> list[tuple[str, object]]:
+        return [("grpc.max_receive_message_length", 8 << 20), ("grpc.enable_retries", 0)]
+
+    def connect(self) -> pb_grpc.ParticipantStub:
+        """The stub, connecting first if needed: bounded attempts with backoff, then the identity check."""
+        with self._lock:
+            if self._identity_error is not None:
+                raise self._identity_error
+            if self._stub is not None:
+                return self._stub
+            delay, last = 0.5, None
+            for attempt in range(self.connect_retries):
+                channel = self.security.channel(self.target, self.tls, self._options())
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=self.connect_timeout_s)
+                    reply = pb_grpc.ParticipantStub(channel).Identity(
+                        pb.IdentityRequest(), timeout=self.deadline_s, metadata=self._metadata
+                    )
+                except (grpc.FutureTimeoutError, grpc.RpcError) as err:
+                    channel.close()
+                    last = err
+                    if isinstance(err, grpc.RpcError) and err.code() in (
+                        grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
+                    ):
+                        raise self._unavailable(err) from None  # credentials do not improve with retries
+                    if attempt + 1 < self.connect_retries:
+                        time.sleep(delay)
+                        delay *= 2
+                    continue
+                self._check_identity(reply)
+                self._channel, self._stub = channel, pb_grpc.ParticipantStub(channel)
+                return self._stub
+            detail = "no answer" if isinstance(last, grpc.FutureTimeoutError) else _detail(last)
+            raise SenderUnavailable(
+                self.endpoint, "unreachable",
+                f"{detail} after {self.connect_retries} connection attempts of {self.connect_timeout_s:g} s",
+            )
+
+    def _check_identity(self, reply: pb.IdentityReply) -> None:
+        try:
+            served = ParticipantIdentity.from_dict(json.loads(reply.identity_json))
+        except (TypeError, ValueError, KeyError) as err:
+            raise SenderUnavailable(self.endpoint, "invalid_message", f"unreadable identity ({err})") from None
+        if served != self.expected:
+            self._identity_error = SenderUnavailable(
+                self.endpoint, "identity",
+                f"serves {served.key}, but the fuser of this link was trained for {self.expected.key}; refused",
+            )
+            logger.error("%s", self._identity_error)
+            raise self._identity_error
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = self._stub = None
+
+    def _unavailable(self, err: grpc.RpcError) -> SenderUnavailable:
+        return SenderUnavailable(self.endpoint, _REASONS.get(err.code(), "error"), _detail(err))
+
+    # --- calls -----------------------------------------------------------------------------------
+    def prefill(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        layers: Sequence[int],
+        sent: Tensor | None,
+        codec: str,
+        group_size: int,
+        trained_for: Sequence[str],
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> Delivery:
+        stub = self.connect()
+        mask = attention_mask.cpu().bool()  # (B, N)
+        request = pb.PrefillRequest(
+            prompts=[pb.TokenRow(ids=row[keep].tolist()) for row, keep in zip(input_ids.cpu(), mask)],
+            layers=list(layers),
+            codec=codec,
+            group_size=group_size,
+            width=input_ids.shape[1],
+        )
+        if sent is not None:
+            request.sent.extend(pb.TokenRow(ids=row.nonzero().flatten().tolist()) for row in sent.cpu())
+        start = time.perf_counter()
+        parts, total, sender_seconds, carried = [], 0, 0.0, 0
+        try:
+            for chunk in stub.Prefill(request, timeout=self.deadline_s, metadata=self._metadata):
+                carried += chunk.ByteSize() + GRPC_MESSAGE_PREFIX
+                total = total or chunk.total_bytes
+                if max(total, sum(map(len, parts)) + len(chunk.data)) > max_message_bytes:
+                    raise SenderUnavailable(
+                        self.endpoint, "invalid_message",
+                        f"message of {max(total, carried):,} bytes is over the limit of {max_message_bytes:,}; refused",
+                    )
+                parts.append(chunk.data)
+                sender_seconds = chunk.prefill_seconds + chunk.encode_seconds or sender_seconds
+        except grpc.RpcError as err:
+            raise self._unavailable(err) from None
+        seconds = time.perf_counter() - start
+        data = b"".join(parts)
+        if len(data) != total:
+            raise SenderUnavailable(self.endpoint, "invalid_message", f"got {len(data):,} of the {total:,} bytes announced")
+        try:
+            message = decode_message(data, self.expected, trained_for, max_message_bytes, input_ids.device)
+        except WireFormatError as err:
+            raise SenderUnavailable(self.endpoint, "invalid_message", str(err)) from None
+        if message.attention_mask.shape != attention_mask.shape or not (message.attention_mask.cpu() == mask).all():
+            raise SenderUnavailable(self.endpoint, "invalid_message", "the message's positions are not the prompts sent")
+        return Delivery(message, seconds, sender_seconds, carried)
+
+    def hints(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[Reply]:
+        stub = self.connect()
+        request = pb.HintRequest(prompts=list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
+        try:
+            reply = stub.Hint(request, timeout=self.deadline_s, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise self._unavailable(err) from None
+        if len(reply.replies) != len(prompts):
+            raise SenderUnavailable(self.endpoint, "invalid_message", f"{len(reply.replies)} hints for {len(prompts)} prompts")
+        return [Reply(r.text, tuple(r.token_ids), r.seconds) for r in reply.replies]
+
+    def rephrase(self, queries: Sequence[str], variant: str | None = None) -> list[pb.Rephrasing]:
+        """The served participant's rephrasings of ``queries`` (it must offer rephrasing)."""
+        stub = self.connect()
+        try:
+            reply = stub.Rephrase(pb.RephraseRequest(queries=list(queries), variant=variant or ""),
+                                  timeout=self.deadline_s, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise self._unavailable(err) from None
+        return list(reply.rephrasings)
+
+
+def _detail(err: BaseException | None) -> str:
+    if isinstance(err, grpc.RpcError):
+        return f"{err.code().name}: {err.details()}"
+    return str(err)
+
+
+class RemoteParticipant(RemoteSource):
+    """A sender served by ``fedrefine serve participant`` at ``endpoint``.
+
+    Args:
+        endpoint: ``grpc://host:port`` or ``grpcs://host:port``.
+        reader: the same participant's source, loaded here only to read its messages and tokenize for it
+            (tokenizer, chat template, rotary embedding, identity). For a toy participant that is the
+            whole tiny model.
+        security: token and TLS material.
+        deadline_s: each call's deadline; a sender slower than that is left out of the query.
+        connect_timeout_s: one connection attempt's timeout.
+        connect_retries: connection attempts (with backoff).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        reader: ParticipantSource,
+        security: ClientSecurity | None = None,
+        deadline_s: float = 30.0,
+        connect_timeout_s: float = 5.0,
+        connect_retries: int = 3,
+    ) -> None:
+        split_endpoint(endpoint)  # a malformed endpoint fails at config time
+        self.endpoint, self.reader, self.security = endpoint, reader, security
+        self.deadline_s, self.connect_timeout_s, self.connect_retries = deadline_s, connect_timeout_s, connect_retries
+        self._view: Participant | None = None
+
+    def load(self) -> Participant:
+        if self._view is None:
+            self._view = self.reader.load()
+        return self._view
+
+    def client(self) -> ParticipantClient:
+        return ParticipantClient(
+            self.endpoint, self.load().identity, self.security, self.deadline_s, self.connect_timeout_s,
+            self.connect_retries,
+        )
