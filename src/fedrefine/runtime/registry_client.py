@@ -310,7 +310,8 @@ class RemoteFuserRegistry(FuserRegistry):
     def _with_retries(self, call: Callable[[float], T], what: str) -> T:
         """``call(remaining seconds)``, tried up to :data:`CONNECT_TRIES` times within ``timeout_s`` while
         the server is UNAVAILABLE, with a doubling back-off."""
-        deadline = time.monotonic() + self.timeout_s
+        start = time.monotonic()
+        deadline = start + self.timeout_s
         backoff = FIRST_BACKOFF_S
         for attempt in range(1, CONNECT_TRIES + 1):
             try:
@@ -318,23 +319,26 @@ class RemoteFuserRegistry(FuserRegistry):
             except grpc.RpcError as err:
                 left = deadline - time.monotonic()
                 if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == CONNECT_TRIES or left <= backoff:
-                    raise self._refusal(err, what, attempt) from None
+                    raise self._refusal(err, what, attempt, time.monotonic() - start) from None
                 logger.info("Fuser registry at %s unavailable (try %d of %d); retrying in %.1f s.",
                             self.endpoint, attempt, CONNECT_TRIES, backoff)
                 time.sleep(backoff)
                 backoff *= 2
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    def _refusal(self, err: grpc.RpcError, what: str, tries: int = 1) -> RegistryDownloadError | MissingFuserError:
+    def _refusal(
+        self, err: grpc.RpcError, what: str, tries: int = 1, seconds: float | None = None
+    ) -> RegistryDownloadError | MissingFuserError:
         """The error to raise for a failed call, naming the endpoint, the gRPC status and what to do."""
         code: grpc.StatusCode = err.code()
         status = f"{code.name}: {err.details()}"
         if code == grpc.StatusCode.UNAVAILABLE:
             tls = " For a grpcs:// endpoint, check ca_file (the CA or self-signed certificate that signed the " \
                   "server's) and server_name." if self.endpoint.startswith("grpcs://") else ""
+            took = "" if seconds is None else f" in {seconds:.1f} s"
             return RegistryUnreachableError(
                 f"Cannot reach the fuser registry at {self.endpoint} for {what} ({tries} "
-                f"tr{'y' if tries == 1 else 'ies'} within {self.timeout_s:g} s; {status}). Is `fedrefine serve "
+                f"tr{'y' if tries == 1 else 'ies'}{took}, timeout_s {self.timeout_s:g}; {status}). Is `fedrefine serve "
                 f"registry` running there, and is the address right?{tls}"
             )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -264,7 +264,7 @@ def config_parser() -> argparse.ArgumentParser:
         prog="fedrefine serve registry",
         description="Serve a fuser registry directory over gRPC: fusers by exact (sender, receiver) identity.",
     )
-    parser.add_argument("--root", required=True, type=Path,
+    parser.add_argument("--root", required=True, type=Path, metavar="DIR",
                         help="the registry directory (one sub-directory per fuser, as FuserRegistry.save writes)")
     add_address_arguments(parser)
     add_security_arguments(parser)
