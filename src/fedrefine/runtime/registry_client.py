@@ -89,14 +89,11 @@ class RemoteFuser:
 
 
 def file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return _sha256(handle)
-
-
-def _sha256(handle: BinaryIO) -> str:
+    """The lower-case hex sha256 of the file at ``path`` (read in blocks, never whole)."""
     hasher = hashlib.sha256()
-    while block := handle.read(_HASH_READ_BYTES):
-        hasher.update(block)
+    with path.open("rb") as handle:
+        while block := handle.read(_HASH_READ_BYTES):
+            hasher.update(block)
     return hasher.hexdigest()
 
 
