@@ -6,7 +6,8 @@ import yaml
 
 from fedrefine.trainer_cli import build_cli
 
-CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml"))
+CONFIGS = sorted(p for p in Path(__file__).parent.parent.glob("configs/**/*.yaml") if p.parent.name != "serve")
+SERVE_CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/serve/*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -19,6 +20,28 @@ def test_every_config_parses_against_the_cli(config, capsys):
     sources = [v for v in resolved["model"]["init_args"].values() if isinstance(v, dict) and "class_path" in v]
     sources += [v for v in (resolved["model"]["init_args"].get("participants") or {}).values()]
     assert sources and all(s["class_path"].startswith("fedrefine.") for s in sources)
+
+
+@pytest.mark.parametrize("config", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_every_served_participant_config_parses(config):
+    from fedrefine.runtime.participant_server import config_parser, instantiate
+
+    parser = config_parser()
+    init = instantiate(parser, parser.parse_args(["--config", str(config)]))
+    assert type(init.participant).__module__.startswith("fedrefine.") and init.limits.max_batch > 0
+
+
+def test_fedrefine_serve_explains_its_services(capsys):
+    from fedrefine.runtime.serve_cli import main as serve_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "participant" in out and "registry" in out
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(["nonsense"])
+    assert exit_info.value.code == 2
 
 
 def test_configs_exist_for_the_design_pairs():

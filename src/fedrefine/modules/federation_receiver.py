@@ -15,6 +15,7 @@ from fedrefine.evaluation import EvaluationConfig, Evaluator
 from fedrefine.federation import Federation
 from fedrefine.fusion import Combine, FusionBatch, SourceGate
 from fedrefine.modules.fusion_module import FusionModule, mark_frozen
+from fedrefine.registry import FuserRegistry
 from fedrefine.routes import parse_routes
 from fedrefine.selection import MeasuredSelection, PriorSelection
 from fedrefine.sources import ParticipantSource
@@ -27,7 +28,8 @@ class FederationModule(FusionModule):
         participants: every participant of the federation, by name.
         receiver: the receiving participant's name.
         senders: the names of the senders it may hear from (fusers must exist in the registry).
-        registry: directory of the fuser registry.
+        registry: directory of the fuser registry, or a registry object (e.g.
+            ``fedrefine.runtime.registry_client.RemoteFuserRegistry`` for ``fedrefine serve registry``).
         combine: residual mode with several senders: ``parallel`` or ``sequential``.
         gating: add a gating network (trained by ``fit``).
         gating_hidden_size: width of the gating network.
@@ -48,7 +50,7 @@ class FederationModule(FusionModule):
         participants: dict[str, ParticipantSource],
         receiver: str,
         senders: list[str],
-        registry: str,
+        registry: str | FuserRegistry,
         combine: Combine = "parallel",
         gating: bool = False,
         gating_hidden_size: int = 64,
@@ -70,8 +72,10 @@ class FederationModule(FusionModule):
         super().__init__(
             learning_rate, weight_decay, warmup_fraction, max_length, evaluation, export_dir, default_routes,
         )
-        self.save_plain_hyperparameters({}, {"selection": selection}, ignore=["participants"])
+        self.save_plain_hyperparameters({}, {"selection": selection}, ignore=["participants", "registry"])
         self.hparams["participants"] = {name: source.describe() for name, source in participants.items()}
+        # a registry object is recorded by where it is (its endpoint, or its directory)
+        self.hparams["registry"] = registry if isinstance(registry, str) else getattr(registry, "endpoint", str(registry.root))
         self.selection = selection
         self.federation = Federation(participants, registry)
         receiving = self.federation.participant(receiver)

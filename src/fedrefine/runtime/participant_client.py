@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import grpc
 from torch import Tensor
@@ -233,6 +234,19 @@ class RemoteParticipant(RemoteSource):
         self.endpoint, self.reader, self.security = endpoint, reader, security
         self.deadline_s, self.connect_timeout_s, self.connect_retries = deadline_s, connect_timeout_s, connect_retries
         self._view: Participant | None = None
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "init_args": {
+                "endpoint": self.endpoint,
+                "reader": self.reader.describe(),
+                "security": None if self.security is None else asdict(self.security),
+                "deadline_s": self.deadline_s,
+                "connect_timeout_s": self.connect_timeout_s,
+                "connect_retries": self.connect_retries,
+            },
+        }
 
     def load(self) -> Participant:
         if self._view is None:

@@ -240,12 +240,17 @@ def config_parser() -> ArgumentParser:
     return parser
 
 
+def instantiate(parser: ArgumentParser, args):
+    """The parsed config with its classes built (``instantiate`` from jsonargparse 4.49, before: ``instantiate_classes``)."""
+    return (getattr(parser, "instantiate", None) or parser.instantiate_classes)(args)
+
+
 def main(argv: list[str]) -> None:
     parser = config_parser()
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    init = parser.instantiate_classes(args)
+    init = instantiate(parser, args)
     participant = init.participant.load()
     server, port = serve_participant(
         participant, args.host, args.port, security_from(args), init.rephrase, args.rephrase_cache_dir,
