@@ -292,3 +292,14 @@ def test_remote_participant_source_checks_its_endpoint():
         RemoteParticipant("http://127.0.0.1:1", ToyParticipant("llama-sender"))
     with pytest.raises(ValueError, match="no port"):
         RemoteParticipant("grpc://127.0.0.1", ToyParticipant("llama-sender"))
+
+
+def test_a_sender_that_is_down_costs_one_connection_set_up_per_retry_interval(toy):
+    down = ParticipantClient("grpc://127.0.0.1:1", toy[0]["llama"].identity, deadline_s=5.0, connect_timeout_s=0.5,
+                             connect_retries=2, retry_after_s=60.0)
+    with pytest.raises(SenderUnavailable, match="2 connection attempts") as first:
+        down.connect()
+    start = time.monotonic()
+    with pytest.raises(SenderUnavailable) as again:
+        down.connect()
+    assert time.monotonic() - start < 0.1 and again.value is first.value and first.value.reason == "unreachable"

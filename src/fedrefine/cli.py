@@ -22,12 +22,15 @@ from fedrefine.multiple_choice import DatasetSchemaError
 from fedrefine.participants import ParticipantLoadError
 from fedrefine.registry import MissingFuserError
 from fedrefine.routes import RouteError
+from fedrefine.runtime.registry_client import RegistryDownloadError
+from fedrefine.runtime.security import SecurityConfigError
 from fedrefine.trainer_cli import build_cli
 
 #: Errors that name a user mistake and its fix: shown without a traceback.
 USER_ERRORS = (
     ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, FuserFileError, MissingFuserError, RouteError,
     TrainingDataError, DataFileError, SettingsError, StaleResultsError, ConnectionError, FileNotFoundError,
+    RegistryDownloadError, SecurityConfigError,
 )
 
 

@@ -47,6 +47,8 @@ class ParticipantClient(RemoteSender):
         deadline_s: each call's deadline.
         connect_timeout_s: how long one connection attempt may take.
         connect_retries: attempts to set up the connection (backoff doubles from 0.5 s between them).
+        retry_after_s: after a failed set-up, calls fail at once for this long before the next attempt (so a
+            sender that is down costs one set-up per this interval, not one per query).
     """
 
     def __init__(
@@ -57,8 +59,11 @@ class ParticipantClient(RemoteSender):
         deadline_s: float = 30.0,
         connect_timeout_s: float = 5.0,
         connect_retries: int = 3,
+        retry_after_s: float = 30.0,
     ) -> None:
         self.endpoint, self.expected = endpoint, expected
+        self.retry_after_s = retry_after_s
+        self._down: tuple[float, SenderUnavailable] | None = None  # (until when, why) after a failed set-up
         self.target, self.tls = split_endpoint(endpoint)
         self.security = security or ClientSecurity()
         self.deadline_s, self.connect_timeout_s, self.connect_retries = deadline_s, connect_timeout_s, connect_retries
@@ -79,6 +84,8 @@ class ParticipantClient(RemoteSender):
                 raise self._identity_error
             if self._stub is not None:
                 return self._stub
+            if self._down is not None and time.monotonic() < self._down[0]:
+                raise self._down[1]
             delay, last = 0.5, None
             for attempt in range(self.connect_retries):
                 channel = self.security.channel(self.target, self.tls, self._options())
@@ -102,10 +109,13 @@ class ParticipantClient(RemoteSender):
                 self._channel, self._stub = channel, pb_grpc.ParticipantStub(channel)
                 return self._stub
             detail = "no answer" if isinstance(last, grpc.FutureTimeoutError) else _detail(last)
-            raise SenderUnavailable(
+            down = SenderUnavailable(
                 self.endpoint, "unreachable",
-                f"{detail} after {self.connect_retries} connection attempts of {self.connect_timeout_s:g} s",
+                f"{detail} after {self.connect_retries} connection attempts of {self.connect_timeout_s:g} s "
+                f"(next attempt in {self.retry_after_s:g} s)",
             )
+            self._down = (time.monotonic() + self.retry_after_s, down)
+            raise down
 
     def _check_identity(self, reply: pb.IdentityReply) -> None:
         try:
@@ -219,6 +229,7 @@ class RemoteParticipant(RemoteSource):
         deadline_s: each call's deadline; a sender slower than that is left out of the query.
         connect_timeout_s: one connection attempt's timeout.
         connect_retries: connection attempts (with backoff).
+        retry_after_s: after failed attempts, how long calls fail at once before the next attempt.
     """
 
     def __init__(
@@ -229,10 +240,12 @@ class RemoteParticipant(RemoteSource):
         deadline_s: float = 30.0,
         connect_timeout_s: float = 5.0,
         connect_retries: int = 3,
+        retry_after_s: float = 30.0,
     ) -> None:
         split_endpoint(endpoint)  # a malformed endpoint fails at config time
         self.endpoint, self.reader, self.security = endpoint, reader, security
         self.deadline_s, self.connect_timeout_s, self.connect_retries = deadline_s, connect_timeout_s, connect_retries
+        self.retry_after_s = retry_after_s
         self._view: Participant | None = None
 
     def describe(self) -> dict[str, object]:
@@ -245,6 +258,7 @@ class RemoteParticipant(RemoteSource):
                 "deadline_s": self.deadline_s,
                 "connect_timeout_s": self.connect_timeout_s,
                 "connect_retries": self.connect_retries,
+                "retry_after_s": self.retry_after_s,
             },
         }
 
@@ -256,5 +270,5 @@ class RemoteParticipant(RemoteSource):
     def client(self) -> ParticipantClient:
         return ParticipantClient(
             self.endpoint, self.load().identity, self.security, self.deadline_s, self.connect_timeout_s,
-            self.connect_retries,
+            self.connect_retries, self.retry_after_s,
         )
