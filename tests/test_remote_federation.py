@@ -254,6 +254,7 @@ def test_t2t_hints_come_from_the_remote_sender(servers, toy):
     remote_rows, remote_report = evaluate(remote, toy[2], ["t2t"], **config)
     assert predictions(remote_report, "t2t") == predictions(local_report, "t2t")
     assert remote_rows["t2t"]["senders_contributed"] == {"qwen2": 12}
+    assert remote_rows["t2t"]["transport_bytes_per_question"] > 0 and remote_rows["t2t"]["transfer_ms"] > 0
 
 
 def test_rephrase_is_offered_only_when_configured(servers, toy):

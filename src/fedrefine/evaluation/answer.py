@@ -245,12 +245,14 @@ class RouteRunner:
 
         def write(prompts: Sequence[str], budget: int, batch_size: int) -> list[Reply]:
             try:
-                replies = remote.hints(prompts, budget, batch_size)
+                delivery = remote.hints(prompts, budget, batch_size)
             except SenderUnavailable as err:
                 result.dropped[name] = f"{err.reason}: {err.detail}"
                 return [Reply("", (), 0.0) for _ in prompts]
             result.contributed = (*result.contributed, name)
-            return replies
+            result.transport_bytes += delivery.transport_bytes
+            result.stages["transfer"] = result.stages.get("transfer", 0.0) + delivery.transfer_seconds
+            return delivery.replies
 
         return write
 

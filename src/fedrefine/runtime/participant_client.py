@@ -23,7 +23,7 @@ from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
 from fedrefine.runtime.security import ClientSecurity, logger, split_endpoint
 from fedrefine.sources import ParticipantSource
 from fedrefine.wire.format import MAX_MESSAGE_BYTES, WireFormatError, decode_message
-from fedrefine.wire.remote import Delivery, RemoteSender, RemoteSource, SenderUnavailable
+from fedrefine.wire.remote import Delivery, HintDelivery, RemoteSender, RemoteSource, SenderUnavailable
 
 #: gRPC's length-prefixed message framing: 1 byte compressed flag + 4 bytes length, per message.
 GRPC_MESSAGE_PREFIX = 5
@@ -189,16 +189,19 @@ class ParticipantClient(RemoteSender):
             raise SenderUnavailable(self.endpoint, "invalid_message", "the message's positions are not the prompts sent")
         return Delivery(message, seconds, sender_seconds, carried)
 
-    def hints(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[Reply]:
+    def hints(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> HintDelivery:
         stub = self.connect()
         request = pb.HintRequest(prompts=list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
+        start = time.perf_counter()
         try:
             reply = stub.Hint(request, timeout=self.deadline_s, metadata=self._metadata)
         except grpc.RpcError as err:
             raise self._unavailable(err) from None
+        seconds = time.perf_counter() - start
         if len(reply.replies) != len(prompts):
             raise SenderUnavailable(self.endpoint, "invalid_message", f"{len(reply.replies)} hints for {len(prompts)} prompts")
-        return [Reply(r.text, tuple(r.token_ids), r.seconds) for r in reply.replies]
+        replies = [Reply(r.text, tuple(r.token_ids), r.seconds) for r in reply.replies]
+        return HintDelivery(replies, seconds, reply.ByteSize() + GRPC_MESSAGE_PREFIX)
 
     def rephrase(self, queries: Sequence[str], variant: str | None = None) -> list[pb.Rephrasing]:
         """The served participant's rephrasings of ``queries`` (it must offer rephrasing)."""

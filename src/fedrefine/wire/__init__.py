@@ -3,10 +3,17 @@
 from fedrefine.wire.codecs import CODEC_NAMES, Codec, codec_by_name
 from fedrefine.wire.format import WireFormatError, decode_message, encode_message
 from fedrefine.wire.link import LinkConfig, budgeted_layers, transmit
-from fedrefine.wire.remote import DROP_REASONS, Delivery, RemoteSender, RemoteSource, SenderUnavailable
+from fedrefine.wire.remote import (
+    DROP_REASONS,
+    Delivery,
+    HintDelivery,
+    RemoteSender,
+    RemoteSource,
+    SenderUnavailable,
+)
 
 __all__ = [
-    "CODEC_NAMES", "DROP_REASONS", "Codec", "Delivery", "LinkConfig", "RemoteSender", "RemoteSource",
+    "CODEC_NAMES", "DROP_REASONS", "Codec", "Delivery", "HintDelivery", "LinkConfig", "RemoteSender", "RemoteSource",
     "SenderUnavailable", "WireFormatError", "budgeted_layers", "codec_by_name", "decode_message", "encode_message",
     "transmit",
 ]

@@ -53,6 +53,20 @@ class Delivery:
         return max(0.0, self.seconds - self.sender_seconds)
 
 
+@dataclass(frozen=True)
+class HintDelivery:
+    """One remote T2T call: the replies (each with its share of the sender's generation time), the call's wall
+    time at the receiver, and the bytes the transport carried."""
+
+    replies: list[Reply]
+    seconds: float
+    transport_bytes: int
+
+    @property
+    def transfer_seconds(self) -> float:
+        return max(0.0, self.seconds - sum(r.seconds for r in self.replies))
+
+
 class RemoteSender(ABC):
     """A sender in another process, reached by ``endpoint``."""
 
@@ -75,7 +89,7 @@ class RemoteSender(ABC):
         :class:`SenderUnavailable`."""
 
     @abstractmethod
-    def hints(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[Reply]:
+    def hints(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> HintDelivery:
         """T2T: the sender's greedy reply to each prompt; raises :class:`SenderUnavailable`."""
 
     def close(self) -> None:
