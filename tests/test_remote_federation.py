@@ -304,3 +304,42 @@ def test_a_sender_that_is_down_costs_one_connection_set_up_per_retry_interval(to
     with pytest.raises(SenderUnavailable) as again:
         down.connect()
     assert time.monotonic() - start < 0.1 and again.value is first.value and first.value.reason == "unreachable"
+
+
+def test_a_bench_sweep_with_remote_senders_gives_the_in_process_accuracies(servers, toy, tmp_path):
+    from fedrefine.bench.runner import BenchSweep
+    from fedrefine.registry import FuserRegistry
+    from fedrefine.toyworld.lightning import ToyWorldDataModule
+
+    tmp, cert, endpoints = servers
+    participants, fusers, _ = toy
+    registries = {}
+    for mode in ("residual", "concat"):
+        registry = FuserRegistry(tmp_path / mode)
+        for name in SENDERS:
+            registry.save(fusers[name] if mode == "residual" else Fuser(
+                participants[name].identity, participants["receiver"].identity, FuserConfig(mode=mode, hidden_size=16)))
+        registries[mode] = str(registry.root)
+    remote = {
+        "llama": RemoteParticipant(endpoints["llama"], ToyParticipant("llama-sender"), client_security(tmp, str(cert))),
+        "qwen2": RemoteParticipant(endpoints["qwen2"], ToyParticipant("qwen2-sender"), client_security(tmp)),
+    }
+    local = {n: ToyParticipant(s) for n, s in SENDERS.items()}
+
+    def sweep(senders, name):
+        return BenchSweep(
+            participants={"receiver": ToyParticipant("receiver"), **senders}, receiver="receiver",
+            senders=list(SENDERS), data=ToyWorldDataModule(test_split="all_held_out", data_dir=str(tmp_path / "data")),
+            registries=registries, routes=["c2c.residual", "c2c.concat", "t2t"], query_modes=["original"],
+            num_questions=8, batch_size=4, evaluation=EvaluationConfig(answer_mode="cloze", t2t=T2TConfig(budget=4)),
+            output_dir=str(tmp_path / name), name=name,
+        ).run(command="test")
+
+    in_process, over_grpc = sweep(local, "local"), sweep(remote, "remote")
+    assert [r["key"] for r in over_grpc] == [r["key"] for r in in_process]
+    for here, there in zip(in_process, over_grpc):
+        assert there["accuracy"] == here["accuracy"], there["key"]
+        if there["key"].startswith("c2c"):
+            assert there["transport_bytes_per_question"] > 0 and there["senders_dropped"] == {}
+            # measured on the wire, not modelled from the bytes at link_mbit_per_s
+            assert there["transfer_s"] != pytest.approx(there["bytes_per_question"] * 8 / 100e6)
