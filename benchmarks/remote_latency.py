@@ -41,7 +41,7 @@ from fedrefine.fusion import FusedReceiver
 from fedrefine.fusion.encoding import PromptEncoder
 from fedrefine.registry import FuserRegistry
 from fedrefine.routes import parse_routes
-from fedrefine.runtime.participant_client import RemoteParticipant
+from fedrefine.runtime.participant_client import CallSettings, RemoteParticipant
 from fedrefine.runtime.registry_client import RemoteFuserRegistry
 from fedrefine.runtime.security import ClientSecurity
 from fedrefine.sources import RandomRealParticipant
@@ -143,7 +143,7 @@ def toy_part(args, workdir: Path) -> dict:
                                                    "registry", SERVER_CORE))
         registry = RemoteFuserRegistry(f"grpc://127.0.0.1:{registry_port}", workdir / "fusers", security)
         sources = {"receiver": toy["receiver"], **{
-            n: RemoteParticipant(f"grpc://127.0.0.1:{ports[n]}", toy[n], security, deadline_s=60.0) for n in SENDERS
+            n: RemoteParticipant(f"grpc://127.0.0.1:{ports[n]}", toy[n], security, CallSettings(deadline_s=60.0)) for n in SENDERS
         }}
         remote = Federation(sources, registry).receiver("receiver", list(SENDERS)).eval()
         runs: dict[str, list[dict]] = {"in_process": [], "remote": []}
@@ -202,7 +202,7 @@ def real_part(args, workdir: Path) -> dict:
     config = participant_config(workdir, "qwen25", sender_source.describe())
     with served(["participant", "--config", config, "--token-file", str(workdir / "token")], workdir, "qwen25",
                 SERVER_CORE) as port:
-        client = RemoteParticipant(f"grpc://127.0.0.1:{port}", sender_source, security, deadline_s=120.0).client()
+        client = RemoteParticipant(f"grpc://127.0.0.1:{port}", sender_source, security, CallSettings(deadline_s=120.0)).client()
         return {
             "pair": f"{REAL_SENDER} -> {REAL_RECEIVER} (random weights, fp32, shipped configs)",
             **{positions: measure_real(args, receiver, sender_view, client, positions) for positions in ("prompt", "last")},

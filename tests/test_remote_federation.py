@@ -20,7 +20,7 @@ from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
 from fedrefine.fusion.batch import FusionBatch
 from fedrefine.routes import parse_routes
-from fedrefine.runtime.participant_client import ParticipantClient, RemoteParticipant
+from fedrefine.runtime.participant_client import CallSettings, ParticipantClient, RemoteParticipant
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
 from fedrefine.runtime.security import ClientSecurity
@@ -110,7 +110,7 @@ def client(servers, name, sender, deadline_s=30.0, security=None):
     tmp, cert, endpoints = servers
     security = security or client_security(tmp, str(cert) if endpoints[name].startswith("grpcs") else None)
     expected = ToyParticipant(SENDERS[sender]).load().identity
-    return ParticipantClient(endpoints[name], expected, security, deadline_s=deadline_s, connect_timeout_s=10.0)
+    return ParticipantClient(endpoints[name], expected, security, CallSettings(deadline_s=deadline_s, connect_timeout_s=10.0))
 
 
 def evaluate(model, questions, routes, batch_size=6, **config):
@@ -230,7 +230,7 @@ def test_tls_needs_the_servers_certificate(servers, toy):
     good = client(servers, "llama", "llama")
     assert good.connect() is not None
     untrusted = client(servers, "llama", "llama", security=ClientSecurity(token_file=str(tmp / "token")))
-    untrusted.connect_timeout_s, untrusted.connect_retries = 2.0, 1
+    untrusted.calls = CallSettings(connect_timeout_s=2.0, connect_retries=1)
     with pytest.raises(SenderUnavailable) as err:
         untrusted.connect()
     assert err.value.reason == "unreachable"
@@ -270,7 +270,7 @@ def test_a_sender_killed_mid_evaluation_degrades_to_the_others_without_hanging(t
     _, expected = evaluate(llama_only, questions, ["c2c"])
     with server_process(["participant", "--config", config, "--token-file", str(tmp_path / "token")], tmp_path, "doomed") as (process, port):
         remote_qwen2 = ParticipantClient(f"grpc://127.0.0.1:{port}", toy[0]["qwen2"].identity,
-                                         client_security(tmp_path), deadline_s=10.0, connect_timeout_s=2.0)
+                                         client_security(tmp_path), CallSettings(deadline_s=10.0, connect_timeout_s=2.0))
         model = receiver_for(toy, ["llama", "qwen2"], {"qwen2": remote_qwen2})
         evaluator = Evaluator(model, parse_routes(["c2c"], model.sender_names), EvaluationConfig(answer_mode="cloze"))
         from fedrefine.evaluation.report import EvaluationReport
@@ -296,8 +296,8 @@ def test_remote_participant_source_checks_its_endpoint():
 
 
 def test_a_sender_that_is_down_costs_one_connection_set_up_per_retry_interval(toy):
-    down = ParticipantClient("grpc://127.0.0.1:1", toy[0]["llama"].identity, deadline_s=5.0, connect_timeout_s=0.5,
-                             connect_retries=2, retry_after_s=60.0)
+    down = ParticipantClient("grpc://127.0.0.1:1", toy[0]["llama"].identity,
+                             calls=CallSettings(deadline_s=5.0, connect_timeout_s=0.5, connect_retries=2, retry_after_s=60.0))
     with pytest.raises(SenderUnavailable, match="2 connection attempts") as first:
         down.connect()
     start = time.monotonic()

@@ -11,11 +11,12 @@ import json
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import grpc
 from torch import Tensor
 
+from fedrefine.field_help import documented
 from fedrefine.generation import Reply
 from fedrefine.participants import Participant, ParticipantIdentity
 from fedrefine.runtime.protos import participant_pb2 as pb
@@ -37,6 +38,29 @@ _REASONS = {
 }
 
 
+@documented
+@dataclass
+class CallSettings:
+    """How long a receiver waits for a served participant, and how it (re)connects."""
+
+    deadline_s: float = field(
+        default=30.0, metadata={"help": "Each call's deadline; a sender slower than that is left out of the query."}
+    )
+    connect_timeout_s: float = field(default=5.0, metadata={"help": "How long one connection attempt may take."})
+    connect_retries: int = field(
+        default=3, metadata={"help": "Attempts to set up the connection (the backoff doubles from 0.5 s between them)."}
+    )
+    retry_after_s: float = field(
+        default=30.0,
+        metadata={"help": "After a failed set-up, calls fail at once for this long before the next attempt (a sender "
+                          "that is down costs one set-up per interval, not one per query)."},
+    )
+
+    def __post_init__(self) -> None:
+        if min(self.deadline_s, self.connect_timeout_s) <= 0 or self.connect_retries < 1 or self.retry_after_s < 0:
+            raise ValueError(f"Call settings must be positive (at least one connection attempt), got {self}.")
+
+
 class ParticipantClient(RemoteSender):
     """Calls one served participant.
 
@@ -44,11 +68,7 @@ class ParticipantClient(RemoteSender):
         endpoint: ``grpc://host:port`` or ``grpcs://host:port`` (TLS).
         expected: the identity its fusers were trained for; a server reporting another is refused.
         security: token and TLS material.
-        deadline_s: each call's deadline.
-        connect_timeout_s: how long one connection attempt may take.
-        connect_retries: attempts to set up the connection (backoff doubles from 0.5 s between them).
-        retry_after_s: after a failed set-up, calls fail at once for this long before the next attempt (so a
-            sender that is down costs one set-up per this interval, not one per query).
+        calls: deadlines and connection attempts.
     """
 
     def __init__(
@@ -56,17 +76,13 @@ class ParticipantClient(RemoteSender):
         endpoint: str,
         expected: ParticipantIdentity,
         security: ClientSecurity | None = None,
-        deadline_s: float = 30.0,
-        connect_timeout_s: float = 5.0,
-        connect_retries: int = 3,
-        retry_after_s: float = 30.0,
+        calls: CallSettings | None = None,
     ) -> None:
         self.endpoint, self.expected = endpoint, expected
-        self.retry_after_s = retry_after_s
+        self.calls = calls or CallSettings()
         self._down: tuple[float, SenderUnavailable] | None = None  # (until when, why) after a failed set-up
         self.target, self.tls = split_endpoint(endpoint)
         self.security = security or ClientSecurity()
-        self.deadline_s, self.connect_timeout_s, self.connect_retries = deadline_s, connect_timeout_s, connect_retries
         self._metadata = self.security.metadata()
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.ParticipantStub | None = None
@@ -87,12 +103,12 @@ class ParticipantClient(RemoteSender):
             if self._down is not None and time.monotonic() < self._down[0]:
                 raise self._down[1]
             delay, last = 0.5, None
-            for attempt in range(self.connect_retries):
+            for attempt in range(self.calls.connect_retries):
                 channel = self.security.channel(self.target, self.tls, self._options())
                 try:
-                    grpc.channel_ready_future(channel).result(timeout=self.connect_timeout_s)
+                    grpc.channel_ready_future(channel).result(timeout=self.calls.connect_timeout_s)
                     reply = pb_grpc.ParticipantStub(channel).Identity(
-                        pb.IdentityRequest(), timeout=self.deadline_s, metadata=self._metadata
+                        pb.IdentityRequest(), timeout=self.calls.deadline_s, metadata=self._metadata
                     )
                 except (grpc.FutureTimeoutError, grpc.RpcError) as err:
                     channel.close()
@@ -101,7 +117,7 @@ class ParticipantClient(RemoteSender):
                         grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
                     ):
                         raise self._unavailable(err) from None  # credentials do not improve with retries
-                    if attempt + 1 < self.connect_retries:
+                    if attempt + 1 < self.calls.connect_retries:
                         time.sleep(delay)
                         delay *= 2
                     continue
@@ -111,10 +127,10 @@ class ParticipantClient(RemoteSender):
             detail = "no answer" if isinstance(last, grpc.FutureTimeoutError) else _detail(last)
             down = SenderUnavailable(
                 self.endpoint, "unreachable",
-                f"{detail} after {self.connect_retries} connection attempts of {self.connect_timeout_s:g} s "
-                f"(next attempt in {self.retry_after_s:g} s)",
+                f"{detail} after {self.calls.connect_retries} connection attempts of {self.calls.connect_timeout_s:g} s "
+                f"(next attempt in {self.calls.retry_after_s:g} s)",
             )
-            self._down = (time.monotonic() + self.retry_after_s, down)
+            self._down = (time.monotonic() + self.calls.retry_after_s, down)
             raise down
 
     def _check_identity(self, reply: pb.IdentityReply) -> None:
@@ -165,7 +181,7 @@ class ParticipantClient(RemoteSender):
         start = time.perf_counter()
         parts, total, sender_seconds, carried = [], 0, 0.0, 0
         try:
-            for chunk in stub.Prefill(request, timeout=self.deadline_s, metadata=self._metadata):
+            for chunk in stub.Prefill(request, timeout=self.calls.deadline_s, metadata=self._metadata):
                 carried += chunk.ByteSize() + GRPC_MESSAGE_PREFIX
                 total = total or chunk.total_bytes
                 if max(total, sum(map(len, parts)) + len(chunk.data)) > max_message_bytes:
@@ -194,7 +210,7 @@ class ParticipantClient(RemoteSender):
         request = pb.HintRequest(prompts=list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
         start = time.perf_counter()
         try:
-            reply = stub.Hint(request, timeout=self.deadline_s, metadata=self._metadata)
+            reply = stub.Hint(request, timeout=self.calls.deadline_s, metadata=self._metadata)
         except grpc.RpcError as err:
             raise self._unavailable(err) from None
         seconds = time.perf_counter() - start
@@ -208,7 +224,7 @@ class ParticipantClient(RemoteSender):
         stub = self.connect()
         try:
             reply = stub.Rephrase(pb.RephraseRequest(queries=list(queries), variant=variant or ""),
-                                  timeout=self.deadline_s, metadata=self._metadata)
+                                  timeout=self.calls.deadline_s, metadata=self._metadata)
         except grpc.RpcError as err:
             raise self._unavailable(err) from None
         return list(reply.rephrasings)
@@ -229,10 +245,7 @@ class RemoteParticipant(RemoteSource):
             (tokenizer, chat template, rotary embedding, identity). For a toy participant that is the
             whole tiny model.
         security: token and TLS material.
-        deadline_s: each call's deadline; a sender slower than that is left out of the query.
-        connect_timeout_s: one connection attempt's timeout.
-        connect_retries: connection attempts (with backoff).
-        retry_after_s: after failed attempts, how long calls fail at once before the next attempt.
+        calls: deadlines and connection attempts.
     """
 
     def __init__(
@@ -240,15 +253,11 @@ class RemoteParticipant(RemoteSource):
         endpoint: str,
         reader: ParticipantSource,
         security: ClientSecurity | None = None,
-        deadline_s: float = 30.0,
-        connect_timeout_s: float = 5.0,
-        connect_retries: int = 3,
-        retry_after_s: float = 30.0,
+        calls: CallSettings | None = None,
     ) -> None:
         split_endpoint(endpoint)  # a malformed endpoint fails at config time
         self.endpoint, self.reader, self.security = endpoint, reader, security
-        self.deadline_s, self.connect_timeout_s, self.connect_retries = deadline_s, connect_timeout_s, connect_retries
-        self.retry_after_s = retry_after_s
+        self.calls = calls or CallSettings()
         self._view: Participant | None = None
 
     def describe(self) -> dict[str, object]:
@@ -258,10 +267,7 @@ class RemoteParticipant(RemoteSource):
                 "endpoint": self.endpoint,
                 "reader": self.reader.describe(),
                 "security": None if self.security is None else asdict(self.security),
-                "deadline_s": self.deadline_s,
-                "connect_timeout_s": self.connect_timeout_s,
-                "connect_retries": self.connect_retries,
-                "retry_after_s": self.retry_after_s,
+                "calls": asdict(self.calls),
             },
         }
 
@@ -271,7 +277,4 @@ class RemoteParticipant(RemoteSource):
         return self._view
 
     def client(self) -> ParticipantClient:
-        return ParticipantClient(
-            self.endpoint, self.load().identity, self.security, self.deadline_s, self.connect_timeout_s,
-            self.connect_retries, self.retry_after_s,
-        )
+        return ParticipantClient(self.endpoint, self.load().identity, self.security, self.calls)
