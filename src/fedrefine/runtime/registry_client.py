@@ -97,136 +97,42 @@ def file_sha256(path: Path) -> str:
     return hasher.hexdigest()
 
 
-class RemoteFuserRegistry(FuserRegistry):
-    """The fusers of a ``fedrefine serve registry`` server, downloaded on first use into ``cache_dir``.
+class RegistryConnection:
+    """The calls to one ``fedrefine serve registry`` server: its listing, and a pair's files streamed into a
+    directory, each kept only once its size and sha256 match the listing.
 
-    ``pairs``, ``has`` and ``missing`` answer from the server's listing (fetched on first use; ``refresh``
-    forgets it); ``get`` downloads, verifies and loads one pair's fuser. The registry is read-only.
+    Every call carries the federation's token and a deadline; the listing is retried while the server is
+    UNAVAILABLE, and a failed call is raised as a :class:`RegistryDownloadError` (or
+    :class:`RegistryUnreachableError`) naming the endpoint, the gRPC status and what to do.
 
     Args:
         endpoint: ``grpc://host:port``, or ``grpcs://host:port`` for TLS.
-        cache_dir: where downloaded fusers are kept, one sub-directory per pair (a FuserRegistry root).
-        security: the federation's token and, for ``grpcs://``, TLS material; None: no token, system roots.
+        security: the federation's token and, for ``grpcs://``, TLS material.
         timeout_s: deadline of each call, and of the retried connection set-up as a whole; a download gets
             this plus its size at :data:`MIN_DOWNLOAD_BYTES_PER_S`.
-        map_location: where loaded fusers live.
     """
 
-    def __init__(
-        self,
-        endpoint: str,
-        cache_dir: str | Path,
-        security: ClientSecurity | None = None,
-        timeout_s: float = 30.0,
-        map_location: str | torch.device = "cpu",
-    ) -> None:
-        super().__init__(cache_dir, map_location)
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}.")
+    def __init__(self, endpoint: str, security: ClientSecurity, timeout_s: float) -> None:
         target, tls = split_endpoint(endpoint)
-        self.endpoint, self.timeout_s = endpoint, timeout_s
-        self.security = security or ClientSecurity()
+        self.endpoint, self.timeout_s, self.security = endpoint, timeout_s, security
         self._channel = self.security.channel(target, tls, _CHANNEL_OPTIONS)
         self._stub = pb_grpc.FuserRegistryStub(self._channel)
-        self._remote: dict[PairKey, RemoteFuser] | None = None
-        #: Files this registry fetched over the network (not those found in the cache), in order.
+        #: Files this connection fetched over the network, in order.
         self.downloaded: list[Path] = []
 
     # --- the listing -------------------------------------------------------------------------------
-    def remote_fusers(self) -> dict[PairKey, RemoteFuser]:
-        """The server's fusers by (sender key, receiver key), listed on first use and kept until ``refresh``."""
-        if self._remote is None:
-            reply = self._with_retries(lambda remaining: self._stub.List(
-                pb.ListRequest(), timeout=remaining, metadata=self.security.metadata()), "List")
-            self._remote = self._parse_listing(reply)
-        return self._remote
-
-    def refresh(self) -> None:
-        """Forget the listing (and the loaded fusers): the next call lists the server again."""
-        self._remote = None
-        self._loaded.clear()
-
-    def _scan(self) -> dict[PairKey, Path]:  # what FuserRegistry's pairs / has / missing read
-        return {pair: self.directory_for(f.sender, f.receiver) for pair, f in self.remote_fusers().items()}
-
-    def _parse_listing(self, reply: pb.ListReply) -> dict[PairKey, RemoteFuser]:
-        listing: dict[PairKey, RemoteFuser] = {}
-        for entry in reply.fusers:
-            try:
-                sender = identity_from_json(entry.sender_identity_json, "sender")
-                receiver = identity_from_json(entry.receiver_identity_json, "receiver")
-            except ValueError as err:
-                raise self._malformed(f"a listed fuser's {err}") from None
-            files = tuple(RemoteFile(f.name, f.size, f.sha256) for f in entry.files)
-            names = sorted(f.name for f in files)
-            if names != sorted(FUSER_FILES):
-                raise self._malformed(f"the fuser for {sender.key} -> {receiver.key} is listed with files {names}, "
-                                      f"not a fuser's {sorted(FUSER_FILES)}")
-            if bad := [f.name for f in files if not _SHA256.fullmatch(f.sha256)]:
-                raise self._malformed(f"{bad} of {sender.key} -> {receiver.key} are listed without a sha256 digest")
-            fuser = RemoteFuser(sender, receiver, files)
-            if fuser.pair in listing:
-                raise self._malformed(f"{pair_text(fuser.pair)} is listed twice")
-            listing[fuser.pair] = fuser
-        return listing
+    def list_fusers(self) -> dict[PairKey, RemoteFuser]:
+        """The server's fusers by (sender key, receiver key), listed now (with connection retries)."""
+        reply = self._with_retries(lambda remaining: self._stub.List(
+            pb.ListRequest(), timeout=remaining, metadata=self.security.metadata()), "List")
+        return _parse_listing(reply, self._malformed)
 
     def _malformed(self, what: str) -> RegistryDownloadError:
         return RegistryDownloadError(f"The fuser registry at {self.endpoint} sent a malformed listing: {what}. "
                                      f"Is the server a FedRefine registry of this version?")
 
-    # --- get ---------------------------------------------------------------------------------------
-    def get(self, sender: ParticipantIdentity, receiver: ParticipantIdentity) -> Fuser:
-        """F[sender -> receiver]: downloaded (unless cached with the listed sha256s), verified, loaded, kept."""
-        pair = (sender.key, receiver.key)
-        if pair not in self._loaded:
-            remote = self.remote_fusers().get(pair)
-            if remote is None:  # perhaps saved on the server since the listing
-                self._remote = None
-                remote = self.remote_fusers().get(pair)
-            if remote is None:
-                available = ", ".join(pair_text(p) for p in self.pairs()) or "none"
-                raise MissingFuserError(
-                    f"The fuser registry at {self.endpoint} has no fuser for {pair_text(pair)} (available: "
-                    f"{available}). Train one with `fedrefine fit` and save it into the registry's root on the "
-                    f"server, or leave this sender out."
-                )
-            if (remote.sender, remote.receiver) != (sender, receiver):
-                differences = [f"{role} {difference}" for role, held, asked in
-                               (("sender", remote.sender, sender), ("receiver", remote.receiver, receiver))
-                               for difference in identity_differences(held, asked)]
-                raise FuserPairMismatchError(
-                    f"The fuser registry at {self.endpoint} holds a fuser for {pair_text(pair)} trained for other "
-                    f"identities ({'; '.join(differences)}). Train one for this exact pair with `fedrefine fit`."
-                )
-            directory = self.directory_for(sender, receiver)
-            self._fetch(remote, directory)
-            self._check_pair(directory, sender, receiver)
-            self._loaded[pair] = Fuser.load(directory, sender, receiver, map_location=self.map_location)
-        return self._loaded[pair]
-
-    def save(self, fuser: Fuser) -> Path:
-        raise NotImplementedError(
-            f"The fuser registry at {self.endpoint} is read-only here: a receiver downloads fusers, it never "
-            f"uploads them. Save {pair_text((fuser.sender.key, fuser.receiver.key))} into the registry's root on the "
-            f"server (FuserRegistry(root).save(fuser)); the running `fedrefine serve registry` lists it at once."
-        )
-
-    def _fetch(self, remote: RemoteFuser, directory: Path) -> None:
-        """Make ``directory`` hold ``remote``'s files with their listed digests, downloading those it lacks."""
-        directory.mkdir(parents=True, exist_ok=True)
-        stale = []
-        for file in remote.files:
-            path = directory / file.name
-            if path.is_file() and path.stat().st_size == file.size and file_sha256(path) == file.sha256:
-                continue
-            if path.exists():
-                logger.info("Cached %s does not match the registry's sha256; downloading it again.", path)
-                path.unlink()
-            stale.append(file)
-        if stale:
-            self._download(remote, stale, directory)
-
-    def _download(self, remote: RemoteFuser, files: list[RemoteFile], directory: Path) -> None:
+    # --- downloads ---------------------------------------------------------------------------------
+    def download(self, remote: RemoteFuser, files: list[RemoteFile], directory: Path) -> None:
         """Stream ``files`` into ``directory``; each is kept only once its size and sha256 match the listing."""
         listed = {f.name: f for f in files}
         received: list[str] = []
@@ -288,20 +194,9 @@ class RemoteFuserRegistry(FuserRegistry):
         incoming.kept = True
         self.downloaded.append(final)
 
-    def _check_pair(self, directory: Path, sender: ParticipantIdentity, receiver: ParticipantIdentity) -> None:
-        """Refuse (and remove) downloaded files whose ``fuser.json`` names another pair than the one asked for."""
-        metadata = Fuser.read_metadata(directory)
-        named = (ParticipantIdentity.from_dict(metadata["sender"]), ParticipantIdentity.from_dict(metadata["receiver"]))
-        if named != (sender, receiver):
-            for name in FUSER_FILES:
-                (directory / name).unlink(missing_ok=True)
-            raise RegistryDownloadError(
-                f"The fuser registry at {self.endpoint} sent a fuser for another pair: asked for "
-                f"{pair_text((sender.key, receiver.key))}, its fuser.json names {pair_text((named[0].key, named[1].key))}"
-                f"{'' if (named[0].key, named[1].key) != (sender.key, receiver.key) else ' with other shapes'}. "
-                f"It was not used (and removed from {directory}); the registry's root holds a mislabelled fuser: "
-                f"tell its operator."
-            )
+    def _corrupt_stream(self, what: str) -> RegistryDownloadError:
+        return RegistryDownloadError(f"The fuser registry at {self.endpoint} sent an unusable download: {what}. "
+                                     f"Nothing of it was kept; retry.")
 
     # --- calls -------------------------------------------------------------------------------------
     def _with_retries(self, call: Callable[[float], T], what: str) -> T:
@@ -327,40 +222,187 @@ class RemoteFuserRegistry(FuserRegistry):
         self, err: grpc.RpcError, what: str, tries: int = 1, seconds: float | None = None
     ) -> RegistryDownloadError | MissingFuserError:
         """The error to raise for a failed call, naming the endpoint, the gRPC status and what to do."""
-        code: grpc.StatusCode = err.code()
-        status = f"{code.name}: {err.details()}"
-        if code == grpc.StatusCode.UNAVAILABLE:
-            tls = " For a grpcs:// endpoint, check ca_file (the CA or self-signed certificate that signed the " \
-                  "server's) and server_name." if self.endpoint.startswith("grpcs://") else ""
-            took = "" if seconds is None else f" in {seconds:.1f} s"
-            return RegistryUnreachableError(
-                f"Cannot reach the fuser registry at {self.endpoint} for {what} ({tries} "
-                f"tr{'y' if tries == 1 else 'ies'}{took}, timeout_s {self.timeout_s:g}; {status}). Is `fedrefine serve "
-                f"registry` running there, and is the address right?{tls}"
-            )
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return RegistryUnreachableError(
-                f"The fuser registry at {self.endpoint} did not finish {what} in time ({status}). Raise timeout_s "
-                f"(now {self.timeout_s:g} s) for a slow link, or check the server."
-            )
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-            given = "no token was given" if not self.security.metadata() else "the token given is not this registry's"
-            return RegistryDownloadError(
-                f"The fuser registry at {self.endpoint} refused {what}: {status} ({given}). Give the federation's "
-                f"token with ClientSecurity(token_file=...) or token_env."
-            )
-        if code == grpc.StatusCode.NOT_FOUND:
-            return MissingFuserError(f"The fuser registry at {self.endpoint} refused {what}: {status}.")
-        return RegistryDownloadError(f"The fuser registry at {self.endpoint} refused {what}: {status}.")
+        return _refusal_error(err, self.endpoint, self.timeout_s, self.security, what, tries, seconds)
 
-    def _corrupt_stream(self, what: str) -> RegistryDownloadError:
-        return RegistryDownloadError(f"The fuser registry at {self.endpoint} sent an unusable download: {what}. "
-                                     f"Nothing of it was kept; retry.")
+    def close(self) -> None:
+        """Close the channel to the server."""
+        self._channel.close()
+
+
+def _parse_listing(reply: pb.ListReply, malformed: Callable[[str], RegistryDownloadError]
+                   ) -> dict[PairKey, RemoteFuser]:
+    """The fusers of a List reply by pair; ``malformed(what)`` is raised for an unusable one."""
+    listing: dict[PairKey, RemoteFuser] = {}
+    for entry in reply.fusers:
+        try:
+            sender = identity_from_json(entry.sender_identity_json, "sender")
+            receiver = identity_from_json(entry.receiver_identity_json, "receiver")
+        except ValueError as err:
+            raise malformed(f"a listed fuser's {err}") from None
+        files = tuple(RemoteFile(f.name, f.size, f.sha256) for f in entry.files)
+        names = sorted(f.name for f in files)
+        if names != sorted(FUSER_FILES):
+            raise malformed(f"the fuser for {sender.key} -> {receiver.key} is listed with files {names}, "
+                            f"not a fuser's {sorted(FUSER_FILES)}")
+        if bad := [f.name for f in files if not _SHA256.fullmatch(f.sha256)]:
+            raise malformed(f"{bad} of {sender.key} -> {receiver.key} are listed without a sha256 digest")
+        fuser = RemoteFuser(sender, receiver, files)
+        if fuser.pair in listing:
+            raise malformed(f"{pair_text(fuser.pair)} is listed twice")
+        listing[fuser.pair] = fuser
+    return listing
+
+
+def _refusal_error(err: grpc.RpcError, endpoint: str, timeout_s: float, security: ClientSecurity, what: str,
+                   tries: int = 1, seconds: float | None = None) -> RegistryDownloadError | MissingFuserError:
+    """The error to raise for a failed call to ``endpoint``, naming it, the gRPC status and what to do."""
+    code: grpc.StatusCode = err.code()
+    status = f"{code.name}: {err.details()}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        tls = " For a grpcs:// endpoint, check ca_file (the CA or self-signed certificate that signed the " \
+              "server's) and server_name." if endpoint.startswith("grpcs://") else ""
+        took = "" if seconds is None else f" in {seconds:.1f} s"
+        return RegistryUnreachableError(
+            f"Cannot reach the fuser registry at {endpoint} for {what} ({tries} "
+            f"tr{'y' if tries == 1 else 'ies'}{took}, timeout_s {timeout_s:g}; {status}). Is `fedrefine serve "
+            f"registry` running there, and is the address right?{tls}"
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return RegistryUnreachableError(
+            f"The fuser registry at {endpoint} did not finish {what} in time ({status}). Raise timeout_s "
+            f"(now {timeout_s:g} s) for a slow link, or check the server."
+        )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        given = "no token was given" if not security.metadata() else "the token given is not this registry's"
+        return RegistryDownloadError(
+            f"The fuser registry at {endpoint} refused {what}: {status} ({given}). Give the federation's "
+            f"token with ClientSecurity(token_file=...) or token_env."
+        )
+    if code == grpc.StatusCode.NOT_FOUND:
+        return MissingFuserError(f"The fuser registry at {endpoint} refused {what}: {status}.")
+    return RegistryDownloadError(f"The fuser registry at {endpoint} refused {what}: {status}.")
+
+
+class RemoteFuserRegistry(FuserRegistry):
+    """The fusers of a ``fedrefine serve registry`` server, downloaded on first use into ``cache_dir``.
+
+    ``pairs``, ``has`` and ``missing`` answer from the server's listing (fetched on first use; ``refresh``
+    forgets it); ``get`` downloads, verifies and loads one pair's fuser. The registry is read-only.
+    The calls to the server are a :class:`RegistryConnection`'s.
+
+    Args:
+        endpoint: ``grpc://host:port``, or ``grpcs://host:port`` for TLS.
+        cache_dir: where downloaded fusers are kept, one sub-directory per pair (a FuserRegistry root).
+        security: the federation's token and, for ``grpcs://``, TLS material; None: no token, system roots.
+        timeout_s: deadline of each call, and of the retried connection set-up as a whole; a download gets
+            this plus its size at :data:`MIN_DOWNLOAD_BYTES_PER_S`.
+        map_location: where loaded fusers live.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        cache_dir: str | Path,
+        security: ClientSecurity | None = None,
+        timeout_s: float = 30.0,
+        map_location: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(cache_dir, map_location)
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}.")
+        self._connection = RegistryConnection(endpoint, security or ClientSecurity(), timeout_s)
+        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self.security = self._connection.security
+        self._remote: dict[PairKey, RemoteFuser] | None = None
+        #: Files this registry fetched over the network (not those found in the cache), in order.
+        self.downloaded: list[Path] = self._connection.downloaded
+
+    # --- the listing -------------------------------------------------------------------------------
+    def remote_fusers(self) -> dict[PairKey, RemoteFuser]:
+        """The server's fusers by (sender key, receiver key), listed on first use and kept until ``refresh``."""
+        if self._remote is None:
+            self._remote = self._connection.list_fusers()
+        return self._remote
+
+    def refresh(self) -> None:
+        """Forget the listing (and the loaded fusers): the next call lists the server again."""
+        self._remote = None
+        self._loaded.clear()
+
+    def _scan(self) -> dict[PairKey, Path]:  # what FuserRegistry's pairs / has / missing read
+        return {pair: self.directory_for(f.sender, f.receiver) for pair, f in self.remote_fusers().items()}
+
+    # --- get ---------------------------------------------------------------------------------------
+    def get(self, sender: ParticipantIdentity, receiver: ParticipantIdentity) -> Fuser:
+        """F[sender -> receiver]: downloaded (unless cached with the listed sha256s), verified, loaded, kept."""
+        pair = (sender.key, receiver.key)
+        if pair not in self._loaded:
+            remote = self.remote_fusers().get(pair)
+            if remote is None:  # perhaps saved on the server since the listing
+                self._remote = None
+                remote = self.remote_fusers().get(pair)
+            if remote is None:
+                available = ", ".join(pair_text(p) for p in self.pairs()) or "none"
+                raise MissingFuserError(
+                    f"The fuser registry at {self.endpoint} has no fuser for {pair_text(pair)} (available: "
+                    f"{available}). Train one with `fedrefine fit` and save it into the registry's root on the "
+                    f"server, or leave this sender out."
+                )
+            if (remote.sender, remote.receiver) != (sender, receiver):
+                differences = [f"{role} {difference}" for role, held, asked in
+                               (("sender", remote.sender, sender), ("receiver", remote.receiver, receiver))
+                               for difference in identity_differences(held, asked)]
+                raise FuserPairMismatchError(
+                    f"The fuser registry at {self.endpoint} holds a fuser for {pair_text(pair)} trained for other "
+                    f"identities ({'; '.join(differences)}). Train one for this exact pair with `fedrefine fit`."
+                )
+            directory = self.directory_for(sender, receiver)
+            self._fetch(remote, directory)
+            self._check_pair(directory, sender, receiver)
+            self._loaded[pair] = Fuser.load(directory, sender, receiver, map_location=self.map_location)
+        return self._loaded[pair]
+
+    def save(self, fuser: Fuser) -> Path:
+        raise NotImplementedError(
+            f"The fuser registry at {self.endpoint} is read-only here: a receiver downloads fusers, it never "
+            f"uploads them. Save {pair_text((fuser.sender.key, fuser.receiver.key))} into the registry's root on the "
+            f"server (FuserRegistry(root).save(fuser)); the running `fedrefine serve registry` lists it at once."
+        )
+
+    def _fetch(self, remote: RemoteFuser, directory: Path) -> None:
+        """Make ``directory`` hold ``remote``'s files with their listed digests, downloading those it lacks."""
+        directory.mkdir(parents=True, exist_ok=True)
+        stale = []
+        for file in remote.files:
+            path = directory / file.name
+            if path.is_file() and path.stat().st_size == file.size and file_sha256(path) == file.sha256:
+                continue
+            if path.exists():
+                logger.info("Cached %s does not match the registry's sha256; downloading it again.", path)
+                path.unlink()
+            stale.append(file)
+        if stale:
+            self._connection.download(remote, stale, directory)
+
+    def _check_pair(self, directory: Path, sender: ParticipantIdentity, receiver: ParticipantIdentity) -> None:
+        """Refuse (and remove) downloaded files whose ``fuser.json`` names another pair than the one asked for."""
+        metadata = Fuser.read_metadata(directory)
+        named = (ParticipantIdentity.from_dict(metadata["sender"]), ParticipantIdentity.from_dict(metadata["receiver"]))
+        if named != (sender, receiver):
+            for name in FUSER_FILES:
+                (directory / name).unlink(missing_ok=True)
+            raise RegistryDownloadError(
+                f"The fuser registry at {self.endpoint} sent a fuser for another pair: asked for "
+                f"{pair_text((sender.key, receiver.key))}, its fuser.json names {pair_text((named[0].key, named[1].key))}"
+                f"{'' if (named[0].key, named[1].key) != (sender.key, receiver.key) else ' with other shapes'}. "
+                f"It was not used (and removed from {directory}); the registry's root holds a mislabelled fuser: "
+                f"tell its operator."
+            )
 
     # --- lifetime ----------------------------------------------------------------------------------
     def close(self) -> None:
         """Close the channel to the server (loaded fusers and the cache stay usable)."""
-        self._channel.close()
+        self._connection.close()
 
     def __enter__(self) -> RemoteFuserRegistry:
         return self
