@@ -264,3 +264,18 @@ def test_a_receiver_chooses_its_fusion_strategy_once_from_its_fusers(mode, strat
              for s, m in ((llama_sender, "residual"), (qwen2_sender, "concat"))]
     with pytest.raises(ValueError, match="one fusion mode"):
         FusedReceiver(receiver, [llama_sender, qwen2_sender], mixed)
+
+
+@pytest.mark.parametrize("mode", ["residual", "concat"])
+def test_concurrent_sender_prefills_give_the_serial_logits(mode, receiver, llama_sender, qwen2_sender):
+    serial = fused(receiver, [llama_sender, qwen2_sender], mode=mode)
+    concurrent = FusedReceiver(receiver, [llama_sender, qwen2_sender], list(serial.fusers),
+                               concurrent_senders=True).eval()
+    encoded = [serial.encoder.encode(q) for q in QUESTIONS]
+    batch = serial.encoder.collate(encoded)
+    with torch.no_grad():
+        expected = serial(batch)
+        assert torch.equal(concurrent(batch), expected)
+        assert torch.equal(concurrent(batch, senders=[llama_sender.name]), serial(batch, senders=[llama_sender.name]))
+    outcome, own = concurrent.send_all(batch, [llama_sender.name, qwen2_sender.name], meanwhile=lambda: "receiver ran")
+    assert own == "receiver ran" and list(outcome.messages) == [llama_sender.name, qwen2_sender.name]

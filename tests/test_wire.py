@@ -149,9 +149,9 @@ def test_links_apply_in_training_only_when_asked(receiver, llama_sender):
     pair, batch = fused_pair(receiver, llama_sender)
     pair.link = LinkConfig(codec="int4")
     pair.train()
-    assert pair.active_link is None
+    assert pair.sending.active_link(pair.training) is None
     pair.link = LinkConfig(codec="int4", in_training=True)
-    assert pair.active_link is pair.link
+    assert pair.sending.active_link(pair.training) is pair.link
     loss = pair(batch)[:, :-1].float().mean()
     loss.backward()
     assert all(p.grad is None for p in pair.sender_models.parameters())

@@ -14,11 +14,7 @@ sender that does not deliver in time (or delivers an invalid message) is left ou
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -32,32 +28,14 @@ from fedrefine.fusion.encoding import PromptEncoder
 from fedrefine.fusion.gating import SourceGate
 from fedrefine.fusion.residual import Combine, ResidualFusion
 from fedrefine.fusion.sender_kv import SenderKV
+from fedrefine.fusion.sending import Sending, SendOutcome
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, NoFusion, ReceiverContext, prefill_all_but_last
 from fedrefine.generation import trim_at_eos
-from fedrefine.message import KVMessage, prefill_message
+from fedrefine.message import KVMessage
 from fedrefine.participants import Participant
-from fedrefine.wire import Delivery, LinkConfig, RemoteSender, SenderUnavailable, budgeted_layers, transmit
-from fedrefine.wire.format import MAX_MESSAGE_BYTES
+from fedrefine.wire import Delivery, LinkConfig, RemoteSender
 
-logger = logging.getLogger("fedrefine.fusion")
 T = TypeVar("T")
-#: The codec a remote sender's K/V travel in without a link codec: its own dtype, losslessly.
-LOSSLESS_CODECS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-@dataclass
-class SendOutcome:
-    """What the selected senders delivered for one batch.
-
-    ``messages``: sender -> its message (senders with every gate closed send none); ``dropped``: sender ->
-    why it did not deliver; ``deliveries``: remote sender -> its call's measured time and bytes;
-    ``seconds``: wall time of sending (all remote calls run at once).
-    """
-
-    messages: dict[str, KVMessage] = field(default_factory=dict)
-    dropped: dict[str, SenderUnavailable] = field(default_factory=dict)
-    deliveries: dict[str, Delivery] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 def choose_strategy(fusers: Sequence[Fuser], combine: Combine = "parallel") -> FusionStrategy:
@@ -100,6 +78,8 @@ class FusedReceiver(nn.Module):
         sender_names: names for the senders (default: their identity names), used to select them.
         remotes: sender name -> its client, for senders served in other processes; their participants
             here are local views (tokenizer, chat template, rotary embedding) to encode for and read them.
+        concurrent_senders: prefill local senders in threads beside the receiver's own prefill (remote
+            senders always run beside it); see :mod:`~fedrefine.fusion.sending`.
     """
 
     def __init__(
@@ -111,6 +91,7 @@ class FusedReceiver(nn.Module):
         source_gate: SourceGate | None = None,
         sender_names: Sequence[str] | None = None,
         remotes: Mapping[str, RemoteSender] | None = None,
+        concurrent_senders: bool = False,
     ) -> None:
         super().__init__()
         check_pairs(receiver, senders, fusers)
@@ -125,12 +106,7 @@ class FusedReceiver(nn.Module):
         self.sender_models = nn.ModuleList(s.model for s in senders)
         self.fusers = nn.ModuleList(fusers)
         self.source_gate = source_gate
-        self._link: LinkConfig | None = None  # how messages travel (set from the evaluation config)
-        self.remotes = dict(remotes or {})
-        unknown = sorted(set(self.remotes) - set(self.senders))
-        if unknown:
-            raise ValueError(f"Remote sender(s) {unknown} are not senders of this receiver ({self.sender_names}).")
-        self._calls = ThreadPoolExecutor(max_workers=len(self.remotes), thread_name_prefix="fedrefine-send") if self.remotes else None
+        self.sending = Sending(self.senders, dict(zip(self.sender_names, fusers)), self.strategy, remotes, concurrent_senders)
 
     @property
     def mode(self) -> str:
@@ -145,96 +121,30 @@ class FusedReceiver(nn.Module):
             raise KeyError(f"Unknown sender {name!r}; this receiver has {self.sender_names}.")
         return self.sender_names.index(name)
 
-    # --- sending ----------------------------------------------------------------------------
+    # --- sending (see fedrefine.fusion.sending) ------------------------------------------------
     @property
     def link(self) -> LinkConfig | None:
-        return self._link
+        """How messages travel (set from the evaluation config)."""
+        return self.sending.link
 
     @link.setter
     def link(self, link: LinkConfig | None) -> None:
-        """Set how messages travel; a layer budget is refused for concat fusion when it is set, not at the first send."""
-        if link is not None and link.layer_budget is not None and self.mode == "concat":
-            raise ValueError(
-                "link.layer_budget applies to residual fusion: concat fusion needs an entry at every receiver "
-                "layer. Unset link.layer_budget or use residual fusers."
-            )
-        self._link = link
+        self.sending.link = link
 
     @property
-    def active_link(self) -> LinkConfig | None:
-        """The link messages go through now: the configured one, except in training unless ``in_training``."""
-        if self.link is None or (self.training and not self.link.in_training):
-            return None
-        return self.link
-
-    def _carried_layers(self, name: str) -> list[int]:
-        """The sender layers its fuser reads, cut to the link's layer budget."""
-        fuser, link = self.fuser_for(name), self.active_link
-        needed = fuser.sender_layers_needed()
-        if link is not None and link.layer_budget is not None:
-            needed = budgeted_layers(needed, fuser.sender_layer_importance(), link.layer_budget)
-        return needed
+    def remotes(self) -> dict[str, RemoteSender]:
+        return self.sending.remotes
 
     def send(self, name: str, batch: SenderBatch) -> KVMessage | None:
-        """One sender's prefill, carrying only the layers (and positions) its fuser reads, through the link's
-        layer budget and codec; None if every gate is closed. A remote sender's failure raises
-        :class:`~fedrefine.wire.SenderUnavailable`."""
-        if name in self.remotes:
-            delivery = self.deliver(name, batch)
-            return None if delivery is None else delivery.message
-        needed, link = self._carried_layers(name), self.active_link
-        if not needed:
-            return None
-        sent = self.strategy.sent_positions(batch)
-        message = prefill_message(self.senders[name], batch.input_ids, batch.attention_mask, needed, sent)
-        codec = None if link is None else link.codec_for(name)
-        if codec is None:
-            return message
-        return transmit(message, codec, link, trained_for={f.sender.key for f in self.fusers})
+        return self.sending.send(name, batch, self.training)
 
     def deliver(self, name: str, batch: SenderBatch) -> Delivery | None:
-        """A remote sender's prefill of ``batch`` over its transport (None if every gate is closed)."""
-        needed, link = self._carried_layers(name), self.active_link
-        if not needed:
-            return None
-        codec = link.codec_for(name) if link is not None else None
-        return self.remotes[name].prefill(
-            batch.input_ids,
-            batch.attention_mask,
-            needed,
-            self.strategy.sent_positions(batch),
-            codec or LOSSLESS_CODECS.get(self.senders[name].model.dtype, "fp32"),
-            128 if link is None else link.group_size,
-            sorted({f.sender.key for f in self.fusers}),
-            MAX_MESSAGE_BYTES if link is None else link.max_message_bytes,
-        )
+        return self.sending.deliver(name, batch, self.training)
 
     def send_all(
         self, batch: FusionBatch, senders: Sequence[str], meanwhile: Callable[[], T] | None = None
     ) -> tuple[SendOutcome, T | None]:
-        """Every selected sender's message: remote calls all at once, then ``meanwhile`` (e.g. the receiver's own
-        prefill) and the local senders' prefills here while they run. A remote sender that fails is dropped."""
-        for name in senders:
-            if name not in batch.senders:
-                raise KeyError(f"Sender {name!r} was selected but the batch was not encoded for it.")
-        outcome, start = SendOutcome(), time.perf_counter()
-        calls = {n: self._calls.submit(self.deliver, n, batch.senders[n]) for n in senders if n in self.remotes}
-        done = meanwhile() if meanwhile is not None else None
-        for name in senders:
-            if name not in calls and (message := self.send(name, batch.senders[name])) is not None:
-                outcome.messages[name] = message
-        for name, call in calls.items():
-            try:
-                delivery = call.result()  # bounded: the client's connection attempts and deadline end every call
-            except SenderUnavailable as err:
-                logger.warning("%s; answering without it", err)
-                outcome.dropped[name] = err
-                continue
-            if delivery is not None:
-                outcome.messages[name], outcome.deliveries[name] = delivery.message, delivery
-        outcome.messages = {n: outcome.messages[n] for n in senders if n in outcome.messages}  # selection order
-        outcome.seconds = time.perf_counter() - start
-        return outcome, done
+        return self.sending.send_all(batch, senders, self.training, meanwhile)
 
     def kv_messages(
         self, batch: FusionBatch, senders: Sequence[str], given: Mapping[str, KVMessage] | None = None
@@ -278,7 +188,7 @@ class FusedReceiver(nn.Module):
         given = kv_messages or {}
         fresh = [n for n in selected if n not in given]
         own = None
-        if any(n in self.remotes for n in fresh) and self.strategy.aligns:
+        if self.strategy.aligns and (self.sending.concurrent or any(n in self.remotes for n in fresh)):
             # residual fusion starts from the receiver's own prefill: run it while the remote senders work
             ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
             outcome, own = self.send_all(batch, fresh, meanwhile=lambda: prefill_all_but_last(self.receiver, ids, mask))
