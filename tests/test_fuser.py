@@ -162,3 +162,31 @@ def test_a_version_1_fuser_reads_its_positions_as_fuse_at(receiver, llama_sender
 def test_the_fusion_mode_picks_the_layer_fusers_once(receiver, llama_sender, mode, layer_class):
     fuser = Fuser(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=8, mode=mode))
     assert {type(layer).__name__ for layer in fuser.layers} == {layer_class}
+
+
+@pytest.mark.parametrize("mode, fuse_keys", [("residual", True), ("residual", False), ("concat", True)])
+def test_inference_over_stacked_layers_equals_the_per_layer_loop(receiver, qwen2_sender, mode, fuse_keys):
+    torch.manual_seed(3)
+    fuser = Fuser(qwen2_sender.identity, receiver.identity, FuserConfig(mode=mode, fuse_keys=fuse_keys, hidden_size=16)).eval()
+    for layer in fuser.layers:
+        for stream in (layer.key, layer.value):
+            if stream is not None:
+                torch.nn.init.normal_(stream.projection.weight, std=0.5)
+    with torch.no_grad():
+        fuser.layers[1].gate.logit.fill_(-1.0)  # a closed gate: skipped (residual) or zeroed values (concat)
+    sender = random_layers(qwen2_sender.identity)
+    theirs = random_layers(receiver.identity) if mode == "residual" else None
+    looped = fuser(sender, theirs)  # gradients on: the per-layer loop
+    with torch.no_grad():
+        stacked = fuser(sender, theirs)
+        assert fuser._stack is not None and len(fuser._stack.indices) > 1  # the stacked path ran
+    assert [o is None for o in stacked] == [o is None for o in looped]
+    for got, want in zip(stacked, looped):
+        if want is not None:
+            for g, w in zip(got, want):
+                assert g.shape == w.shape
+                torch.testing.assert_close(g, w.detach(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # weights that change (an optimizer step, a load) are re-stacked
+        fuser.layers[0].value.projection.bias.add_(1.0)
+        again = fuser(sender, theirs)
+    assert not torch.allclose(again[0][1], stacked[0][1])

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from fedrefine.cache import LayerKV, LayerMapKind, layer_map
 from fedrefine.field_help import documented
+from fedrefine.fuser_stack import StackedLayers
 from fedrefine.participants import ParticipantIdentity
 
 FORMAT_NAME = "fedrefine.fuser"
@@ -223,6 +224,7 @@ class Fuser(nn.Module):
         layer_class = LAYER_FUSERS[self.config.mode]  # the mode is resolved once, here
         self.layers = nn.ModuleList(layer_class(sender, receiver, self.config) for _ in range(receiver.num_layers))
         self.register_buffer("temperature", torch.tensor(self.config.temperature_start), persistent=False)
+        self._stack: StackedLayers | None = None  # stacked weights for inference, rebuilt when a parameter changes
 
     def anneal(self, progress: float) -> None:
         """Set the gate temperature geometrically between start and end for ``progress`` in [0, 1]."""
@@ -265,6 +267,10 @@ class Fuser(nn.Module):
         """
         if receiver is not None and len(receiver) != len(self.layers):
             raise ValueError(f"Receiver cache has {len(receiver)} layers, fuser expects {len(self.layers)}.")
+        runs = [i for i, is_open in enumerate(self.open_layers()) if is_open and sender[self.layer_map[i]] is not None
+                and (receiver is None or receiver[i] is not None)]
+        if len(runs) > 1 and not self.training and not torch.is_grad_enabled():
+            return self._stacked_forward(runs, sender, receiver)
         outputs: list[LayerKV | None] = []
         for index, is_open in enumerate(self.open_layers()):
             source = sender[self.layer_map[index]]
@@ -272,6 +278,29 @@ class Fuser(nn.Module):
                 outputs.append(None)
                 continue
             outputs.append(self.layers[index](source, None if receiver is None else receiver[index], self.temperature))
+        return outputs
+
+    def _stacked_forward(
+        self, runs: list[int], sender: list[LayerKV | None], receiver: list[LayerKV] | None
+    ) -> list[LayerKV | None]:
+        """Inference over the layers ``runs`` at once (see :mod:`fedrefine.fuser_stack`); same outputs as the loop."""
+        versions = tuple((p.data_ptr(), p._version) for p in self.parameters())  # moved or updated: re-stack
+        stacked = self._stack
+        if stacked is None or stacked.indices != tuple(runs) or stacked.versions != versions:
+            stacked = self._stack = StackedLayers.of(self.layers, runs, versions)
+        keys = torch.stack([sender[self.layer_map[i]][0] for i in runs])  # (L, B, H_s, N, D_s)
+        values = torch.stack([sender[self.layer_map[i]][1] for i in runs])
+        theirs = (None, None) if receiver is None else [torch.stack([receiver[i][k] for i in runs]) for k in (0, 1)]
+        if self.mode == "concat":  # entries of the sender alone; a closed gate zeroes its values
+            gates = torch.stack([self.layers[i].gate.logit for i in runs]).gt(0).to(values.dtype)  # (L,)
+            fused_keys = stacked.key(keys, None)
+            fused_values = stacked.value(values, None) * gates.view(-1, 1, 1, 1, 1)
+        else:  # residual deltas; open gates are 1 in eval
+            fused_values = stacked.value(values, theirs[1])
+            fused_keys = torch.zeros_like(theirs[0]) if stacked.key is None else stacked.key(keys, theirs[0])
+        outputs: list[LayerKV | None] = [None] * len(self.layers)
+        for slot, index in enumerate(runs):
+            outputs[index] = (fused_keys[slot], fused_values[slot])
         return outputs
 
     # --- persistence -------------------------------------------------------------------------
