@@ -72,7 +72,9 @@ def prefill_message(
     (None: every real position).
     """
     positions = positions_from_mask(attention_mask)  # (B, N)
-    output = sender.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    output = sender.model(  # only the cache is sent: logits for one position, not the whole vocabulary at every one
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
     cache = cache_to_layers(returned_cache(output))
     wanted = range(len(cache)) if layers is None else layers
     return KVMessage(

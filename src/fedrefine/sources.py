@@ -12,6 +12,7 @@ from fedrefine.participants import (
     build_random_participant,
     build_tiny_participant,
     load_participant,
+    real_model_config,
 )
 
 
@@ -67,11 +68,24 @@ class TinyParticipant(ParticipantSource):
 
 
 class RandomRealParticipant(ParticipantSource):
-    """One of the case study's models at its real shape with random weights (no download), optionally shallower."""
+    """One of the case study's models at its real shape with random weights (no download), optionally shallower.
 
-    def __init__(self, hub_id: str, num_hidden_layers: int | None = None, seed: int = 0) -> None:
+    Args:
+        hub_id: one of the shipped configs (``fedrefine.participants.REAL_MODELS``).
+        num_hidden_layers: fewer layers than the real model (tests).
+        seed: the weights' seed.
+        real_vocabulary: keep the model's real vocabulary size (timing at real shapes); otherwise it is cut to
+            the small local tokenizer that makes the token ids.
+    """
+
+    def __init__(
+        self, hub_id: str, num_hidden_layers: int | None = None, seed: int = 0, real_vocabulary: bool = False
+    ) -> None:
         self.hub_id, self.num_hidden_layers, self.seed = hub_id, num_hidden_layers, seed
+        self.real_vocabulary = real_vocabulary
 
     def load(self) -> Participant:
         overrides = {} if self.num_hidden_layers is None else {"num_hidden_layers": self.num_hidden_layers}
+        if self.real_vocabulary:
+            overrides["vocab_size"] = real_model_config(self.hub_id).vocab_size
         return build_random_participant(self.hub_id, seed=self.seed, **overrides)

@@ -59,7 +59,8 @@ def prefill_all_but_last(receiver: Participant, input_ids: Tensor, attention_mas
     mask = attention_mask[:, :cut]  # (B, N - 1)
     with torch.no_grad():
         output = receiver.model(
-            input_ids=input_ids[:, :cut], attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True
+            input_ids=input_ids[:, :cut], attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
+            logits_to_keep=1,  # the cache is what is kept; the last prompt token's logits come after fusion
         )
     return ReceiverContext(returned_cache(output), None, cut)
 
