@@ -240,22 +240,22 @@ class Bench:
             model(batch)[:, :-1].float().logsumexp(-1).mean().backward()
             optimizer.step()
 
-        def receiver_step() -> None:
-            self.receiver.model.zero_grad(set_to_none=True)
-            self.receiver.model(input_ids=full, attention_mask=mask).logits.float().logsumexp(-1).mean().backward()
-
-        params = list(self.receiver.model.parameters())
-        times = {"fuser_step": [], "receiver_step": []}
-        for p in params:
-            p.requires_grad_(True)
-        try:
-            for _ in range(repeats + 1):  # the first of each is a warm-up
-                times["fuser_step"].append(seconds(fuser_step, self.device))
-                times["receiver_step"].append(seconds(receiver_step, self.device))
-        finally:
+        def receiver_step() -> None:  # what fine-tuning the receiver would cost: its weights take gradients
+            params = list(self.receiver.model.parameters())
             for p in params:
-                p.requires_grad_(False)
-                p.grad = None
+                p.requires_grad_(True)
+            try:
+                keep = batch.response_ids.shape[1] + 1  # the same logits the fuser's loss reads
+                self.receiver.model(input_ids=full, attention_mask=mask, logits_to_keep=keep).logits.float().logsumexp(-1).mean().backward()
+            finally:
+                for p in params:
+                    p.requires_grad_(False)
+                    p.grad = None
+
+        times = {"fuser_step": [], "receiver_step": []}
+        for _ in range(repeats + 1):  # the first of each is a warm-up
+            times["fuser_step"].append(seconds(fuser_step, self.device))
+            times["receiver_step"].append(seconds(receiver_step, self.device))
         return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 

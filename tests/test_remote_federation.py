@@ -343,3 +343,19 @@ def test_a_bench_sweep_with_remote_senders_gives_the_in_process_accuracies(serve
             assert there["transport_bytes_per_question"] > 0 and there["senders_dropped"] == {}
             # measured on the wire, not modelled from the bytes at link_mbit_per_s
             assert there["transfer_s"] != pytest.approx(there["bytes_per_question"] * 8 / 100e6)
+
+
+def test_mutual_tls_refuses_a_client_without_its_certificate(tmp_path, toy):
+    server_cert, server_key = self_signed_certificate(tmp_path, "server")
+    client_cert, client_key = self_signed_certificate(tmp_path, "client")
+    config = serve_config(tmp_path, "qwen2-sender")
+    tls = ["--cert-file", str(server_cert), "--key-file", str(server_key), "--client-ca-file", str(client_cert)]
+    with server_process(["participant", "--config", config, *tls], tmp_path, "mtls") as (_, port):
+        endpoint, identity = f"grpcs://localhost:{port}", toy[0]["qwen2"].identity
+        calls = CallSettings(connect_timeout_s=3.0, connect_retries=1)
+        with_certificate = ClientSecurity(ca_file=str(server_cert), cert_file=str(client_cert), key_file=str(client_key))
+        assert ParticipantClient(endpoint, identity, with_certificate, calls).connect() is not None
+        without = ParticipantClient(endpoint, identity, ClientSecurity(ca_file=str(server_cert)), calls)
+        with pytest.raises(SenderUnavailable) as err:
+            without.connect()
+        assert err.value.reason == "unreachable"
