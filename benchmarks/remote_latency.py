@@ -41,7 +41,7 @@ from fedrefine.fusion import FusedReceiver
 from fedrefine.fusion.encoding import PromptEncoder
 from fedrefine.registry import FuserRegistry
 from fedrefine.routes import parse_routes
-from fedrefine.runtime.participant_client import CallSettings, RemoteParticipant
+from fedrefine.runtime.participant_client import CallSettings, ParticipantClient, RemoteParticipant
 from fedrefine.runtime.registry_client import RemoteFuserRegistry
 from fedrefine.runtime.security import ClientSecurity
 from fedrefine.sources import RandomRealParticipant
@@ -202,7 +202,8 @@ def real_part(args, workdir: Path) -> dict:
     config = participant_config(workdir, "qwen25", sender_source.describe())
     with served(["participant", "--config", config, "--token-file", str(workdir / "token")], workdir, "qwen25",
                 SERVER_CORE) as port:
-        client = RemoteParticipant(f"grpc://127.0.0.1:{port}", sender_source, security, CallSettings(deadline_s=120.0)).client()
+        # the served sender is the same seeded model as the local view (identities match)
+        client = ParticipantClient(f"grpc://127.0.0.1:{port}", sender_view.identity, security, CallSettings(deadline_s=120.0))
         return {
             "pair": f"{REAL_SENDER} -> {REAL_RECEIVER} (random weights, fp32, shipped configs)",
             **{positions: measure_real(args, receiver, sender_view, client, positions) for positions in ("prompt", "last")},
