@@ -151,9 +151,20 @@ class FusedReceiver(nn.Module):
     ) -> dict[str, KVMessage]:
         """The selected senders' messages: ``given`` ones (controls, or timed elsewhere) or fresh prefills
         (remote senders that fail are left out)."""
+        return self._messages(batch, senders, given)[0]
+
+    def _messages(
+        self,
+        batch: FusionBatch,
+        senders: Sequence[str],
+        given: Mapping[str, KVMessage] | None,
+        meanwhile: Callable[[], T] | None = None,
+    ) -> tuple[dict[str, KVMessage], T | None]:
+        """``given`` messages and fresh ones for the other senders, in selection order, and ``meanwhile``'s result."""
         given = given or {}
-        outcome, _ = self.send_all(batch, [n for n in senders if n not in given])
-        return {n: given.get(n) or outcome.messages[n] for n in senders if n in given or n in outcome.messages}
+        outcome, done = self.send_all(batch, [n for n in senders if n not in given], meanwhile)
+        found = {n: given.get(n) or outcome.messages[n] for n in senders if n in given or n in outcome.messages}
+        return found, done
 
     def fusion_inputs(self, batch: FusionBatch, kv_messages: Mapping[str, KVMessage]) -> list[FusionInput]:
         """Each sending sender's K/V, fuser, alignment and (with a gating network) weight per receiver layer."""
@@ -185,16 +196,13 @@ class FusedReceiver(nn.Module):
         """The receiver's context for the batch's prompts, fused with ``senders`` (default: every sender in the
         batch); with none selected (or ``fuse=False``, or every gate closed) the receiver's own prefill."""
         selected = (list(batch.senders) if senders is None else list(senders)) if fuse else []
-        given = kv_messages or {}
-        fresh = [n for n in selected if n not in given]
-        own = None
+        fresh = [n for n in selected if n not in (kv_messages or {})]
+        meanwhile = None
         if self.strategy.aligns and (self.sending.concurrent or any(n in self.remotes for n in fresh)):
-            # residual fusion starts from the receiver's own prefill: run it while the remote senders work
+            # residual fusion starts from the receiver's own prefill: run it while the senders work
             ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
-            outcome, own = self.send_all(batch, fresh, meanwhile=lambda: prefill_all_but_last(self.receiver, ids, mask))
-        else:
-            outcome, _ = self.send_all(batch, fresh) if fresh else (SendOutcome(), None)
-        found = {n: given.get(n) or outcome.messages[n] for n in selected if n in given or n in outcome.messages}
+            meanwhile = lambda: prefill_all_but_last(self.receiver, ids, mask)  # noqa: E731
+        found, own = self._messages(batch, selected, kv_messages, meanwhile)
         strategy = self.strategy if found else NoFusion()
         inputs = self.fusion_inputs(batch, found)
         return strategy.prepare(self.receiver, batch.receiver_input_ids, batch.receiver_attention_mask, inputs, own)
