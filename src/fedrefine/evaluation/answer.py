@@ -120,7 +120,7 @@ class RouteRunner:
             result.stages["transfer"] = transfer  # measured: the slowest call's time on the wire
         result.transport_bytes += sum(d.transport_bytes for d in outcome.deliveries.values())
         result.contributed = tuple(kv_messages)
-        result.dropped = {n: f"{err.reason}: {err.detail}" for n, err in outcome.dropped.items()}
+        result.dropped = {n: err.why for n, err in outcome.dropped.items()}
         result.bytes_sent += sum(m.nbytes for m in kv_messages.values())
         result.sender_bytes_per_token = {n: float(m.bytes_per_token) for n, m in kv_messages.items()}
         result.bytes_per_token += sum(result.sender_bytes_per_token.values())
@@ -247,7 +247,7 @@ class RouteRunner:
             try:
                 delivery = remote.hints(prompts, budget, batch_size)
             except SenderUnavailable as err:
-                result.dropped[name] = f"{err.reason}: {err.detail}"
+                result.dropped[name] = err.why
                 return [Reply("", (), 0.0) for _ in prompts]
             result.contributed = (*result.contributed, name)
             result.transport_bytes += delivery.transport_bytes

@@ -32,6 +32,11 @@ class SenderUnavailable(RuntimeError):
         super().__init__(f"Sender {sender} {reason}: {detail}")
         self.sender, self.reason, self.detail = sender, reason, detail
 
+    @property
+    def why(self) -> str:
+        """``reason: detail``, as result rows record it (the reason first, so rows can be counted by it)."""
+        return f"{self.reason}: {self.detail}"
+
 
 @dataclass(frozen=True)
 class Delivery:
