@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedrefine.fuser import WEIGHTS_FILE, Fuser, FuserConfig, FuserPairMismatchError
 from fedrefine.participants import ParticipantIdentity
 from fedrefine.registry import FuserRegistry, MissingFuserError
+from fedrefine.runtime.identities import identity_json
 from fedrefine.runtime.protos import registry_pb2 as pb
 from fedrefine.runtime.protos import registry_pb2_grpc as pb_grpc
 from fedrefine.runtime.registry_client import (
@@ -26,14 +27,7 @@ from fedrefine.runtime.registry_client import (
     RegistryUnreachableError,
     RemoteFuserRegistry,
 )
-from fedrefine.runtime.registry_server import (
-    CHUNK_BYTES,
-    SERVICE_NAME,
-    RegistryServicer,
-    StoredFuser,
-    identity_json,
-    main,
-)
+from fedrefine.runtime.registry_server import CHUNK_BYTES, SERVICE_NAME, RegistryServicer, StoredFuser, main
 from fedrefine.runtime.security import ClientSecurity
 from runtime_support import self_signed_certificate, server_process
 

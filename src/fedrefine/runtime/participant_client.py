@@ -7,7 +7,6 @@ size plus gRPC's 5-byte message prefix (HTTP/2 frame headers and TLS records are
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from torch import Tensor
 from fedrefine.field_help import documented
 from fedrefine.generation import Reply
 from fedrefine.participants import Participant, ParticipantIdentity
+from fedrefine.runtime.identities import identity_from_json
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
 from fedrefine.runtime.security import ClientSecurity, logger, split_endpoint
@@ -135,9 +135,9 @@ class ParticipantClient(RemoteSender):
 
     def _check_identity(self, reply: pb.IdentityReply) -> None:
         try:
-            served = ParticipantIdentity.from_dict(json.loads(reply.identity_json))
-        except (TypeError, ValueError, KeyError) as err:
-            raise SenderUnavailable(self.endpoint, "invalid_message", f"unreadable identity ({err})") from None
+            served = identity_from_json(reply.identity_json, "served")
+        except ValueError as err:
+            raise SenderUnavailable(self.endpoint, "invalid_message", str(err)) from None
         if served != self.expected:
             self._identity_error = SenderUnavailable(
                 self.endpoint, "identity",

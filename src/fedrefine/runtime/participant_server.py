@@ -12,7 +12,6 @@ model call runs at a time. A call whose client has gone (cancelled, or past its 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from fedrefine.message import prefill_message
 from fedrefine.padding import left_pad
 from fedrefine.participants import Participant
 from fedrefine.privacy.rephrase import RephraseConfig, Rephraser
+from fedrefine.runtime.identities import identity_json
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
 from fedrefine.runtime.security import ServerSecurity, logger
@@ -91,7 +91,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
 
     def Identity(self, request: pb.IdentityRequest, context: grpc.ServicerContext) -> pb.IdentityReply:
         return pb.IdentityReply(
-            identity_json=json.dumps(self.participant.identity.to_dict(), sort_keys=True),
+            identity_json=identity_json(self.participant.identity),
             wire_format=FORMAT_NAME,
             wire_version=FORMAT_VERSION,
             codecs=list(CODEC_NAMES),

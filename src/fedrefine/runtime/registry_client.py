@@ -28,15 +28,10 @@ import torch
 from fedrefine.fuser import Fuser, FuserPairMismatchError
 from fedrefine.participants import ParticipantIdentity
 from fedrefine.registry import FuserRegistry, MissingFuserError, PairKey
+from fedrefine.runtime.identities import identity_differences, identity_from_json, identity_json
 from fedrefine.runtime.protos import registry_pb2 as pb
 from fedrefine.runtime.protos import registry_pb2_grpc as pb_grpc
-from fedrefine.runtime.registry_server import (
-    FUSER_FILES,
-    identity_differences,
-    identity_from_json,
-    identity_json,
-    pair_text,
-)
+from fedrefine.runtime.registry_server import FUSER_FILES, pair_text
 from fedrefine.runtime.security import ClientSecurity, logger, split_endpoint
 
 #: Tries of the first call (the listing) while the server is UNAVAILABLE, all within ``timeout_s``.
