@@ -55,15 +55,24 @@ def _read(path: str | None, what: str) -> bytes | None:
     return file.read_bytes()
 
 
-@documented
 @dataclass
-class ServerSecurity:
-    """How a FedRefine server authenticates itself and its callers."""
+class BearerToken:
+    """Where the federation's bearer token is read from (a server checks it, a client sends it)."""
 
     token_file: str | None = field(default=None, metadata={"help": "File holding the federation's bearer token."})
     token_env: str | None = field(
         default=None, metadata={"help": "Environment variable holding the token (when no token_file)."}
     )
+
+    def token(self) -> str | None:
+        return read_token(self.token_file, self.token_env)
+
+
+@documented
+@dataclass
+class ServerSecurity(BearerToken):
+    """How a FedRefine server authenticates itself and its callers."""
+
     cert_file: str | None = field(default=None, metadata={"help": "PEM server certificate (chain): serve over TLS."})
     key_file: str | None = field(default=None, metadata={"help": "PEM private key of cert_file."})
     client_ca_file: str | None = field(
@@ -79,9 +88,6 @@ class ServerSecurity:
     @property
     def tls(self) -> bool:
         return self.cert_file is not None
-
-    def token(self) -> str | None:
-        return read_token(self.token_file, self.token_env)
 
     def interceptors(self) -> list[grpc.ServerInterceptor]:
         token = self.token()
@@ -103,13 +109,9 @@ class ServerSecurity:
 
 @documented
 @dataclass
-class ClientSecurity:
+class ClientSecurity(BearerToken):
     """How a client reaches a FedRefine server: its token and, for ``grpcs://`` endpoints, TLS material."""
 
-    token_file: str | None = field(default=None, metadata={"help": "File holding the federation's bearer token."})
-    token_env: str | None = field(
-        default=None, metadata={"help": "Environment variable holding the token (when no token_file)."}
-    )
     ca_file: str | None = field(
         default=None, metadata={"help": "PEM CA (or the self-signed certificate) that signed the server's; None: system roots."}
     )
@@ -124,7 +126,7 @@ class ClientSecurity:
             raise SecurityConfigError("Give both cert_file and key_file for mutual TLS, or neither.")
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        token = read_token(self.token_file, self.token_env)
+        token = self.token()
         return () if token is None else ((TOKEN_HEADER, f"Bearer {token}"),)
 
     def channel(self, target: str, tls: bool, options: list[tuple[str, object]]) -> grpc.Channel:
