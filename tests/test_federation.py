@@ -102,7 +102,7 @@ def test_concat_mode_with_different_texts_stacks_senders_ahead_of_the_receiver(r
     from fedrefine.rope import apply_rotary, rotary_cos_sin
     cos, sin = rotary_cos_sin(receiver.rotary_embedding, positions_from_mask(prefix_mask), torch.float32)
     width = batch.senders[llama_sender.name].input_ids.shape[1]
-    rotated = apply_rotary(entries[0][0], cos[:, :, :width], sin[:, :, :width])
+    rotated = apply_rotary(entries.keys[0], cos[:, :, :width], sin[:, :, :width])
     assert torch.allclose(prefix.layers[0].keys[:, :, :width], rotated, atol=1e-5)
     # padding handled per sample: each sample alone gives the same answer as in the batch
     with torch.no_grad():

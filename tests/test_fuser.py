@@ -9,6 +9,7 @@ from fedrefine.fuser import (
     FuserPairMismatchError,
     fuser_parameter_count,
 )
+from fedrefine.kv_stack import KVStack
 from fedrefine.participants import ParticipantIdentity, real_model_config
 
 
@@ -17,10 +18,8 @@ def identity(hub_id):
 
 
 def random_layers(ident, length=5, batch=2):
-    return [
-        (torch.randn(batch, ident.num_kv_heads, length, ident.head_dim), torch.randn(batch, ident.num_kv_heads, length, ident.head_dim))
-        for _ in range(ident.num_layers)
-    ]
+    shape = (ident.num_layers, batch, ident.num_kv_heads, length, ident.head_dim)
+    return KVStack(tuple(range(ident.num_layers)), torch.randn(shape), torch.randn(shape))
 
 
 @pytest.mark.parametrize("sender_name", ["llama_sender", "qwen2_sender"])
@@ -28,9 +27,8 @@ def test_fuser_outputs_receiver_shapes_for_heterogeneous_pairs(request, receiver
     sender = request.getfixturevalue(sender_name)
     fuser = Fuser(sender.identity, receiver.identity, FuserConfig(hidden_size=16))
     deltas = fuser(random_layers(sender.identity), random_layers(receiver.identity))
-    assert len(deltas) == receiver.identity.num_layers
-    for dk, dv in deltas:
-        assert dk.shape == dv.shape == (2, 2, 5, 16)
+    assert deltas.layers == tuple(range(receiver.identity.num_layers))
+    assert deltas.keys.shape == deltas.values.shape == (receiver.identity.num_layers, 2, 2, 5, 16)
 
 
 def test_a_fuser_that_does_not_read_the_receiver_ignores_its_states(receiver, llama_sender):
@@ -43,10 +41,9 @@ def test_a_fuser_that_does_not_read_the_receiver_ignores_its_states(receiver, ll
     sender_layers = random_layers(llama_sender.identity)
     first = fuser(sender_layers, random_layers(receiver.identity))
     second = fuser(sender_layers, random_layers(receiver.identity))
-    for (k1, v1), (k2, v2) in zip(first, second):
-        assert k1.abs().sum() > 0 and v1.abs().sum() > 0
-        torch.testing.assert_close(k1, k2)
-        torch.testing.assert_close(v1, v2)
+    assert first.keys.abs().sum() > 0 and first.values.abs().sum() > 0
+    torch.testing.assert_close(first.keys, second.keys)
+    torch.testing.assert_close(first.values, second.values)
     sender_only = fuser_parameter_count(llama_sender.identity, receiver.identity, fuser.config)
     assert sender_only < fuser_parameter_count(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=16))
 
@@ -87,7 +84,11 @@ def test_closed_gates_skip_layers_and_their_sender_layers(receiver, qwen2_sender
     assert fuser.layer_map == [1, 2, 3]
     assert fuser.sender_layers_needed() == [2, 3]
     deltas = fuser(random_layers(qwen2_sender.identity), random_layers(receiver.identity))
-    assert deltas[0] is None and deltas[1] is not None
+    assert deltas.layers == (1, 2)  # layer 0 is skipped
+    sent = random_layers(qwen2_sender.identity)
+    only_needed = KVStack((2, 3), sent.keys[2:], sent.values[2:])  # what a message carrying only those holds
+    again = fuser(only_needed, random_layers(receiver.identity))
+    assert again.layers == (1, 2)
 
 
 def test_save_load_round_trip_and_mismatched_pair_is_refused(receiver, llama_sender, qwen2_sender, tmp_path):
@@ -100,8 +101,9 @@ def test_save_load_round_trip_and_mismatched_pair_is_refused(receiver, llama_sen
     assert (tmp_path / "f" / "fuser.safetensors").is_file() and (tmp_path / "f" / "fuser.json").is_file()
     loaded = Fuser.load(tmp_path / "f", llama_sender.identity, receiver.identity).eval()
     s, r = random_layers(llama_sender.identity), random_layers(receiver.identity)
-    for (a, b), (c, d) in zip(fuser(s, r), loaded(s, r)):
-        assert torch.equal(a, c) and torch.equal(b, d)
+    before, after = fuser(s, r), loaded(s, r)
+    assert before.layers == after.layers
+    assert torch.equal(before.keys, after.keys) and torch.equal(before.values, after.values)
     with pytest.raises(FuserPairMismatchError) as err:
         Fuser.load(tmp_path / "f", qwen2_sender.identity, receiver.identity)
     message = str(err.value)
@@ -180,13 +182,12 @@ def test_inference_over_stacked_layers_equals_the_per_layer_loop(receiver, qwen2
     with torch.no_grad():
         stacked = fuser(sender, theirs)
         assert fuser._stack is not None and len(fuser._stack.indices) > 1  # the stacked path ran
-    assert [o is None for o in stacked] == [o is None for o in looped]
-    for got, want in zip(stacked, looped):
-        if want is not None:
-            for g, w in zip(got, want):
-                assert g.shape == w.shape
-                torch.testing.assert_close(g, w.detach(), rtol=1e-5, atol=1e-6)
+    assert stacked.layers == looped.layers == ((0, 1, 2) if mode == "concat" else (0, 2))
+    assert (stacked.keys is None) == (looped.keys is None) == (not fuse_keys)
+    if fuse_keys:
+        torch.testing.assert_close(stacked.keys, looped.keys.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stacked.values, looped.values.detach(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # weights that change (an optimizer step, a load) are re-stacked
         fuser.layers[0].value.projection.bias.add_(1.0)
         again = fuser(sender, theirs)
-    assert not torch.allclose(again[0][1], stacked[0][1])
+    assert not torch.allclose(again.values[0], stacked.values[0])

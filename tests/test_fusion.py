@@ -16,7 +16,8 @@ def make_pair(receiver, sender, scale=0.3, **config):
     fuser = Fuser(sender.identity, receiver.identity, FuserConfig(hidden_size=16, dropout=0.0, **config))
     for layer in fuser.layers:  # leave the zero init so that fusion visibly changes outputs
         for stream in (layer.key, layer.value):
-            torch.nn.init.normal_(stream.projection.weight, std=scale)
+            if stream is not None:
+                torch.nn.init.normal_(stream.projection.weight, std=scale)
     return FusedReceiver(receiver, [sender], [fuser])
 
 
@@ -86,6 +87,20 @@ def test_only_aligned_positions_change(receiver, llama_sender):
     changed = (fused.layers[0].keys - plain.layers[0].keys).abs().sum(dim=(1, 3)) > 0  # (B, N)
     expected = (batch.senders[llama_sender.name].alignment[:, :-1] >= 0) & mask.bool()
     assert torch.equal(changed, expected)
+
+
+def test_values_only_fusion_keeps_the_receivers_keys_and_reads_no_sender_keys(receiver, llama_sender, monkeypatch):
+    pair = make_pair(receiver, llama_sender, fuse_keys=False).eval()
+    batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS[:2]])
+    unrotated = []
+    monkeypatch.setattr("fedrefine.rope.RotaryFrame.unrotate", lambda self, k: unrotated.append(k.shape) or k)
+    with torch.no_grad():
+        plain = pair.prepare(batch, senders=[]).cache
+        fused = pair.prepare(batch, senders=pair.sender_names).cache
+    assert unrotated == []  # neither the receiver's keys nor the sender's are taken out of their rotary frame
+    for layer in range(receiver.identity.num_layers):
+        assert torch.equal(fused.layers[layer].keys, plain.layers[layer].keys)
+        assert not torch.equal(fused.layers[layer].values, plain.layers[layer].values)
 
 
 def test_fuser_for_other_pair_is_refused(receiver, llama_sender, qwen2_sender):

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from fedrefine.cache import LayerKV, LayerMapKind, layer_map
 from fedrefine.field_help import documented
 from fedrefine.fuser_stack import StackedLayers
+from fedrefine.kv_stack import KVStack
 from fedrefine.participants import ParticipantIdentity
 
 FORMAT_NAME = "fedrefine.fuser"
@@ -189,22 +190,31 @@ class LayerFuser(nn.Module):
 
 
 class ResidualLayerFuser(LayerFuser):
-    """Residual mode: gated deltas (dK, dV) for the receiver's (unrotated) K/V at the same positions."""
+    """Residual mode: gated deltas (dK, dV) for the receiver's (unrotated) K/V at the same positions;
+    dK is None when the fuser fuses values only (``fuse_keys: false``)."""
 
-    def forward(self, sender: LayerKV, receiver: LayerKV, temperature: Tensor) -> LayerKV:
+    def forward(self, sender: KVPair, receiver: KVPair, temperature: Tensor) -> KVPair:
         g = self.gate(temperature)
         delta_values = g * self.value(sender[1], receiver[1])  # (B, H_t, N, D_t)
         if self.key is None:
-            return torch.zeros_like(receiver[0]), delta_values
+            return None, delta_values
         return g * self.key(sender[0], receiver[0]), delta_values
 
 
 class ConcatLayerFuser(LayerFuser):
     """Concat mode: new (K, V) cache entries from the sender's states alone; the gate scales the values."""
 
-    def forward(self, sender: LayerKV, receiver: None, temperature: Tensor) -> LayerKV:
+    def forward(self, sender: KVPair, receiver: None, temperature: Tensor) -> LayerKV:
         g = self.gate(temperature)
         return self.key(sender[0]), g * self.value(sender[1])  # (B, H_t, N_s, D_t) each
+
+
+#: One layer's (K, V) where the keys may be absent (values-only fusion).
+KVPair = tuple[Tensor | None, Tensor]
+
+
+def _slot(stack: Tensor | None, slot: int) -> Tensor | None:
+    return None if stack is None else stack[slot]
 
 
 LAYER_FUSERS: dict[str, type[LayerFuser]] = {"residual": ResidualLayerFuser, "concat": ConcatLayerFuser}
@@ -258,50 +268,55 @@ class Fuser(nn.Module):
             return [True] * len(self.layers)
         return torch.stack([layer.gate.logit for layer in self.layers]).gt(0).tolist()
 
-    def forward(self, sender: list[LayerKV | None], receiver: list[LayerKV] | None = None) -> list[LayerKV | None]:
-        """Per receiver layer: residual deltas (dK, dV), concat cache entries (K, V), or None (closed gate).
+    @property
+    def fuses_keys(self) -> bool:
+        """Whether this fuser writes (residual) or makes (concat) keys, hence reads the sender's keys."""
+        return self.layers[0].key is not None
 
-        ``sender[j]`` holds the sender's layer-j K/V (residual: gathered at the receiver's
-        positions; None for layers not needed); ``receiver[l]`` the receiver's layer-l K/V
-        (residual mode only; None: layer l is not fused this call).
+    @property
+    def reads_receiver_keys(self) -> bool:
+        """Whether the receiver's own (unrotated) keys are an input (residual, keys fused, reading the receiver)."""
+        return self.fuses_keys and self.mode == "residual" and self.config.reads_receiver
+
+    def forward(self, sender: KVStack, receiver: KVStack | None = None) -> KVStack | None:
+        """Residual deltas (dK, dV) or concat cache entries (K, V) of every receiver layer that fuses, stacked
+        over those layers (None: none fuses). All K/V are position-free.
+
+        ``sender`` holds the sender layers that were sent (residual: gathered at the receiver's
+        positions), each (B, H_s, N, D_s); ``receiver`` (residual only) the receiver layers to fuse,
+        each (B, H_t, N, D_t). A receiver layer fuses when its gate is open and both its sender
+        layer and itself are given. Values-only fusers return no keys.
         """
-        if receiver is not None and len(receiver) != len(self.layers):
-            raise ValueError(f"Receiver cache has {len(receiver)} layers, fuser expects {len(self.layers)}.")
-        runs = [i for i, is_open in enumerate(self.open_layers()) if is_open and sender[self.layer_map[i]] is not None
-                and (receiver is None or receiver[i] is not None)]
+        if (receiver is None) != (self.mode == "concat"):
+            raise ValueError(f"A {self.mode} fuser takes {'no' if self.mode == 'concat' else 'the'} receiver states.")
+        runs = [i for i, is_open in enumerate(self.open_layers()) if is_open and self.layer_map[i] in sender.layers
+                and (receiver is None or i in receiver.layers)]
+        if not runs:
+            return None
+        source = sender.select([self.layer_map[i] for i in runs])  # (R, B, H_s, N, D_s)
+        target = None if receiver is None else receiver.select(runs)  # (R, B, H_t, N, D_t)
         if len(runs) > 1 and not self.training and not torch.is_grad_enabled():
-            return self._stacked_forward(runs, sender, receiver)
-        outputs: list[LayerKV | None] = []
-        for index, is_open in enumerate(self.open_layers()):
-            source = sender[self.layer_map[index]]
-            if not is_open or source is None or (receiver is not None and receiver[index] is None):
-                outputs.append(None)
-                continue
-            outputs.append(self.layers[index](source, None if receiver is None else receiver[index], self.temperature))
-        return outputs
+            return self._stacked_forward(runs, source, target)
+        outputs = []
+        for slot, index in enumerate(runs):
+            theirs = None if target is None else (_slot(target.keys, slot), target.values[slot])
+            outputs.append(self.layers[index]((_slot(source.keys, slot), source.values[slot]), theirs, self.temperature))
+        keys = None if outputs[0][0] is None else torch.stack([k for k, _ in outputs])  # (R, B, H_t, N, D_t)
+        return KVStack(tuple(runs), keys, torch.stack([v for _, v in outputs]))
 
-    def _stacked_forward(
-        self, runs: list[int], sender: list[LayerKV | None], receiver: list[LayerKV] | None
-    ) -> list[LayerKV | None]:
+    def _stacked_forward(self, runs: list[int], sender: KVStack, receiver: KVStack | None) -> KVStack:
         """Inference over the layers ``runs`` at once (see :mod:`fedrefine.fuser_stack`); same outputs as the loop."""
         versions = tuple((p.data_ptr(), p._version) for p in self.parameters())  # moved or updated: re-stack
         stacked = self._stack
         if stacked is None or stacked.indices != tuple(runs) or stacked.versions != versions:
             stacked = self._stack = StackedLayers.of(self.layers, runs, versions)
-        keys = torch.stack([sender[self.layer_map[i]][0] for i in runs])  # (L, B, H_s, N, D_s)
-        values = torch.stack([sender[self.layer_map[i]][1] for i in runs])
-        theirs = (None, None) if receiver is None else [torch.stack([receiver[i][k] for i in runs]) for k in (0, 1)]
-        if self.mode == "concat":  # entries of the sender alone; a closed gate zeroes its values
-            gates = torch.stack([self.layers[i].gate.logit for i in runs]).gt(0).to(values.dtype)  # (L,)
-            fused_keys = stacked.key(keys, None)
-            fused_values = stacked.value(values, None) * gates.view(-1, 1, 1, 1, 1)
-        else:  # residual deltas; open gates are 1 in eval
-            fused_values = stacked.value(values, theirs[1])
-            fused_keys = torch.zeros_like(theirs[0]) if stacked.key is None else stacked.key(keys, theirs[0])
-        outputs: list[LayerKV | None] = [None] * len(self.layers)
-        for slot, index in enumerate(runs):
-            outputs[index] = (fused_keys[slot], fused_values[slot])
-        return outputs
+        if receiver is None:  # concat: entries of the sender alone; a closed gate zeroes its values
+            gates = torch.stack([self.layers[i].gate.logit for i in runs]).gt(0).to(sender.values.dtype)  # (R,)
+            values = stacked.value(sender.values, None) * gates.view(-1, 1, 1, 1, 1)
+            return KVStack(tuple(runs), stacked.key(sender.keys, None), values)
+        values = stacked.value(sender.values, receiver.values)  # residual deltas; open gates are 1 in eval
+        keys = None if stacked.key is None else stacked.key(sender.keys, receiver.keys)
+        return KVStack(tuple(runs), keys, values)
 
     # --- persistence -------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:

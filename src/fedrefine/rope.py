@@ -43,11 +43,18 @@ class RotaryFrame:
 
     def __init__(self, rotary_embedding: nn.Module, positions: Tensor) -> None:
         self.cos, self.sin = rotary_cos_sin(rotary_embedding, positions, torch.float32)  # (B, 1, N, D) each
+        self._inverse: tuple[Tensor, Tensor] | None = None
 
     def unrotate(self, keys: Tensor) -> Tensor:
-        """Position-free fp32 keys (B, H, N, D) from keys rotated at this frame's positions."""
-        return remove_rotary(keys.float(), self.cos, self.sin)
+        """Position-free fp32 keys (..., B, H, N, D) from keys rotated at this frame's positions (any leading
+        axes, e.g. a stack of layers, share the angles)."""
+        if self._inverse is None:  # remove_rotary's division, folded into the angles once per frame
+            scale = self.cos * self.cos + self.sin * self.sin
+            self._inverse = (self.cos / scale, self.sin / scale)
+        cos, sin = self._inverse
+        keys = keys.float()
+        return keys * cos - _rotate_half(keys) * sin
 
     def rotate(self, keys: Tensor) -> Tensor:
-        """fp32 keys (B, H, N, D) rotated to this frame's positions."""
+        """fp32 keys (..., B, H, N, D) rotated to this frame's positions."""
         return apply_rotary(keys.float(), self.cos, self.sin)

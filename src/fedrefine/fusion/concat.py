@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fedrefine.cache import layers_to_cache, positions_from_mask
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, ReceiverContext
+from fedrefine.kv_stack import KVStack
 from fedrefine.participants import Participant
 from fedrefine.rope import RotaryFrame
 
@@ -34,18 +35,23 @@ class ConcatFusion(FusionStrategy):
         """The senders' projected caches ahead of the prompt; the receiver's prompt runs after them, so a
         prefill made without them (``own``) cannot be used."""
         dtype = next(inputs[0].fuser.parameters()).dtype
+        every_layer = tuple(range(receiver.identity.num_layers))
         per_sender = []
         for item in inputs:
-            entries = item.fuser(item.kv.unrotated(dtype))  # per receiver layer: (K, V), each (B, H_t, N_s, D_t)
-            if item.weight is not None:
-                entries = [(k, v * item.weight[:, layer].view(-1, 1, 1, 1)) for layer, (k, v) in enumerate(entries)]
+            entries = item.fuser(item.kv.unrotated(dtype))  # every receiver layer: (L, B, H_t, N_s, D_t)
+            if entries is None or entries.layers != every_layer:
+                raise ValueError(
+                    f"Concat fusion needs entries for every receiver layer from sender {item.kv.sender.name}; its "
+                    "message lacks layers its fuser reads. Send every layer in fuser.sender_layers_needed()."
+                )
+            if item.weight is not None:  # the gating network's share per sample and layer: (L, B, 1, 1, 1)
+                scale = item.weight.T[:, :, None, None, None]
+                entries = entries.map(lambda k: k, lambda v: v * scale)
             per_sender.append(entries)
         prefix_mask = torch.cat([item.kv.attention_mask for item in inputs], dim=1)  # (B, P = sum of N_s)
         frame = RotaryFrame(receiver.rotary_embedding, positions_from_mask(prefix_mask))
         model_dtype = next(receiver.model.parameters()).dtype
-        layers = []
-        for layer in range(receiver.identity.num_layers):
-            keys = torch.cat([entries[layer][0] for entries in per_sender], dim=2)  # (B, H_t, P, D_t)
-            values = torch.cat([entries[layer][1] for entries in per_sender], dim=2)
-            layers.append((frame.rotate(keys).to(model_dtype), values.to(model_dtype)))
-        return ReceiverContext(layers_to_cache(layers), prefix_mask, consumed=0)
+        keys = torch.cat([entries.keys for entries in per_sender], dim=3)  # (L, B, H_t, P, D_t)
+        values = torch.cat([entries.values for entries in per_sender], dim=3)
+        layers = KVStack(every_layer, frame.rotate(keys).to(model_dtype), values.to(model_dtype)).unbind()
+        return ReceiverContext(layers_to_cache([layers[i] for i in every_layer]), prefix_mask, consumed=0)

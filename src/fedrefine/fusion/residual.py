@@ -22,6 +22,7 @@ from fedrefine.cache import LayerKV, WriteHookCache, cache_to_layers, layers_to_
 from fedrefine.fuser import FuseAt
 from fedrefine.fusion.batch import SenderBatch
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, ReceiverContext, prefill_all_but_last
+from fedrefine.kv_stack import KVStack
 from fedrefine.participants import Participant
 from fedrefine.rope import RotaryFrame
 
@@ -79,56 +80,95 @@ class ResidualFusion(FusionStrategy):
         attention_mask: Tensor,
         inputs: Sequence[FusionInput],
         start: int = 0,
+        reads: Sequence[KVStack] | None = None,
     ) -> dict[int, LayerKV]:
         """Fused K/V of the given receiver layers (index -> rotated K, V, each (B, H_t, n, D_t)) over the
-        prompt columns ``start ... start + n``, whose receiver positions are ``positions`` (B, n)."""
+        prompt columns ``start ... start + n``, whose receiver positions are ``positions`` (B, n).
+
+        ``reads``: each input's :meth:`sender_reads` over those columns, when already gathered.
+        """
         length = next(iter(receiver_layers.values()))[0].shape[2]
         columns = slice(start, start + length)
         dtype = next(inputs[0].fuser.parameters()).dtype
+        reads = self.sender_reads(inputs, columns, dtype) if reads is None else reads
         frame = RotaryFrame(receiver.rotary_embedding, positions)
-        base: list[LayerKV | None] = [None] * receiver.identity.num_layers
-        for layer, (keys, values) in receiver_layers.items():
-            base[layer] = (frame.unrotate(keys).to(dtype), values.to(dtype))
-        totals: list[list[Tensor] | None] = [None] * len(base)
+        own = KVStack.of(receiver_layers)  # rotated, the model's dtype: (L, B, H_t, n, D_t)
+        unrotate = (lambda k: frame.unrotate(k).to(dtype)) if any(i.fuser.reads_receiver_keys for i in inputs) else None
+        base = own.map(unrotate, lambda v: v.to(dtype))  # what the fusers read
+        totals = _Totals(own.layers)
+        for item, gathered in zip(inputs, reads):
+            current = base if self.combine == "parallel" else totals.added_to(base)
+            deltas = item.fuser(gathered, current)  # (R, B, H_t, n, D_t) over the fused layers
+            if deltas is None:
+                continue
+            where = ((item.alignment[:, columns] >= 0) & attention_mask[:, columns].bool())[:, None, :, None]  # (B, 1, n, 1)
+            if item.weight is not None:  # the gating network's share per sample and layer: (R, B, 1, 1, 1)
+                scale = item.weight[:, list(deltas.layers)].T[:, :, None, None, None]
+                deltas = deltas.map(lambda d: d * scale, lambda d: d * scale)
+            totals.add(deltas.map(lambda d: torch.where(where, d, 0.0), lambda d: torch.where(where, d, 0.0)))
+        if totals.empty:
+            return dict(receiver_layers)
+        keys = own.keys if totals.keys is None else own.keys + frame.rotate(totals.keys).to(own.keys.dtype)
+        values = own.values if totals.values is None else own.values + totals.values.to(own.values.dtype)
+        return KVStack(own.layers, keys, values).unbind()
+
+    @staticmethod
+    def sender_reads(inputs: Sequence[FusionInput], columns: slice, dtype: torch.dtype) -> list[KVStack]:
+        """Each sender's carried layers at the columns its alignment reads for receiver ``columns``, unrotated:
+        (J, B, H_s, n, D_s)."""
+        reads = []
         for item in inputs:
             if item.alignment is None:
                 raise ValueError(
                     f"Residual fusion needs an alignment for sender {item.kv.sender.name}; encode in residual mode."
                 )
-            alignment = item.alignment[:, columns]  # (B, n): sender column each receiver column reads
-            where = ((alignment >= 0) & attention_mask[:, columns].bool())[:, None, :, None]  # (B, 1, n, 1)
-            gathered = item.kv.unrotated(dtype, index=alignment.clamp(min=0))  # (B, H_s, n, D_s) per layer
-            reads = self._current(base, totals) if self.combine == "sequential" else base
-            deltas = item.fuser(gathered, reads)
-            for layer, delta in enumerate(deltas):
-                if delta is None:
-                    continue
-                scale = 1.0 if item.weight is None else item.weight[:, layer].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-                masked = [torch.where(where, d * scale, 0.0) for d in delta]
-                totals[layer] = masked if totals[layer] is None else [a + b for a, b in zip(totals[layer], masked)]
-        fused = {}
-        for layer, (keys, values) in receiver_layers.items():
-            total = totals[layer]
-            if total is None:
-                fused[layer] = (keys, values)
-                continue
-            fused[layer] = (keys + frame.rotate(total[0]).to(keys.dtype), values + total[1].to(values.dtype))
-        return fused
-
-    @staticmethod
-    def _current(base: list[LayerKV | None], totals: list[list[Tensor] | None]) -> list[LayerKV | None]:
-        return [kv if t is None or kv is None else (kv[0] + t[0], kv[1] + t[1]) for kv, t in zip(base, totals)]
+            index = item.alignment[:, columns].clamp(min=0)  # (B, n): sender column each receiver column reads
+            reads.append(item.kv.unrotated(dtype, index=index, keys=item.fuser.fuses_keys))
+        return reads
 
     def _last_token_hook(
         self, receiver: Participant, input_ids: Tensor, attention_mask: Tensor, inputs: Sequence[FusionInput]
     ) -> LayerHook:
-        """Fuses the last prompt token's K/V as the receiver writes them, layer by layer."""
+        """Fuses the last prompt token's K/V as the receiver writes them, layer by layer (the senders' columns
+        are gathered once, not once per layer)."""
         last = input_ids.shape[1] - 1
         position = positions_from_mask(attention_mask)[:, last:]  # (B, 1)
+        reads = self.sender_reads(inputs, slice(last, last + 1), next(inputs[0].fuser.parameters()).dtype)
 
         def hook(layer: int, keys: Tensor, values: Tensor) -> LayerKV:
             head = {layer: (keys[:, :, :1], values[:, :, :1])}  # the last prompt token: (B, H_t, 1, D_t)
-            fused_keys, fused_values = self.fuse(receiver, head, position, attention_mask, inputs, start=last)[layer]
+            fused = self.fuse(receiver, head, position, attention_mask, inputs, start=last, reads=reads)
+            fused_keys, fused_values = fused[layer]
             return torch.cat((fused_keys, keys[:, :, 1:]), dim=2), torch.cat((fused_values, values[:, :, 1:]), dim=2)
 
         return hook
+
+
+class _Totals:
+    """The sum of every sender's masked deltas over a receiver stack's layers (None until one is added)."""
+
+    def __init__(self, layers: tuple[int, ...]) -> None:
+        self.layers = layers
+        self.keys: Tensor | None = None  # (L, B, H_t, n, D_t)
+        self.values: Tensor | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.keys is None and self.values is None
+
+    def add(self, deltas: KVStack) -> None:
+        self.keys = self._plus(self.keys, deltas.keys, deltas.layers)
+        self.values = self._plus(self.values, deltas.values, deltas.layers)
+
+    def _plus(self, total: Tensor | None, delta: Tensor | None, layers: tuple[int, ...]) -> Tensor | None:
+        if delta is None:
+            return total
+        if layers != self.layers:  # spread over every layer: zero where this sender does not fuse
+            slots = torch.tensor([self.layers.index(i) for i in layers], device=delta.device)
+            delta = delta.new_zeros((len(self.layers), *delta.shape[1:])).index_add(0, slots, delta)
+        return delta if total is None else total + delta
+
+    def added_to(self, base: KVStack) -> KVStack:
+        """``base`` with the totals so far added (what a sequential fuser reads)."""
+        keys = base.keys if self.keys is None or base.keys is None else base.keys + self.keys
+        return KVStack(base.layers, keys, base.values if self.values is None else base.values + self.values)

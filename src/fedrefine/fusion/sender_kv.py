@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedrefine.cache import LayerKV
+from fedrefine.kv_stack import KVStack
 from fedrefine.message import KVMessage
 from fedrefine.participants import Participant
 from fedrefine.rope import RotaryFrame
@@ -29,17 +29,19 @@ class SenderKV:
     def attention_mask(self) -> Tensor:
         return self.message.attention_mask  # (B, N_s)
 
-    def unrotated(self, dtype: torch.dtype, index: Tensor | None = None) -> list[LayerKV | None]:
-        """Per sender layer: position-free (K, V) in ``dtype``, or None for layers not carried.
+    def unrotated(self, dtype: torch.dtype, index: Tensor | None = None, keys: bool = True) -> KVStack:
+        """The carried sender layers, position-free, in ``dtype``: K/V each (J, B, H_s, N_s, D_s).
 
         With ``index`` (B, M) only those sender columns, in that order (e.g. the column each
-        receiver token is aligned to): each layer's K/V become (B, H_s, M, D_s).
+        receiver token is aligned to): (J, B, H_s, M, D_s). ``keys=False`` leaves the keys out
+        (a fuser that fuses values only reads none).
         """
         positions = self.message.positions if index is None else self.message.positions.gather(1, index)  # (B, M)
         frame = RotaryFrame(self.sender.rotary_embedding, positions)
-        layers: list[LayerKV | None] = [None] * self.sender.identity.num_layers
-        for j, kv in self.message.layers.items():
-            if index is not None:  # (B, H_s, N_s, D_s) -> (B, H_s, M, D_s)
-                kv = [t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])) for t in kv]
-            layers[j] = (frame.unrotate(kv[0]).to(dtype), kv[1].to(dtype))
-        return layers
+        carried = KVStack.of(self.message.layers, keys=keys)  # (J, B, H_s, N_s, D_s)
+        if index is not None:
+            def columns(t: Tensor) -> Tensor:  # (J, B, H_s, N_s, D_s) -> (J, B, H_s, M, D_s)
+                return t.gather(3, index[None, :, None, :, None].expand(t.shape[0], -1, t.shape[2], -1, t.shape[4]))
+
+            carried = carried.map(columns, columns)
+        return carried.map(lambda k: frame.unrotate(k).to(dtype), lambda v: v.to(dtype))
