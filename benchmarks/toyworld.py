@@ -2,12 +2,17 @@
 
     python benchmarks/toyworld.py [--seeds 0 1 2] [--senders llama-sender qwen2-sender] [--steps 300]
     python benchmarks/toyworld.py --config configs/toyworld_reference.yaml --out benchmarks/results/toyworld_reference
+    python benchmarks/toyworld.py --config configs/toyworld_reference.yaml --set model.fuser.fuse_keys=false \
+        --out benchmarks/results/toyworld_reference_values_only
 
 For each sender and seed: ``fedrefine fit`` trains the receiver's fuser on the sender's
 fuser-train entities (``--config``, default configs/toyworld.yaml), then ``fedrefine test``
 scores the held-out entities of the sender's private group: receiver alone, sender alone, C2C,
 the two controls (mismatched message, random K/V) and the reordered-options probe. Writes
-``<out>.json`` and ``<out>.md`` (default benchmarks/results/toyworld).
+``<out>.json`` and ``<out>.md`` (default benchmarks/results/toyworld). ``--set key=value`` overrides a
+config field in both. Each row also carries the fit's last validation accuracy of C2C on the
+development split (fuser-train entities held out of training): compare variants there, not on
+the held-out entities the bars are measured on.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ ROUTES = {
 }
 
 
-def run(sender: str, seed: int, steps: int, root: Path, config: str = "configs/toyworld.yaml") -> dict:
+def run(
+    sender: str, seed: int, steps: int, root: Path, config: str = "configs/toyworld.yaml", overrides: list[str] = ()
+) -> dict:
     """Fit and test one fuser; returns the benchmark row."""
     group = next(p.private_groups[0] for p in DEFAULT_PARTICIPANTS if p.name == sender)
     directory = root / f"{sender}-seed{seed}"
@@ -44,9 +51,13 @@ def run(sender: str, seed: int, steps: int, root: Path, config: str = "configs/t
         "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
         "--model.export_dir", str(directory / "fuser"),
     ]
+    for override in overrides:
+        key, _, value = override.partition("=")
+        common += [f"--{key}", value]
     started = time.perf_counter()
-    build_cli(["fit", *common, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)])
+    fit = build_cli(["fit", *common, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)])
     seconds = time.perf_counter() - started
+    dev_c2c = float(fit.trainer.callback_metrics["val/c2c/accuracy"])
     build_cli(["test", *common, "--model.fuser_path", str(directory / "fuser")])
     rows = {row["route"]: row for row in json.loads((directory / "test_results.json").read_text())["rows"]}
     receiver_tokenizer = "receiver"  # every toy participant trains its own word-level tokenizer
@@ -57,6 +68,7 @@ def run(sender: str, seed: int, steps: int, root: Path, config: str = "configs/t
         "fuser_steps": steps,
         "seconds": round(seconds, 1),
         "questions": rows["c2c"]["questions"],
+        "dev_c2c": dev_c2c,
         **{name: rows[route]["accuracy"] for name, route in ROUTES.items()},
     }
 
@@ -77,19 +89,21 @@ def bars(rows: list[dict]) -> dict[str, bool]:
 
 
 def markdown(rows: list[dict], checks: dict[str, bool], command: str, commit: str) -> str:
-    header = ["seed", "sender", "steps", "s", *ROUTES]
+    header = ["seed", "sender", "steps", "s", "dev c2c", *ROUTES]
     lines = [
         "# Toy world: knowledge transfer on held-out entities",
         "",
         f"Command: `{command}` at commit `{commit}` (CPU, {torch.get_num_threads()} threads).",
         "Accuracies are on the held-out entities of the sender's private group (cloze scoring, 4 options, "
-        "every fact asked with its answer at each of A-D).",
+        "every fact asked with its answer at each of A-D); dev c2c: the fit's last validation, on the development "
+        "split of fuser-train entities.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     for r in rows:
-        values = [r["seed"], r["sender"], r["fuser_steps"], r["seconds"], *(f"{100 * r[k]:.1f}%" for k in ROUTES)]
+        dev = f"{100 * r['dev_c2c']:.1f}%" if "dev_c2c" in r else ""
+        values = [r["seed"], r["sender"], r["fuser_steps"], r["seconds"], dev, *(f"{100 * r[k]:.1f}%" for k in ROUTES)]
         lines.append("| " + " | ".join(str(v) for v in values) + " |")
     lines += ["", "Bars:", ""] + [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()]
     return "\n".join(lines) + "\n"
@@ -103,9 +117,11 @@ def main() -> None:
     parser.add_argument("--config", default="configs/toyworld.yaml", help="the fedrefine fit/test config")
     parser.add_argument("--root", default=None, help="run directory (default runs/benchmarks/<config name>)")
     parser.add_argument("--out", default="benchmarks/results/toyworld")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field in fit and test, e.g. model.fuser.fuse_keys=false")
     args = parser.parse_args()
-    root = Path(args.root or f"runs/benchmarks/{Path(args.config).stem}")
-    rows = [run(sender, seed, args.steps, root, args.config) for sender in args.senders for seed in args.seeds]
+    root = Path(args.root or f"runs/benchmarks/{Path(args.out).name}")
+    rows = [run(sender, seed, args.steps, root, args.config, args.overrides) for sender in args.senders for seed in args.seeds]
     checks = bars(rows)
     command, commit = script_command(), git_commit()
     payload = {"command": command, "commit": commit, "runs": rows, "bars": checks}
