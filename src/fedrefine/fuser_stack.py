@@ -16,52 +16,64 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-Stacked = tuple[Tensor, Tensor]  # (weight (L, out, in), bias (L, out))
+Stacked = tuple[Tensor, Tensor]  # (weight (L, in, out), bias (L, 1, out)): each layer's Linear, transposed once
 
 
-def _linear(layers: Sequence[nn.Linear]) -> Stacked:
-    return torch.stack([m.weight for m in layers]), torch.stack([m.bias for m in layers])
-
-
-def _norm(layers: Sequence[nn.RMSNorm]) -> tuple[Tensor, float | None]:
-    return torch.stack([m.weight for m in layers]), layers[0].eps
+def _linear(layers: Sequence[nn.Linear], norms: Sequence[nn.RMSNorm] | None = None, columns: slice = slice(None)) -> Stacked:
+    """Each layer's Linear (its input ``columns``), with the scale of the RMSNorm before it folded in:
+    ``W (g * x) = (W diag(g)) x``, so the normalised input needs no multiply of its own."""
+    weight = torch.stack([m.weight[:, columns] for m in layers])  # (L, out, in)
+    if norms is not None:
+        weight = weight * torch.stack([n.weight for n in norms]).unsqueeze(1)
+    return weight.transpose(1, 2).contiguous(), torch.stack([m.bias for m in layers]).unsqueeze(1)
 
 
 def linear(x: Tensor, stacked: Stacked) -> Tensor:
     """(L, M, in) -> (L, M, out): each layer's own Linear."""
     weight, bias = stacked
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    return torch.baddbmm(bias, x, weight)
 
 
-def rms_norm(x: Tensor, stacked: tuple[Tensor, float | None]) -> Tensor:
-    """(L, M, D) normalised per row, scaled by each layer's own weight (L, D)."""
-    weight, eps = stacked
-    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight.unsqueeze(1)
+def normalised(x: Tensor, eps: float | None) -> Tensor:
+    """(L, M, D) scaled to unit RMS per row (the scale of each layer's RMSNorm is folded into what follows)."""
+    return F.rms_norm(x, (x.shape[-1],), None, eps)
+
+
+def rows(states: Tensor) -> Tensor:
+    """(L, B, H, N, D) cache states -> (L, B * N, H * D): one row per token, heads side by side."""
+    layers, batch, _, length, _ = states.shape
+    return states.transpose(2, 3).reshape(layers, batch * length, -1)
 
 
 @dataclass(frozen=True)
 class StackedBlock:
     """A :class:`~fedrefine.fuser.FeedForwardBlock` of every layer: x + W2 GELU(W1 RMSNorm(x))."""
 
-    norm: tuple[Tensor, float | None]
-    up: Stacked
+    eps: float | None
+    up: Stacked  # the norm's scale folded in
     down: Stacked
 
     @classmethod
     def of(cls, blocks: Sequence[nn.Module]) -> StackedBlock:
-        return cls(_norm([b.norm for b in blocks]), _linear([b.up for b in blocks]), _linear([b.down for b in blocks]))
+        norms = [b.norm for b in blocks]
+        return cls(norms[0].eps, _linear([b.up for b in blocks], norms), _linear([b.down for b in blocks]))
 
     def __call__(self, x: Tensor) -> Tensor:
-        return x + linear(F.gelu(linear(rms_norm(x, self.norm), self.up)), self.down)
+        return linear(F.gelu(linear(normalised(x, self.eps), self.up)), self.down).add_(x)
 
 
 @dataclass(frozen=True)
 class StackedStream:
-    """The K (or V) :class:`~fedrefine.fuser.StreamFuser` of every stacked layer."""
+    """The K (or V) :class:`~fedrefine.fuser.StreamFuser` of every stacked layer.
 
-    sender_norm: tuple[Tensor, float | None]
-    receiver_norm: tuple[Tensor, float | None] | None
-    input: Stacked
+    The input Linear reads ``[RMSNorm(sender) ; RMSNorm(receiver)]``; it is kept as its two column
+    blocks, summed into one output, so the two halves are never concatenated.
+    """
+
+    sender_eps: float | None
+    receiver_eps: float | None
+    sender_input: Stacked  # the input Linear's sender columns (and its bias)
+    receiver_input: Tensor | None  # its receiver columns (L, F_t, hidden); None: the fuser reads the sender alone
     trunk: StackedBlock
     projection_blocks: tuple[StackedBlock, ...]
     projection: Stacked
@@ -73,10 +85,16 @@ class StackedStream:
     @classmethod
     def of(cls, streams: Sequence[nn.Module]) -> StackedStream:
         first = streams[0]
+        sender_dim = first.sender_norm.normalized_shape[0]
+        inputs = [s.input for s in streams]
+        receiver_input = None
+        if first.receiver_norm is not None:
+            receiver_input = _linear(inputs, [s.receiver_norm for s in streams], slice(sender_dim, None))[0]
         return cls(
-            _norm([s.sender_norm for s in streams]),
-            None if first.receiver_norm is None else _norm([s.receiver_norm for s in streams]),
-            _linear([s.input for s in streams]),
+            first.sender_norm.eps,
+            None if first.receiver_norm is None else first.receiver_norm.eps,
+            _linear(inputs, [s.sender_norm for s in streams], slice(0, sender_dim)),
+            receiver_input,
             StackedBlock.of([s.trunk for s in streams]),
             tuple(StackedBlock.of(blocks) for blocks in zip(*(s.projection_blocks for s in streams))),
             _linear([s.projection for s in streams]),
@@ -89,17 +107,16 @@ class StackedStream:
     def __call__(self, sender: Tensor, receiver: Tensor | None) -> Tensor:
         """(L, B, H_s, N, D_s) [and (L, B, H_t, N, D_t)] -> weighted projections ``w * p`` (L, B, H_t, N, D_t)."""
         layers, batch, _, length, _ = sender.shape
-        features = rms_norm(sender.transpose(2, 3).reshape(layers, batch * length, -1), self.sender_norm)  # (L, M, F_s)
-        if self.receiver_norm is not None:
-            theirs = rms_norm(receiver.transpose(2, 3).reshape(layers, batch * length, -1), self.receiver_norm)
-            features = torch.cat((features, theirs), dim=-1)  # (L, M, F_s + F_t)
-        h = self.trunk(linear(features, self.input))  # (L, M, hidden)
+        h = linear(normalised(rows(sender), self.sender_eps), self.sender_input)  # (L, M, hidden)
+        if self.receiver_input is not None:
+            h = h.baddbmm_(normalised(rows(receiver), self.receiver_eps), self.receiver_input)
+        h = self.trunk(h)
         p = h
         for block in self.projection_blocks:
             p = block(p)
         p = linear(p, self.projection).view(layers, batch, length, self.heads, self.head_dim)
         w = torch.sigmoid(linear(self.weight_block(h), self.weight_head)).view(layers, batch, length, self.heads, 1)
-        return (w * p).transpose(2, 3)  # (L, B, H_t, N, D_t)
+        return p.mul_(w).transpose(2, 3)  # (L, B, H_t, N, D_t)
 
 
 @dataclass(frozen=True)

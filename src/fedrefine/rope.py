@@ -25,7 +25,7 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate (B, H, N, D) states by the given angles (HF's half-split RoPE convention)."""
-    return x * cos + _rotate_half(x) * sin
+    return torch.addcmul(x * cos, _rotate_half(x), sin)
 
 
 def remove_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -53,7 +53,7 @@ class RotaryFrame:
             self._inverse = (self.cos / scale, self.sin / scale)
         cos, sin = self._inverse
         keys = keys.float()
-        return keys * cos - _rotate_half(keys) * sin
+        return (keys * cos).addcmul_(_rotate_half(keys), sin, value=-1.0)
 
     def rotate(self, keys: Tensor) -> Tensor:
         """fp32 keys (..., B, H, N, D) rotated to this frame's positions."""
