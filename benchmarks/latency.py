@@ -16,6 +16,11 @@ max(rephrase + sender + transfer, receiver prefill) + fuse + the last token. Mea
 C2C with the senders in threads of this process, and (one sender) with the sender in its own process
 pinned to its own core, one thread each. Writes benchmarks/results/latency.{json,md}
 (benchmarks/results/gpu/latency.* on CUDA).
+
+Fusers are the shipped real-pair config's (configs/qwen3_qwen25.yaml), random weights; ``c2c.values`` is the
+same fuser without its key stream (values-only fusion). Every phase runs with glibc told to keep large freed blocks in its heap
+(``--heap-tunables``; '' for glibc's defaults): fusion's large temporaries otherwise cost page faults on
+each call, a standard CPU-inference setting, recorded in the results.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 from remote_latency import participant_config, served  # the same server launcher (benchmarks/ is on sys.path)
 
 from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
@@ -54,6 +60,10 @@ SENDERS = ["Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "Qw
            "Qwen/Qwen2.5-1.5B-Instruct"]
 GENERATED_TOKENS = 64
 RATES_MBIT = (10, 100, 1000)
+SHIPPED_CONFIG = "configs/qwen3_qwen25.yaml"
+#: glibc keeps freed blocks up to 32 MiB in its heap instead of returning them to the OS (the default mmaps
+#: every block over 128 KiB afresh, so each large temporary costs page faults). Set for every phase's process.
+HEAP_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
 QUESTION = MultipleChoiceItem(
     id="latency-0",
     question_stem=("A student holds one end of a spoon, a stick, a rod and a straw while the other end sits in boiling "
@@ -76,8 +86,14 @@ def real_participant(hub_id: str, device: torch.device, dtype: torch.dtype, real
     return participant
 
 
+def shipped_fuser_config() -> dict:
+    """The fuser of the shipped real-pair config (:data:`SHIPPED_CONFIG`), the one users train."""
+    return dict(yaml.safe_load(Path(SHIPPED_CONFIG).read_text())["model"]["init_args"]["fuser"])
+
+
 def fuser_for(sender: Participant, receiver: Participant, **config) -> Fuser:
-    fuser = Fuser(sender.identity, receiver.identity, FuserConfig(dropout=0.0, **config))
+    """A fuser of the shipped config (``config`` overrides fields), with random weights so every delta is computed."""
+    fuser = Fuser(sender.identity, receiver.identity, FuserConfig(**(shipped_fuser_config() | config | {"dropout": 0.0})))
     return fuser.to(receiver.device, next(receiver.model.parameters()).dtype).eval()
 
 
@@ -159,6 +175,9 @@ class Bench:
                                   sender_names=["s0"]).eval(),
             "concat": FusedReceiver(self.receiver, [self.senders["s0"]], [fuser_for(self.senders["s0"], self.receiver, mode="concat")],
                                     sender_names=["s0"]).eval(),
+            # the shipped fuser without its key stream (fuse_keys: false): what fusing keys costs
+            "values": FusedReceiver(self.receiver, [self.senders["s0"]], [fuser_for(self.senders["s0"], self.receiver, fuse_keys=False)],
+                                    sender_names=["s0"]).eval(),
         }
         self.messages = question_messages()
 
@@ -205,6 +224,7 @@ class Bench:
         }
         if size == 1:
             routes |= {
+                "c2c.values:1": c2c("values", batch, ["s0"]),
                 "c2c:2": c2c("prompt", batch, ["s0", "s1"]),
                 "c2c:4": c2c("prompt", batch, ["s0", "s1", "s2", "s3"]),
                 "c2c:4 threads": threads(["s0", "s1", "s2", "s3"]),
@@ -327,6 +347,7 @@ def ratios(results: dict) -> dict[str, float]:
         "c2c_threads_over_t2t": b1["c2c:1 threads"]["measured_s"] / t2t["serial_1000mbit_s"],
         "fuse_over_receiver_alone": c2c["stages"]["fuse"] / alone,
         "fuse_inside_fusers_over_receiver_alone": c2c["stages"]["fuse_inside"] / alone,
+        "fuse_values_only_over_receiver_alone": b1["c2c.values:1"]["stages"]["fuse"] / alone,
         "fuser_step_over_receiver_step": results["training"]["fuser_step"] / results["training"]["receiver_step"],
     }
     if "critical_path_measured" in results:
@@ -340,7 +361,9 @@ def markdown(payload: dict) -> str:
              f"`{payload['command']}` at `{payload['commit']}`; {payload['machine']}; {payload['threads']} threads, "
              f"{payload['dtype']}. Receiver {RECEIVER}; senders " + ", ".join(SENDERS) + f". One prompt of "
              f"{payload['receiver_tokens']} receiver tokens; hints and rephrasings forced to {GENERATED_TOKENS} tokens; "
-             f"medians of {payload['repeats']} interleaved runs (batch 16: {payload['batch16_repeats']}).", ""]
+             f"medians of {payload['repeats']} interleaved runs (batch 16: {payload['batch16_repeats']}). Fuser: "
+             f"`{json.dumps(payload['fuser'])}` (c2c.values: the same with `fuse_keys: false`). "
+             f"GLIBC_TUNABLES=`{payload['glibc_tunables'] or 'unset'}`.", ""]
     header = ["route", "rephrase s", "sender s", "fuse s", "receiver s", "bytes", "serial s (1 Gbit/s)",
               "critical path s (1 Gbit/s)", "critical path s (10 Mbit/s)"]
     for size in (1, 16):
@@ -398,6 +421,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="default benchmarks/results/latency (gpu/latency on CUDA)")
+    parser.add_argument("--heap-tunables", default=HEAP_TUNABLES,
+                        help="GLIBC_TUNABLES for every phase's process ('' leaves glibc's defaults)")
     parser.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)  # one phase, in a child process
     parser.add_argument("--phase-out", help=argparse.SUPPRESS)
     args, argv = parser.parse_args(), sys.argv[1:]
@@ -409,10 +434,11 @@ def main() -> None:
         return
     phases = [p for p in PHASES if p != "critical_path_measured" or (device.type == "cpu" and os.cpu_count() >= 2)]
     results = {}
+    env = os.environ | ({"GLIBC_TUNABLES": args.heap_tunables} if args.heap_tunables else {})
     with tempfile.TemporaryDirectory() as tmp:
         for phase in phases:
             out = Path(tmp) / f"{phase}.json"
-            subprocess.run([sys.executable, __file__, *argv, "--phase", phase, "--phase-out", str(out)], check=True)
+            subprocess.run([sys.executable, __file__, *argv, "--phase", phase, "--phase-out", str(out)], check=True, env=env)
             results[phase] = json.loads(out.read_text())
     out = args.out or ("benchmarks/results/gpu/latency" if device.type == "cuda" else "benchmarks/results/latency")
     payload = {
@@ -420,6 +446,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
         "threads": args.threads, "dtype": str(dtype).removeprefix("torch."), "repeats": args.repeats,
         "batch16_repeats": args.batch16_repeats, "torch": torch.__version__,
+        "fuser": shipped_fuser_config() | {"dropout": 0.0, "from": SHIPPED_CONFIG}, "glibc_tunables": args.heap_tunables,
         "receiver_tokens": results["batch_1"].pop("receiver_tokens"),
         "peak_rss_gib": max(r.pop("peak_rss_gib") for r in results.values()),
         "results": results,
