@@ -191,3 +191,21 @@ def test_inference_over_stacked_layers_equals_the_per_layer_loop(receiver, qwen2
         fuser.layers[0].value.projection.bias.add_(1.0)
         again = fuser(sender, theirs)
     assert not torch.allclose(again.values[0], stacked.values[0])
+
+
+@pytest.mark.parametrize("given", [(1, 2), (0, 2)])  # a consecutive chunk (weight views) and a gap (copies)
+def test_inference_over_some_layers_reuses_the_stack_of_every_open_layer(receiver, qwen2_sender, given):
+    torch.manual_seed(4)
+    fuser = Fuser(qwen2_sender.identity, receiver.identity, FuserConfig(hidden_size=16)).eval()
+    for layer in fuser.layers:
+        torch.nn.init.normal_(layer.value.projection.weight, std=0.5)
+    sender, theirs = random_layers(qwen2_sender.identity), random_layers(receiver.identity).select(given)
+    looped = fuser(sender, theirs)  # gradients on: the per-layer loop
+    with torch.no_grad():
+        fuser(sender, random_layers(receiver.identity))  # stacks every open layer
+        whole = fuser._stack
+        stacked = fuser(sender, theirs)
+    assert fuser._stack is whole and whole.indices == (0, 1, 2)  # not re-stacked for the subset
+    assert stacked.layers == looped.layers == given
+    torch.testing.assert_close(stacked.values, looped.values.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stacked.keys, looped.keys.detach(), rtol=1e-5, atol=1e-6)

@@ -103,6 +103,20 @@ def test_values_only_fusion_keeps_the_receivers_keys_and_reads_no_sender_keys(re
         assert not torch.equal(fused.layers[layer].values, plain.layers[layer].values)
 
 
+def test_fusing_layer_by_layer_gives_the_cache_of_fusing_them_all_at_once(receiver, qwen2_sender, monkeypatch):
+    pair = make_pair(receiver, qwen2_sender).eval()
+    batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS])
+    with torch.no_grad():
+        together = pair.prepare(batch).cache
+        monkeypatch.setattr("fedrefine.fusion.residual.FUSE_CHUNK_BYTES", 1)  # one layer per chunk
+        chunked = pair.prepare(batch).cache
+        plain = pair.prepare(batch, fuse=False).cache
+    for layer in range(receiver.identity.num_layers):
+        assert not torch.equal(together.layers[layer].values, plain.layers[layer].values)
+        torch.testing.assert_close(chunked.layers[layer].keys, together.layers[layer].keys, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(chunked.layers[layer].values, together.layers[layer].values, rtol=1e-5, atol=1e-6)
+
+
 def test_fuser_for_other_pair_is_refused(receiver, llama_sender, qwen2_sender):
     fuser = Fuser(llama_sender.identity, receiver.identity)
     with pytest.raises(ValueError, match="participants are"):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedrefine.kv_stack import KVStack
+from fedrefine.kv_stack import KVStack, layer_chunks
 
 
 def stack(layers=(0, 2, 5)):
@@ -36,3 +36,11 @@ def test_stacking_per_layer_kv_round_trips_and_values_only_cannot_be_unbound():
     assert values_only.keys is None
     with pytest.raises(ValueError, match="values only"):
         values_only.unbind()
+
+
+def test_layer_chunks_keep_each_stack_under_the_budget_in_layer_order():
+    layer = (torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))  # 64 floats: 256 bytes of values per layer
+    kv = {i: layer for i in (4, 0, 3, 1, 2)}
+    assert [list(c) for c in layer_chunks(kv, 600)] == [[0, 1], [2, 3], [4]]
+    assert [list(c) for c in layer_chunks(kv, 1)] == [[0], [1], [2], [3], [4]]  # at least one layer each
+    assert [list(c) for c in layer_chunks(kv, 10**9)] == [[0, 1, 2, 3, 4]]

@@ -234,7 +234,7 @@ class Fuser(nn.Module):
         layer_class = LAYER_FUSERS[self.config.mode]  # the mode is resolved once, here
         self.layers = nn.ModuleList(layer_class(sender, receiver, self.config) for _ in range(receiver.num_layers))
         self.register_buffer("temperature", torch.tensor(self.config.temperature_start), persistent=False)
-        self._stack: StackedLayers | None = None  # stacked weights for inference, rebuilt when a parameter changes
+        self._stack: StackedLayers | None = None  # every open layer's weights stacked for inference, rebuilt on change
 
     def anneal(self, progress: float) -> None:
         """Set the gate temperature geometrically between start and end for ``progress`` in [0, 1]."""
@@ -307,9 +307,10 @@ class Fuser(nn.Module):
     def _stacked_forward(self, runs: list[int], sender: KVStack, receiver: KVStack | None) -> KVStack:
         """Inference over the layers ``runs`` at once (see :mod:`fedrefine.fuser_stack`); same outputs as the loop."""
         versions = tuple((p.data_ptr(), p._version) for p in self.parameters())  # moved or updated: re-stack
-        stacked = self._stack
-        if stacked is None or stacked.indices != tuple(runs) or stacked.versions != versions:
-            stacked = self._stack = StackedLayers.of(self.layers, runs, versions)
+        opened = tuple(i for i, is_open in enumerate(self.open_layers()) if is_open)
+        if self._stack is None or self._stack.indices != opened or self._stack.versions != versions:
+            self._stack = StackedLayers.of(self.layers, opened, versions)  # every open layer, stacked once
+        stacked = self._stack.select(runs)  # a chunk of consecutive layers: views
         if receiver is None:  # concat: entries of the sender alone; a closed gate zeroes its values
             gates = torch.stack([self.layers[i].gate.logit for i in runs]).gt(0).to(sender.values.dtype)  # (R,)
             values = stacked.value(sender.values, None) * gates.view(-1, 1, 1, 1, 1)

@@ -10,7 +10,7 @@ no autograd); weights are stacked once and re-stacked when any parameter changes
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -134,3 +134,28 @@ class StackedLayers:
             chosen = [layers[i] for i in indices]
             key = None if chosen[0].key is None else StackedStream.of([layer.key for layer in chosen])
             return cls(tuple(indices), key, StackedStream.of([layer.value for layer in chosen]), versions)
+
+    def select(self, indices: Sequence[int]) -> StackedLayers:
+        """The stacks of ``indices`` (a subset of :attr:`indices`): views when they are consecutive here (a
+        chunk of layers), copies otherwise."""
+        indices = tuple(indices)
+        if indices == self.indices:
+            return self
+        slots = [self.indices.index(i) for i in indices]
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            take = lambda t: t[slots[0] : slots[0] + len(slots)]  # noqa: E731
+        else:
+            index = torch.tensor(slots, device=self.value.weight_head[0].device)
+            take = lambda t: t.index_select(0, index)  # noqa: E731
+        return replace(_map_tensors(self, take), indices=indices)
+
+
+def _map_tensors(stack, take):
+    """``stack`` (a stacked dataclass, tuple or tensor) with ``take`` applied to every tensor in it."""
+    if isinstance(stack, Tensor):
+        return take(stack)
+    if isinstance(stack, tuple):
+        return tuple(_map_tensors(item, take) for item in stack)
+    if is_dataclass(stack):
+        return replace(stack, **{f.name: _map_tensors(getattr(stack, f.name), take) for f in fields(stack)})
+    return stack

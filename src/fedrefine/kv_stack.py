@@ -81,3 +81,12 @@ class KVStack:
         if self.keys is None:
             raise ValueError("This KVStack carries values only.")
         return dict(zip(self.layers, zip(self.keys.unbind(0), self.values.unbind(0))))
+
+
+def layer_chunks(kv: Mapping[int, LayerKV], max_bytes: int) -> list[dict[int, LayerKV]]:
+    """``kv`` split, in ascending layer order, into chunks whose stacked values take at most ``max_bytes``
+    in float32 (at least one layer per chunk)."""
+    layers = sorted(kv)
+    per_layer = kv[layers[0]][1].numel() * 4
+    size = max(1, max_bytes // max(1, per_layer))
+    return [{i: kv[i] for i in layers[a : a + size]} for a in range(0, len(layers), size)]

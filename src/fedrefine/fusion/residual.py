@@ -22,7 +22,7 @@ from fedrefine.cache import LayerKV, WriteHookCache, cache_to_layers, layers_to_
 from fedrefine.fuser import FuseAt
 from fedrefine.fusion.batch import SenderBatch
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, ReceiverContext, prefill_all_but_last
-from fedrefine.kv_stack import KVStack
+from fedrefine.kv_stack import KVStack, layer_chunks
 from fedrefine.participants import Participant
 from fedrefine.rope import RotaryFrame
 
@@ -30,6 +30,9 @@ from fedrefine.rope import RotaryFrame
 #: read the cache the previous ones fused.
 Combine = Literal["parallel", "sequential"]
 LayerHook = Callable[[int, Tensor, Tensor], LayerKV]
+#: Receiver layers are fused in chunks whose stacked K (or V) stays under this size: a batch-1 prompt is one
+#: chunk; larger batches keep every temporary cache-sized instead of many hundreds of MB.
+FUSE_CHUNK_BYTES = 32 * 2**20
 
 
 class ResidualFusion(FusionStrategy):
@@ -92,6 +95,22 @@ class ResidualFusion(FusionStrategy):
         dtype = next(inputs[0].fuser.parameters()).dtype
         reads = self.sender_reads(inputs, columns, dtype) if reads is None else reads
         frame = RotaryFrame(receiver.rotary_embedding, positions)
+        fused: dict[int, LayerKV] = {}
+        for chunk in layer_chunks(receiver_layers, FUSE_CHUNK_BYTES):
+            fused |= self._fuse_layers(frame, chunk, columns, attention_mask, inputs, reads, dtype)
+        return fused
+
+    def _fuse_layers(
+        self,
+        frame: RotaryFrame,
+        receiver_layers: Mapping[int, LayerKV],
+        columns: slice,
+        attention_mask: Tensor,
+        inputs: Sequence[FusionInput],
+        reads: Sequence[KVStack],
+        dtype: torch.dtype,
+    ) -> dict[int, LayerKV]:
+        """:meth:`fuse` over some receiver layers, stacked."""
         own = KVStack.of(receiver_layers)  # rotated, the model's dtype: (L, B, H_t, n, D_t)
         unrotate = (lambda k: frame.unrotate(k).to(dtype)) if any(i.fuser.reads_receiver_keys for i in inputs) else None
         base = own.map(unrotate, lambda v: v.to(dtype))  # what the fusers read
