@@ -136,10 +136,16 @@ def receiver_forward(receiver: Participant, messages, size: int) -> float:
     return seconds(lambda: model(batch, fuse=False), receiver.device)
 
 
-def c2c_stages(model: FusedReceiver, batch: FusionBatch, senders: list[str]) -> dict[str, float]:
-    """Sender prefills (each timed), then the receiver over the messages: fuse (inside the fusers) and the rest."""
+def c2c_stages(model: FusedReceiver, batch: FusionBatch, senders: list[str], own_prompt: bool = False) -> dict[str, float]:
+    """Sender prefills (each timed), then the receiver over the messages: fuse (inside the fusers) and the rest.
+
+    ``own_prompt``: the route's prompt is not the plain one (last-token fusion reads an answer prefix), so the
+    receiver alone is timed on it too and the fuse stage is measured against that.
+    """
     device = model.receiver.device
     stages, messages = {}, {}
+    if own_prompt:
+        stages["receiver_own_prompt"] = seconds(lambda: model(batch, fuse=False), device)
     for name in senders:
         with stopwatch(device) as elapsed:
             messages[name] = model.send(name, batch.senders[name])
@@ -218,7 +224,7 @@ class Bench:
             "receiver": alone,
             "c2c:1": c2c("prompt", batch, ["s0"]),
             "c2c:1 threads": threads(["s0"]),
-            "c2c.last:1": c2c("last", last, ["s0"]),
+            "c2c.last:1": lambda: c2c_stages(models["last"], last, ["s0"], own_prompt=True),
             "c2c.concat:1": c2c("concat", concat, ["s0"]),
             "t2t:1": lambda: t2t(False),
         }
@@ -290,6 +296,7 @@ def summarise(name: str, rows: list[dict], runs: dict[str, list[dict]]) -> dict:
     alone = statistics.median(r["receiver"] for r in runs["receiver"])
     rephrase = median.get("rephrase", 0.0)
     if "receiver_with_fusion" in median:
+        alone = median.get("receiver_own_prompt", alone)  # the receiver alone on this route's prompt
         fuse = median["receiver_with_fusion"] - alone  # everything fusion adds on the receiver's side
         out["stages"] = {"rephrase": rephrase, "sender": max(senders.values()), "fuse": fuse, "fuse_inside": median["fuse_inside"],
                          "receiver": alone}
