@@ -12,7 +12,9 @@ random weights stop at random places. Routes are interleaved, so drift hits all 
 
 Per route: stage seconds (rephrase, sender prefill, transfer at 10 / 100 / 1000 Mbit/s from the bytes,
 fuse, receiver), serial total, and the critical path with the senders beside the receiver:
-max(rephrase + sender + transfer, receiver prefill) + fuse + the last token. Measured too:
+max(rephrase + sender + transfer, receiver alone) + added. ``fuse`` is the fusion step timed on its own
+(last-token fusion runs inside the receiver's last token: there it is ``added``); ``added`` is what the
+receiver with fusion takes beyond the receiver alone on the same prompt. Measured too:
 C2C with the senders in threads of this process, and (one sender) with the sender in its own process
 pinned to its own core, one thread each. Writes benchmarks/results/latency.{json,md}
 (benchmarks/results/gpu/latency.* on CUDA).
@@ -45,6 +47,7 @@ from remote_latency import participant_config, served  # the same server launche
 from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver, FusionBatch
+from fedrefine.fusion.strategy import prefill_all_but_last
 from fedrefine.multiple_choice import MultipleChoiceItem
 from fedrefine.padding import left_pad
 from fedrefine.participants import Participant
@@ -153,6 +156,12 @@ def c2c_stages(model: FusedReceiver, batch: FusionBatch, senders: list[str], own
     with time_inside(list(model.fusers), device) as inside, stopwatch(device) as elapsed:
         model(batch, senders=senders, kv_messages=messages)
     stages["fuse_inside"], stages["receiver_with_fusion"] = inside.seconds, elapsed.seconds
+    if not own_prompt:  # the fusion step itself, timed alone: prompt-position and concat fusion run it before the
+        # receiver's last tokens (last-token fusion runs inside them: there only the difference measures it)
+        ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
+        inputs = model.fusion_inputs(batch, messages)
+        own = prefill_all_but_last(model.receiver, ids, mask) if model.strategy.aligns else None
+        stages["fuse_step"] = seconds(lambda: model.strategy.prepare(model.receiver, ids, mask, inputs, own), device)
     stages["bytes"] = float(sum(m.nbytes for m in messages.values()))
     stages["sender_bytes"] = {n: float(m.nbytes) for n, m in messages.items()}
     return stages
@@ -298,8 +307,8 @@ def summarise(name: str, rows: list[dict], runs: dict[str, list[dict]]) -> dict:
     if "receiver_with_fusion" in median:
         alone = median.get("receiver_own_prompt", alone)  # the receiver alone on this route's prompt
         fuse = median["receiver_with_fusion"] - alone  # everything fusion adds on the receiver's side
-        out["stages"] = {"rephrase": rephrase, "sender": max(senders.values()), "fuse": fuse, "fuse_inside": median["fuse_inside"],
-                         "receiver": alone}
+        out["stages"] = {"rephrase": rephrase, "sender": max(senders.values()), "fuse": median.get("fuse_step", fuse),
+                         "fuse_inside": median["fuse_inside"], "added_to_receiver": fuse, "receiver": alone}
         share = {n: b / max(1.0, median["bytes"]) for n, b in rows[0]["sender_bytes"].items()}
         for rate in RATES_MBIT:
             wire = {n: median["bytes"] * s * 8 / (rate * 1e6) for n, s in share.items()}
@@ -353,6 +362,7 @@ def ratios(results: dict) -> dict[str, float]:
         "c2c_serial_over_t2t": c2c["serial_1000mbit_s"] / t2t["serial_1000mbit_s"],
         "c2c_threads_over_t2t": b1["c2c:1 threads"]["measured_s"] / t2t["serial_1000mbit_s"],
         "fuse_over_receiver_alone": c2c["stages"]["fuse"] / alone,
+        "added_to_receiver_over_receiver_alone": c2c["stages"]["added_to_receiver"] / alone,
         "fuse_inside_fusers_over_receiver_alone": c2c["stages"]["fuse_inside"] / alone,
         "fuse_values_only_over_receiver_alone": b1["c2c.values:1"]["stages"]["fuse"] / alone,
         "fuser_step_over_receiver_step": results["training"]["fuser_step"] / results["training"]["receiver_step"],
@@ -371,7 +381,7 @@ def markdown(payload: dict) -> str:
              f"medians of {payload['repeats']} interleaved runs (batch 16: {payload['batch16_repeats']}). Fuser: "
              f"`{json.dumps(payload['fuser'])}` (c2c.values: the same with `fuse_keys: false`). "
              f"GLIBC_TUNABLES=`{payload['glibc_tunables'] or 'unset'}`.", ""]
-    header = ["route", "rephrase s", "sender s", "fuse s", "receiver s", "bytes", "serial s (1 Gbit/s)",
+    header = ["route", "rephrase s", "sender s", "fuse s", "added s", "receiver s", "bytes", "serial s (1 Gbit/s)",
               "critical path s (1 Gbit/s)", "critical path s (10 Mbit/s)"]
     for size in (1, 16):
         rows = []
@@ -379,11 +389,12 @@ def markdown(payload: dict) -> str:
             if not isinstance(r, dict):
                 continue
             if "measured_s" in r:
-                rows.append([name + " (measured)", "", "", "", "", "", "", f"{r['measured_s']:.3f}", ""])
+                rows.append([name + " (measured)", "", "", "", "", "", "", "", f"{r['measured_s']:.3f}", ""])
                 continue
             st = r["stages"]
             rows.append([name, f"{st.get('rephrase', 0):.3f}", f"{st.get('sender', 0):.3f}",
-                         f"{st['fuse']:.3f}" if "fuse" in st else "", f"{st['receiver']:.3f}", f"{r['bytes']:,.0f}",
+                         f"{st['fuse']:.3f}" if "fuse" in st else "",
+                         f"{st['added_to_receiver']:.3f}" if "added_to_receiver" in st else "", f"{st['receiver']:.3f}", f"{r['bytes']:,.0f}",
                          f"{r['serial_1000mbit_s']:.3f}", f"{r['critical_path_1000mbit_s']:.3f}",
                          f"{r['critical_path_10mbit_s']:.3f}"])
         lines += [f"## Batch {size}", ""] + markdown_table(header, rows) + [""]

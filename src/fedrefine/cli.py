@@ -18,6 +18,7 @@ from fedrefine.data.conversations import TrainingDataError
 from fedrefine.data.loading import DataFileError
 from fedrefine.field_help import SettingsError
 from fedrefine.fuser import FuserFileError, FuserPairMismatchError
+from fedrefine.heap import keep_large_blocks
 from fedrefine.multiple_choice import DatasetSchemaError
 from fedrefine.participants import ParticipantLoadError
 from fedrefine.registry import MissingFuserError
@@ -112,6 +113,7 @@ def main() -> None:
     if command in (None, "-h", "--help"):
         print(overview())
         raise SystemExit(0 if command else 2)
+    keep_large_blocks()  # see fedrefine.heap: large activations are reused, not page-faulted in afresh
     try:
         with user_errors_exit("fedrefine"):
             if command == "bench":
@@ -136,6 +138,7 @@ def toy_main(argv: list[str] | None = None) -> None:
     one sender with ``fedrefine fit``, then runs ``fedrefine test`` on the held-out entities with
     the controls, and prints the table. Extra arguments are passed to both as overrides.
     """
+    keep_large_blocks()
     parser = argparse.ArgumentParser(prog="fedrefine-toy", description=toy_main.__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/toyworld.yaml", help="toy-world config (from the repo root)")
     args, overrides = parser.parse_known_args(argv)
