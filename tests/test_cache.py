@@ -97,6 +97,7 @@ def test_rotary_frame_is_the_one_home_of_rotation(llama_sender):
     x = torch.randn(2, 3, 4, 8)
     cos, sin = rotary_cos_sin(llama_sender.rotary_embedding, positions, torch.float32)
     assert torch.equal(frame.rotate(x), apply_rotary(x, cos, sin))
+    assert torch.equal(frame.unrotate(x), remove_rotary(x, cos, sin))
     assert torch.allclose(frame.unrotate(frame.rotate(x)), x, atol=1e-5)
     rotated = frame.rotate(x)  # the same states at the same position rotate alike, at other positions not
     assert torch.allclose(rotated[1, :, 0], RotaryFrame(llama_sender.rotary_embedding, positions[1:, 1:2]).rotate(x[1:, :, :1])[0, :, 0])

@@ -28,9 +28,16 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos, _rotate_half(x), sin)
 
 
+def inverse_angles(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """The cos and sin that :func:`apply_rotary` undoes the rotation by ``cos``, ``sin`` with: the negative
+    angles, divided by ``cos^2 + sin^2`` (which undoes any attention scaling folded into them)."""
+    scale = cos * cos + sin * sin
+    return cos / scale, -sin / scale
+
+
 def remove_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Inverse of :func:`apply_rotary`: rotate by the negative angles (and undo any attention scaling)."""
-    return (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
+    return apply_rotary(x, *inverse_angles(cos, sin))
 
 
 class RotaryFrame:
@@ -48,12 +55,9 @@ class RotaryFrame:
     def unrotate(self, keys: Tensor) -> Tensor:
         """Position-free fp32 keys (..., B, H, N, D) from keys rotated at this frame's positions (any leading
         axes, e.g. a stack of layers, share the angles)."""
-        if self._inverse is None:  # remove_rotary's division, folded into the angles once per frame
-            scale = self.cos * self.cos + self.sin * self.sin
-            self._inverse = (self.cos / scale, self.sin / scale)
-        cos, sin = self._inverse
-        keys = keys.float()
-        return (keys * cos).addcmul_(_rotate_half(keys), sin, value=-1.0)
+        if self._inverse is None:  # computed once per frame
+            self._inverse = inverse_angles(self.cos, self.sin)
+        return apply_rotary(keys.float(), *self._inverse)
 
     def rotate(self, keys: Tensor) -> Tensor:
         """fp32 keys (..., B, H, N, D) rotated to this frame's positions."""
