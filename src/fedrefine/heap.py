@@ -30,12 +30,12 @@ def keep_large_blocks() -> bool:
     """Apply the settings above to this process; True when they were applied."""
     if os.environ.get(ENVIRONMENT_VARIABLE, "keep") == "default" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt, gnu_get_libc_version = libc.mallopt, libc.gnu_get_libc_version  # glibc only
-    except (OSError, TypeError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
         return False
-    del gnu_get_libc_version
+    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):  # not glibc
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
