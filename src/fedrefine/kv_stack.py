@@ -16,6 +16,15 @@ from torch import Tensor
 from fedrefine.cache import LayerKV
 
 
+def slot_index(held: Sequence[int], layers: Sequence[int], device: torch.device) -> Tensor:
+    """Where each of ``layers`` (repeats allowed) sits in a stack holding ``held``, as an index tensor."""
+    slot = {layer: i for i, layer in enumerate(held)}
+    missing = [layer for layer in layers if layer not in slot]
+    if missing:
+        raise KeyError(f"Layers {missing} are not in this KVStack (it holds {list(held)}).")
+    return torch.tensor([slot[layer] for layer in layers], dtype=torch.long, device=device)
+
+
 @dataclass(frozen=True)
 class KVStack:
     """K/V of the layers ``layers`` stacked in that order: slot ``i`` holds layer ``layers[i]``.
@@ -50,11 +59,7 @@ class KVStack:
 
     def slots(self, layers: Sequence[int]) -> Tensor:
         """The slot of each of ``layers`` (repeats allowed), as an index tensor."""
-        slot = {layer: i for i, layer in enumerate(self.layers)}
-        missing = [layer for layer in layers if layer not in slot]
-        if missing:
-            raise KeyError(f"Layers {missing} are not in this KVStack (it holds {list(self.layers)}).")
-        return torch.tensor([slot[layer] for layer in layers], dtype=torch.long, device=self.values.device)
+        return slot_index(self.layers, layers, self.values.device)
 
     def select(self, layers: Sequence[int]) -> KVStack:
         """The given layers, in that order (a layer may appear twice: a layer map that reads it twice)."""

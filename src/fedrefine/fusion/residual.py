@@ -22,7 +22,7 @@ from fedrefine.cache import LayerKV, WriteHookCache, cache_to_layers, layers_to_
 from fedrefine.fuser import FuseAt
 from fedrefine.fusion.batch import SenderBatch
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, ReceiverContext, prefill_all_but_last
-from fedrefine.kv_stack import KVStack, layer_chunks
+from fedrefine.kv_stack import KVStack, layer_chunks, slot_index
 from fedrefine.participants import Participant
 from fedrefine.rope import RotaryFrame
 
@@ -183,7 +183,7 @@ class _Totals:
         if delta is None:
             return total
         if layers != self.layers:  # spread over every layer: zero where this sender does not fuse
-            slots = torch.tensor([self.layers.index(i) for i in layers], device=delta.device)
+            slots = slot_index(self.layers, layers, delta.device)
             delta = delta.new_zeros((len(self.layers), *delta.shape[1:])).index_add(0, slots, delta)
         return delta if total is None else total + delta
 
