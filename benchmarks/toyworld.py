@@ -1,6 +1,6 @@
 """The toy world's bars: does knowledge really transfer through the fuser? (issue "Toy world")
 
-    python benchmarks/toyworld.py [--seeds 0 1 2] [--senders llama-sender qwen2-sender] [--steps 300]
+    python benchmarks/toyworld.py [--seeds 0 1 2] [--senders llama-sender qwen2-sender ...] [--steps 300]
     python benchmarks/toyworld.py --config configs/toyworld_reference.yaml --out benchmarks/results/toyworld_reference
     python benchmarks/toyworld.py --config configs/toyworld_reference.yaml --set model.fuser.fuse_keys=false \
         --out benchmarks/results/toyworld_reference_values_only
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from fedrefine.bench.records import git_commit, script_command, write_results
-from fedrefine.toyworld import DEFAULT_PARTICIPANTS
+from fedrefine.toyworld import DEFAULT_PARTICIPANTS, load_toy_participants
 from fedrefine.trainer_cli import build_cli
 
 ROUTES = {
@@ -60,17 +60,22 @@ def run(
     dev_c2c = float(fit.trainer.callback_metrics["val/c2c/accuracy"])
     build_cli(["test", *common, "--model.fuser_path", str(directory / "fuser")])
     rows = {row["route"]: row for row in json.loads((directory / "test_results.json").read_text())["rows"]}
-    receiver_tokenizer = "receiver"  # every toy participant trains its own word-level tokenizer
     return {
         "seed": seed,
         "sender": sender,
-        "same_tokenizer_as_receiver": sender == receiver_tokenizer,
+        "same_tokenizer_as_receiver": same_tokenizer("receiver", sender),
         "fuser_steps": steps,
         "seconds": round(seconds, 1),
         "questions": rows["c2c"]["questions"],
         "dev_c2c": dev_c2c,
         **{name: rows[route]["accuracy"] for name, route in ROUTES.items()},
     }
+
+
+def same_tokenizer(first: str, second: str) -> bool:
+    """Whether two toy participants share a vocabulary (each trains its own, so none does)."""
+    participants = load_toy_participants(progress=False)
+    return participants[first].tokenizer.get_vocab() == participants[second].tokenizer.get_vocab()
 
 
 def bars(rows: list[dict]) -> dict[str, bool]:
@@ -112,7 +117,7 @@ def markdown(rows: list[dict], checks: dict[str, bool], command: str, commit: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--senders", nargs="+", default=["llama-sender", "qwen2-sender"])
+    parser.add_argument("--senders", nargs="+", default=[p.name for p in DEFAULT_PARTICIPANTS if p.private_groups])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--config", default="configs/toyworld.yaml", help="the fedrefine fit/test config")
     parser.add_argument("--root", default=None, help="run directory (default runs/benchmarks/<config name>)")

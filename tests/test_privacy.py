@@ -303,3 +303,20 @@ def test_leakage_report(local, tmp_path):
     assert all(-1.0 <= r.embedding_similarity <= 1.0 for r in records) and summary.mean_embedding_similarity is not None
     assert summary.mean_rephrase_seconds == pytest.approx(0.5)
     assert local_sentence_embedder(tmp_path / "no-such-model") is None  # never downloads
+
+
+def test_leakage_report_counts_the_private_preamble_tokens_each_sender_received(local):
+    from dataclasses import replace as with_fields
+
+    preamble = "I am Mara Oduya, account 55-3810."
+    items = [with_fields(ITEMS[0], question_stem=f"{preamble} {ITEMS[0].question_stem}", private_text=preamble), ITEMS[1]]
+    names = ["tiny:s1", "tiny:s2"]
+    records, summary = leakage_report(plan_queries(items, names, "original", options="withhold"))
+    assert [(r.private_tokens, r.private_tokens_leaked) for r in records] == [(7, 7), (7, 7), (0, 0), (0, 0)]
+    assert summary.private_token_leakage == 1.0  # in original mode the senders read the preamble
+    rule = lambda q, variant: "Mara asks: which material conducts heat?" if "Mara" in q else "A fox eats what?"  # noqa: E731
+    records, summary = leakage_report(plan_queries(items, names, "private", ScriptedRephraser(local, rule), options="withhold"))
+    assert [r.private_tokens_leaked for r in records[:2]] == [1, 1]  # "Mara"
+    assert summary.private_token_leakage == pytest.approx(2 / 14)
+    _, none = leakage_report(plan_queries(ITEMS, names, "original", options="withhold"))
+    assert none.private_token_leakage is None  # no question has a private text

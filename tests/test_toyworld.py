@@ -21,16 +21,11 @@ from fedrefine.toyworld import (
     read_toy_metadata,
     toyworld_key,
 )
-from fedrefine.toyworld.pretrain import (
-    ANSWER,
-    IGNORE,
-    build_corpus,
-    encode_question_answer,
-    pretrain,
-    toy_tokenizer,
-)
+from fedrefine.toyworld.corpus import ANSWER, IGNORE, build_corpus, encode_question_answer
+from fedrefine.toyworld.pretrain import pretrain, toy_tokenizer
 
-SMALL = WorldConfig(seed=3, num_entities=24, attributes=("colour", "city"), values_per_attribute=5, num_private_groups=2)
+SMALL = WorldConfig(seed=3, num_entities=24, attributes=("colour", "city"), values_per_attribute=5, num_private_groups=2,
+                    public_fraction=1 / 3, held_out_fraction=0.25, num_fictional=4)
 TINY_PARTICIPANTS = (
     ToyParticipantConfig(
         TinySpec("receiver", "qwen3", num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16,
@@ -310,7 +305,7 @@ def test_co_c2c_lifts_the_smaller_model_on_facts_only_the_larger_one_knows(tmp_p
     )
     data = ToyWorldDataModule(group=0, include_public=False, data_dir=str(tmp_path / "data"), batch_size=32)
     accuracy, questions = fit_and_test_on_held_out(module, data, tmp_path)
-    assert questions == 512  # every held-out group-0 fact, answer at each of A-D
+    assert questions == 768  # every held-out group-0 fact (48 entities x 4 attributes), answer at each of A-D
     assert accuracy["receiver"] <= 0.30
     assert accuracy["c2c"] >= accuracy["receiver"] + 0.10, accuracy
 

@@ -44,7 +44,9 @@ class DatasetSchemaError(ValueError):
 
 @dataclass(frozen=True)
 class MultipleChoiceItem:
-    """One question: id, stem, option texts and labels, the correct label, and an optional task category."""
+    """One question: id, stem, option texts and labels, the correct label, an optional task category, and
+    optionally the span of the stem the user wants no other model to see (``private_text``: details about
+    themselves that the answer does not need; privacy reports count how much of it reaches senders)."""
 
     id: str
     question_stem: str
@@ -52,6 +54,7 @@ class MultipleChoiceItem:
     labels: tuple[str, ...]
     answer_key: str
     category: str | None = None
+    private_text: str | None = None
 
     @property
     def answer_index(self) -> int:
@@ -80,8 +83,16 @@ class MultipleChoiceItem:
                 f"{where} (id {row['id']!r}): answerKey {answer!r} is not among the option labels {list(labels)}; "
                 f"fix the answerKey or the labels."
             )
-        category = row.get("category")
-        return cls(str(row["id"]), str(row["question_stem"]), texts, labels, answer, None if category is None else str(category))
+        category, private = row.get("category"), row.get("private_text")
+        if private is not None and str(private) not in str(row["question_stem"]):
+            raise DatasetSchemaError(
+                f"{where} (id {row['id']!r}): private_text {private!r} is not part of the question_stem; it must "
+                f"be the exact span of the stem that is private."
+            )
+        return cls(
+            str(row["id"]), str(row["question_stem"]), texts, labels, answer,
+            None if category is None else str(category), None if private is None else str(private),
+        )
 
 
 def question_text(item: MultipleChoiceItem, style: AnswerStyle = "letter") -> str:

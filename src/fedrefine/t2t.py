@@ -223,12 +223,60 @@ def t2t_predict(
         else:
             hints[sender.name] = write(prompts, config.budget, config.batch_size)
 
+    answers = answer_with_hints(
+        receiver, items, [[hints[s.name][i].text for s in senders] for i in range(len(items))], config, style, normalization
+    )
     results: list[T2TResult] = []
+    for i, answer in enumerate(answers):
+        replies = [hints[s.name][i] for s in senders]
+        results.append(
+            T2TResult(
+                question_id=items[i].id,
+                hints=[Hint(s.name, reply.text, reply.token_ids, config.bytes_per_id) for s, reply in zip(senders, replies)],
+                prediction=answer.prediction,
+                option_scores=answer.option_scores,
+                seconds={
+                    **{f"sender:{s.name}": reply.seconds for s, reply in zip(senders, replies)},
+                    "receiver": answer.seconds,
+                },
+                cloze_predictions=answer.cloze_predictions,
+            )
+        )
+    return results
+
+
+@dataclass(frozen=True)
+class HintedAnswer:
+    """The receiver's choice for one question read with hints: as :class:`T2TResult` holds it."""
+
+    prediction: int
+    option_scores: list[float]
+    seconds: float
+    cloze_predictions: dict[str, int]
+
+
+def answer_with_hints(
+    receiver: Participant,
+    items: Sequence[MultipleChoiceItem],
+    hints: Sequence[Sequence[str]],
+    config: T2TConfig | None = None,
+    style: AnswerStyle = "letter",
+    normalization: Normalization = "token_mean",
+) -> list[HintedAnswer]:
+    """The receiver's answer to each item with ``hints[i]`` placed in its prompt (per ``config``); batched.
+
+    T2T's second half, also usable on its own: with the true statement as the one hint it measures
+    whether the receiver can read a hint at all (an upper bound on what T2T can reach).
+    """
+    config = config or T2TConfig()
+    if len(hints) != len(items):
+        raise ValueError(f"Got hints for {len(hints)} questions but {len(items)} questions; give one list per question.")
+    answers: list[HintedAnswer] = []
     for start in range(0, len(items), config.batch_size):
         chunk = range(start, min(start + config.batch_size, len(items)))
         encoded = []
         for i in chunk:
-            messages = hint_messages(items[i], [hints[s.name][i].text for s in senders], config, style)
+            messages = hint_messages(items[i], hints[i], config, style)
             encoded.append(
                 encode_options_prompt(receiver, messages, items[i].labels)
                 if style == "letter"
@@ -236,25 +284,15 @@ def t2t_predict(
             )
         with stopwatch(receiver.device) as elapsed:
             scores = score_encoded(receiver, encoded, style)
-        receiver_seconds = elapsed.seconds / len(chunk)
         chosen, normalized = scores.predictions(normalization), scores.normalized(normalization)  # (B,), (B, K)
         cloze = {n: scores.predictions(n) for n in NORMALIZATIONS} if scores.cloze else {}
         for row, i in enumerate(chunk):
-            replies = [hints[s.name][i] for s in senders]
-            results.append(
-                T2TResult(
-                    question_id=items[i].id,
-                    hints=[
-                        Hint(s.name, reply.text, reply.token_ids, config.bytes_per_id)
-                        for s, reply in zip(senders, replies)
-                    ],
+            answers.append(
+                HintedAnswer(
                     prediction=int(chosen[row]),
                     option_scores=normalized[row, : len(items[i].labels)].tolist(),
-                    seconds={
-                        **{f"sender:{s.name}": reply.seconds for s, reply in zip(senders, replies)},
-                        "receiver": receiver_seconds,
-                    },
+                    seconds=elapsed.seconds / len(chunk),
                     cloze_predictions={n: int(picks[row]) for n, picks in cloze.items()},
                 )
             )
-    return results
+    return answers

@@ -6,6 +6,8 @@ participants really disagree on token boundaries and alignment is exercised:
 - ``byte_bpe``: byte-level BPE with a ChatML template (like Qwen).
 - ``metaspace_bpe``: SentencePiece-style BPE (``▁`` word marker) with a Llama-3 template.
 - ``word``: whole words, for the toy world where tiny models learn facts fastest.
+- ``syllable``: whole lowercase words, capitalised words (names) split into syllables: a model can then
+  copy a name it has never seen, from pieces it knows (the toy world's rephrasing receiver).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
-TokenizerKind = Literal["byte_bpe", "metaspace_bpe", "word"]
+TokenizerKind = Literal["byte_bpe", "metaspace_bpe", "word", "syllable"]
 ChatStyle = Literal["chatml", "llama3"]
 
 CHATML_TEMPLATE = (
@@ -63,6 +65,13 @@ DEFAULT_CORPUS = (
 # Line breaks appear in every chat template, and option letters follow a space in answers:
 # make sure every tokenizer knows them (so " A" ... " E" can be single tokens).
 _FORMAT_TEXT = "user\nassistant\n\nsystem\n" + " ".join(f"answer is {letter}" for letter in "ABCDE" * 20)
+_CONSONANTS = "b-df-hj-np-tv-zB-DF-HJ-NP-TV-Z"
+#: Pieces of the ``syllable`` kind: a lowercase word whole; a capitalised word as (consonants)(vowels) syllables
+#: and a closing consonant run; digits, punctuation marks and whitespace runs as in ``word``.
+SYLLABLE_PATTERN = (
+    rf" ?(?<![A-Za-z])[a-z]+\b| ?[A-Z][{_CONSONANTS}]*[aeiouAEIOU]+|[{_CONSONANTS}]*[aeiou]+|[{_CONSONANTS}]+"
+    r"| ?\d+| ?[^\w\s]| ?\w+|\s+"
+)
 
 
 def build_tokenizer(
@@ -98,17 +107,18 @@ def build_tokenizer(
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
         specials = ["<unk>", *specials]
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    elif kind == "word":
+    elif kind in ("word", "syllable"):
         tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
         # Words and punctuation marks (each with the one space before it, as in GPT-style
         # vocabularies) and other whitespace runs are tokens, so every character of the text is
         # covered by some token's offsets.
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?\w+| ?[^\w\s]|\s+"), behavior="isolated")
+        pattern = r" ?\w+| ?[^\w\s]|\s+" if kind == "word" else SYLLABLE_PATTERN
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
         tok.decoder = decoders.Fuse()
         specials = ["<unk>", *specials]
         trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     else:
-        raise ValueError(f"Unknown tokenizer kind {kind!r}; choose 'byte_bpe', 'metaspace_bpe' or 'word'.")
+        raise ValueError(f"Unknown tokenizer kind {kind!r}; choose 'byte_bpe', 'metaspace_bpe', 'word' or 'syllable'.")
 
     tok.train_from_iterator(corpus, trainer=trainer)
     # Chat-template markers must be atomic tokens, even inside rendered text.

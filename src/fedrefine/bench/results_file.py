@@ -47,6 +47,7 @@ def result_row(cell: Route, report: EvaluationReport, link_mbit_per_s: float) ->
         "sender_bytes_per_token": summary["sender_bytes_per_token"],
         "bytes_per_question": summary["bytes_per_question"],
         "leakage_overlap": summary["leakage_overlap"],
+        "leakage_private_tokens": summary["leakage_private_tokens"],
         "transport_bytes_per_question": summary["transport_bytes_per_question"],
         "senders_dropped": summary["senders_dropped"],
         "n_questions": summary["questions"],

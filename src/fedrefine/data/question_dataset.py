@@ -30,7 +30,7 @@ def reorder_options(item: MultipleChoiceItem, shift: int = 1) -> MultipleChoiceI
     n = len(item.choices)
     texts = tuple(item.choices[(i - shift) % n] for i in range(n))
     answer = item.labels[(item.answer_index + shift) % n]
-    return MultipleChoiceItem(f"{item.id}/reordered", item.question_stem, texts, item.labels, answer, item.category)
+    return MultipleChoiceItem(f"{item.id}/reordered", item.question_stem, texts, item.labels, answer, item.category, item.private_text)
 
 
 @dataclass(frozen=True)

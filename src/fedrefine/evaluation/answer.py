@@ -87,7 +87,9 @@ class RouteRunner:
         if plans is not None and route.query_mode != "original":
             rephrasings = {id(r): r for p in plans for r in p.rephrasings.values()}
             result.stages["rephrase"] = sum(r.seconds for r in rephrasings.values())
-            result.leakage = leakage_report(plans)[1].mean_token_overlap
+            records, summary = leakage_report(plans)
+            result.leakage = summary.mean_token_overlap
+            result.private_tokens = (sum(r.private_tokens_leaked for r in records), sum(r.private_tokens for r in records))
         if route.kind == "adaptive":
             return self._adaptive(batch, route)
         if route.kind == "t2t":

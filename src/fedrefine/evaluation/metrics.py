@@ -23,7 +23,8 @@ class RouteResult:
     ``bytes_per_token``: bytes per transmitted token position, summed over senders
     (``sender_bytes_per_token``: the same per sender); ``selected``: for ``c2c:auto``, the senders
     chosen per encoded question; ``leakage``: for rephrased modes, the mean share of the question's
-    content words that reached senders; ``cloze_predictions`` (cloze mode): the option index per
+    content words that reached senders, and ``private_tokens`` (leaked, all) the word tokens of the questions'
+    ``private_text`` found in what senders received; ``cloze_predictions`` (cloze mode): the option index per
     question under each normalisation (``sum``, ``chars``, ``token_mean``), -1 where unanswered.
     With remote senders: ``transport_bytes`` is what the transport carried (payload and framing),
     ``contributed`` the senders whose message was fused, ``dropped`` sender -> why it was left out
@@ -38,6 +39,7 @@ class RouteResult:
     sender_bytes_per_token: dict[str, float] = field(default_factory=dict)
     selected: list[tuple[str, ...]] | None = None
     leakage: float | None = None
+    private_tokens: tuple[int, int] | None = None
     cloze_predictions: dict[str, Tensor] = field(default_factory=dict)
     transport_bytes: int = 0
     contributed: tuple[str, ...] = ()
@@ -71,6 +73,8 @@ class RouteTally:
     sender_bytes_per_token: dict[str, float] = field(default_factory=dict)
     leakage_sum: float = 0.0
     leakage_batches: int = 0
+    private_tokens_leaked: int = 0
+    private_tokens: int = 0
     cloze_correct: dict[str, int] = field(default_factory=dict)
     transport_bytes: int = 0
     contributed: dict[str, int] = field(default_factory=dict)  # sender -> questions its message was fused into
@@ -91,6 +95,9 @@ class RouteTally:
         if result.leakage is not None:
             self.leakage_sum += result.leakage
             self.leakage_batches += 1
+        if result.private_tokens is not None:
+            self.private_tokens_leaked += result.private_tokens[0]
+            self.private_tokens += result.private_tokens[1]
         self.transport_bytes += result.transport_bytes
         for sender in result.contributed:
             self.contributed[sender] = self.contributed.get(sender, 0) + len(labels)
@@ -117,6 +124,7 @@ class RouteTally:
             "bytes_per_question": self.bytes_sent / n,
             "sender_bytes_per_token": dict(self.sender_bytes_per_token),
             "leakage_overlap": self.leakage_sum / self.leakage_batches if self.leakage_batches else None,
+            "leakage_private_tokens": self.private_tokens_leaked / self.private_tokens if self.private_tokens else None,
             "transport_bytes_per_question": self.transport_bytes / n,
             "senders_contributed": dict(self.contributed),
             "senders_dropped": {sender: dict(reasons) for sender, reasons in self.dropped.items()},

@@ -118,6 +118,14 @@ def find_leaks(original: str, received: str, allowed: str = "") -> list[str]:
     return sorted((content_words(original) & content_words(received)) - content_words(allowed))
 
 
+def private_tokens_found(private: str, received: str) -> tuple[int, int]:
+    """How many of ``private``'s word tokens (stop words included: every token counts) occur in ``received``,
+    and how many it has."""
+    tokens = _WORD.findall(private.lower())
+    present = set(_WORD.findall(received.lower()))
+    return sum(token in present for token in tokens), len(tokens)
+
+
 def embedding_similarity(original: str, received: str, embedder: Embedder | None) -> float | None:
     """Cosine similarity of the two texts' embeddings, or None without an embedder."""
     if embedder is None:
@@ -151,6 +159,8 @@ class LeakageRecord:
     embedding_similarity: float | None
     rephrase_seconds: float | None
     cached: bool | None
+    private_tokens: int = 0  # word tokens of the question's private text (0: it has none)
+    private_tokens_leaked: int = 0  # of them, found in what the sender received
 
 
 @dataclass(frozen=True)
@@ -162,6 +172,7 @@ class LeakageSummary:
     max_token_overlap: float
     mean_embedding_similarity: float | None
     mean_rephrase_seconds: float | None
+    private_token_leakage: float | None = None  # leaked / all private tokens over records; None: no private text
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -174,13 +185,18 @@ def leakage_report(
 ) -> tuple[list[LeakageRecord], LeakageSummary]:
     """Per question and sender, how much of the user's question stem reaches the sender; and the aggregate.
 
+    Questions with a ``private_text`` (e.g. a preamble about the user) also count that span's word tokens
+    found in what the sender received (:func:`private_tokens_found`).
+
     The original is the question stem as the user wrote it (options follow the explicit options
     policy); the received text is the sender's full text (:attr:`QueryPlan.sender_texts`).
     """
     records = []
     for plan in plans:
+        private = plan.item.private_text or ""
         for sender, received in plan.sender_texts.items():
             rephrasing = plan.rephrasings.get(sender)
+            leaked, total = private_tokens_found(private, received)
             records.append(
                 LeakageRecord(
                     question_id=plan.item.id,
@@ -189,6 +205,8 @@ def leakage_report(
                     embedding_similarity=embedding_similarity(plan.item.question_stem, received, embedder),
                     rephrase_seconds=None if rephrasing is None else rephrasing.seconds,
                     cached=None if rephrasing is None else rephrasing.cached,
+                    private_tokens=total,
+                    private_tokens_leaked=leaked,
                 )
             )
     overlaps = [r.token_overlap for r in records]
@@ -198,5 +216,8 @@ def leakage_report(
         max_token_overlap=max(overlaps, default=0.0),
         mean_embedding_similarity=_mean([r.embedding_similarity for r in records]),
         mean_rephrase_seconds=_mean([r.rephrase_seconds for r in records]),
+        private_token_leakage=(
+            sum(r.private_tokens_leaked for r in records) / private if (private := sum(r.private_tokens for r in records)) else None
+        ),
     )
     return records, summary

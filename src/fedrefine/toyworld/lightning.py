@@ -19,7 +19,8 @@ class ToyParticipant(ParticipantSource):
     """One pretrained participant of the toy world (built on first use, then loaded from the cache).
 
     Args:
-        name: ``receiver``, ``llama-sender`` or ``qwen2-sender`` (see ``DEFAULT_PARTICIPANTS``).
+        name: ``receiver`` or a sender: ``llama-sender``, ``qwen2-sender``, ``qwen3-sender``, ``deep-llama-sender``
+            (see ``DEFAULT_PARTICIPANTS``).
         world: the world's seed and size.
         pretrain: the pretraining recipe.
         cache_dir: where pretrained participants are kept (default ``$FEDREFINE_CACHE/toyworld``
@@ -60,6 +61,8 @@ class ToyWorldDataModule(C2CDataModule):
         val_entities: fuser-train entities of each group held apart for validation.
         include_public: also train on public entities (the receiver must stay right on them).
         response_prefill: train with the answer's fixed start as an assistant prefill (see ``C2CDataModule``).
+        preamble_fraction: share of the validation and test facts asked after a private preamble about a made-up
+            user (``private_text`` of the rows; what private mode must keep from senders). Training never has one.
     """
 
     def __init__(
@@ -77,11 +80,15 @@ class ToyWorldDataModule(C2CDataModule):
         num_workers: int = 0,
         seed: int = 0,
         response_prefill: str | None = None,
+        preamble_fraction: float = 0.0,
     ) -> None:
+        if not 0.0 <= preamble_fraction <= 1.0:
+            raise ValueError(f"preamble_fraction must be in [0, 1], got {preamble_fraction}.")
         self.world_config = world or WorldConfig()
         self.group, self.val_entities, self.include_public = group, val_entities, include_public
         self.train_groups = list(train_groups) if train_groups else [group]
-        directory = Path(data_dir) / f"seed{self.world_config.seed}"
+        self.preamble_fraction = preamble_fraction
+        directory = Path(data_dir) / (f"seed{self.world_config.seed}" + (f"-preambles{preamble_fraction:g}" if preamble_fraction else ""))
         super().__init__(
             train_path=str(directory / f"fit_group{'+'.join(map(str, self.train_groups))}.jsonl"),
             train_samples=10**9,
@@ -101,12 +108,12 @@ class ToyWorldDataModule(C2CDataModule):
     def prepare_data(self) -> None:
         """Write the world's JSONL files (cheap and deterministic, so always rewritten)."""
         world = ToyWorld(self.world_config)
-        export_world(world, self.directory)
+        export_world(world, self.directory, preamble_fraction=self.preamble_fraction)
         names = list(world.public) if self.include_public else []
         for group in sorted({self.group, *self.train_groups}):
             private = world.fuser_train(group)
             dev, fit = private[: self.val_entities], private[self.val_entities :]
             names.extend(fit if group in self.train_groups else ())
-            write_jsonl(world.question_rows(dev), self.directory / f"val_group{group}.jsonl")
+            write_jsonl(world.question_rows(dev, self.preamble_fraction), self.directory / f"val_group{group}.jsonl")
         write_jsonl([conversation_row(q) for q in world.questions(names)], Path(self.train_path))
-        write_jsonl(world.question_rows(world.public), self.directory / "public.jsonl")
+        write_jsonl(world.question_rows(world.public, self.preamble_fraction), self.directory / "public.jsonl")

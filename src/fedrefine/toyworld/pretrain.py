@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fedrefine.cache import positions_from_mask
-from fedrefine.chat import encode_chat
-from fedrefine.multiple_choice import (
-    ANSWER_PREFIX,
-    MultipleChoiceItem,
-    correct_answer,
-    question_messages,
-    question_text,
-)
 from fedrefine.padding import left_pad
 from fedrefine.participants import (
     Participant,
@@ -48,42 +41,55 @@ from fedrefine.participants import (
     load_participant,
 )
 from fedrefine.tokenizer import build_tokenizer
-from fedrefine.toyworld.world import ANSWER_STYLE, ToyWorld, WorldConfig
+from fedrefine.toyworld.corpus import IGNORE, SKILLS, ParticipantCorpus, TrainingText, build_corpus, tokenizer_corpus
+from fedrefine.toyworld.world import ToyWorld, WorldConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_FILE = "toyworld.json"
-
-# Token kinds: what each target token counts for in the loss (see PretrainConfig weights).
-IGNORE, PROMPT, TEXT, ANSWER = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
 class ToyParticipantConfig:
-    """A tiny participant of the toy world: its shape/tokenizer and the private groups it knows."""
+    """A tiny participant of the toy world: its shape/tokenizer, the private groups it knows, and the skills
+    it is taught beyond answering (see :mod:`fedrefine.toyworld.corpus`)."""
 
     spec: TinySpec
     private_groups: tuple[int, ...] = ()
+    skills: tuple[str, ...] = ()
+    question_steps: int | None = None  # this participant's question-stage steps (None: the recipe's)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.skills) - set(SKILLS))
+        if unknown:
+            raise ValueError(f"{self.spec.name}: unknown skill(s) {unknown}; choose from {list(SKILLS)}.")
+        object.__setattr__(self, "skills", tuple(self.skills))
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": asdict(self.spec), "private_groups": list(self.private_groups)}
+        return {"spec": asdict(self.spec), "private_groups": list(self.private_groups), "skills": list(self.skills),
+                "question_steps": self.question_steps}
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Optimisation recipe shared by every toy participant.
+    """Optimisation recipe shared by every toy participant (a participant may set its own question steps).
 
-    Measured on 2 CPU cores: facts stated 300 steps, then question-heavy batches; a sender
-    answers ~99% of its questions after 2,400 question steps (~4 minutes), ~90% after 1,300.
+    Facts are stated for ``statement_steps``, then batches mix questions, the participant's skills and
+    statements (the ``*_fraction`` fields) for ``question_steps``. On 2 CPU cores, one core per participant,
+    a sender's 3,000 steps take about 10 minutes and the receiver's 4,500 about 20.
     """
 
     statement_steps: int = 300
-    question_steps: int = 2400
+    question_steps: int = 2700
     batch_size: int = 64
-    question_fraction: float = 0.5
+    question_fraction: float = 0.4
+    # Shares of each batch after the statement stage, for participants with the skill (statements fill the rest).
+    write_hints_fraction: float = 0.25
+    read_hints_fraction: float = 0.2
+    rephrase_fraction: float = 0.35
     learning_rate: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -97,22 +103,36 @@ class PretrainConfig:
         return self.statement_steps + self.question_steps
 
 
-#: Receiver (Qwen3, public only) and two senders of other classes, shapes and tokenizers.
+#: The receiver (Qwen3-class, public entities only; reads hints, rephrases) and four senders of other
+#: classes, depths, head layouts and tokenizers, each knowing one private group and writing hints about it.
 DEFAULT_PARTICIPANTS: tuple[ToyParticipantConfig, ...] = (
     ToyParticipantConfig(
         TinySpec("receiver", "qwen3", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
-                 intermediate_size=192, tokenizer_kind="word", chat_style="chatml", vocab_size=2048, seed=0),
+                 intermediate_size=192, tokenizer_kind="syllable", chat_style="chatml", vocab_size=1024, seed=0),
+        skills=("read_hints", "rephrase"), question_steps=4200,  # copying unseen names takes longest
     ),
     ToyParticipantConfig(
         TinySpec("llama-sender", "llama", num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=3, head_dim=16,
                  intermediate_size=256, rope_theta=500000.0, tokenizer_kind="word", chat_style="llama3",
                  vocab_size=2048, seed=1),
-        private_groups=(0,),
+        private_groups=(0,), skills=("write_hints",),
     ),
     ToyParticipantConfig(
         TinySpec("qwen2-sender", "qwen2", num_layers=5, hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=8,
                  intermediate_size=160, tokenizer_kind="word", chat_style="chatml", vocab_size=2048, seed=2),
-        private_groups=(1,),
+        private_groups=(1,), skills=("write_hints",),
+    ),
+    ToyParticipantConfig(  # shallow and wide
+        TinySpec("qwen3-sender", "qwen3", num_layers=2, hidden_size=128, num_heads=8, num_kv_heads=4, head_dim=16,
+                 intermediate_size=256, rope_theta=1000000.0, tokenizer_kind="word", chat_style="chatml",
+                 vocab_size=2048, seed=3),
+        private_groups=(2,), skills=("write_hints",),
+    ),
+    ToyParticipantConfig(  # deep and narrow, every head its own K/V
+        TinySpec("deep-llama-sender", "llama", num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=4,
+                 head_dim=16, intermediate_size=128, tokenizer_kind="word", chat_style="llama3", vocab_size=2048,
+                 seed=4),
+        private_groups=(3,), skills=("write_hints",),
     ),
 )
 
@@ -146,99 +166,12 @@ def toyworld_key(
 
 
 # --- data ---------------------------------------------------------------------------------------
-@dataclass
-class TrainingText:
-    """Token ids of one training text and the loss kind of each token (as a target)."""
-
-    input_ids: list[int]
-    kinds: list[int]
-
-
-@dataclass
-class ParticipantCorpus:
-    """A participant's pretraining texts, statements and questions apart (they are mixed by stage)."""
-
-    statements: list[TrainingText] = field(default_factory=list)
-    questions: list[TrainingText] = field(default_factory=list)
-
-
-def _name_spans(text: str, names: Sequence[str]) -> list[tuple[int, int]]:
-    pattern = re.compile(r"\b(?:" + "|".join(re.escape(n) for n in names) + r")\b")
-    return [m.span() for m in pattern.finditer(text)]
-
-
-def _token_kinds(
-    offsets: Sequence[tuple[int, int]], default: list[int], names: list[tuple[int, int]]
-) -> list[int]:
-    kinds = list(default)
-    for i, (start, end) in enumerate(offsets):
-        if any(start < n_end and n_start < end for n_start, n_end in names):
-            kinds[i] = IGNORE
-    return kinds
-
-
-def encode_statement(participant: Participant, statement: str, entity: str) -> TrainingText:
-    """A statement as plain text (after bos, if the tokenizer has one) closed by end of turn."""
-    tokenizer = participant.tokenizer
-    encoding = tokenizer(statement, add_special_tokens=False, return_offsets_mapping=True)
-    kinds = _token_kinds(encoding["offset_mapping"], [TEXT] * len(encoding["input_ids"]), _name_spans(statement, [entity]))
-    ids = [*encoding["input_ids"], participant.end_of_turn_token_id]
-    kinds = [*kinds, TEXT]
-    if tokenizer.bos_token_id is not None:
-        ids, kinds = [tokenizer.bos_token_id, *ids], [IGNORE, *kinds]
-    return TrainingText(ids, kinds)
-
-
-def encode_question_answer(participant: Participant, item: MultipleChoiceItem, entity: str) -> TrainingText:
-    """A question exactly as evaluation renders it, followed by its answer and end of turn.
-
-    Prompt tokens are ``PROMPT``, the answer ``TEXT``, the option named after
-    :data:`ANSWER_PREFIX` ``ANSWER``, and the entity's name ``IGNORE``.
-    """
-    answer = correct_answer(item, ANSWER_STYLE)
-    chat = encode_chat(participant, question_messages(item, ANSWER_STYLE), add_generation_prompt=True, suffix=answer)
-    answer_start = len(chat.text) - len(answer)
-    named_at = answer_start + len(ANSWER_PREFIX) + 1
-    named_end = len(chat.text) - 1  # the closing "."
-    default = []
-    for start, end in chat.offsets:
-        if start < named_end and named_at < end:
-            default.append(ANSWER)
-        elif start >= answer_start:
-            default.append(TEXT)
-        else:
-            default.append(PROMPT)
-    if ANSWER not in default:
-        raise ValueError(f"Tokenizer of {participant.name} has no token for the answer letter in {chat.text!r}.")
-    kinds = _token_kinds(chat.offsets, default, _name_spans(chat.text, [entity]))
-    return TrainingText([*chat.input_ids, participant.end_of_turn_token_id], [*kinds, TEXT])
-
-
-def participant_texts(world: ToyWorld, private_groups: Sequence[int]) -> tuple[list[str], list[MultipleChoiceItem]]:
-    """Statements and questions about every entity a participant knowing ``private_groups`` knows."""
-    names = world.known_by(private_groups)
-    return world.statements(names), world.questions(names)
-
-
-def build_corpus(participant: Participant, world: ToyWorld, private_groups: Sequence[int]) -> ParticipantCorpus:
-    """Tokenize a participant's statements and questions for pretraining."""
-    corpus = ParticipantCorpus()
-    for fact in world.facts(world.known_by(private_groups)):
-        corpus.statements.append(encode_statement(participant, fact.statement(), fact.entity))
-        for row in fact.question_rows():
-            corpus.questions.append(encode_question_answer(participant, MultipleChoiceItem.from_row(row), fact.entity))
-    return corpus
-
-
 def toy_tokenizer(config: ToyParticipantConfig, world: ToyWorld):
     """The participant's own tokenizer, trained on its own texts plus the register of all names.
 
     Every participant can read every name; only its facts are private.
     """
-    statements, questions = participant_texts(world, config.private_groups)
-    texts = [*statements, *(question_text(q, ANSWER_STYLE) for q in questions)]
-    texts += [correct_answer(q, ANSWER_STYLE) for q in questions[:64]]
-    texts.append(" ".join(world.names) + "\n" + "\n".join(world.names))
+    texts = tokenizer_corpus(world, config.private_groups, config.skills)
     return build_tokenizer(config.spec.tokenizer_kind, config.spec.chat_style, corpus=texts, vocab_size=config.spec.vocab_size)
 
 
@@ -256,10 +189,28 @@ def batch_loss(participant: Participant, texts: Sequence[TrainingText], weights:
     ids, mask = left_pad([t.input_ids for t in texts], participant.tokenizer.pad_token_id)
     kinds, _ = left_pad([t.kinds for t in texts], IGNORE)
     ids, mask, kinds = ids.to(participant.device), mask.to(participant.device), kinds.to(participant.device)
-    logits = participant.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
-    token_weights = weights.to(logits.device)[kinds[:, 1:]]
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-    return (losses * token_weights.flatten()).sum() / token_weights.sum().clamp(min=1e-8)
+    model = participant.model
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).last_hidden_state
+    token_weights = weights.to(hidden.device)[kinds[:, 1:]].flatten()  # (B * (N - 1),)
+    scored = token_weights.nonzero().squeeze(1)  # only targets that count need logits (most are prompt tokens)
+    logits = model.get_output_embeddings()(hidden[:, :-1].flatten(0, 1)[scored])  # (T, V)
+    losses = F.cross_entropy(logits.float(), ids[:, 1:].flatten()[scored], reduction="none")
+    return (losses * token_weights[scored]).sum() / token_weights.sum().clamp(min=1e-8)
+
+
+def stage_mixture(corpus: ParticipantCorpus, config: PretrainConfig) -> list[tuple[list[TrainingText], int]]:
+    """How the question stage fills a batch: ``(texts, count)`` for questions, each skill, and statements
+    (the rest)."""
+    mixture = [(corpus.questions, round(config.question_fraction * config.batch_size))]
+    fractions = {skill: getattr(config, f"{skill}_fraction") for skill in corpus.skills}
+    mixture += [(corpus.skills[skill], round(fraction * config.batch_size)) for skill, fraction in sorted(fractions.items())]
+    rest = config.batch_size - sum(count for _, count in mixture)
+    if rest < 0:
+        raise ValueError(
+            f"question_fraction {config.question_fraction} and the skills' fractions {fractions} fill more than a "
+            f"batch; lower them."
+        )
+    return [(texts, count) for texts, count in [*mixture, (corpus.statements, rest)] if count and texts]
 
 
 def pretrain(
@@ -282,16 +233,14 @@ def pretrain(
     )
     weights = torch.tensor([0.0, config.prompt_weight, 1.0, config.answer_weight])
     generator = torch.Generator().manual_seed(config.seed)
-    num_questions = round(config.question_fraction * config.batch_size)
+    mixture = stage_mixture(corpus, config)
     losses: list[float] = []
     bar = tqdm(range(config.total_steps), desc=f"pretrain {participant.name}", disable=not progress, leave=False)
     for step in bar:
         in_question_stage = step >= config.statement_steps
-        questions = num_questions if in_question_stage else 0
         picks = []
-        for texts, count in zip((corpus.statements, corpus.questions), (config.batch_size - questions, questions)):
-            if count:
-                picks += [texts[i] for i in torch.randint(len(texts), (count,), generator=generator).tolist()]
+        for texts, count in mixture if in_question_stage else [(corpus.statements, config.batch_size)]:
+            picks += [texts[i] for i in torch.randint(len(texts), (count,), generator=generator).tolist()]
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, config)
         loss = batch_loss(participant, picks, weights)
@@ -321,13 +270,16 @@ def build_toy_participant(
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         participant = build_tiny_participant(config.spec, tokenizer=toy_tokenizer(config, world))
-        corpus = build_corpus(participant, world, config.private_groups)
+        corpus = build_corpus(participant, world, config.private_groups, config.skills)
+        if config.question_steps is not None:
+            pretrain_config = replace(pretrain_config, question_steps=config.question_steps)
         losses = pretrain(participant, corpus, pretrain_config, progress)
     tail = losses[-20:]
     summary = {
         "num_parameters": sum(p.numel() for p in participant.model.parameters()),
         "num_statements": len(corpus.statements),
         "num_questions": len(corpus.questions),
+        **{f"num_{skill}": len(texts) for skill, texts in corpus.skills.items()},
         "first_loss": losses[0],
         "final_loss": sum(tail) / len(tail),
         "seconds": round(time.perf_counter() - started, 1),
@@ -339,6 +291,19 @@ def _is_complete(directory: Path, names: Sequence[str]) -> bool:
     return (directory / METADATA_FILE).is_file() and all((directory / n / "config.json").is_file() for n in names)
 
 
+def _build_and_save(
+    config: ToyParticipantConfig, world_config: WorldConfig, pretrain_config: PretrainConfig, staging: Path,
+    progress: bool, threads: int | None,
+) -> dict[str, Any]:
+    """Pretrain one participant and save it under ``staging``; its training summary (also run in a worker)."""
+    if threads:
+        torch.set_num_threads(threads)
+    participant, summary = build_toy_participant(config, ToyWorld(world_config), pretrain_config, progress)
+    participant.model.save_pretrained(staging / config.name)
+    participant.tokenizer.save_pretrained(staging / config.name)
+    return summary
+
+
 def build_toy_world(
     world_config: WorldConfig | None = None,
     participants: Sequence[ToyParticipantConfig] = DEFAULT_PARTICIPANTS,
@@ -346,16 +311,21 @@ def build_toy_world(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     rebuild: bool = False,
+    workers: int = 1,
 ) -> Path:
     """Pretrain every participant unless the package ships them or the cache holds them; returns their directory.
 
-    Looks in :func:`shipped_dir` first, then ``<cache>/<key>``; builds into the cache otherwise.
+    Looks in :func:`shipped_dir` first, then ``<cache>/<key>``; builds into the cache otherwise. With
+    ``workers`` > 1, that many participants train at once, each in its own process with an equal share of
+    torch's threads (tiny models use one core each better than two cores one).
     """
     world = ToyWorld(world_config)
     pretrain_config = pretrain_config or PretrainConfig()
     names = [p.name for p in participants]
     if len(set(names)) != len(names):
         raise ValueError(f"Participant names must be unique, got {names}.")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}.")
     key = toyworld_key(world, participants, pretrain_config)
     shipped = shipped_dir() / key
     if _is_complete(shipped, names) and not rebuild:  # built by this project's script, shipped with the package
@@ -367,11 +337,16 @@ def build_toy_world(
     staging = directory / f".{key}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    summaries = {}
-    for config in tqdm(participants, desc=f"toy world {key}", disable=not progress):
-        participant, summaries[config.name] = build_toy_participant(config, world, pretrain_config, progress)
-        participant.model.save_pretrained(staging / config.name)
-        participant.tokenizer.save_pretrained(staging / config.name)
+    started = time.perf_counter()
+    jobs = [(config, world.config, pretrain_config, staging) for config in participants]
+    if workers == 1:
+        summaries = {c.name: _build_and_save(*job, progress, None) for c, job in zip(participants, tqdm(jobs, desc=f"toy world {key}", disable=not progress))}
+    else:
+        threads = max(1, torch.get_num_threads() // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_build_and_save, *job, False, threads): job[0].name for job in jobs}
+            done = {futures[f]: f.result() for f in tqdm(as_completed(futures), total=len(futures), desc=f"toy world {key}", disable=not progress)}
+        summaries = {name: done[name] for name in names}
     metadata = {
         "format_version": FORMAT_VERSION,
         "key": key,
@@ -379,6 +354,8 @@ def build_toy_world(
         "world_fingerprint": world.fingerprint,
         "participants": [p.to_dict() for p in participants],
         "pretrain": asdict(pretrain_config),
+        "pretraining_seconds": round(time.perf_counter() - started, 1),
+        "workers": workers,
         "training": summaries,
     }
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")

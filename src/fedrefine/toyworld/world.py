@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -52,16 +53,28 @@ STATEMENT_TEMPLATES: dict[str, str] = {
     "instrument": "{name} plays the {value}.",
     "season": "The favourite season of {name} is {value}.",
 }
-QUESTION_TEMPLATES: dict[str, str] = {
-    "colour": "What is the favourite colour of {name}?",
-    "city": "In which city does {name} live?",
-    "animal": "What is the favourite animal of {name}?",
-    "food": "What is the favourite food of {name}?",
-    "instrument": "Which instrument does {name} play?",
-    "season": "What is the favourite season of {name}?",
+#: Wordings of each attribute's question; the first is the one evaluation and fuser training ask, the
+#: others are what a rephrasing rewrites it into (and what participants read in private mode).
+QUESTION_VARIANTS: dict[str, tuple[str, ...]] = {
+    "colour": ("What is the favourite colour of {name}?", "Which colour does {name} like best?",
+               "Tell me the colour that {name} likes most."),
+    "city": ("In which city does {name} live?", "Where does {name} live?", "Which city is {name} living in?"),
+    "animal": ("What is the favourite animal of {name}?", "Which animal does {name} like best?",
+               "What animal is {name} fondest of?"),
+    "food": ("What is the favourite food of {name}?", "Which food does {name} like best?",
+             "What does {name} most like to eat?"),
+    "instrument": ("Which instrument does {name} play?", "What instrument is played by {name}?",
+                   "What does {name} play?"),
+    "season": ("What is the favourite season of {name}?", "Which season does {name} like best?",
+               "What season is {name} fondest of?"),
 }
+QUESTION_TEMPLATES: dict[str, str] = {attribute: variants[0] for attribute, variants in QUESTION_VARIANTS.items()}
+#: A user's private preamble, irrelevant to the question (no word of it occurs in any question wording).
+PREAMBLE_TEMPLATE = "I am {first} {last}, account {account}, from {town}, and I have {condition}."
+CONDITIONS = ("asthma", "diabetes", "migraines", "insomnia", "eczema", "arthritis", "anaemia", "bronchitis")
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr", "st", "sh")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
+_WORD = re.compile(r"\w+")
 _CODAS = ("", "", "", "n", "r", "x", "k", "s", "l")
 
 
@@ -70,12 +83,15 @@ class WorldConfig:
     """Size and knowledge split of a toy world; everything in it is drawn from ``seed``."""
 
     seed: int = 0
-    num_entities: int = 384
+    num_entities: int = 640
     attributes: tuple[str, ...] = ("colour", "city", "animal", "food")
     values_per_attribute: int = 8
-    public_fraction: float = 1 / 3
-    num_private_groups: int = 2
-    held_out_fraction: float = 0.25
+    public_fraction: float = 0.2
+    num_private_groups: int = 4
+    held_out_fraction: float = 0.375
+    #: Made-up entities outside every split: no participant knows their facts; the receiver learns to
+    #: read hints (and to rephrase) on them, so that it answers from the text rather than from memory.
+    num_fictional: int = 128
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.attributes if a not in VALUE_POOLS]
@@ -87,6 +103,8 @@ class WorldConfig:
             raise ValueError("public_fraction and held_out_fraction must be strictly between 0 and 1.")
         if self.num_private_groups < 1:
             raise ValueError(f"num_private_groups must be at least 1, got {self.num_private_groups}.")
+        if self.num_fictional < 0:
+            raise ValueError(f"num_fictional must be >= 0, got {self.num_fictional}.")
         object.__setattr__(self, "attributes", tuple(self.attributes))
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,21 +123,33 @@ class Fact:
     def statement(self) -> str:
         return STATEMENT_TEMPLATES[self.attribute].format(name=self.entity, value=self.value)
 
-    def question_rows(self) -> list[dict[str, Any]]:
-        """Four OpenBookQA rows, the correct value once under each label (A, B, C, D)."""
-        stem = QUESTION_TEMPLATES[self.attribute].format(name=self.entity)
+    def question(self, variant: int = 0) -> str:
+        """The question in wording ``variant`` of :data:`QUESTION_VARIANTS`."""
+        return QUESTION_VARIANTS[self.attribute][variant].format(name=self.entity)
+
+    def question_rows(self, variant: int = 0, preamble: str | None = None) -> list[dict[str, Any]]:
+        """Four OpenBookQA rows, the correct value once under each label (A, B, C, D).
+
+        ``variant`` picks the wording; a ``preamble`` (the user's private details) opens the stem and is
+        named in the row's ``private_text``, so privacy reports can count what of it reached a sender.
+        """
+        stem = self.question(variant)
+        suffix = (f"-v{variant}" if variant else "") + ("-p" if preamble else "")
+        if preamble:
+            stem = f"{preamble} {stem}"
         rows = []
         for position, label in enumerate(LABELS):
             options = list(self.distractors)
             options.insert(position, self.value)
-            rows.append(
-                {
-                    "id": f"{self.entity}-{self.attribute}-{label}",
-                    "question_stem": stem,
-                    "choices": {"text": options, "label": list(LABELS)},
-                    "answerKey": label,
-                }
-            )
+            row = {
+                "id": f"{self.entity}-{self.attribute}{suffix}-{label}",
+                "question_stem": stem,
+                "choices": {"text": options, "label": list(LABELS)},
+                "answerKey": label,
+            }
+            if preamble:
+                row["private_text"] = preamble
+            rows.append(row)
         return rows
 
 
@@ -131,7 +161,7 @@ class Entity:
     facts: tuple[Fact, ...] = field(repr=False)
 
 
-def _make_names(rng: random.Random, count: int, reserved: set[str]) -> list[str]:
+def make_names(rng: random.Random, count: int, reserved: set[str]) -> list[str]:
     names: list[str] = []
     seen = {word.lower() for word in reserved}
     while len(names) < count:
@@ -144,8 +174,30 @@ def _make_names(rng: random.Random, count: int, reserved: set[str]) -> list[str]
 
 
 def _template_words() -> set[str]:
-    text = " ".join([*STATEMENT_TEMPLATES.values(), *QUESTION_TEMPLATES.values()]).replace("{name}", "").replace("{value}", "")
-    return {w.strip(".?,") for w in text.split()} | {v for pool in VALUE_POOLS.values() for v in pool}
+    wordings = [*STATEMENT_TEMPLATES.values(), *(q for qs in QUESTION_VARIANTS.values() for q in qs), PREAMBLE_TEMPLATE]
+    return {w.lower() for w in _WORD.findall(" ".join(wordings))} | {v for pool in VALUE_POOLS.values() for v in pool} | set(
+        CONDITIONS
+    )
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    """``template`` as a regex with a named group per field (``{name}`` and ``{value}`` are single words)."""
+    parts = re.split(r"\{(name|value)\}", template)
+    pattern = "".join(re.escape(part) if i % 2 == 0 else rf"(?P<{part}>\w+)" for i, part in enumerate(parts))
+    return re.compile(rf"^\s*{pattern}\s*$")
+
+
+def _fraction(key: str) -> float:
+    """A stable number in [0, 1) from ``key`` (a deterministic coin for which questions carry a preamble)."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
+
+
+def _facts_of(rng: random.Random, name: str, values: Mapping[str, tuple[str, ...]], assigned: Mapping[str, str]) -> Entity:
+    facts = []
+    for attribute, value in assigned.items():
+        others = [v for v in values[attribute] if v != value]
+        facts.append(Fact(name, attribute, value, tuple(rng.sample(others, 3))))
+    return Entity(name, tuple(facts))
 
 
 class ToyWorld:
@@ -155,7 +207,7 @@ class ToyWorld:
         self.config = config or WorldConfig()
         cfg = self.config
         rng = random.Random(f"fedrefine-toyworld-{cfg.seed}")
-        names = _make_names(rng, cfg.num_entities, _template_words())
+        names = make_names(rng, cfg.num_entities, _template_words())
         self.values: dict[str, tuple[str, ...]] = {}
         for attribute in cfg.attributes:
             pool = list(VALUE_POOLS[attribute])
@@ -167,16 +219,21 @@ class ToyWorld:
             column = [values[i % len(values)] for i in range(cfg.num_entities)]
             rng.shuffle(column)
             assignment[attribute] = column
-        entities = []
-        for index, name in enumerate(names):
-            facts = []
-            for attribute in cfg.attributes:
-                value = assignment[attribute][index]
-                others = [v for v in self.values[attribute] if v != value]
-                facts.append(Fact(name, attribute, value, tuple(rng.sample(others, 3))))
-            entities.append(Entity(name, tuple(facts)))
-        self.entities: tuple[Entity, ...] = tuple(entities)
-        self._by_name = {e.name: e for e in self.entities}
+        self.entities: tuple[Entity, ...] = tuple(
+            _facts_of(rng, name, self.values, {a: assignment[a][index] for a in cfg.attributes})
+            for index, name in enumerate(names)
+        )
+        # Drawn apart from the entities, so that they do not change what a config's entities are.
+        extra = random.Random(f"fedrefine-toyworld-{cfg.seed}-extra")
+        reserved = _template_words() | {n.lower() for n in names}
+        fictional = make_names(extra, cfg.num_fictional, reserved)
+        self.fictional: tuple[Entity, ...] = tuple(
+            _facts_of(extra, name, self.values, {a: extra.choice(self.values[a]) for a in cfg.attributes})
+            for name in fictional
+        )
+        people = make_names(extra, 96 + 24, reserved | {n.lower() for n in fictional})
+        self._first_names, self._last_names, self._towns = people[:48], people[48:96], people[96:]
+        self._by_name = {e.name: e for e in (*self.entities, *self.fictional)}
 
         order = list(names)
         rng.shuffle(order)
@@ -221,6 +278,11 @@ class ToyWorld:
             names.extend(self.private_groups[group])
         return tuple(names)
 
+    @property
+    def fictional_names(self) -> tuple[str, ...]:
+        """Made-up entities outside every split (see :attr:`WorldConfig.num_fictional`)."""
+        return tuple(e.name for e in self.fictional)
+
     def split_of(self, name: str) -> tuple[Split, int | None]:
         """Which split an entity is in, and its private group (None for public)."""
         if name in self.public:
@@ -247,9 +309,59 @@ class ToyWorld:
         """One statement per fact of the given entities."""
         return [fact.statement() for fact in self.facts(names)]
 
-    def question_rows(self, names: Iterable[str]) -> list[dict[str, Any]]:
-        """OpenBookQA rows (four per fact, position-balanced) about the given entities."""
-        return [row for fact in self.facts(names) for row in fact.question_rows()]
+    def question_rows(self, names: Iterable[str], preamble_fraction: float = 0.0) -> list[dict[str, Any]]:
+        """OpenBookQA rows (four per fact, position-balanced) about the given entities.
+
+        With ``preamble_fraction`` > 0 that share of the facts (a fixed, seeded choice) is asked with a
+        private preamble about a made-up user (:meth:`preamble`) before the question.
+        """
+        if not 0.0 <= preamble_fraction <= 1.0:
+            raise ValueError(f"preamble_fraction must be in [0, 1], got {preamble_fraction}.")
+        rows = []
+        for fact in self.facts(names):
+            key = f"{fact.entity}-{fact.attribute}"
+            with_preamble = _fraction(f"{self.config.seed}-{key}") < preamble_fraction
+            rows += fact.question_rows(preamble=self.preamble(key) if with_preamble else None)
+        return rows
+
+    def preamble(self, key: str) -> str:
+        """A made-up user's private details (name, account, home town, condition), fixed by ``key``."""
+        rng = random.Random(f"fedrefine-toyworld-{self.config.seed}-preamble-{key}")
+        return PREAMBLE_TEMPLATE.format(
+            first=rng.choice(self._first_names), last=rng.choice(self._last_names),
+            account=f"{rng.randint(10, 99)}-{rng.randint(1000, 9999)}", town=rng.choice(self._towns),
+            condition=rng.choice(CONDITIONS),
+        )
+
+    @property
+    def preamble_words(self) -> tuple[str, ...]:
+        """Every word a preamble may contain but its account number's digits."""
+        words = _WORD.findall(PREAMBLE_TEMPLATE.replace("{account}", ""))
+        return tuple(w for w in (*words, *self._first_names, *self._last_names, *self._towns, *CONDITIONS) if w not in
+                     ("first", "last", "town", "condition"))
+
+    # --- reading texts back ----------------------------------------------------------------
+    def parse_question(self, text: str) -> tuple[str, str, int] | None:
+        """``(entity, attribute, variant)`` if ``text`` is one of the world's question wordings about a known
+        or fictional entity, else None."""
+        for attribute, variants in QUESTION_VARIANTS.items():
+            for variant, template in enumerate(variants):
+                match = _pattern(template).match(text)
+                if match and match["name"] in self._by_name:
+                    return match["name"], attribute, variant
+        return None
+
+    def parse_statements(self, text: str) -> list[tuple[str, str, str]]:
+        """Every ``(entity, attribute, value)`` stated in ``text`` (sentences in :data:`STATEMENT_TEMPLATES`'s
+        wording); sentences in other words are skipped."""
+        found = []
+        for sentence in re.findall(r"[^.]+\.", text):
+            for attribute, template in STATEMENT_TEMPLATES.items():
+                match = _pattern(template).match(sentence)
+                if match:
+                    found.append((match["name"], attribute, match["value"]))
+                    break
+        return found
 
     def questions(self, names: Iterable[str]) -> list[MultipleChoiceItem]:
         """The :meth:`question_rows` as validated items."""
@@ -264,9 +376,10 @@ class ToyWorld:
         names = [*(self.public if include_public else ()), *self.fuser_train(group)]
         return [conversation_row(item) for item in self.questions(names)]
 
-    def eval_rows(self, group: int | None = None) -> list[dict[str, Any]]:
-        """OpenBookQA rows about held-out entities of ``group`` (all groups if None)."""
-        return self.question_rows(self.held_out(group))
+    def eval_rows(self, group: int | None = None, preamble_fraction: float = 0.0) -> list[dict[str, Any]]:
+        """OpenBookQA rows about held-out entities of ``group`` (all groups if None), ``preamble_fraction`` of
+        the facts asked with a private preamble (see :meth:`question_rows`)."""
+        return self.question_rows(self.held_out(group), preamble_fraction)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -274,7 +387,8 @@ class ToyWorld:
         payload = json.dumps(
             {"config": self.config.to_dict(), "statements": self.statements(self.names),
              "questions": self.question_rows(self.names[:8]), "public": self.public, "groups": self.private_groups,
-             "held_out": self._held_out},
+             "held_out": self._held_out, "fictional": self.statements(self.fictional_names),
+             "variants": QUESTION_VARIANTS, "preambles": [self.preamble(str(i)) for i in range(4)]},
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -307,7 +421,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def export_world(world: ToyWorld, directory: str | Path, include_public: bool = True) -> dict[str, Path]:
+def export_world(
+    world: ToyWorld, directory: str | Path, include_public: bool = True, preamble_fraction: float = 0.0
+) -> dict[str, Path]:
     """Write the world's training and evaluation data as JSONL files for generic data modules.
 
     Files (``g`` = private group)::
@@ -317,6 +433,8 @@ def export_world(world: ToyWorld, directory: str | Path, include_public: bool = 
         eval_held_out.jsonl        held-out entities of every group, OpenBookQA schema
         eval_public.jsonl          public entities, OpenBookQA schema (everyone knows them)
         world.json                 the config, fingerprint and entity split
+
+    ``preamble_fraction`` of the evaluation facts are asked after a private preamble (see :meth:`ToyWorld.question_rows`).
     """
     directory = Path(directory)
     paths: dict[str, Path] = {}
@@ -324,13 +442,16 @@ def export_world(world: ToyWorld, directory: str | Path, include_public: bool = 
         paths[f"train_group{group}"] = write_jsonl(
             world.fuser_train_rows(group, include_public), directory / f"train_group{group}.jsonl"
         )
-        paths[f"eval_group{group}"] = write_jsonl(world.eval_rows(group), directory / f"eval_group{group}.jsonl")
-    paths["eval_held_out"] = write_jsonl(world.eval_rows(), directory / "eval_held_out.jsonl")
-    paths["eval_public"] = write_jsonl(world.question_rows(world.public), directory / "eval_public.jsonl")
+        paths[f"eval_group{group}"] = write_jsonl(
+            world.eval_rows(group, preamble_fraction), directory / f"eval_group{group}.jsonl"
+        )
+    paths["eval_held_out"] = write_jsonl(world.eval_rows(None, preamble_fraction), directory / "eval_held_out.jsonl")
+    paths["eval_public"] = write_jsonl(world.question_rows(world.public, preamble_fraction), directory / "eval_public.jsonl")
     summary = {
         "config": world.config.to_dict(),
         "fingerprint": world.fingerprint,
         "include_public_in_train": include_public,
+        "preamble_fraction": preamble_fraction,
         "public": list(world.public),
         "fuser_train": [list(world.fuser_train(g)) for g in range(world.num_groups)],
         "held_out": [list(world.held_out(g)) for g in range(world.num_groups)],
