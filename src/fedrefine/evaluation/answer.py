@@ -87,9 +87,8 @@ class RouteRunner:
         if plans is not None and route.query_mode != "original":
             rephrasings = {id(r): r for p in plans for r in p.rephrasings.values()}
             result.stages["rephrase"] = sum(r.seconds for r in rephrasings.values())
-            records, summary = leakage_report(plans)
-            result.leakage = summary.mean_token_overlap
-            result.private_tokens = (sum(r.private_tokens_leaked for r in records), sum(r.private_tokens for r in records))
+            summary = leakage_report(plans)[1]
+            result.leakage, result.private_tokens = summary.mean_token_overlap, (summary.private_tokens_leaked, summary.private_tokens)
         if route.kind == "adaptive":
             return self._adaptive(batch, route)
         if route.kind == "t2t":

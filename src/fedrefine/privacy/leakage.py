@@ -172,7 +172,13 @@ class LeakageSummary:
     max_token_overlap: float
     mean_embedding_similarity: float | None
     mean_rephrase_seconds: float | None
-    private_token_leakage: float | None = None  # leaked / all private tokens over records; None: no private text
+    private_tokens: int = 0  # word tokens of the questions' private texts, over all records
+    private_tokens_leaked: int = 0  # of them, found in what the senders received
+
+    @property
+    def private_token_leakage(self) -> float | None:
+        """Leaked over all private tokens; None where no question has a private text."""
+        return self.private_tokens_leaked / self.private_tokens if self.private_tokens else None
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -216,8 +222,7 @@ def leakage_report(
         max_token_overlap=max(overlaps, default=0.0),
         mean_embedding_similarity=_mean([r.embedding_similarity for r in records]),
         mean_rephrase_seconds=_mean([r.rephrase_seconds for r in records]),
-        private_token_leakage=(
-            sum(r.private_tokens_leaked for r in records) / private if (private := sum(r.private_tokens for r in records)) else None
-        ),
+        private_tokens=sum(r.private_tokens for r in records),
+        private_tokens_leaked=sum(r.private_tokens_leaked for r in records),
     )
     return records, summary
