@@ -1,9 +1,9 @@
-"""Federation on the toy world: receiver alone, each single sender, and both senders, in both fusion modes.
+"""Federation on the toy world: receiver alone, each single sender, and all four senders, in both fusion modes.
 
     python benchmarks/toyworld_federation.py [--steps 300]
 
 Trains (or reuses) one fuser per sender and mode with configs/toyworld_reference.yaml (seed 0; the C2C reference positions), stores
-them in a registry, and tests a FederationModule on the held-out entities of both private groups
+them in a registry, and tests a FederationModule on the held-out entities of all four private groups
 (each sender knows one group). Writes benchmarks/results/toyworld_federation.{json,md}.
 """
 
@@ -19,10 +19,12 @@ from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser
 from fedrefine.modules import FederationModule
 from fedrefine.registry import FuserRegistry
+from fedrefine.toyworld import DEFAULT_PARTICIPANTS
 from fedrefine.toyworld.lightning import ToyParticipant, ToyWorldDataModule
 from fedrefine.trainer_cli import build_cli
 
-SENDERS = {"llama": ("llama-sender", 0), "qwen2": ("qwen2-sender", 1)}
+#: Short name -> (toy participant, the private group it knows), e.g. "llama" -> ("llama-sender", 0).
+SENDERS = {c.name.removesuffix("-sender"): (c.name, c.private_groups[0]) for c in DEFAULT_PARTICIPANTS if c.private_groups}
 
 
 def train_fuser(sender: str, group: int, mode: str, steps: int, root: Path) -> Path:
@@ -55,7 +57,7 @@ def main() -> None:
             registry.save(Fuser.load(path, loaded[name].identity, loaded["receiver"].identity))
         module = FederationModule(
             sources, "receiver", list(SENDERS), str(registry.root),
-            evaluation=EvaluationConfig(answer_mode="cloze", test_routes=["receiver", "c2c:llama", "c2c:qwen2", "c2c"]),
+            evaluation=EvaluationConfig(answer_mode="cloze", test_routes=["receiver", *(f"c2c:{name}" for name in SENDERS), "c2c"]),
         )
         trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                             default_root_dir=root / f"test-{mode}")
@@ -68,9 +70,9 @@ def main() -> None:
     command, commit = script_command(), git_commit()
     table = [[r["mode"], r["route"], r["senders"], f"{100 * r['accuracy']:.1f}%",
               f"{100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}%", f"{r['bytes_per_token']:.0f}"] for r in rows]
-    lines = ["# Toy world federation: held-out entities of both private groups", "",
-             f"Command: `{command}` at commit `{commit}`. Each sender knows one of the two groups, so one sender "
-             "can lift at most half of the questions; fusers were trained pairwise (seed 0) and combined "
+    lines = ["# Toy world federation: held-out entities of all four private groups", "",
+             f"Command: `{command}` at commit `{commit}`. Each sender knows one of the four groups, so one sender "
+             "can lift at most a quarter of the questions; fusers were trained pairwise (seed 0) and combined "
              "in parallel (residual) or stacked (concat), without a gating network.", "",
              *markdown_table(["mode", "route", "senders", "accuracy", "95% CI", "bytes/token"], table)]
     write_results(args.out, {"command": command, "commit": commit, "rows": rows}, "\n".join(lines) + "\n")

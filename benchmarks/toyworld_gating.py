@@ -1,4 +1,4 @@
-"""A gating network on the toy world: can the receiver hear both senders without losing to the best one?
+"""A gating network on the toy world: can the receiver hear all four senders without losing to the best one?
 
     python benchmarks/toyworld_gating.py [--steps 300] [--variants gate gate+fusers]
 
@@ -6,9 +6,9 @@ Reuses (or trains) the pairwise residual fusers of benchmarks/toyworld_federatio
 each variant ``fedrefine fit`` (configs/toyworld_federation.yaml) trains the receiver's gating
 network, with the fusers frozen (``gate``) or jointly (``gate+fusers``; ``fusers``: joint training without a gate,
 the ablation), on questions about the
-fuser-train entities of both private groups with a random non-empty sender subset per batch, and
-``fedrefine test`` scores receiver alone, each single sender and both senders on the held-out
-entities of both groups. The ungated federation is tested on the same questions as reference.
+fuser-train entities of all four private groups with a random non-empty sender subset per batch, and
+``fedrefine test`` scores receiver alone, each single sender and all senders on the held-out
+entities of all groups. The ungated federation is tested on the same questions as reference.
 Writes benchmarks/results/toyworld_gating.{json,md}.
 """
 
@@ -37,7 +37,7 @@ VARIANTS = {  # name -> (gating network, train the fusers jointly; None: no fit)
 
 
 def build_registry(steps: int, fuser_root: Path, root: Path) -> Path:
-    """A fresh registry of the two pairwise residual fusers (joint training writes into its own copy)."""
+    """A fresh registry of the pairwise residual fusers (joint training writes into its own copy)."""
     loaded = {name: ToyParticipant(sender).load() for name, sender in [("receiver", "receiver"), *((n, s) for n, (s, _) in SENDERS.items())]}
     registry = FuserRegistry(root)
     for name, (sender, group) in SENDERS.items():
@@ -86,12 +86,12 @@ def main() -> None:
     command, commit = script_command(), git_commit()
     table = [[r["variant"], r["route"], r["senders"], f"{100 * r['accuracy']:.1f}%",
               f"{100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}%", r["fit_steps"]] for r in rows]
-    lines = ["# Toy world gating network: held-out entities of both private groups", "",
+    lines = ["# Toy world gating network: held-out entities of all four private groups", "",
              f"Command: `{command}` at commit `{commit}`. Residual fusion, pairwise fusers of "
              "benchmarks/toyworld_federation.py (seed 0). `gate`: the receiver's gating network trained with the "
              "fusers frozen; `gate+fusers`: gate and fusers trained jointly; `fusers`: the fusers trained the same way "
              "without a gate (ablation); all on questions about fuser-train "
-             "entities of both groups, a random non-empty sender subset per batch. With a gate every route "
+             "entities of all four groups, a random non-empty sender subset per batch. With a gate every route "
              "(single senders too) goes through it.", "",
              *markdown_table(["variant", "route", "senders", "accuracy", "95% CI", "fit steps"], table)]
     write_results(args.out, {"command": command, "commit": commit, "rows": rows}, "\n".join(lines) + "\n")

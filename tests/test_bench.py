@@ -109,8 +109,10 @@ def test_openbookqa_sweep_names_the_papers_five_models_and_parses_without_loadin
 
 def test_toy_sweep_config_parses_with_overrides():
     sweep, fresh = load_sweep(["--config", str(REPO / "benchmarks/fig3_toy.yaml"), "--num_questions", "8", "--fresh"])
-    assert fresh and sweep.num_questions == 8 and sweep.sender_names == ["llama", "qwen2"]
+    assert fresh and sweep.num_questions == 8 and sweep.sender_names == ["llama", "qwen2", "qwen3", "deep-llama"]
     assert set(sweep.registries) == {"residual", "concat"}
+    assert len(sweep.cells) == 3 + 3 * 3 * 7  # the four toy senders: prefixes 1..4 plus the three other singles
+    assert sweep.data.preamble_fraction == 0.5  # private preambles on half of the questions
 
 
 # --- running, resuming, reporting ---------------------------------------------------------------

@@ -288,22 +288,26 @@ def fit_and_test_on_held_out(module, data, tmp_path, steps: int = 100) -> tuple[
 
 @pytest.mark.slow
 def test_co_c2c_lifts_the_smaller_model_on_facts_only_the_larger_one_knows(tmp_path):
-    """100 Co-C2C steps (both directions train): the smallest toy model, as receiver, answers the held-out
-    entities of the llama sender's group far above its own chance-level accuracy (~30 s on 2 CPU cores)."""
+    """100 Co-C2C steps with the README recipe (both directions train): the smallest toy model, as receiver,
+    answers the held-out entities of the llama sender's group far above its own chance-level accuracy
+    (~30 s on 2 CPU cores)."""
     import lightning as L
 
     from fedrefine.evaluation import EvaluationConfig
     from fedrefine.fuser import FuserConfig
     from fedrefine.modules import CoC2CModule
+    from fedrefine.multiple_choice import ANSWER_PREFIX
     from fedrefine.toyworld.lightning import ToyParticipant, ToyWorldDataModule
 
     L.seed_everything(0)
     module = CoC2CModule(
-        ToyParticipant("receiver"), ToyParticipant("llama-sender"), FuserConfig(hidden_size=128, dropout=0.0, gate_init=2.0),
+        ToyParticipant("receiver"), ToyParticipant("llama-sender"),
+        FuserConfig(hidden_size=128, dropout=0.0, gate_init=2.0, fuse_at="last"),
         learning_rate=3e-3, warmup_fraction=0.05, registry=str(tmp_path / "registry"),
-        evaluation=EvaluationConfig(answer_mode="cloze", test_routes=["receiver", "c2c"]),
+        evaluation=EvaluationConfig(answer_mode="cloze", prefill_answer=True, test_routes=["receiver", "c2c"]),
     )
-    data = ToyWorldDataModule(group=0, include_public=False, data_dir=str(tmp_path / "data"), batch_size=32)
+    data = ToyWorldDataModule(group=0, include_public=False, data_dir=str(tmp_path / "data"), batch_size=32,
+                              response_prefill=ANSWER_PREFIX)
     accuracy, questions = fit_and_test_on_held_out(module, data, tmp_path)
     assert questions == 768  # every held-out group-0 fact (48 entities x 4 attributes), answer at each of A-D
     assert accuracy["receiver"] <= 0.30

@@ -22,7 +22,7 @@ from fedrefine.toyworld.corpus import (
     nonce_names,
     rephrasing_target,
 )
-from fedrefine.toyworld.pretrain import stage_mixture, toy_tokenizer
+from fedrefine.toyworld.pretrain import batch_loss, stage_mixture, toy_tokenizer
 from fedrefine.toyworld.world import QUESTION_VARIANTS, STATEMENT_TEMPLATES
 
 SMALL = WorldConfig(seed=5, num_entities=24, attributes=("colour", "city"), values_per_attribute=5,
@@ -111,10 +111,10 @@ def test_a_rephrasing_target_is_the_next_wording_without_the_preamble(world):
 def test_reply_encoding_marks_the_prompt_the_reply_and_what_it_must_get_right(world):
     sender = _participant(SENDER, world)
     fact = world.facts(world.known_by([0])[:1])[0]
-    text = encode_reply(sender, DEFAULT_PROMPT_TEMPLATE.format(question=fact.question()), fact.statement(), fact.value)
+    text = encode_reply(sender, DEFAULT_PROMPT_TEMPLATE.format(question=fact.question()), fact.statement(), (fact.entity, fact.value))
     tokens = [sender.tokenizer.decode([i]) for i in text.input_ids]
     answer = [t.strip() for t, k in zip(tokens, text.kinds) if k == ANSWER]
-    assert answer == [fact.value]
+    assert sorted(answer) == sorted([fact.entity, fact.value])  # the name to copy and the value to recall
     reply = "".join(t for t, k in zip(tokens[:-1], text.kinds[:-1]) if k in (TEXT, ANSWER))
     assert reply.strip() == fact.statement()
     assert text.kinds[0] == PROMPT and text.kinds[-1] == TEXT  # end of turn is learned
@@ -146,6 +146,26 @@ def test_corpora_hold_the_skills_each_participant_is_taught(world):
     assert sum(count for _, count in mixture) == 20
     with pytest.raises(ValueError, match="fill more than a batch"):
         stage_mixture(receiver_corpus, PretrainConfig(question_fraction=0.9))
+
+
+def test_length_bucketed_batches_give_the_padded_batch_loss_and_gradients(world):
+    sender = _participant(SENDER, world)
+    corpus = build_corpus(sender, world, SENDER.private_groups, SENDER.skills)
+    texts = [*corpus.statements[:5], *corpus.questions[:6], *corpus.skills["write_hints"][:5]]  # 10 to 70 tokens
+    assert len({len(t.input_ids) for t in texts}) > 3
+    weights = torch.tensor([0.0, 0.0, 1.0, 5.0])
+    sender.model.requires_grad_(True)
+    results = []
+    for buckets in (1, 3, len(texts)):
+        sender.model.zero_grad()
+        loss = batch_loss(sender, texts, weights, buckets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in sender.model.parameters()]))
+    (padded, padded_grads), *bucketed = results
+    for loss, grads in bucketed:
+        torch.testing.assert_close(loss, padded, rtol=1e-5, atol=1e-6)
+        for grad, reference in zip(grads, padded_grads, strict=True):
+            torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
 
 
 def test_a_syllable_receiver_reads_held_out_names_in_pieces_its_training_names_have(world):

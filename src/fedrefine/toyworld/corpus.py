@@ -14,7 +14,9 @@ private preamble). On top, by role (:data:`Skill`):
 
 Every target token has a kind (:data:`IGNORE`, :data:`PROMPT`, :data:`TEXT`, :data:`ANSWER`) that the
 loss weighs: an entity's name is ``IGNORE`` where it cannot be predicted (a statement's subject, a question
-about it) and ``TEXT`` where it is copied from the prompt (hints, rephrasings); the named value is ``ANSWER``.
+about it) and ``ANSWER`` where it is copied from the prompt into a reply (hints, rephrasings: a hint about
+the wrong entity is worthless, and copying is what tiny senders learn last), like the value a hint or an
+answer names.
 """
 
 from __future__ import annotations
@@ -122,13 +124,13 @@ def encode_question_answer(participant: Participant, item: MultipleChoiceItem, e
     return encode_answer(participant, question_messages(item, ANSWER_STYLE), item, entity)
 
 
-def encode_reply(participant: Participant, prompt: str, reply: str, answer: str | None = None) -> TrainingText:
+def encode_reply(participant: Participant, prompt: str, reply: str, answers: Sequence[str] = ()) -> TrainingText:
     """One user message (rendered as :func:`~fedrefine.generation.generate_replies` renders it), then ``reply``
-    and end of turn: the reply is ``TEXT``, the word ``answer`` in it (what the reply must get right: a hint's
-    value, a rephrasing's entity) ``ANSWER``, the prompt ``PROMPT``."""
+    and end of turn: the reply is ``TEXT``, the words ``answers`` in it (what the reply must get right: a hint's
+    entity and value, a rephrasing's entity) ``ANSWER``, the prompt ``PROMPT``."""
     chat = encode_chat(participant, [{"role": "user", "content": prompt}], add_generation_prompt=True, suffix=reply)
     reply_start = len(chat.text) - len(reply)
-    answer_spans = [(reply_start + s, reply_start + e) for s, e in _name_spans(reply, [answer])] if answer else []
+    answer_spans = [(reply_start + s, reply_start + e) for s, e in _name_spans(reply, answers)] if answers else []
     kinds = [
         PROMPT if start < reply_start else ANSWER if _overlaps(start, end, answer_spans) else TEXT
         for start, end in chat.offsets
@@ -201,7 +203,7 @@ def build_corpus(
             corpus.questions.append(encode_question_answer(participant, item, fact.entity))
     if "write_hints" in skills:
         corpus.skills["write_hints"] = [
-            encode_reply(participant, DEFAULT_PROMPT_TEMPLATE.format(question=stem), fact.statement(), fact.value)
+            encode_reply(participant, DEFAULT_PROMPT_TEMPLATE.format(question=stem), fact.statement(), (fact.entity, fact.value))
             for fact in known
             for stem in asked_stems(world, fact)
         ]
@@ -216,7 +218,7 @@ def build_corpus(
         attributes = world.config.attributes
         nonce = [Fact(name, rng.choice(attributes), "", ("", "", "")) for name in nonce_names(world)]
         corpus.skills["rephrase"] = [
-            encode_reply(participant, DEFAULT_REPHRASE_TEMPLATE.format(query=stem), rephrasing_target(fact, stem), fact.entity)
+            encode_reply(participant, DEFAULT_REPHRASE_TEMPLATE.format(query=stem), rephrasing_target(fact, stem), (fact.entity,))
             for fact in [*public, *fictional, *nonce]
             for stem in (asked_stems(world, fact) if fact.value else [rng.choice(asked_stems(world, fact))])
         ]

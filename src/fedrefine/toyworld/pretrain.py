@@ -5,7 +5,9 @@ exactly what evaluation reads: statements of its facts, and multiple-choice ques
 rendered with its own chat template (user message :func:`question_text`, generation prompt,
 :func:`correct_answer` + end of turn). Training is staged: statements first (the facts), then
 question-heavy (the multiple-choice skill, which appears abruptly). The loss ignores entity-name
-tokens (unpredictable) and weights the answer letter.
+tokens where they are unpredictable and weights what a reply must get right (see
+:mod:`fedrefine.toyworld.corpus`). Each batch runs sorted by length in a few chunks, so that short
+statements are not padded to the longest question.
 
 The result lives in ``<cache>/<key>/<participant>/`` (``save_pretrained`` model + tokenizer),
 where ``<cache>`` is ``$FEDREFINE_CACHE/toyworld`` or ``~/.cache/fedrefine/toyworld`` and the
@@ -44,7 +46,7 @@ from fedrefine.tokenizer import build_tokenizer
 from fedrefine.toyworld.corpus import IGNORE, SKILLS, ParticipantCorpus, TrainingText, build_corpus, tokenizer_corpus
 from fedrefine.toyworld.world import ToyWorld, WorldConfig
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: a hint's entity name is weighted like its value; batches run in length buckets
 METADATA_FILE = "toyworld.json"
 
 
@@ -78,16 +80,17 @@ class PretrainConfig:
     """Optimisation recipe shared by every toy participant (a participant may set its own question steps).
 
     Facts are stated for ``statement_steps``, then batches mix questions, the participant's skills and
-    statements (the ``*_fraction`` fields) for ``question_steps``. On 2 CPU cores, one core per participant,
-    a sender's 3,000 steps take about 10 minutes and the receiver's 4,500 about 20.
+    statements (the ``*_fraction`` fields) for ``question_steps``. On one CPU core, a sender's 2,400 steps
+    take 6-9 minutes and the receiver's 4,500 about 17.
     """
 
     statement_steps: int = 300
-    question_steps: int = 2700
+    question_steps: int = 2100
     batch_size: int = 64
+    length_buckets: int = 3  # each batch runs sorted by length in this many chunks (less padding)
     question_fraction: float = 0.4
     # Shares of each batch after the statement stage, for participants with the skill (statements fill the rest).
-    write_hints_fraction: float = 0.25
+    write_hints_fraction: float = 0.45  # a hint restates a fact, so it also keeps the facts in memory
     read_hints_fraction: float = 0.2
     rephrase_fraction: float = 0.35
     learning_rate: float = 3e-3
@@ -132,7 +135,7 @@ DEFAULT_PARTICIPANTS: tuple[ToyParticipantConfig, ...] = (
         TinySpec("deep-llama-sender", "llama", num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=4,
                  head_dim=16, intermediate_size=128, tokenizer_kind="word", chat_style="llama3", vocab_size=2048,
                  seed=4),
-        private_groups=(3,), skills=("write_hints",),
+        private_groups=(3,), skills=("write_hints",), question_steps=3000,  # deep and narrow learns slowest
     ),
 )
 
@@ -184,8 +187,28 @@ def _learning_rate(step: int, config: PretrainConfig) -> float:
     return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
-def batch_loss(participant: Participant, texts: Sequence[TrainingText], weights: torch.Tensor) -> torch.Tensor:
-    """Weighted next-token loss of a batch; ``weights[kind]`` is each token kind's weight."""
+def batch_loss(
+    participant: Participant, texts: Sequence[TrainingText], weights: torch.Tensor, length_buckets: int = 1
+) -> torch.Tensor:
+    """Weighted next-token loss of a batch; ``weights[kind]`` is each token kind's weight.
+
+    The batch is sorted by length and run in ``length_buckets`` chunks, each padded to its own longest
+    text (a 10-token statement padded to a 70-token question costs as much as the question); the loss is
+    the same as one padded batch's, up to float rounding.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i].input_ids))
+    size = math.ceil(len(order) / max(1, length_buckets))
+    sums, totals = zip(*(
+        _weighted_losses(participant, [texts[i] for i in order[start : start + size]], weights)
+        for start in range(0, len(order), size)
+    ))
+    return torch.stack(sums).sum() / torch.stack(totals).sum().clamp(min=1e-8)
+
+
+def _weighted_losses(
+    participant: Participant, texts: Sequence[TrainingText], weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of weighted next-token losses of one padded chunk, and the sum of its weights."""
     ids, mask = left_pad([t.input_ids for t in texts], participant.tokenizer.pad_token_id)
     kinds, _ = left_pad([t.kinds for t in texts], IGNORE)
     ids, mask, kinds = ids.to(participant.device), mask.to(participant.device), kinds.to(participant.device)
@@ -195,7 +218,7 @@ def batch_loss(participant: Participant, texts: Sequence[TrainingText], weights:
     scored = token_weights.nonzero().squeeze(1)  # only targets that count need logits (most are prompt tokens)
     logits = model.get_output_embeddings()(hidden[:, :-1].flatten(0, 1)[scored])  # (T, V)
     losses = F.cross_entropy(logits.float(), ids[:, 1:].flatten()[scored], reduction="none")
-    return (losses * token_weights[scored]).sum() / token_weights.sum().clamp(min=1e-8)
+    return (losses * token_weights[scored]).sum(), token_weights.sum()
 
 
 def stage_mixture(corpus: ParticipantCorpus, config: PretrainConfig) -> list[tuple[list[TrainingText], int]]:
@@ -243,7 +266,7 @@ def pretrain(
             picks += [texts[i] for i in torch.randint(len(texts), (count,), generator=generator).tolist()]
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, config)
-        loss = batch_loss(participant, picks, weights)
+        loss = batch_loss(participant, picks, weights, config.length_buckets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -285,6 +308,11 @@ def build_toy_participant(
         "seconds": round(time.perf_counter() - started, 1),
     }
     return participant, summary
+
+
+def _steps(config: ToyParticipantConfig, pretrain_config: PretrainConfig) -> int:
+    """The participant's total pretraining steps: the recipe's statement steps, then its question steps."""
+    return pretrain_config.statement_steps + (config.question_steps or pretrain_config.question_steps)
 
 
 def _is_complete(directory: Path, names: Sequence[str]) -> bool:
@@ -338,15 +366,17 @@ def build_toy_world(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     started = time.perf_counter()
-    jobs = [(config, world.config, pretrain_config, staging) for config in participants]
+    # Longest first, so that the workers finish together.
+    by_steps = sorted(participants, key=lambda c: -_steps(c, pretrain_config))
+    jobs = [(config, world.config, pretrain_config, staging) for config in by_steps]
     if workers == 1:
-        summaries = {c.name: _build_and_save(*job, progress, None) for c, job in zip(participants, tqdm(jobs, desc=f"toy world {key}", disable=not progress))}
+        done = {job[0].name: _build_and_save(*job, progress, None) for job in tqdm(jobs, desc=f"toy world {key}", disable=not progress)}
     else:
         threads = max(1, torch.get_num_threads() // workers)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(_build_and_save, *job, False, threads): job[0].name for job in jobs}
             done = {futures[f]: f.result() for f in tqdm(as_completed(futures), total=len(futures), desc=f"toy world {key}", disable=not progress)}
-        summaries = {name: done[name] for name in names}
+    summaries = {name: done[name] for name in names}
     metadata = {
         "format_version": FORMAT_VERSION,
         "key": key,
