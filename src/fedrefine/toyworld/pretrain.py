@@ -70,6 +70,12 @@ class ToyParticipantConfig:
     def name(self) -> str:
         return self.spec.name
 
+    def recipe(self, pretrain_config: PretrainConfig) -> PretrainConfig:
+        """The shared recipe with this participant's own question steps, if it sets them."""
+        if self.question_steps is None:
+            return pretrain_config
+        return replace(pretrain_config, question_steps=self.question_steps)
+
     def to_dict(self) -> dict[str, Any]:
         return {"spec": asdict(self.spec), "private_groups": list(self.private_groups), "skills": list(self.skills),
                 "question_steps": self.question_steps}
@@ -294,9 +300,7 @@ def build_toy_participant(
     with torch.random.fork_rng(devices=[]):
         participant = build_tiny_participant(config.spec, tokenizer=toy_tokenizer(config, world))
         corpus = build_corpus(participant, world, config.private_groups, config.skills)
-        if config.question_steps is not None:
-            pretrain_config = replace(pretrain_config, question_steps=config.question_steps)
-        losses = pretrain(participant, corpus, pretrain_config, progress)
+        losses = pretrain(participant, corpus, config.recipe(pretrain_config), progress)
     tail = losses[-20:]
     summary = {
         "num_parameters": sum(p.numel() for p in participant.model.parameters()),
@@ -308,11 +312,6 @@ def build_toy_participant(
         "seconds": round(time.perf_counter() - started, 1),
     }
     return participant, summary
-
-
-def _steps(config: ToyParticipantConfig, pretrain_config: PretrainConfig) -> int:
-    """The participant's total pretraining steps: the recipe's statement steps, then its question steps."""
-    return pretrain_config.statement_steps + (config.question_steps or pretrain_config.question_steps)
 
 
 def _is_complete(directory: Path, names: Sequence[str]) -> bool:
@@ -367,7 +366,7 @@ def build_toy_world(
     staging.mkdir(parents=True)
     started = time.perf_counter()
     # Longest first, so that the workers finish together.
-    by_steps = sorted(participants, key=lambda c: -_steps(c, pretrain_config))
+    by_steps = sorted(participants, key=lambda c: -c.recipe(pretrain_config).total_steps)
     jobs = [(config, world.config, pretrain_config, staging) for config in by_steps]
     if workers == 1:
         done = {job[0].name: _build_and_save(*job, progress, None) for job in tqdm(jobs, desc=f"toy world {key}", disable=not progress)}
