@@ -124,10 +124,10 @@ DEFAULT_PARTICIPANTS: tuple[ToyParticipantConfig, ...] = (
         TinySpec("llama-sender", "llama", num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=3, head_dim=16,
                  intermediate_size=256, rope_theta=500000.0, tokenizer_kind="word", chat_style="llama3",
                  vocab_size=2048, seed=1),
-        private_groups=(0,), skills=("write_hints",),
+        private_groups=(0,), skills=("write_hints",), question_steps=1800,
     ),
-    ToyParticipantConfig(
-        TinySpec("qwen2-sender", "qwen2", num_layers=5, hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=8,
+    ToyParticipantConfig(  # 4 K/V heads: with 2 its K/V (16 wide a layer) was the narrowest, and transferred least
+        TinySpec("qwen2-sender", "qwen2", num_layers=5, hidden_size=64, num_heads=8, num_kv_heads=4, head_dim=8,
                  intermediate_size=160, tokenizer_kind="word", chat_style="chatml", vocab_size=2048, seed=2),
         private_groups=(1,), skills=("write_hints",),
     ),
@@ -135,7 +135,7 @@ DEFAULT_PARTICIPANTS: tuple[ToyParticipantConfig, ...] = (
         TinySpec("qwen3-sender", "qwen3", num_layers=2, hidden_size=128, num_heads=8, num_kv_heads=4, head_dim=16,
                  intermediate_size=256, rope_theta=1000000.0, tokenizer_kind="word", chat_style="chatml",
                  vocab_size=2048, seed=3),
-        private_groups=(2,), skills=("write_hints",),
+        private_groups=(2,), skills=("write_hints",), question_steps=1800,
     ),
     ToyParticipantConfig(  # deep and narrow, every head its own K/V
         TinySpec("deep-llama-sender", "llama", num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=4,

@@ -12,16 +12,23 @@ Knowledge split (all deterministic from :attr:`WorldConfig.seed`)::
                   -> held_out(group)          no fuser ever trains on these; evaluation only
 
 Adding a sender that knows another group adds knowledge the receiver can borrow.
+
+Options are dealt per split in blocks of four (:func:`_deal_option_blocks`): the four facts of a block
+share one option set, and each has a different member of it as its answer. A reader that does not
+know the facts and always prefers some values over others therefore scores exactly chance (25%) on
+every split, so a control or a receiver alone is compared against chance, not against the luck of
+the draw.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -192,6 +199,31 @@ def _fraction(key: str) -> float:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
 
 
+def _deal_option_blocks(rng: random.Random, facts: Sequence[Fact], values: Sequence[str]) -> dict[str, Fact]:
+    """``facts`` (one attribute, one split) with their distractors dealt in blocks of four; by entity.
+
+    The facts, in a seeded order and then sorted by value, go round-robin into ``ceil(n / 4)`` blocks, so
+    the facts of a block have different values whenever no value holds more than a quarter of them (true
+    of the default world's every split). A block's values are its option set, each fact's distractors the
+    others: within a block every option is the answer once, and a fixed preference among the values picks
+    the right one exactly once in four. A block with fewer than four values (a split whose size is not a
+    multiple of four, or a value holding more than a quarter of it) is topped up from the attribute's other
+    values, and is only balanced on average.
+    """
+    facts = list(facts)
+    rng.shuffle(facts)
+    facts.sort(key=lambda fact: fact.value)  # stable: the seeded order breaks ties
+    num_blocks = math.ceil(len(facts) / 4)
+    dealt = {}
+    for block in (facts[b::num_blocks] for b in range(num_blocks)):
+        options = sorted({fact.value for fact in block})
+        options += rng.sample([v for v in values if v not in options], max(0, 4 - len(options)))
+        for fact in block:
+            distractors = rng.sample([v for v in options if v != fact.value], 3)
+            dealt[fact.entity] = replace(fact, distractors=tuple(distractors))
+    return dealt
+
+
 def _facts_of(rng: random.Random, name: str, values: Mapping[str, tuple[str, ...]], assigned: Mapping[str, str]) -> Entity:
     facts = []
     for attribute, value in assigned.items():
@@ -233,7 +265,6 @@ class ToyWorld:
         )
         people = make_names(extra, 96 + 24, reserved | {n.lower() for n in fictional})
         self._first_names, self._last_names, self._towns = people[:48], people[48:96], people[96:]
-        self._by_name = {e.name: e for e in (*self.entities, *self.fictional)}
 
         order = list(names)
         rng.shuffle(order)
@@ -248,6 +279,17 @@ class ToyWorld:
         self._fuser_train: tuple[tuple[str, ...], ...] = tuple(
             tuple(sorted(g[round(cfg.held_out_fraction * len(g)) :])) for g in groups
         )
+        # The entities above drew their distractors at random (the split is drawn after those draws, so they
+        # stay); here every split's options are dealt in blocks instead, from a stream of their own.
+        blocks = random.Random(f"fedrefine-toyworld-{cfg.seed}-option-blocks")
+        dealt: dict[str, list[Fact]] = {e.name: list(e.facts) for e in self.entities}
+        for split in (self.public, *self._fuser_train, *self._held_out):
+            for index, attribute in enumerate(cfg.attributes):
+                column = [dealt[name][index] for name in split]
+                for name, fact in _deal_option_blocks(blocks, column, self.values[attribute]).items():
+                    dealt[name][index] = fact
+        self.entities = tuple(Entity(e.name, tuple(dealt[e.name])) for e in self.entities)
+        self._by_name = {e.name: e for e in (*self.entities, *self.fictional)}
 
     # --- the split ------------------------------------------------------------------------
     @property
@@ -387,6 +429,7 @@ class ToyWorld:
         payload = json.dumps(
             {"config": self.config.to_dict(), "statements": self.statements(self.names),
              "questions": self.question_rows(self.names[:8]), "public": self.public, "groups": self.private_groups,
+             "distractors": [fact.distractors for fact in self.facts(self.names)],
              "held_out": self._held_out, "fictional": self.statements(self.fictional_names),
              "variants": QUESTION_VARIANTS, "preambles": [self.preamble(str(i)) for i in range(4)]},
             sort_keys=True,
