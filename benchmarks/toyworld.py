@@ -1,6 +1,6 @@
 """The toy world's bars: does knowledge really transfer through the fuser? (issue "Toy world")
 
-    python benchmarks/toyworld.py [--seeds 0 1 2] [--senders llama-sender qwen2-sender ...] [--steps 300]
+    python benchmarks/toyworld.py [--seeds 0 1 2] [--senders llama-sender qwen2-sender ...] [--steps 300] [--workers 2]
     python benchmarks/toyworld.py --config configs/toyworld_reference.yaml --out benchmarks/results/toyworld_reference
     python benchmarks/toyworld.py --config configs/toyworld_reference.yaml --set model.fuser.fuse_keys=false \
         --out benchmarks/results/toyworld_reference_values_only
@@ -12,14 +12,17 @@ the two controls (mismatched message, random K/V) and the reordered-options prob
 ``<out>.json`` and ``<out>.md`` (default benchmarks/results/toyworld). ``--set key=value`` overrides a
 config field in both. Each row also carries the fit's last validation accuracy of C2C on the
 development split (fuser-train entities held out of training): compare variants there, not on
-the held-out entities the bars are measured on.
+the held-out entities the bars are measured on. ``--workers N`` runs N fits at once, each in its own
+process with an equal share of torch's threads (tiny models use one core each better than two cores one).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -72,6 +75,12 @@ def run(
     }
 
 
+def run_in_worker(threads: int, *args) -> dict:
+    """:func:`run` in a pool worker with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    return run(*args)
+
+
 def same_tokenizer(first: str, second: str) -> bool:
     """Whether two toy participants share a vocabulary (each trains its own, so none does)."""
     participants = load_toy_participants(progress=False)
@@ -93,12 +102,12 @@ def bars(rows: list[dict]) -> dict[str, bool]:
     }
 
 
-def markdown(rows: list[dict], checks: dict[str, bool], command: str, commit: str) -> str:
+def markdown(rows: list[dict], checks: dict[str, bool], command: str, commit: str, threads: int) -> str:
     header = ["seed", "sender", "steps", "s", "dev c2c", *ROUTES]
     lines = [
         "# Toy world: knowledge transfer on held-out entities",
         "",
-        f"Command: `{command}` at commit `{commit}` (CPU, {torch.get_num_threads()} threads).",
+        f"Command: `{command}` at commit `{commit}` (CPU, {threads} threads per fit).",
         "Accuracies are on the held-out entities of the sender's private group (cloze scoring, 4 options, "
         "every fact asked with its answer at each of A-D); dev c2c: the fit's last validation, on the development "
         "split of fuser-train entities.",
@@ -124,13 +133,20 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/toyworld")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field in fit and test, e.g. model.fuser.fuse_keys=false")
+    parser.add_argument("--workers", type=int, default=1, help="fits run at once, one process each")
     args = parser.parse_args()
     root = Path(args.root or f"runs/benchmarks/{Path(args.out).name}")
-    rows = [run(sender, seed, args.steps, root, args.config, args.overrides) for sender in args.senders for seed in args.seeds]
+    jobs = [(sender, seed, args.steps, root, args.config, args.overrides) for sender in args.senders for seed in args.seeds]
+    threads = max(1, torch.get_num_threads() // args.workers)
+    if args.workers == 1:
+        rows = [run(*job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(run_in_worker, [threads] * len(jobs), *zip(*jobs)))
     checks = bars(rows)
     command, commit = script_command(), git_commit()
-    payload = {"command": command, "commit": commit, "runs": rows, "bars": checks}
-    write_results(args.out, payload, markdown(rows, checks, command, commit))
+    payload = {"command": command, "commit": commit, "torch_threads_per_fit": threads, "runs": rows, "bars": checks}
+    write_results(args.out, payload, markdown(rows, checks, command, commit, threads))
 
 
 if __name__ == "__main__":

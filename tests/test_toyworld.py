@@ -1,5 +1,6 @@
 """The toy world: deterministic content, disjoint splits, valid rows, export, cache keys, pretraining."""
 
+import random
 from collections import Counter
 from dataclasses import replace
 
@@ -23,6 +24,7 @@ from fedrefine.toyworld import (
 )
 from fedrefine.toyworld.corpus import ANSWER, IGNORE, build_corpus, encode_question_answer
 from fedrefine.toyworld.pretrain import pretrain, toy_tokenizer
+from fedrefine.toyworld.world import Fact, _deal_option_blocks
 
 SMALL = WorldConfig(seed=3, num_entities=24, attributes=("colour", "city"), values_per_attribute=5, num_private_groups=2,
                     public_fraction=1 / 3, held_out_fraction=0.25, num_fictional=4)
@@ -99,6 +101,39 @@ def test_rows_validate_and_answers_are_position_balanced(world):
     fact = world.facts(world.names[:1])[0]
     assert fact.value in fact.statement() and fact.entity in fact.statement()
     assert set(fact.distractors) <= set(world.values[fact.attribute]) - {fact.value}
+
+
+def test_a_reader_without_the_facts_scores_chance_on_every_split():
+    """Options are dealt in blocks: any fixed preference among the values scores exactly 25% on every split's
+    facts of one attribute, unless one value holds more than a quarter of them (one column of the default
+    world: 14 of group 1's 48 held-out entities like rice); the whole split stays within 2.5 points."""
+    world = ToyWorld()
+    splits = [world.public, *(world.fuser_train(g) for g in range(4)), *(world.held_out(g) for g in range(4))]
+    rng = random.Random(0)
+    exact_columns = 0
+    for _ in range(8):
+        preference = {attribute: rng.sample(values, len(values)) for attribute, values in world.values.items()}
+        for split in splits:
+            facts = world.facts(split)
+            right = {f: min((f.value, *f.distractors), key=preference[f.attribute].index) == f.value for f in facts}
+            assert abs(sum(right.values()) / len(facts) - 0.25) <= 0.025
+            for attribute in world.config.attributes:
+                column = [f for f in facts if f.attribute == attribute]
+                if max(Counter(f.value for f in column).values()) <= len(column) / 4:
+                    assert 4 * sum(right[f] for f in column) == len(column)
+                    exact_columns += 1
+    assert exact_columns >= 8 * (len(splits) * len(world.config.attributes) - 1)
+
+
+def test_option_blocks_keep_every_fact_and_never_offer_its_value_twice():
+    values = ("red", "blue", "green", "pink", "grey")
+    facts = [Fact(f"E{i}", "colour", value, ("x", "y", "z")) for i, value in enumerate("red red red blue green red".split())]
+    dealt = _deal_option_blocks(random.Random(1), facts, values)
+    assert sorted(dealt) == sorted(f.entity for f in facts)
+    for fact in facts:  # the value stays; three distinct other values of the attribute around it
+        again = dealt[fact.entity]
+        assert again.value == fact.value and len(set(again.distractors)) == 3
+        assert set(again.distractors) <= set(values) - {fact.value}
 
 
 def test_jsonl_export_round_trips(world, tmp_path):
