@@ -2,6 +2,7 @@
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,22 @@ def test_kv_bytes_with_a_codec_measures_serialised_messages(capsys):
     total = {name: int(next(line for line in out.splitlines() if line.startswith("all 4")).split()[3].replace(",", ""))
              for name, out in (("int4", int4), ("bf16", bf16))}
     assert total["bf16"] == 86_016 and total["int4"] <= 22_528 < total["bf16"] // 3
+
+
+def test_git_commit_is_dirty_for_changed_code_but_not_for_written_results(tmp_path, monkeypatch):
+    from fedrefine.bench.records import git_commit
+
+    monkeypatch.chdir(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "start"], check=True)
+    clean = git_commit()
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text('{"b": 1}')  # an earlier benchmark's results
+    assert git_commit() == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit() == clean + "+dirty"

@@ -11,10 +11,15 @@ from typing import Any
 
 
 def git_commit() -> str | None:
-    """The short commit of the working tree (with ``+dirty`` when tracked files changed), or None outside git."""
+    """The short commit of the working tree, or None outside git.
+
+    ``+dirty`` is added when tracked files other than ``benchmarks/results/`` changed: results that earlier
+    benchmarks of the same chain wrote do not change the code that measures.
+    """
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+                               capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
