@@ -5,41 +5,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from fedrefine.evaluation.adaptive_choice import AdaptiveChoice
+from fedrefine.evaluation.choices import Choices, extract_choices
 from fedrefine.evaluation.config import AnswerMode, answer_style
 from fedrefine.evaluation.metrics import RouteResult
 from fedrefine.evaluation.question_batch import QueryPlanner, QuestionBatch, Variant
+from fedrefine.evaluation.text_routes import TextRoutes
 from fedrefine.fusion import FusedReceiver, FusionBatch
-from fedrefine.generation import Reply
 from fedrefine.message import KVMessage, random_message_like
-from fedrefine.multiple_choice import extract_choice
 from fedrefine.privacy.leakage import leakage_report
-from fedrefine.privacy.plans import QueryPlan
 from fedrefine.routes import Route
-from fedrefine.scoring import NORMALIZATIONS, Normalization, OptionScores, score_alone, score_options
+from fedrefine.scoring import NORMALIZATIONS, Normalization, score_options
 from fedrefine.selection import SenderSelection
-from fedrefine.t2t import T2TConfig, t2t_predict
+from fedrefine.t2t import T2TConfig
 from fedrefine.timing import stopwatch, time_inside
-from fedrefine.wire import SenderUnavailable
-
-
-@dataclass
-class Choices:
-    """The option chosen per encoded row (B,), and in cloze mode under each normalisation (B,) too."""
-
-    chosen: Tensor
-    cloze: dict[str, Tensor] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, scores: OptionScores, normalization: Normalization) -> Choices:
-        """Choices from option scores: under ``normalization`` and, for cloze scores, under each one."""
-        cloze = {n: scores.predictions(n) for n in NORMALIZATIONS} if scores.cloze else {}
-        return cls(scores.predictions(normalization), cloze)
 
 
 class RouteRunner:
@@ -73,6 +56,7 @@ class RouteRunner:
         self.planner, self.t2t = planner or QueryPlanner(), t2t
         self.selection, self.generator = selection, generator
         self.adaptive = adaptive
+        self.text = TextRoutes(model, mode, max_new_tokens, t2t, normalization)
 
     def run(self, batch: QuestionBatch, route: Route) -> RouteResult:
         """Answer every encodable question of the batch; questions that failed to encode are predicted -1."""
@@ -92,12 +76,12 @@ class RouteRunner:
         if route.kind == "adaptive":
             return self._adaptive(batch, route)
         if route.kind == "t2t":
-            chosen = self._t2t(route, plans, result)
+            chosen = self.text.t2t(route, plans, result)
         elif route.auto:
             chosen = self._auto(batch, result)
         elif route.kind == "sender":
             with stopwatch(device) as elapsed:
-                chosen = self._alone(batch, route.senders[0])
+                chosen = self.text.alone(batch, route.senders[0])
             result.stages["sender"] = elapsed.seconds
         else:
             chosen = self._fused(batch, route, result)
@@ -161,7 +145,7 @@ class RouteRunner:
             else:
                 generated = model.generate(fusion, self.max_new_tokens, senders=list(kv_messages), kv_messages=kv_messages)
                 texts = model.receiver.tokenizer.batch_decode(generated, skip_special_tokens=True)
-                chosen = Choices(self._extract(texts, batch))
+                chosen = Choices(extract_choices(texts, batch))
         if kv_messages:
             result.stages["fuse"] = fuse.seconds
         result.stages["receiver"] = elapsed.seconds - fuse.seconds
@@ -195,73 +179,3 @@ class RouteRunner:
             return self.run(batch, self.adaptive.route_for(option, route.senders))
         finally:
             model.link = saved
-
-    # --- one model alone, T2T ------------------------------------------------------------------
-    @torch.no_grad()
-    def _alone(self, batch: QuestionBatch, name: str) -> Choices:
-        if name in self.model.remotes:
-            raise ValueError(f"Route 'sender:{name}' scores options with the sender's own model, which is served "
-                             f"elsewhere ({self.model.remotes[name].endpoint}); evaluate it where it runs.")
-        sender, alone = self.model.senders[name], batch.alone[name]
-        if self.mode != "generate":
-            scores = score_alone(sender, alone.input_ids, alone.attention_mask, alone.options, answer_style(self.mode))
-            return Choices.of(scores.cpu(), self.normalization)
-        output = sender.model.generate(
-            input_ids=alone.input_ids,
-            attention_mask=alone.attention_mask,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=sender.tokenizer.pad_token_id,
-            eos_token_id=sender.end_of_turn_token_id,
-        )
-        texts = sender.tokenizer.batch_decode(output[:, alone.input_ids.shape[1] :], skip_special_tokens=True)
-        return Choices(self._extract(texts, batch))
-
-    def _t2t(self, route: Route, plans: list[QueryPlan], result: RouteResult) -> Choices:
-        model = self.model
-        senders = [model.senders[n] for n in route.senders]
-        writers = {model.senders[n].name: self._remote_writer(n, result) for n in route.senders if n in model.remotes}
-        answers = t2t_predict(
-            model.receiver,
-            senders,
-            [p.receiver_item for p in plans],
-            self.t2t,
-            sender_questions={model.senders[n].name: [p.sender_texts[n] for p in plans] for n in route.senders},
-            style=plans[0].style if plans else "letter",
-            normalization=self.normalization,
-            writers=writers,
-        )
-        for answer in answers:
-            for stage, seconds in answer.seconds.items():
-                key = "sender" if stage.startswith("sender:") else stage
-                result.stages[key] = result.stages.get(key, 0.0) + seconds
-            result.bytes_sent += answer.id_bytes
-        result.bytes_per_token = float(sum((self.t2t or T2TConfig()).bytes_per_id for _ in senders))
-        cloze = {n: torch.tensor([a.cloze_predictions[n] for a in answers]) for n in NORMALIZATIONS} if self.mode == "cloze" else {}
-        return Choices(torch.tensor([a.prediction for a in answers]), cloze)
-
-    def _remote_writer(self, name: str, result: RouteResult):
-        """Hints from a remote sender; one that fails writes empty hints (left out of the prompt), recorded."""
-        remote = self.model.remotes[name]
-
-        def write(prompts: Sequence[str], budget: int, batch_size: int) -> list[Reply]:
-            try:
-                delivery = remote.hints(prompts, budget, batch_size)
-            except SenderUnavailable as err:
-                result.dropped[name] = err.why
-                return [Reply("", (), 0.0) for _ in prompts]
-            result.contributed = (*result.contributed, name)
-            result.transport_bytes += delivery.transport_bytes
-            result.stages["transfer"] = result.stages.get("transfer", 0.0) + delivery.transfer_seconds
-            return delivery.replies
-
-        return write
-
-    @staticmethod
-    def _extract(texts: Sequence[str], batch: QuestionBatch) -> Tensor:
-        chosen = []
-        for text, row in zip(texts, batch.encoded_rows):
-            labels = batch.option_labels[row]
-            letter = extract_choice(text, labels)
-            chosen.append(labels.index(letter) if letter is not None else -1)
-        return torch.tensor(chosen)

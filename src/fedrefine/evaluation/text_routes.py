@@ -1,0 +1,94 @@
+"""Routes whose models exchange text, not caches: a sender alone, and T2T (senders write hints, the receiver
+reads them)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedrefine.evaluation.choices import Choices, extract_choices
+from fedrefine.evaluation.config import AnswerMode, answer_style
+from fedrefine.evaluation.metrics import RouteResult
+from fedrefine.evaluation.question_batch import QuestionBatch
+from fedrefine.fusion import FusedReceiver
+from fedrefine.generation import Reply
+from fedrefine.privacy.plans import QueryPlan
+from fedrefine.routes import Route
+from fedrefine.scoring import NORMALIZATIONS, Normalization, score_alone
+from fedrefine.t2t import T2TConfig, t2t_predict
+from fedrefine.wire import SenderUnavailable
+
+
+class TextRoutes:
+    """Answers by a sender alone and by T2T; the settings are :class:`~fedrefine.evaluation.answer.RouteRunner`'s."""
+
+    def __init__(
+        self, model: FusedReceiver, mode: AnswerMode, max_new_tokens: int, t2t: T2TConfig | None,
+        normalization: Normalization,
+    ) -> None:
+        self.model, self.mode, self.max_new_tokens = model, mode, max_new_tokens
+        self.t2t_config = t2t
+        self.normalization = normalization
+
+    @torch.no_grad()
+    def alone(self, batch: QuestionBatch, name: str) -> Choices:
+        """One sender answers alone, from its own model."""
+        if name in self.model.remotes:
+            raise ValueError(f"Route 'sender:{name}' scores options with the sender's own model, which is served "
+                             f"elsewhere ({self.model.remotes[name].endpoint}); evaluate it where it runs.")
+        sender, alone = self.model.senders[name], batch.alone[name]
+        if self.mode != "generate":
+            scores = score_alone(sender, alone.input_ids, alone.attention_mask, alone.options, answer_style(self.mode))
+            return Choices.of(scores.cpu(), self.normalization)
+        output = sender.model.generate(
+            input_ids=alone.input_ids,
+            attention_mask=alone.attention_mask,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=sender.tokenizer.pad_token_id,
+            eos_token_id=sender.end_of_turn_token_id,
+        )
+        texts = sender.tokenizer.batch_decode(output[:, alone.input_ids.shape[1] :], skip_special_tokens=True)
+        return Choices(extract_choices(texts, batch))
+
+    def t2t(self, route: Route, plans: list[QueryPlan], result: RouteResult) -> Choices:
+        """The senders write hints; the receiver answers with them in its prompt."""
+        model = self.model
+        senders = [model.senders[n] for n in route.senders]
+        writers = {model.senders[n].name: self._remote_writer(n, result) for n in route.senders if n in model.remotes}
+        answers = t2t_predict(
+            model.receiver,
+            senders,
+            [p.receiver_item for p in plans],
+            self.t2t_config,
+            sender_questions={model.senders[n].name: [p.sender_texts[n] for p in plans] for n in route.senders},
+            style=plans[0].style if plans else "letter",
+            normalization=self.normalization,
+            writers=writers,
+        )
+        for answer in answers:
+            for stage, seconds in answer.seconds.items():
+                key = "sender" if stage.startswith("sender:") else stage
+                result.stages[key] = result.stages.get(key, 0.0) + seconds
+            result.bytes_sent += answer.id_bytes
+        result.bytes_per_token = float(sum((self.t2t_config or T2TConfig()).bytes_per_id for _ in senders))
+        cloze = {n: torch.tensor([a.cloze_predictions[n] for a in answers]) for n in NORMALIZATIONS} if self.mode == "cloze" else {}
+        return Choices(torch.tensor([a.prediction for a in answers]), cloze)
+
+    def _remote_writer(self, name: str, result: RouteResult):
+        """Hints from a remote sender; one that fails writes empty hints (left out of the prompt), recorded."""
+        remote = self.model.remotes[name]
+
+        def write(prompts: Sequence[str], budget: int, batch_size: int) -> list[Reply]:
+            try:
+                delivery = remote.hints(prompts, budget, batch_size)
+            except SenderUnavailable as err:
+                result.dropped[name] = err.why
+                return [Reply("", (), 0.0) for _ in prompts]
+            result.contributed = (*result.contributed, name)
+            result.transport_bytes += delivery.transport_bytes
+            result.stages["transfer"] = result.stages.get("transfer", 0.0) + delivery.transfer_seconds
+            return delivery.replies
+
+        return write
