@@ -86,8 +86,8 @@ class PretrainConfig:
     """Optimisation recipe shared by every toy participant (a participant may set its own question steps).
 
     Facts are stated for ``statement_steps``, then batches mix questions, the participant's skills and
-    statements (the ``*_fraction`` fields) for ``question_steps``. On one CPU core, a sender's 2,400 steps
-    take 6-9 minutes and the receiver's 4,500 about 17.
+    statements (the ``*_fraction`` fields) for ``question_steps``. On one CPU core, a sender's 2,100-3,300
+    steps take 4-9 minutes and the receiver's 4,500 about 15.
     """
 
     statement_steps: int = 300
