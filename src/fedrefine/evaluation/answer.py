@@ -53,7 +53,7 @@ class RouteRunner:
         adaptive: AdaptiveChoice | None = None,
     ) -> None:
         self.model, self.mode, self.max_new_tokens, self.normalization = model, mode, max_new_tokens, normalization
-        self.planner, self.t2t = planner or QueryPlanner(), t2t
+        self.planner = planner or QueryPlanner()
         self.selection, self.generator = selection, generator
         self.adaptive = adaptive
         self.text = TextRoutes(model, mode, max_new_tokens, t2t, normalization)
