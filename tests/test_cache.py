@@ -61,6 +61,17 @@ def test_rotary_removal_inverts_the_models_own_rotation(llama_sender):
     assert torch.allclose(remove_rotary(rotated, cos, sin), x, atol=1e-5)
 
 
+def test_apply_rotary_is_transformers_rotation_and_computes_in_the_angles_dtype():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    x, cos, sin = torch.randn(2, 3, 5, 8), torch.randn(2, 1, 5, 8), torch.randn(2, 1, 5, 8)
+    expected, _ = apply_rotary_pos_emb(x, x, cos[:, 0], sin[:, 0], unsqueeze_dim=1)  # it adds the head axis
+    assert torch.allclose(apply_rotary(x, cos, sin), expected, atol=1e-6)
+    rotated = apply_rotary(x.bfloat16(), cos, sin)  # bf16 states, fp32 angles: an fp32 result
+    assert rotated.dtype == torch.float32
+    assert torch.allclose(rotated, apply_rotary(x.bfloat16().float(), cos, sin))
+
+
 def test_removing_rotary_from_cached_keys_makes_them_position_free(receiver):
     """The same token at two positions has different cached keys, but equal unrotated layer-0 keys."""
     ids = torch.tensor([[50, 60, 70, 50]])

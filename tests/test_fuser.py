@@ -209,3 +209,26 @@ def test_inference_over_some_layers_reuses_the_stack_of_every_open_layer(receive
     assert stacked.layers == looped.layers == given
     torch.testing.assert_close(stacked.values, looped.values.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stacked.keys, looped.keys.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_scale_multiplies_each_layers_sample_and_token_deltas(receiver, qwen2_sender, stacked):
+    """Residual fusion masks unaligned tokens and weighs a sender by the gate's share through ``scale``, which
+    the fuser applies to its per-head weights: the same deltas as scaling them afterwards."""
+    torch.manual_seed(5)
+    fuser = Fuser(qwen2_sender.identity, receiver.identity, FuserConfig(hidden_size=16)).eval()
+    for layer in fuser.layers:
+        for stream in (layer.key, layer.value):
+            torch.nn.init.normal_(stream.projection.weight, std=0.5)
+    sender, theirs = random_layers(qwen2_sender.identity), random_layers(receiver.identity)
+    scale = torch.rand(receiver.identity.num_layers, theirs.values.shape[1], theirs.values.shape[3])  # (L_t, B, N)
+    scale[:, 0, 1] = 0.0  # a token that reads no sender column
+    with torch.set_grad_enabled(not stacked):
+        plain, scaled = fuser(sender, theirs), fuser(sender, theirs, scale)
+    factor = scale[list(plain.layers)][:, :, None, :, None]  # (R, B, 1, N, 1)
+    torch.testing.assert_close(scaled.values, plain.values * factor, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scaled.keys, plain.keys * factor, rtol=1e-5, atol=1e-6)
+    assert scaled.values[:, 0, :, 1].abs().sum() == 0
+    concat = Fuser(qwen2_sender.identity, receiver.identity, FuserConfig(hidden_size=16, mode="concat")).eval()
+    with pytest.raises(ValueError, match="scale is for residual fusion"):
+        concat(sender, None, scale)

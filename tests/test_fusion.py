@@ -117,6 +117,28 @@ def test_fusing_layer_by_layer_gives_the_cache_of_fusing_them_all_at_once(receiv
         torch.testing.assert_close(chunked.layers[layer].values, together.layers[layer].values, rtol=1e-5, atol=1e-6)
 
 
+def test_fusion_leaves_the_receivers_own_prefill_as_it_was(receiver, qwen2_sender):
+    """The fused cache is written into a copy: a prefill handed to ``prepare`` (made while remote senders
+    worked, or reused across calls) is not changed, and fusing from it twice gives the same cache."""
+    from fedrefine.fusion.strategy import prefill_all_but_last
+
+    pair = make_pair(receiver, qwen2_sender).eval()
+    batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS])
+    ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
+    with torch.no_grad():
+        messages = {name: pair.send(name, batch.senders[name]) for name in pair.sender_names}
+        inputs = pair.fusion_inputs(batch, messages)
+        own = prefill_all_but_last(receiver, ids, mask)
+        before = [(layer.keys.clone(), layer.values.clone()) for layer in own.cache.layers]
+        first = pair.strategy.prepare(receiver, ids, mask, inputs, own).cache
+        second = pair.strategy.prepare(receiver, ids, mask, inputs, own).cache
+    for layer, (keys, values) in zip(own.cache.layers, before):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    for a, b, (keys, _) in zip(first.layers, second.layers, before):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert not torch.equal(a.keys, keys)
+
+
 def test_fuser_for_other_pair_is_refused(receiver, llama_sender, qwen2_sender):
     fuser = Fuser(llama_sender.identity, receiver.identity)
     with pytest.raises(ValueError, match="participants are"):

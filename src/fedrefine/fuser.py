@@ -148,8 +148,9 @@ class StreamFuser(nn.Module):
         nn.init.zeros_(self.projection.weight)
         nn.init.zeros_(self.projection.bias)
 
-    def forward(self, sender: Tensor, receiver: Tensor | None = None) -> Tensor:
-        """Weighted projection ``w * p`` (B, H_t, N, D_t) from sender (B, H_s, N, D_s) [and receiver] states."""
+    def forward(self, sender: Tensor, receiver: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+        """Weighted projection ``w * p`` (B, H_t, N, D_t) from sender (B, H_s, N, D_s) [and receiver] states;
+        ``scale`` (B, N) multiplies each token's weight ``w`` (e.g. 0 where a token is not aligned)."""
         batch, _, length, _ = sender.shape
         features = self.sender_norm(sender.transpose(1, 2).flatten(2))
         if self.receiver_norm is not None:  # residual mode reading the receiver's states
@@ -158,7 +159,9 @@ class StreamFuser(nn.Module):
             features = torch.cat((features, self.receiver_norm(receiver.transpose(1, 2).flatten(2))), dim=-1)
         h = self.trunk(self.input(features))
         p = self.projection(self.projection_blocks(h)).view(batch, length, self.receiver_heads, self.receiver_head_dim)
-        w = torch.sigmoid(self.weight_head(self.weight_block(h))).unsqueeze(-1)
+        w = torch.sigmoid(self.weight_head(self.weight_block(h))).unsqueeze(-1)  # (B, N, H_t, 1)
+        if scale is not None:
+            w = w * scale[:, :, None, None]
         return (w * p).transpose(1, 2)
 
 
@@ -193,18 +196,18 @@ class ResidualLayerFuser(LayerFuser):
     """Residual mode: gated deltas (dK, dV) for the receiver's (unrotated) K/V at the same positions;
     dK is None when the fuser fuses values only (``fuse_keys: false``)."""
 
-    def forward(self, sender: KVPair, receiver: KVPair, temperature: Tensor) -> KVPair:
+    def forward(self, sender: KVPair, receiver: KVPair, temperature: Tensor, scale: Tensor | None = None) -> KVPair:
         g = self.gate(temperature)
-        delta_values = g * self.value(sender[1], receiver[1])  # (B, H_t, N, D_t)
+        delta_values = g * self.value(sender[1], receiver[1], scale)  # (B, H_t, N, D_t)
         if self.key is None:
             return None, delta_values
-        return g * self.key(sender[0], receiver[0]), delta_values
+        return g * self.key(sender[0], receiver[0], scale), delta_values
 
 
 class ConcatLayerFuser(LayerFuser):
     """Concat mode: new (K, V) cache entries from the sender's states alone; the gate scales the values."""
 
-    def forward(self, sender: KVPair, receiver: None, temperature: Tensor) -> LayerKV:
+    def forward(self, sender: KVPair, receiver: None, temperature: Tensor, scale: None = None) -> LayerKV:
         g = self.gate(temperature)
         return self.key(sender[0]), g * self.value(sender[1])  # (B, H_t, N_s, D_t) each
 
@@ -278,33 +281,41 @@ class Fuser(nn.Module):
         """Whether the receiver's own (unrotated) keys are an input (residual, keys fused, reading the receiver)."""
         return self.fuses_keys and self.mode == "residual" and self.config.reads_receiver
 
-    def forward(self, sender: KVStack, receiver: KVStack | None = None) -> KVStack | None:
+    def forward(self, sender: KVStack, receiver: KVStack | None = None, scale: Tensor | None = None) -> KVStack | None:
         """Residual deltas (dK, dV) or concat cache entries (K, V) of every receiver layer that fuses, stacked
         over those layers (None: none fuses). All K/V are position-free.
 
         ``sender`` holds the sender layers that were sent (residual: gathered at the receiver's
         positions), each (B, H_s, N, D_s); ``receiver`` (residual only) the receiver layers to fuse,
         each (B, H_t, N, D_t). A receiver layer fuses when its gate is open and both its sender
-        layer and itself are given. Values-only fusers return no keys.
+        layer and itself are given. Values-only fusers return no keys. ``scale`` (residual only),
+        (L_t, B, N) over every receiver layer, multiplies each layer's, sample's and token's deltas
+        (0 where a token is not aligned; a gating network's share); applied to the small per-head
+        weight ``w``, not to the deltas.
         """
         if (receiver is None) != (self.mode == "concat"):
             raise ValueError(f"A {self.mode} fuser takes {'no' if self.mode == 'concat' else 'the'} receiver states.")
+        if scale is not None and receiver is None:
+            raise ValueError("scale is for residual fusion; concat fusion weighs its entries' values itself.")
         runs = [i for i, is_open in enumerate(self.open_layers()) if is_open and self.layer_map[i] in sender.layers
                 and (receiver is None or i in receiver.layers)]
         if not runs:
             return None
         source = sender.select([self.layer_map[i] for i in runs])  # (R, B, H_s, N, D_s)
         target = None if receiver is None else receiver.select(runs)  # (R, B, H_t, N, D_t)
+        scale = None if scale is None else scale[list(runs)]  # (R, B, N)
         if len(runs) > 1 and not self.training and not torch.is_grad_enabled():
-            return self._stacked_forward(runs, source, target)
+            return self._stacked_forward(runs, source, target, scale)
         outputs = []
         for slot, index in enumerate(runs):
             theirs = None if target is None else (_slot(target.keys, slot), target.values[slot])
-            outputs.append(self.layers[index]((_slot(source.keys, slot), source.values[slot]), theirs, self.temperature))
+            outputs.append(self.layers[index](
+                (_slot(source.keys, slot), source.values[slot]), theirs, self.temperature, _slot(scale, slot)
+            ))
         keys = None if outputs[0][0] is None else torch.stack([k for k, _ in outputs])  # (R, B, H_t, N, D_t)
         return KVStack(tuple(runs), keys, torch.stack([v for _, v in outputs]))
 
-    def _stacked_forward(self, runs: list[int], sender: KVStack, receiver: KVStack | None) -> KVStack:
+    def _stacked_forward(self, runs: list[int], sender: KVStack, receiver: KVStack | None, scale: Tensor | None) -> KVStack:
         """Inference over the layers ``runs`` at once (see :mod:`fedrefine.fuser_stack`); same outputs as the loop."""
         versions = tuple((p.data_ptr(), p._version) for p in self.parameters())  # moved or updated: re-stack
         opened = tuple(i for i, is_open in enumerate(self.open_layers()) if is_open)
@@ -315,8 +326,8 @@ class Fuser(nn.Module):
             gates = torch.stack([self.layers[i].gate.logit for i in runs]).gt(0).to(sender.values.dtype)  # (R,)
             values = stacked.value(sender.values, None) * gates.view(-1, 1, 1, 1, 1)
             return KVStack(tuple(runs), stacked.key(sender.keys, None), values)
-        values = stacked.value(sender.values, receiver.values)  # residual deltas; open gates are 1 in eval
-        keys = None if stacked.key is None else stacked.key(sender.keys, receiver.keys)
+        values = stacked.value(sender.values, receiver.values, scale)  # residual deltas; open gates are 1 in eval
+        keys = None if stacked.key is None else stacked.key(sender.keys, receiver.keys, scale)
         return KVStack(tuple(runs), keys, values)
 
     # --- persistence -------------------------------------------------------------------------

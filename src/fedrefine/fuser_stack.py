@@ -104,8 +104,9 @@ class StackedStream:
             first.receiver_head_dim,
         )
 
-    def __call__(self, sender: Tensor, receiver: Tensor | None) -> Tensor:
-        """(L, B, H_s, N, D_s) [and (L, B, H_t, N, D_t)] -> weighted projections ``w * p`` (L, B, H_t, N, D_t)."""
+    def __call__(self, sender: Tensor, receiver: Tensor | None, scale: Tensor | None = None) -> Tensor:
+        """(L, B, H_s, N, D_s) [and (L, B, H_t, N, D_t)] -> weighted projections ``w * p`` (L, B, H_t, N, D_t);
+        ``scale`` (L, B, N) multiplies each token's weight ``w``."""
         layers, batch, _, length, _ = sender.shape
         h = linear(normalised(rows(sender), self.sender_eps), self.sender_input)  # (L, M, hidden)
         if self.receiver_input is not None:
@@ -116,6 +117,8 @@ class StackedStream:
             p = block(p)
         p = linear(p, self.projection).view(layers, batch, length, self.heads, self.head_dim)
         w = torch.sigmoid(linear(self.weight_block(h), self.weight_head)).view(layers, batch, length, self.heads, 1)
+        if scale is not None:
+            w = w * scale[..., None, None]
         return p.mul_(w).transpose(2, 3)  # (L, B, H_t, N, D_t)
 
 

@@ -18,14 +18,19 @@ def rotary_cos_sin(rotary_embedding: nn.Module, position_ids: Tensor, dtype: tor
     return cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads: (B, 1, N, D)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    first, second = x.chunk(2, dim=-1)  # (..., D/2) each
-    return torch.cat((-second, first), dim=-1)
-
-
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, N, D) states by the given angles (HF's half-split RoPE convention)."""
-    return torch.addcmul(x * cos, _rotate_half(x), sin)
+    """Rotate (B, H, N, D) states by the given angles (HF's half-split RoPE convention):
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2 ; x1]``. Without autograd each half is
+    written in place into the output (no rotated copy, no concatenation)."""
+    half = x.shape[-1] // 2
+    first, second = x[..., :half], x[..., half:]  # (..., D/2) each
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):  # training
+        return x * cos + torch.cat((-second, first), dim=-1) * sin
+    out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    out_first, out_second = out[..., :half], out[..., half:]
+    torch.mul(first, cos[..., :half], out=out_first).addcmul_(second, sin[..., :half], value=-1)
+    torch.mul(second, cos[..., half:], out=out_second).addcmul_(first, sin[..., half:])
+    return out
 
 
 def inverse_angles(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,8 +62,8 @@ class RotaryFrame:
         axes, e.g. a stack of layers, share the angles)."""
         if self._inverse is None:  # computed once per frame
             self._inverse = inverse_angles(self.cos, self.sin)
-        return apply_rotary(keys.float(), *self._inverse)
+        return apply_rotary(keys, *self._inverse)
 
     def rotate(self, keys: Tensor) -> Tensor:
         """fp32 keys (..., B, H, N, D) rotated to this frame's positions."""
-        return apply_rotary(keys.float(), self.cos, self.sin)
+        return apply_rotary(keys, self.cos, self.sin)

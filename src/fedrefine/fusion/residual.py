@@ -117,19 +117,23 @@ class ResidualFusion(FusionStrategy):
         totals = _Totals(own.layers)
         for item, gathered in zip(inputs, reads):
             current = base if self.combine == "parallel" else totals.added_to(base)
-            deltas = item.fuser(gathered, current)  # (R, B, H_t, n, D_t) over the fused layers
-            if deltas is None:
-                continue
-            where = ((item.alignment[:, columns] >= 0) & attention_mask[:, columns].bool())[:, None, :, None]  # (B, 1, n, 1)
-            if item.weight is not None:  # the gating network's share per sample and layer: (R, B, 1, 1, 1)
-                scale = item.weight[:, list(deltas.layers)].T[:, :, None, None, None]
-                deltas = deltas.map(lambda d: d * scale, lambda d: d * scale)
-            totals.add(deltas.map(lambda d: torch.where(where, d, 0.0), lambda d: torch.where(where, d, 0.0)))
+            deltas = item.fuser(gathered, current, self._scale(item, columns, attention_mask, dtype))
+            if deltas is not None:  # (R, B, H_t, n, D_t) over the fused layers
+                totals.add(deltas)
         if totals.empty:
             return dict(receiver_layers)
-        keys = own.keys if totals.keys is None else own.keys + frame.rotate(totals.keys).to(own.keys.dtype)
-        values = own.values if totals.values is None else own.values + totals.values.to(own.values.dtype)
+        keys = own.keys if totals.keys is None else _plus(own.keys, frame.rotate(totals.keys))
+        values = own.values if totals.values is None else _plus(own.values, totals.values)
         return KVStack(own.layers, keys, values).unbind()
+
+    @staticmethod
+    def _scale(item: FusionInput, columns: slice, attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """(L_t, B, n) what each receiver layer's deltas are multiplied by at each fused column: 0 where the
+        column is padding or reads no sender column, times the gating network's share of this sender."""
+        aligned = (item.alignment[:, columns] >= 0) & attention_mask[:, columns].bool()  # (B, n)
+        if item.weight is None:
+            return aligned.to(dtype)[None].expand(item.fuser.receiver.num_layers, -1, -1)
+        return item.weight.T.to(dtype)[:, :, None] * aligned[None]  # the share per sample and layer: (L_t, B, 1)
 
     @staticmethod
     def sender_reads(inputs: Sequence[FusionInput], columns: slice, dtype: torch.dtype) -> list[KVStack]:
@@ -161,6 +165,14 @@ class ResidualFusion(FusionStrategy):
             return torch.cat((fused_keys, keys[:, :, 1:]), dim=2), torch.cat((fused_values, values[:, :, 1:]), dim=2)
 
         return hook
+
+
+def _plus(own: Tensor, delta: Tensor) -> Tensor:
+    """``own + delta`` in ``own``'s dtype. Without autograd it is written into ``own`` (the stacked copy of the
+    receiver's cache this fusion made; nothing reads it after); in training the fusers saved it for backward."""
+    if torch.is_grad_enabled() and delta.requires_grad:
+        return own + delta.to(own.dtype)
+    return own.add_(delta)
 
 
 class _Totals:
