@@ -20,7 +20,9 @@ pinned to its own core, one thread each. Writes benchmarks/results/latency.{json
 (benchmarks/results/gpu/latency.* on CUDA).
 
 Fusers are the shipped real-pair config's (configs/qwen3_qwen25.yaml), random weights; ``c2c.values`` is the
-same fuser without its key stream (values-only fusion). Every phase runs with glibc told to keep large freed blocks in its heap
+same fuser without its key stream (values-only fusion), ``c2c.hidden128`` the same at half its width. The
+fuser's matrix products are also timed alone, with their multiply-accumulates against the receiver's: the
+floor of the fuse step. Every phase runs with glibc told to keep large freed blocks in its heap
 (``--heap-tunables``; '' for glibc's defaults): fusion's large temporaries otherwise cost page faults on
 each call, a standard CPU-inference setting, recorded in the results.
 """
@@ -64,6 +66,8 @@ SENDERS = ["Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "Qw
 GENERATED_TOKENS = 64
 RATES_MBIT = (10, 100, 1000)
 SHIPPED_CONFIG = "configs/qwen3_qwen25.yaml"
+#: The hidden size of the slimmer fuser also timed (the toy world's; the shipped config's is 256).
+SLIM_HIDDEN = 128
 #: glibc keeps freed blocks up to 32 MiB in its heap instead of returning them to the OS (the default mmaps
 #: every block over 128 KiB afresh, so each large temporary costs page faults). Set for every phase's process.
 HEAP_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
@@ -167,6 +171,35 @@ def c2c_stages(model: FusedReceiver, batch: FusionBatch, senders: list[str], own
     return stages
 
 
+def fuser_matmul_floor(fuser: Fuser, receiver: Participant, tokens: int, repeats: int) -> dict[str, float]:
+    """The fuser's matrix products alone (its stacked inference weights, ``tokens`` rows of random inputs):
+    the part of the fuse step that no change to the code around them removes. With the multiply-accumulates
+    of those products and of the receiver's own over its prompt (its decoder layers' weight matrices per
+    token, the output head for one; attention scores left out), the floor as a ratio, by time and by count."""
+    stack = fuser._stack
+    if stack is None:
+        raise RuntimeError("Run the fuser once in inference before timing its products (it stacks its weights then).")
+    weights = []
+    for stream in (s for s in (stack.key, stack.value) if s is not None):
+        blocks = (stream.trunk, *stream.projection_blocks, stream.weight_block)
+        weights += [stream.sender_input[0], stream.projection[0], stream.weight_head[0]]
+        weights += [w for block in blocks for w in (block.up[0], block.down[0])]
+        weights += [] if stream.receiver_input is None else [stream.receiver_input]
+    inputs = [torch.randn(w.shape[0], tokens, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
+
+    def products() -> None:
+        for x, w in zip(inputs, weights):
+            torch.bmm(x, w)  # (L, tokens, in) @ (L, in, out)
+
+    products()
+    times = [seconds(products, receiver.device) for _ in range(repeats)]
+    fuser_macs = sum(w.numel() * tokens for w in weights)
+    decoder = sum(p.numel() for name, p in receiver.model.named_parameters() if ".layers." in name and p.dim() == 2)
+    head = receiver.model.get_output_embeddings().weight.numel()
+    return {"fuser_matmuls_s": statistics.median(times), "fuser_macs": float(fuser_macs),
+            "receiver_macs": float(decoder * (tokens + 1) + head)}
+
+
 # --- one measurement pass ----------------------------------------------------------------------------
 class Bench:
     """The receiver, the first ``num_senders`` senders, and fused receivers for each recipe."""
@@ -193,6 +226,9 @@ class Bench:
             # the shipped fuser without its key stream (fuse_keys: false): what fusing keys costs
             "values": FusedReceiver(self.receiver, [self.senders["s0"]], [fuser_for(self.senders["s0"], self.receiver, fuse_keys=False)],
                                     sender_names=["s0"]).eval(),
+            # half the shipped width (the toy world's): what a slimmer fuser would cost
+            "slim": FusedReceiver(self.receiver, [self.senders["s0"]],
+                                  [fuser_for(self.senders["s0"], self.receiver, hidden_size=SLIM_HIDDEN)], sender_names=["s0"]).eval(),
         }
         self.messages = question_messages()
 
@@ -240,6 +276,7 @@ class Bench:
         if size == 1:
             routes |= {
                 "c2c.values:1": c2c("values", batch, ["s0"]),
+                f"c2c.hidden{SLIM_HIDDEN}:1": c2c("slim", batch, ["s0"]),
                 "c2c:2": c2c("prompt", batch, ["s0", "s1"]),
                 "c2c:4": c2c("prompt", batch, ["s0", "s1", "s2", "s3"]),
                 "c2c:4 threads": threads(["s0", "s1", "s2", "s3"]),
@@ -365,7 +402,10 @@ def ratios(results: dict) -> dict[str, float]:
         "added_to_receiver_over_receiver_alone": c2c["stages"]["added_to_receiver"] / alone,
         "fuse_inside_fusers_over_receiver_alone": c2c["stages"]["fuse_inside"] / alone,
         "fuse_values_only_over_receiver_alone": b1["c2c.values:1"]["stages"]["fuse"] / alone,
+        f"fuse_hidden{SLIM_HIDDEN}_over_receiver_alone": b1[f"c2c.hidden{SLIM_HIDDEN}:1"]["stages"]["fuse"] / alone,
         "fuser_step_over_receiver_step": results["training"]["fuser_step"] / results["training"]["receiver_step"],
+        "fuser_matmuls_over_receiver_alone": b1["fuser_floor"]["fuser_matmuls_s"] / alone,
+        "fuser_macs_over_receiver_macs": b1["fuser_floor"]["fuser_macs"] / b1["fuser_floor"]["receiver_macs"],
     }
     if "critical_path_measured" in results:
         m = results["critical_path_measured"]
@@ -379,14 +419,15 @@ def markdown(payload: dict) -> str:
              f"{payload['dtype']}. Receiver {RECEIVER}; senders " + ", ".join(SENDERS) + f". One prompt of "
              f"{payload['receiver_tokens']} receiver tokens; hints and rephrasings forced to {GENERATED_TOKENS} tokens; "
              f"medians of {payload['repeats']} interleaved runs (batch 16: {payload['batch16_repeats']}). Fuser: "
-             f"`{json.dumps(payload['fuser'])}` (c2c.values: the same with `fuse_keys: false`). "
+             f"`{json.dumps(payload['fuser'])}` (c2c.values: the same with `fuse_keys: false`; c2c.hidden{SLIM_HIDDEN}: "
+             f"with `hidden_size: {SLIM_HIDDEN}`). "
              f"GLIBC_TUNABLES=`{payload['glibc_tunables'] or 'unset'}`.", ""]
     header = ["route", "rephrase s", "sender s", "fuse s", "added s", "receiver s", "bytes", "serial s (1 Gbit/s)",
               "critical path s (1 Gbit/s)", "critical path s (10 Mbit/s)"]
     for size in (1, 16):
         rows = []
         for name, r in payload["results"][f"batch_{size}"].items():
-            if not isinstance(r, dict):
+            if not isinstance(r, dict) or name == "fuser_floor":
                 continue
             if "measured_s" in r:
                 rows.append([name + " (measured)", "", "", "", "", "", "", "", f"{r['measured_s']:.3f}", ""])
@@ -399,6 +440,9 @@ def markdown(payload: dict) -> str:
                          f"{r['critical_path_10mbit_s']:.3f}"])
         lines += [f"## Batch {size}", ""] + markdown_table(header, rows) + [""]
     results = payload["results"]
+    floor = results["batch_1"]["fuser_floor"]
+    lines += [f"The fuser's matrix products alone (c2c:1, batch 1, its own weights): {floor['fuser_matmuls_s']:.3f} s; "
+              f"{floor['fuser_macs'] / 1e9:.2f} G multiply-accumulates against the receiver's {floor['receiver_macs'] / 1e9:.1f} G.", ""]
     if "critical_path_measured" in results:
         m = results["critical_path_measured"]
         lines += ["## Critical path with the sender in its own process (1 sender, each on its own core, 1 thread)", "",
@@ -420,6 +464,8 @@ def run_phase(args, device: torch.device, dtype: torch.dtype) -> dict:
     if args.phase == "batch_1":
         result = bench.measure(1, args.repeats)
         result["receiver_tokens"] = int(batch_for(bench.models["prompt"], bench.messages, 1).receiver_attention_mask.sum())
+        fuser = bench.models["prompt"].fuser_for("s0")  # the prompt-position fusion fuses all but the last token
+        result["fuser_floor"] = fuser_matmul_floor(fuser, bench.receiver, result["receiver_tokens"] - 1, args.repeats)
     elif args.phase == "batch_16":
         result = bench.measure(16, args.batch16_repeats)
     elif args.phase == "training":

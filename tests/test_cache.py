@@ -83,6 +83,22 @@ def test_removing_rotary_from_cached_keys_makes_them_position_free(receiver):
     assert torch.allclose(plain[:, :, 0], plain[:, :, 3], atol=1e-5)
 
 
+def test_a_cache_built_from_layers_holds_them_and_never_writes_into_them(receiver):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        layers = cache_to_layers(returned_cache(receiver.model(input_ids=ids[:, :3], use_cache=True)))
+        kept = [(k.clone(), v.clone()) for k, v in layers]
+        cache = layers_to_cache(layers)
+        assert all(a.keys is k and a.values is v for a, (k, v) in zip(cache.layers, layers))  # no copy
+        assert cache.get_seq_length() == 3
+        step = receiver.model(input_ids=ids[:, 3:], **with_cache(receiver.model, cache), use_cache=True)
+        whole = receiver.model(input_ids=ids, use_cache=True)
+    assert cache.get_seq_length() == 4
+    torch.testing.assert_close(step.logits[:, -1], whole.logits[:, -1], rtol=1e-4, atol=1e-5)
+    for (k, v), (k0, v0) in zip(layers, kept):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
 def test_write_hook_cache_changes_only_the_first_write_of_each_layer(receiver):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():

@@ -49,9 +49,23 @@ def returned_cache(output) -> Cache:
     return found if found is not None else output.past_key_values
 
 
+def _empty_views(layers: Sequence[LayerKV]) -> list[LayerKV]:
+    """Zero-length views of each layer's K/V (B, H, 0, D): what a DynamicCache is built from without copying."""
+    return [(k[:, :, :0], v[:, :, :0]) for k, v in layers]
+
+
+def _hold(cache: DynamicCache, layers: Sequence[LayerKV]) -> DynamicCache:
+    """``cache`` (built from :func:`_empty_views`) made to hold ``layers`` themselves. Building it from the
+    tensors would copy every layer (a cache's first write concatenates onto an empty tensor); writes after
+    this concatenate into new tensors, so the given ones are never changed."""
+    for layer, (keys, values) in zip(cache.layers, layers, strict=True):
+        layer.keys, layer.values = keys, values
+    return cache
+
+
 def layers_to_cache(layers: Sequence[LayerKV]) -> DynamicCache:
-    """A DynamicCache holding the given per-layer (K, V) tensors."""
-    return DynamicCache(ddp_cache_data=[(k, v) for k, v in layers])
+    """A DynamicCache holding the given per-layer (K, V) tensors (the tensors themselves, not copies)."""
+    return _hold(DynamicCache(ddp_cache_data=_empty_views(layers)), layers)
 
 
 class WriteHookCache(DynamicCache):
@@ -63,7 +77,8 @@ class WriteHookCache(DynamicCache):
     """
 
     def __init__(self, layers: Sequence[LayerKV], hook) -> None:
-        super().__init__(ddp_cache_data=[(k, v) for k, v in layers])
+        super().__init__(ddp_cache_data=_empty_views(layers))
+        _hold(self, layers)
         self.hook, self.hooked_layers = hook, set()
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):

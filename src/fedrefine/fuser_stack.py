@@ -34,9 +34,18 @@ def linear(x: Tensor, stacked: Stacked) -> Tensor:
     return torch.baddbmm(bias, x, weight)
 
 
-def normalised(x: Tensor, eps: float | None) -> Tensor:
-    """(L, M, D) scaled to unit RMS per row (the scale of each layer's RMSNorm is folded into what follows)."""
-    return F.rms_norm(x, (x.shape[-1],), None, eps)
+def inverse_rms(x: Tensor, eps: float | None) -> Tensor:
+    """(L, M, D) -> (L, M, 1): each row's ``1 / sqrt(mean(x^2) + eps)``, RMSNorm's factor (eps as nn.RMSNorm's:
+    the dtype's machine epsilon when None)."""
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
+def normalised_product(x: Tensor, eps: float | None, weight: Tensor) -> Tensor:
+    """``RMSNorm(x) @ weight`` (L, M, out) with the norm's scale folded into ``weight``: the row factor is
+    applied to the product, so no normalised copy of ``x`` is made (the product is the narrower when the
+    input is the receiver's heads side by side)."""
+    return torch.bmm(x, weight).mul_(inverse_rms(x, eps))
 
 
 def rows(states: Tensor) -> Tensor:
@@ -59,7 +68,8 @@ class StackedBlock:
         return cls(norms[0].eps, _linear([b.up for b in blocks], norms), _linear([b.down for b in blocks]))
 
     def __call__(self, x: Tensor) -> Tensor:
-        return linear(F.gelu(linear(normalised(x, self.eps), self.up)), self.down).add_(x)
+        weight, bias = self.up
+        return linear(F.gelu(normalised_product(x, self.eps, weight).add_(bias)), self.down).add_(x)
 
 
 @dataclass(frozen=True)
@@ -108,9 +118,10 @@ class StackedStream:
         """(L, B, H_s, N, D_s) [and (L, B, H_t, N, D_t)] -> weighted projections ``w * p`` (L, B, H_t, N, D_t);
         ``scale`` (L, B, N) multiplies each token's weight ``w``."""
         layers, batch, _, length, _ = sender.shape
-        h = linear(normalised(rows(sender), self.sender_eps), self.sender_input)  # (L, M, hidden)
+        weight, bias = self.sender_input
+        h = normalised_product(rows(sender), self.sender_eps, weight).add_(bias)  # (L, M, hidden)
         if self.receiver_input is not None:
-            h = h.baddbmm_(normalised(rows(receiver), self.receiver_eps), self.receiver_input)
+            h = h.add_(normalised_product(rows(receiver), self.receiver_eps, self.receiver_input))
         h = self.trunk(h)
         p = h
         for block in self.projection_blocks:
