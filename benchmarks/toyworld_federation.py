@@ -27,11 +27,13 @@ from fedrefine.trainer_cli import build_cli
 SENDERS = {c.name.removesuffix("-sender"): (c.name, c.private_groups[0]) for c in DEFAULT_PARTICIPANTS if c.private_groups}
 
 
-def train_fuser(sender: str, group: int, mode: str, steps: int, root: Path) -> Path:
+def train_fuser(sender: str, group: int, mode: str, steps: int, root: Path,
+                config: str = "configs/toyworld_reference.yaml") -> Path:
+    """The pairwise fuser sender -> receiver of ``config`` (seed 0), trained once into ``root``."""
     directory = root / f"{mode}-{sender}"
     if not (directory / "fuser" / "fuser.json").is_file():
         build_cli([
-            "fit", "--config", "configs/toyworld_reference.yaml", "--seed_everything", "0",
+            "fit", "--config", config, "--seed_everything", "0",
             "--model.sender.init_args.name", sender, "--data.group", str(group), "--model.fuser.mode", mode,
             "--trainer.default_root_dir", str(directory), "--trainer.logger", "false", "--trainer.callbacks", "[]",
             "--trainer.enable_progress_bar", "false", "--model.export_dir", str(directory / "fuser"),

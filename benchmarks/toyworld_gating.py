@@ -1,15 +1,19 @@
 """A gating network on the toy world: can the receiver hear all four senders without losing to the best one?
 
     python benchmarks/toyworld_gating.py [--steps 300] [--variants gate gate+fusers]
+    python benchmarks/toyworld_gating.py --recipe last --variants ungated gate gate:senders --split all_val
 
-Reuses (or trains) the pairwise residual fusers of benchmarks/toyworld_federation.py, then for
-each variant ``fedrefine fit`` (configs/toyworld_federation.yaml) trains the receiver's gating
-network, with the fusers frozen (``gate``) or jointly (``gate+fusers``; ``fusers``: joint training without a gate,
-the ablation), on questions about the
+Reuses (or trains) the pairwise residual fusers of the recipe (``reference``: the C2C reference's
+positions, benchmarks/toyworld_federation.py's fusers and configs/toyworld_federation.yaml; ``last``:
+configs/toyworld.yaml's answer prefix and last-token fusion, configs/toyworld_federation_gated.yaml),
+then for each variant ``fedrefine fit`` trains the receiver's gating network, with the fusers frozen
+(``gate``: reading the receiver's prompt; ``gate:senders``: reading what each sender sent) or jointly
+(``gate+fusers``; ``fusers``: joint training without a gate, the ablation), on questions about the
 fuser-train entities of all four private groups with a random non-empty sender subset per batch, and
 ``fedrefine test`` scores receiver alone, each single sender and all senders on the held-out
-entities of all groups. The ungated federation is tested on the same questions as reference.
-Writes benchmarks/results/toyworld_gating.{json,md}.
+entities of all groups (``--split all_val``: their development entities, to choose a variant on). The
+ungated federation is tested on the same questions as reference.
+Writes benchmarks/results/toyworld_gating.{json,md} (the reference recipe) or toyworld_gating_last.*.
 """
 
 from __future__ import annotations
@@ -28,34 +32,43 @@ from fedrefine.registry import FuserRegistry
 from fedrefine.toyworld.lightning import ToyParticipant
 from fedrefine.trainer_cli import build_cli
 
-VARIANTS = {  # name -> (gating network, train the fusers jointly; None: no fit)
-    "ungated": (False, None),
-    "gate": (True, False),
-    "gate+fusers": (True, True),
-    "fusers": (False, True),  # ablation: the joint training without a gate
+VARIANTS = {  # name -> (gating network reading what (None: no gate), train the fusers jointly; None: no fit)
+    "ungated": (None, None),
+    "gate": ("prompt", False),
+    "gate:senders": ("senders", False),
+    "gate+fusers": ("prompt", True),
+    "fusers": (None, True),  # ablation: the joint training without a gate
+}
+#: recipe -> (the pairwise fusers' config, the federation's config)
+RECIPES = {
+    "reference": ("configs/toyworld_reference.yaml", "configs/toyworld_federation.yaml"),
+    "last": ("configs/toyworld.yaml", "configs/toyworld_federation_gated.yaml"),
 }
 
 
-def build_registry(steps: int, fuser_root: Path, root: Path) -> Path:
-    """A fresh registry of the pairwise residual fusers (joint training writes into its own copy)."""
+def build_registry(recipe: str, steps: int, fuser_root: Path, root: Path) -> Path:
+    """A fresh registry of the recipe's pairwise residual fusers (joint training writes into its own copy)."""
     loaded = {name: ToyParticipant(sender).load() for name, sender in [("receiver", "receiver"), *((n, s) for n, (s, _) in SENDERS.items())]}
     registry = FuserRegistry(root)
     for name, (sender, group) in SENDERS.items():
-        registry.save(Fuser.load(train_fuser(sender, group, "residual", steps, fuser_root), loaded[name].identity,
-                                 loaded["receiver"].identity))
+        trained = train_fuser(sender, group, "residual", steps, fuser_root / recipe if recipe != "reference" else fuser_root,
+                              RECIPES[recipe][0])
+        registry.save(Fuser.load(trained, loaded[name].identity, loaded["receiver"].identity))
     return registry.root
 
 
-def run(variant: str, steps: int, fit_steps: int, extra: list[str], fuser_root: Path, root: Path) -> list[dict]:
-    directory = root / variant
+def run(recipe: str, variant: str, steps: int, fit_steps: int, split: str, extra: list[str], fuser_root: Path,
+        root: Path) -> list[dict]:
+    directory = root / recipe / variant
     shutil.rmtree(directory, ignore_errors=True)
-    registry = build_registry(steps, fuser_root, directory / "registry")
-    common = ["--config", "configs/toyworld_federation.yaml", "--model.registry", str(registry),
+    registry = build_registry(recipe, steps, fuser_root, directory / "registry")
+    common = ["--config", RECIPES[recipe][1], "--model.registry", str(registry),
               "--model.export_dir", str(directory / "gate"), "--trainer.default_root_dir", str(directory),
               "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
-              *extra]
-    gating, train_fusers = VARIANTS[variant]
-    common += ["--model.gating", str(gating).lower()]
+              "--data.test_split", split, *extra]
+    reads, train_fusers = VARIANTS[variant]
+    gating = reads is not None
+    common += ["--model.gating", str(gating).lower()] + (["--model.gate_reads", reads] if gating else [])
     seconds = None
     if train_fusers is not None:
         started = time.perf_counter()
@@ -75,26 +88,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="steps of each pairwise fuser")
     parser.add_argument("--fit-steps", type=int, default=300)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["ungated", "gate", "gate+fusers", "fusers"], choices=list(VARIANTS))
+    parser.add_argument("--recipe", default="reference", choices=list(RECIPES))
+    parser.add_argument("--split", default="all_held_out", choices=["all_held_out", "all_val"],
+                        help="the questions scored: every group's held-out entities, or their development ones")
     parser.add_argument("--override", nargs="*", default=[], help="extra fedrefine overrides, e.g. --model.learning_rate=3e-3")
     parser.add_argument("--fuser-root", default="runs/benchmarks/toyworld_federation")
     parser.add_argument("--root", default="runs/benchmarks/toyworld_gating")
-    parser.add_argument("--out", default="benchmarks/results/toyworld_gating")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/toyworld_gating[_<recipe>][_<split>]")
     args = parser.parse_args()
+    out = args.out or "benchmarks/results/toyworld_gating" + "".join(
+        f"_{part}" for part, default in ((args.recipe, "reference"), (args.split, "all_held_out")) if part != default)
     rows = [row for variant in args.variants
-            for row in run(variant, args.steps, args.fit_steps, args.override, Path(args.fuser_root), Path(args.root))]
+            for row in run(args.recipe, variant, args.steps, args.fit_steps, args.split, args.override,
+                           Path(args.fuser_root), Path(args.root))]
     command, commit = script_command(), git_commit()
     table = [[r["variant"], r["route"], r["senders"], f"{100 * r['accuracy']:.1f}%",
               f"{100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}%", r["fit_steps"]] for r in rows]
-    lines = ["# Toy world gating network: held-out entities of all four private groups", "",
-             f"Command: `{command}` at commit `{commit}`. Residual fusion, pairwise fusers of "
-             "benchmarks/toyworld_federation.py (seed 0). `gate`: the receiver's gating network trained with the "
-             "fusers frozen; `gate+fusers`: gate and fusers trained jointly; `fusers`: the fusers trained the same way "
-             "without a gate (ablation); all on questions about fuser-train "
-             "entities of all four groups, a random non-empty sender subset per batch. With a gate every route "
-             "(single senders too) goes through it.", "",
+    entities = {"all_held_out": "held-out", "all_val": "development"}[args.split]
+    lines = [f"# Toy world gating network: {entities} entities of all four private groups", "",
+             f"Command: `{command}` at commit `{commit}`. Residual fusion, pairwise fusers of {RECIPES[args.recipe][0]} "
+             f"(seed 0), federation {RECIPES[args.recipe][1]}. `gate`: the receiver's gating network, reading its "
+             "prompt, trained with the fusers frozen; `gate:senders`: a gating network reading what each sender sent "
+             "(its values at the column the receiver's last prompt token reads), fusers frozen; `gate+fusers`: gate "
+             "and fusers trained jointly; `fusers`: the fusers trained the same way without a gate (ablation); all on "
+             "questions about fuser-train entities of all four groups, a random non-empty sender subset per batch. "
+             "With a gate every route (single senders too) goes through it.", "",
              *markdown_table(["variant", "route", "senders", "accuracy", "95% CI", "fit steps"], table)]
-    write_results(args.out, {"command": command, "commit": commit, "rows": rows}, "\n".join(lines) + "\n")
+    write_results(out, {"command": command, "commit": commit, "recipe": args.recipe, "split": args.split, "rows": rows},
+                  "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC
 from fedrefine.cache import positions_from_mask
 from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.fuser import Fuser, FuserConfig
-from fedrefine.fusion import FusedReceiver, SenderKV, SourceGate
+from fedrefine.fusion import FusedReceiver, SenderKV, SenderStateGate, SourceGate
+from fedrefine.fusion.sender_gate import read_column
 from fedrefine.modules import CoC2CModule, FederationModule
 from fedrefine.registry import FuserRegistry, MissingFuserError
 from fedrefine.sources import TinyParticipant
@@ -135,6 +136,78 @@ def test_gating_network_gets_gradients_and_weighs_each_subset(mode, receiver, ll
     assert weights.shape == (2, receiver.identity.num_layers, 1) and (weights < 1).all() and (weights > 0).all()
 
 
+@pytest.mark.parametrize("mode", ["residual", "concat"])
+def test_a_sender_state_gate_reads_each_senders_message_at_the_read_column(mode, receiver, llama_sender, qwen2_sender):
+    model = fused(receiver, [llama_sender, qwen2_sender], mode)
+    gate = SenderStateGate(list(model.fusers), hidden_size=8)
+    for reader in gate.readers:
+        torch.nn.init.normal_(reader[-1].weight, std=0.5)
+    model.source_gate = gate
+    batch = model.encoder.collate([model.encoder.encode(q, response="ok") for q in QUESTIONS])
+    names = [llama_sender.name, qwen2_sender.name]
+    with torch.no_grad():
+        messages = {n: model.send(n, batch.senders[n]) for n in names}
+    inputs = model.fusion_inputs(batch, messages)
+    assert [i.weight.shape for i in inputs] == [(2, receiver.identity.num_layers)] * 2
+    assert all(((i.weight > 0) & (i.weight < 1)).all() for i in inputs)
+    message = messages[qwen2_sender.name]
+    column = read_column(batch.senders[qwen2_sender.name].alignment, message)
+    if mode == "concat":  # no alignment: the sender's own last prompt token
+        assert column.tolist() == [message.attention_mask.shape[1] - 1] * 2
+    weights = gate([message], [column], [1])  # (B, L, 1)
+    torch.testing.assert_close(weights[..., 0], inputs[1].weight)
+    elsewhere = _changed_values(message, column, at_column=False)
+    torch.testing.assert_close(gate([elsewhere], [column], [1]), weights)  # other columns are not read
+    assert not torch.allclose(gate([_changed_values(message, column, at_column=True)], [column], [1]), weights)
+
+
+def _changed_values(message, column, at_column):
+    """``message`` with every carried layer's values changed at ``column`` (B,) or everywhere else."""
+    import dataclasses
+
+    layers = {}
+    for layer, (keys, values) in message.layers.items():
+        hit = torch.zeros(values.shape[0], values.shape[2], dtype=torch.bool)
+        hit[torch.arange(values.shape[0]), column] = True
+        where = (hit if at_column else ~hit)[:, None, :, None]
+        layers[layer] = (keys, torch.where(where, values + 1.0, values))
+    return dataclasses.replace(message, layers=layers)
+
+
+def test_a_closed_sender_state_gate_leaves_the_receiver_alone_and_trains_only_itself(receiver, llama_sender, qwen2_sender):
+    model = fused(receiver, [llama_sender, qwen2_sender])
+    model.fusers.requires_grad_(False)
+    model.source_gate = gate = SenderStateGate(list(model.fusers), hidden_size=8)
+    for reader in gate.readers:  # the output layer starts at zero, which would stop gradients before it
+        torch.nn.init.normal_(reader[-1].weight, std=0.1)
+    batch = model.encoder.collate([model.encoder.encode(q, response="ok") for q in QUESTIONS])
+    gate.train()
+    model(batch).float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
+    assert all(p.grad is None for p in model.fusers.parameters())
+    with torch.no_grad():
+        for reader in gate.readers:
+            reader[-1].bias.fill_(-60.0)  # every weight 0: nothing is added
+        closed = model(batch)
+        alone = model(batch, fuse=False)
+    torch.testing.assert_close(closed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sender_state_gate_saves_and_loads_only_for_its_fusers(tmp_path, receiver, llama_sender, qwen2_sender):
+    fusers = list(fused(receiver, [llama_sender, qwen2_sender]).fusers)
+    gate = SenderStateGate(fusers, hidden_size=8)
+    torch.nn.init.normal_(gate.readers[0][-1].weight)
+    gate.save(tmp_path / "gate", fusers)
+    loaded = SenderStateGate(fusers, hidden_size=8).load_weights(tmp_path / "gate", fusers)
+    assert all(torch.equal(a, b) for a, b in zip(gate.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="trained for other senders"):
+        SenderStateGate(fusers[::-1], hidden_size=8).load_weights(tmp_path / "gate", fusers[::-1])
+    with pytest.raises(ValueError, match="trained for other hidden size"):
+        SenderStateGate(fusers, hidden_size=4).load_weights(tmp_path / "gate", fusers)
+    with pytest.raises(FileNotFoundError, match="gate_reads: prompt"):
+        SenderStateGate(fusers, hidden_size=8).load_weights(tmp_path, fusers)
+
+
 def _chat_file(tmp_path, n=16):
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"Say {w}"},
@@ -164,7 +237,8 @@ def test_co_c2c_trains_both_directions(tmp_path):
     assert set(module.state_dict()) and all(k.startswith(prefixes) for k in module.state_dict())
 
 
-def test_federation_module_trains_only_the_gating_network_and_reports_each_sender(tmp_path):
+@pytest.mark.parametrize("gate_reads", ["prompt", "senders"])
+def test_federation_module_trains_only_the_gating_network_and_reports_each_sender(tmp_path, gate_reads):
     sources = {"receiver": TinyParticipant(RECEIVER_SPEC), "llama": TinyParticipant(LLAMA_SPEC),
                "qwen2": TinyParticipant(QWEN2_SPEC)}
     registry = FuserRegistry(tmp_path / "reg")
@@ -174,7 +248,7 @@ def test_federation_module_trains_only_the_gating_network_and_reports_each_sende
     with pytest.raises(MissingFuserError):
         FederationModule(sources, "llama", ["receiver"], str(tmp_path / "reg"))
     module = FederationModule(sources, "receiver", ["llama", "qwen2"], str(tmp_path / "reg"), gating=True,
-                              export_dir=str(tmp_path / "gate"))
+                              gate_reads=gate_reads, export_dir=str(tmp_path / "gate"))
     module.train()  # frozen fusers stay as at test time (hard gates); only the gate trains
     assert module.fused.source_gate.training and not any(m.training for m in module.fused.fusers.modules())
     fusers_before = [p.clone() for p in module.fused.fusers.parameters()]
@@ -182,7 +256,12 @@ def test_federation_module_trains_only_the_gating_network_and_reports_each_sende
     _trainer(tmp_path, max_steps=3).fit(module, _chat_file(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(fusers_before, module.fused.fusers.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(gate_before, module.fused.source_gate.parameters()))
-    assert (tmp_path / "gate" / "source_gate.safetensors").is_file()
+    saved = {"prompt": "source_gate", "senders": "sender_state_gate"}[gate_reads]
+    assert (tmp_path / "gate" / f"{saved}.safetensors").is_file()
+    reloaded = FederationModule(sources, "receiver", ["llama", "qwen2"], str(tmp_path / "reg"), gate_reads=gate_reads,
+                                gate_path=str(tmp_path / "gate"))
+    assert all(torch.equal(a, b) for a, b in zip(module.fused.source_gate.state_dict().values(),
+                                                 reloaded.fused.source_gate.state_dict().values()))
     _trainer(tmp_path).test(module, _chat_file(tmp_path))
     assert [r["route"] for r in module.results()] == ["receiver", "c2c:llama", "c2c:qwen2", "c2c"]
     assert all(r["questions"] == 4 for r in module.results())

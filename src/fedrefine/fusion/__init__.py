@@ -4,6 +4,7 @@
 - :mod:`~fedrefine.fusion.sender_kv`: a sender's K/V taken out of its rotary frame;
 - :mod:`~fedrefine.fusion.residual` / :mod:`~fedrefine.fusion.concat`: the two strategies;
 - :mod:`~fedrefine.fusion.gating`: the network weighing the receiver's own cache against each sender;
+- :mod:`~fedrefine.fusion.sender_gate`: the network weighing each sender by what it sent;
 - :mod:`~fedrefine.fusion.sending`: how the selected senders deliver (local prefills, remote calls, concurrently);
 - :mod:`~fedrefine.fusion.receiver`: the receiver that runs prefill, forward and generation over them.
 """
@@ -14,12 +15,14 @@ from fedrefine.fusion.encoding import PromptEncoder, encode_response
 from fedrefine.fusion.gating import SourceGate
 from fedrefine.fusion.receiver import FusedReceiver, choose_strategy
 from fedrefine.fusion.residual import Combine, ResidualFusion
+from fedrefine.fusion.sender_gate import SenderStateGate
 from fedrefine.fusion.sender_kv import SenderKV
 from fedrefine.fusion.sending import Sending, SendOutcome
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, ReceiverContext
 
 __all__ = [
     "Combine", "ConcatFusion", "FusedReceiver", "FusionBatch", "FusionExample", "FusionInput", "FusionStrategy",
-    "PromptEncoder", "ReceiverContext", "ResidualFusion", "SendOutcome", "SenderBatch", "SenderKV", "Sending", "SourceGate",
+    "PromptEncoder", "ReceiverContext", "ResidualFusion", "SendOutcome", "SenderBatch", "SenderKV", "SenderStateGate", "Sending",
+    "SourceGate",
     "choose_strategy", "encode_response",
 ]

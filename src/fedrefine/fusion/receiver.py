@@ -27,6 +27,7 @@ from fedrefine.fusion.concat import ConcatFusion
 from fedrefine.fusion.encoding import PromptEncoder
 from fedrefine.fusion.gating import SourceGate
 from fedrefine.fusion.residual import Combine, ResidualFusion
+from fedrefine.fusion.sender_gate import SenderStateGate, read_column
 from fedrefine.fusion.sender_kv import SenderKV
 from fedrefine.fusion.sending import Sending, SendOutcome
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, NoFusion, ReceiverContext, prefill_all_but_last
@@ -74,7 +75,9 @@ class FusedReceiver(nn.Module):
         fusers: one fuser per sender, same order, each for exactly (sender -> receiver).
         combine: residual mode with several senders: ``parallel`` (deltas summed, as the C2C
             reference) or ``sequential`` (each fuser reads the cache fused by the previous ones).
-        source_gate: optional gating network weighing the receiver's own cache against each sender.
+        source_gate: optional gating network weighing each sender's contribution: from the receiver's prompt
+            (:class:`SourceGate`, against the receiver's own cache) or from what each sender sent
+            (:class:`SenderStateGate`).
         sender_names: names for the senders (default: their identity names), used to select them.
         remotes: sender name -> its client, for senders served in other processes; their participants
             here are local views (tokenizer, chat template, rotary embedding) to encode for and read them.
@@ -88,7 +91,7 @@ class FusedReceiver(nn.Module):
         senders: Sequence[Participant],
         fusers: Sequence[Fuser],
         combine: Combine = "parallel",
-        source_gate: SourceGate | None = None,
+        source_gate: SourceGate | SenderStateGate | None = None,
         sender_names: Sequence[str] | None = None,
         remotes: Mapping[str, RemoteSender] | None = None,
         concurrent_senders: bool = False,
@@ -106,6 +109,7 @@ class FusedReceiver(nn.Module):
         self.sender_models = nn.ModuleList(s.model for s in senders)
         self.fusers = nn.ModuleList(fusers)
         self.source_gate = source_gate
+        self.gate_weights: dict[str, float] = {}  # the last fusion's mean weight per sender (with a gate)
         self.sending = Sending(self.senders, dict(zip(self.sender_names, fusers)), self.strategy, remotes, concurrent_senders)
 
     @property
@@ -172,9 +176,15 @@ class FusedReceiver(nn.Module):
         weights = None  # (B, L_t, len(names))
         if self.source_gate is not None and names:
             available = [self._index(name) for name in names]
-            weights = self.source_gate(
-                self.receiver_model, batch.receiver_input_ids, batch.receiver_attention_mask, available
-            )
+            if isinstance(self.source_gate, SenderStateGate):  # reads what each sender sent
+                messages = [kv_messages[name] for name in names]
+                columns = [read_column(batch.senders[name].alignment, m) for name, m in zip(names, messages)]
+                weights = self.source_gate(messages, columns, available)
+            else:  # reads the receiver's prompt
+                weights = self.source_gate(
+                    self.receiver_model, batch.receiver_input_ids, batch.receiver_attention_mask, available
+                )
+            self.gate_weights = dict(zip(names, weights.detach().mean(dim=(0, 1)).tolist()))  # for logging
         return [
             FusionInput(
                 SenderKV(self.senders[name], kv_messages[name]),

@@ -7,13 +7,15 @@ chat data with a random non-empty subset of senders per batch.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from rich.console import Console
 from torch import Tensor, nn
 
 from fedrefine.evaluation import EvaluationConfig, Evaluator
 from fedrefine.federation import Federation
-from fedrefine.fusion import Combine, FusionBatch, SourceGate
+from fedrefine.fusion import Combine, FusionBatch, SenderStateGate, SourceGate
 from fedrefine.modules.fusion_module import FusionModule, mark_frozen
 from fedrefine.registry import FuserRegistry
 from fedrefine.routes import parse_routes
@@ -32,6 +34,9 @@ class FederationModule(FusionModule):
             ``fedrefine.runtime.registry_client.RemoteFuserRegistry`` for ``fedrefine serve registry``).
         combine: residual mode with several senders: ``parallel`` or ``sequential``.
         gating: add a gating network (trained by ``fit``).
+        gate_reads: what the gating network reads: ``prompt`` (the receiver's prompt; a softmax over its own
+            cache and the senders) or ``senders`` (each sender's sent values at the column the receiver's last
+            prompt token reads; a weight per sender, so a sender that does not know can be turned off).
         gating_hidden_size: width of the gating network.
         gate_path: load a saved gating network from this directory.
         train_fusers: ``fit`` also trains the pairwise fusers (jointly); otherwise they stay frozen.
@@ -53,6 +58,7 @@ class FederationModule(FusionModule):
         registry: str | FuserRegistry,
         combine: Combine = "parallel",
         gating: bool = False,
+        gate_reads: Literal["prompt", "senders"] = "prompt",
         gating_hidden_size: int = 64,
         gate_path: str | None = None,
         train_fusers: bool = False,
@@ -78,14 +84,19 @@ class FederationModule(FusionModule):
         self.hparams["registry"] = registry if isinstance(registry, str) else getattr(registry, "endpoint", str(registry.root))
         self.selection = selection
         self.federation = Federation(participants, registry)
+        if gate_reads not in ("prompt", "senders"):
+            raise ValueError(f"Unknown gate_reads {gate_reads!r}; choose 'prompt' or 'senders'.")
         receiving = self.federation.participant(receiver)
-        source_gate = None
-        if gating or gate_path:
-            source_gate = SourceGate(receiving.identity.hidden_size, receiving.identity.num_layers, len(senders), gating_hidden_size)
-        self.fused = self.federation.receiver(receiver, senders, combine, source_gate)
+        self.fused = self.federation.receiver(receiver, senders, combine)
         mark_frozen(receiving, *self.fused.senders.values())
+        if gating or gate_path:
+            if gate_reads == "senders":
+                self.fused.source_gate = SenderStateGate(list(self.fused.fusers), gating_hidden_size)
+            else:
+                identity = receiving.identity
+                self.fused.source_gate = SourceGate(identity.hidden_size, identity.num_layers, len(senders), gating_hidden_size)
         if gate_path:
-            source_gate.load_weights(gate_path, *self._gate_pair())
+            self._load_gate(gate_path)
         self.fused.fusers.requires_grad_(train_fusers)
 
     def trainable_modules(self) -> list[nn.Module]:
@@ -137,13 +148,8 @@ class FederationModule(FusionModule):
         loss = self.response_loss(self.fused, batch, senders=subset)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         self.log("train/subset_size", float(len(subset)), batch_size=len(batch))
-        if self.fused.source_gate is not None:
-            with torch.no_grad():
-                available = [self.fused.sender_names.index(s) for s in subset]
-                weights = self.fused.source_gate(self.fused.receiver_model, batch.receiver_input_ids,
-                                                 batch.receiver_attention_mask, available)
-            for name, share in zip(subset, weights.mean(dim=(0, 1)).tolist()):
-                self.log(f"gating/{name}", share, batch_size=len(batch))
+        for name, share in self.fused.gate_weights.items():  # set by this step's fusion (with a gate)
+            self.log(f"gating/{name}", share, batch_size=len(batch))
         return loss
 
     def on_train_end(self) -> None:
@@ -151,7 +157,7 @@ class FederationModule(FusionModule):
             return
         directory = self.export_directory()
         if self.fused.source_gate is not None:
-            self.fused.source_gate.save(directory, *self._gate_pair())
+            self._save_gate(directory)
         if self.hparams.train_fusers:
             for fuser in self.fused.fusers:
                 self.federation.registry.save(fuser)
@@ -160,3 +166,17 @@ class FederationModule(FusionModule):
     def _gate_pair(self):
         """The receiver's identity and its senders' identities, in order: what a saved gating network is for."""
         return self.fused.receiver.identity, [self.fused.senders[n].identity for n in self.fused.sender_names]
+
+    def _save_gate(self, directory) -> None:
+        gate = self.fused.source_gate
+        if isinstance(gate, SenderStateGate):  # saved with the fusers whose layers it reads
+            gate.save(directory, list(self.fused.fusers))
+        else:
+            gate.save(directory, *self._gate_pair())
+
+    def _load_gate(self, path: str) -> None:
+        gate = self.fused.source_gate
+        if isinstance(gate, SenderStateGate):
+            gate.load_weights(path, list(self.fused.fusers))
+        else:
+            gate.load_weights(path, *self._gate_pair())

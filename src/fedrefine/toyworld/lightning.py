@@ -49,8 +49,8 @@ class ToyWorldDataModule(C2CDataModule):
     ``fit`` trains on questions about the group's fuser-train entities (and the public ones with
     ``include_public``), except ``val_entities`` of them kept apart as a development split that
     validation asks about (tune on these); ``test`` asks about the group's held-out entities, which
-    no fuser ever sees (``test_split: all_held_out``: every group's held-out entities; ``public``:
-    the public entities).
+    no fuser ever sees (``test_split: all_held_out``: every group's held-out entities; ``all_val``:
+    every group's development entities, to tune a federation on; ``public``: the public entities).
 
     Args:
         group: the private group the sender knows (validated and tested on).
@@ -95,7 +95,7 @@ class ToyWorldDataModule(C2CDataModule):
             eval_path=str(directory / "{split}.jsonl"),
             eval_config=None,
             val_split=f"val_group{group}",
-            test_split={"public": "public", "all_held_out": "eval_held_out"}.get(test_split, f"eval_group{group}"),
+            test_split={"public": "public", "all_held_out": "eval_held_out", "all_val": "val_all"}.get(test_split, f"eval_group{group}"),
             num_questions=num_questions,
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
@@ -110,10 +110,13 @@ class ToyWorldDataModule(C2CDataModule):
         world = ToyWorld(self.world_config)
         export_world(world, self.directory, preamble_fraction=self.preamble_fraction)
         names = list(world.public) if self.include_public else []
-        for group in sorted({self.group, *self.train_groups}):
+        every_dev = []
+        for group in range(world.num_groups):
             private = world.fuser_train(group)
             dev, fit = private[: self.val_entities], private[self.val_entities :]
             names.extend(fit if group in self.train_groups else ())
             write_jsonl(world.question_rows(dev, self.preamble_fraction), self.directory / f"val_group{group}.jsonl")
+            every_dev.extend(dev)
+        write_jsonl(world.question_rows(every_dev, self.preamble_fraction), self.directory / "val_all.jsonl")
         write_jsonl([conversation_row(q) for q in world.questions(names)], Path(self.train_path))
         write_jsonl(world.question_rows(world.public, self.preamble_fraction), self.directory / "public.jsonl")
