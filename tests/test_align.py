@@ -43,6 +43,23 @@ def test_different_contents_are_refused():
         align_tokens(a, b)
 
 
+def test_aligning_the_last_message_only_lets_earlier_messages_differ():
+    # the question differs (each sender read its own rephrasing); the answer prefix is the same text
+    receiver = chat("[U]the question[A]ans is", [(0, 3), (3, 6), (6, 15), (15, 18), (18, 21), (21, 24)],
+                    [(3, 15), (18, 24)], ["the question", "ans is"])
+    sender = chat("<u>reworded<a>ans is", [(0, 3), (3, 11), (11, 14), (14, 17), (17, 20)],
+                  [(3, 11), (14, 20)], ["reworded", "ans is"])
+    with pytest.raises(ValueError, match="same messages"):
+        align_tokens(receiver, sender)  # every message aligned: refused
+    assert align_tokens(receiver, sender, messages="last") == [UNALIGNED, UNALIGNED, UNALIGNED, UNALIGNED, 3, 4]
+    same_question = chat("[U]the question[A]ans is", receiver.offsets, receiver.content_spans, receiver.contents)
+    assert align_tokens(receiver, same_question, messages="last") == [UNALIGNED] * 4 + [4, 5]  # earlier tokens left out
+    other_prefix = chat("<u>reworded<a>ans was", [(0, 3), (3, 11), (11, 14), (14, 17), (17, 21)],
+                        [(3, 11), (14, 21)], ["reworded", "ans was"])
+    with pytest.raises(ValueError, match="in the last message"):
+        align_tokens(receiver, other_prefix, messages="last")
+
+
 def test_real_tokenizers_align_content_only(receiver, llama_sender):
     messages = [
         {"role": "system", "content": "user"},  # content equal to a template word

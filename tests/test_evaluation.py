@@ -132,6 +132,41 @@ def test_private_mode_with_residual_fusion_is_refused(world):
     Route.parse("c2c.concat")  # the route the error suggests is one the parser takes
 
 
+def test_last_token_residual_fusion_runs_in_private_mode_on_the_shared_answer_prefix(world):
+    """Each sender reads its own rephrasing plus the answer prefix; only the last prompt token (in that prefix) is
+    aligned, fused and sent: nothing of the user's text reaches a sender, and every question is scored."""
+    receiver, senders = world
+    recorders = [InputRecorder(s) for s in senders]
+    for recorder in recorders:
+        recorder.__enter__()
+    try:
+        config = FuserConfig(hidden_size=8, fuse_at="last")
+        fusers = [Fuser(r.participant.identity, receiver.identity, config) for r in recorders]
+        model = FusedReceiver(receiver, [r.participant for r in recorders], fusers, sender_names=["llama", "qwen2"]).eval()
+        planner = QueryPlanner(Rephraser(receiver, RephraseConfig(max_new_tokens=6)))
+        questions = QuestionDataset(ITEMS)
+        routes = parse_routes(["c2c@private"], model.sender_names)
+        evaluation = EvaluationConfig(answer_mode="cloze", prefill_answer=True)
+        rows = {r["route"]: r for r in Evaluator(model, routes, evaluation, planner).run(questions, batch_size=2).rows()}
+        encoded = QuestionEncoder(model, routes, mode="cloze", prefill=True, planner=planner)(
+            [questions[i] for i in range(len(ITEMS))])
+    finally:
+        for recorder in recorders:
+            recorder.__exit__(None, None, None)
+    for recorder in recorders:
+        assert recorder.texts and not DISTINCTIVE & content_words(recorder.received_text())
+    original = parse_routes(["c2c"], model.sender_names)  # the senders read the user's text here: not recorded
+    rows |= {r["route"]: r for r in Evaluator(model, original, evaluation).run(questions, batch_size=2).rows()}
+    assert rows["c2c@private"]["questions"] == rows["c2c"]["questions"] == len(ITEMS)
+    assert rows["c2c@private"]["failed"] == 0
+    private = next(v for v in encoded.fusion if v.query_mode == "private")
+    for name in model.sender_names:
+        alignment = encoded.fusion[private].senders[name].alignment  # (B, N_t)
+        assert (alignment[:, -1] >= 0).all()  # the last prompt token reads the sender's answer prefix
+        assert (alignment[:, : -len("The correct answer is".split())] < 0).all()  # the question is never aligned
+    assert rows["c2c@private"]["bytes_per_token"] == rows["c2c"]["bytes_per_token"]  # one position per prompt either way
+
+
 def test_prefill_answer_lets_senders_read_the_answer_prefix(world):
     receiver, senders = world
     model = federated(receiver, senders, "residual")

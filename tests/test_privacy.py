@@ -80,6 +80,14 @@ def test_private_mode_rejects_residual_fusion(route, fusion):
         check_mode("private", route, fusion=fusion)
 
 
+@pytest.mark.parametrize("route", ["c2c", "c2c.residual", "c2c.residual:a+b"])
+def test_last_token_residual_fusion_runs_in_private_mode(route):
+    """Fusers that write only the last prompt token align only the shared answer prefix: each sender may read its
+    own rephrasing, options included."""
+    for options in ("verbatim", "withhold", "rephrase"):
+        Route.parse(f"{route}@private").check(options, "residual", aligned="last")
+
+
 def test_the_routes_a_refusal_suggests_run_in_private_mode():
     for suggested in ("c2c.concat", "t2t"):
         check_mode("private", suggested, options="verbatim")

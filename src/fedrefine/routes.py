@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from fedrefine.align import AlignedMessages
+
 RouteKind = Literal["receiver", "sender", "c2c", "t2t", "adaptive"]
 Control = Literal["none", "mismatched", "random_kv", "reordered"]
 #: Who reads a rephrasing (see :mod:`fedrefine.privacy`).
@@ -158,12 +160,15 @@ class Route:
         """Whether senders help the receiver (C2C or T2T)."""
         return self.kind in ("c2c", "t2t")
 
-    def check(self, options: OptionsPolicy = "verbatim", fusion: FusionMode | None = None) -> None:
+    def check(self, options: OptionsPolicy = "verbatim", fusion: FusionMode | None = None,
+              aligned: AlignedMessages = "all") -> None:
         """Raise a :class:`RouteError` naming the route, the query mode and the fix when they cannot run together.
 
         ``fusion`` is the receiver's fusers' mode (for plain ``c2c``). Residual fusion aligns sender and
         receiver tokens by character spans of the same text, so it needs the senders to read exactly what
-        the receiver reads: not ``private`` mode, and options sent ``verbatim``.
+        the receiver reads: not ``private`` mode, and options sent ``verbatim``. Fusers that write only the
+        last prompt token (``fuse_at: last``) align only the last message (``aligned="last"``: the answer
+        prefix every participant reads), so there each sender may read its own rephrasing.
         """
         if options not in OPTIONS_POLICIES:
             raise RouteError(f"Unknown options policy {options!r}; choose one of {list(OPTIONS_POLICIES)}.")
@@ -174,14 +179,15 @@ class Route:
                 f"Route {self.label!r} asks for {self.fusion} fusion, but the receiver's fusers are {fusion}; "
                 f"use route 'c2c' or fusers trained in {self.fusion} mode."
             )
-        if (self.fusion or fusion or "residual") != "residual":
+        if (self.fusion or fusion or "residual") != "residual" or aligned == "last":
             return
         alternatives = f"route '{Route('c2c', fusion='concat')}' or '{Route('t2t')}'"
         if self.query_mode == "private":
             raise RouteError(
                 f"Query mode 'private' cannot run route {self.label!r} with residual fusion: it adds sender K/V at "
                 f"token positions aligned on the same text, but in 'private' mode the receiver keeps the original "
-                f"and each sender reads its own rephrasing. Use {alternatives}, or query mode 'shared'."
+                f"and each sender reads its own rephrasing. Use {alternatives}, query mode 'shared', or fusers that "
+                f"write only the last prompt token (fuse_at: last) with the answer prefix (prefill_answer)."
             )
         if options != "verbatim":
             raise RouteError(

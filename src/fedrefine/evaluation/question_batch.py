@@ -167,7 +167,7 @@ class QuestionEncoder:
         self.planner = planner or QueryPlanner()
         for route in self.routes:
             if route.helped:
-                route.check(self.planner.route_options(route), model.mode)
+                route.check(self.planner.route_options(route), model.mode, model.strategy.aligned_messages)
         self.plan_keys = sorted(
             {(r.query_mode, self.planner.route_options(r)) for r in self.routes if r.query_mode != "original" or r.kind == "t2t"}
         )

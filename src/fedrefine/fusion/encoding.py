@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from fedrefine.align import align_tokens
+from fedrefine.align import AlignedMessages, align_tokens
 from fedrefine.chat import EncodedChat, Message, encode_chat
 from fedrefine.fusion.batch import FusionBatch, FusionExample, SenderExample, collate_examples
 from fedrefine.participants import Participant
@@ -25,10 +25,16 @@ class PromptEncoder:
         senders: sender name -> participant.
         aligns: residual fusion reads sender tokens at the receiver's positions, so each sender's
             tokens are aligned to the receiver's; concat fusion needs no alignment.
+        aligned_messages: which messages' tokens are aligned (``last``: only the last one, which is then the
+            only one that must be the same text; see :func:`~fedrefine.align.align_tokens`).
     """
 
-    def __init__(self, receiver: Participant, senders: Mapping[str, Participant], aligns: bool) -> None:
+    def __init__(
+        self, receiver: Participant, senders: Mapping[str, Participant], aligns: bool,
+        aligned_messages: AlignedMessages = "all",
+    ) -> None:
         self.receiver, self.senders, self.aligns = receiver, dict(senders), aligns
+        self.aligned_messages = aligned_messages
 
     def encode(
         self,
@@ -58,7 +64,7 @@ class PromptEncoder:
         """A :class:`FusionExample` from encodings made elsewhere (e.g. multiple-choice prompts)."""
         senders = {}
         for name, chat in sender_chats.items():
-            alignment = align_tokens(receiver_chat, chat, strict=strict) if self.aligns else None
+            alignment = align_tokens(receiver_chat, chat, strict, self.aligned_messages) if self.aligns else None
             senders[name] = SenderExample(chat.input_ids, alignment)
         return FusionExample(receiver_chat.input_ids, senders, response_ids)
 

@@ -104,7 +104,7 @@ class FusedReceiver(nn.Module):
         self.strategy = choose_strategy(fusers, combine)
         self.receiver = receiver
         self.senders = dict(zip(self.sender_names, senders))
-        self.encoder = PromptEncoder(receiver, self.senders, aligns=self.strategy.aligns)
+        self.encoder = PromptEncoder(receiver, self.senders, self.strategy.aligns, self.strategy.aligned_messages)
         self.receiver_model = receiver.model
         self.sender_models = nn.ModuleList(s.model for s in senders)
         self.fusers = nn.ModuleList(fusers)

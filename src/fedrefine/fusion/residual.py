@@ -47,6 +47,9 @@ class ResidualFusion(FusionStrategy):
 
     def __init__(self, fuse_at: FuseAt = "prompt", combine: Combine = "parallel") -> None:
         self.fuse_at, self.combine = fuse_at, combine
+        # the last prompt token alone reads a sender: only the last message (the shared answer prefix) is aligned,
+        # so a sender may read its own rephrasing of the question (private mode)
+        self.aligned_messages = "last" if fuse_at == "last" else "all"
 
     def sent_positions(self, batch: SenderBatch) -> Tensor | None:
         """With ``fuse_at: last`` only the sender column the last prompt token reads is transmitted."""

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from transformers import Cache
 
+from fedrefine.align import AlignedMessages
 from fedrefine.cache import positions_from_mask, returned_cache
 from fedrefine.fuser import Fuser
 from fedrefine.fusion.batch import SenderBatch
@@ -72,6 +73,8 @@ class FusionStrategy(ABC):
     mode: str
     #: Whether sender tokens must be aligned to the receiver's (same text read by both).
     aligns: bool
+    #: Which messages' tokens are aligned (``last``: only the last, the answer prefix every participant reads).
+    aligned_messages: AlignedMessages = "all"
 
     def sent_positions(self, batch: SenderBatch) -> Tensor | None:
         """(B, N_s) the sender positions its fuser reads, hence transmitted; None: every real position."""
