@@ -56,6 +56,7 @@ def test_cells_cover_routes_x_modes_x_subsets_plus_one_baseline_per_mode():
 def test_residual_fusion_in_private_mode_is_kept_as_unsupported_with_its_reason():
     assert "private" in unsupported_reason(Route.parse("c2c.residual:a@private"))
     assert unsupported_reason(Route.parse("c2c.concat:a@private")) is None
+    assert unsupported_reason(Route.parse("c2c.residual:a@private"), aligned="last") is None  # last-token fusers
     assert unsupported_reason(Route.parse("t2t:a@private")) is None
     assert unsupported_reason(Route.parse("c2c.residual:a@shared"), options="withhold") is not None
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from itertools import combinations
 from typing import Literal
 
+from fedrefine.align import AlignedMessages
 from fedrefine.evaluation.question_batch import T2T_OPTIONS
 from fedrefine.routes import QUERY_MODES, OptionsPolicy, Route, RouteError
 
@@ -24,10 +25,11 @@ SWEEP_ROUTES: tuple[str, ...] = (*ROUTES, "adaptive")
 SubsetPolicy = Literal["prefixes", "all"]
 
 
-def unsupported_reason(cell: Route, options: OptionsPolicy = "verbatim") -> str | None:
-    """Why a cell cannot run (e.g. residual fusion in ``private`` mode), or None."""
+def unsupported_reason(cell: Route, options: OptionsPolicy = "verbatim", aligned: AlignedMessages = "all") -> str | None:
+    """Why a cell cannot run (e.g. prompt-position residual fusion in ``private`` mode), or None; ``aligned``: the
+    messages its fusers align (see :meth:`Route.check`)."""
     try:
-        cell.check(T2T_OPTIONS if cell.kind == "t2t" else options)
+        cell.check(T2T_OPTIONS if cell.kind == "t2t" else options, aligned=aligned)
     except RouteError as err:
         return str(err)
     return None

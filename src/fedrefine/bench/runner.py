@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import Logger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedrefine.align import AlignedMessages
 from fedrefine.bench.cells import ROUTES, SubsetPolicy, expand_cells, unsupported_reason
 from fedrefine.bench.fuser_training import FuserTraining
 from fedrefine.bench.records import git_commit
@@ -193,6 +194,12 @@ class BenchSweep:
         return digest.hexdigest()[:16]
 
     # --- cells ----------------------------------------------------------------------------------
+    def aligned_messages(self, cell: Route) -> AlignedMessages:
+        """Which messages a C2C cell's fusers align (``last``: last-token fusers, which run in private mode too)."""
+        if cell.kind != "c2c" or (cell.fusion or "residual") not in self.fusion_modes:
+            return "all"
+        return self.model(cell.fusion).strategy.aligned_messages
+
     def evaluate(self, cell: Route, questions: QuestionDataset) -> dict[str, Any]:
         """Run one cell on every question; returns its result row."""
         model = self.model(cell.fusion)
@@ -236,7 +243,7 @@ class BenchSweep:
                 if str(cell) in rows:
                     continue
                 progress.update(task, description=f"{cell} ({len(questions)} questions)")
-                reason = unsupported_reason(cell, self.evaluation.options)
+                reason = unsupported_reason(cell, self.evaluation.options, self.aligned_messages(cell))
                 rows[str(cell)] = unsupported_row(cell, reason) if reason else self.evaluate(cell, questions)
                 results.save(self.header(fingerprint, command), [rows[str(c)] for c in self.cells if str(c) in rows])
                 progress.advance(task)
