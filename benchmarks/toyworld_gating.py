@@ -7,7 +7,8 @@ Reuses (or trains) the pairwise residual fusers of the recipe (``reference``: th
 positions, benchmarks/toyworld_federation.py's fusers and configs/toyworld_federation.yaml; ``last``:
 configs/toyworld.yaml's answer prefix and last-token fusion, configs/toyworld_federation_gated.yaml),
 then for each variant ``fedrefine fit`` trains the receiver's gating network, with the fusers frozen
-(``gate``: reading the receiver's prompt; ``gate:senders``: reading what each sender sent) or jointly
+(``gate``: reading the receiver's prompt; ``gate:senders``: reading what each sender sent; ``gate:benefit``:
+the same, taught per sample whether each sender alone helped) or jointly
 (``gate+fusers``; ``fusers``: joint training without a gate, the ablation), on questions about the
 fuser-train entities of all four private groups with a random non-empty sender subset per batch, and
 ``fedrefine test`` scores receiver alone, each single sender and all senders on the held-out
@@ -32,12 +33,13 @@ from fedrefine.registry import FuserRegistry
 from fedrefine.toyworld.lightning import ToyParticipant
 from fedrefine.trainer_cli import build_cli
 
-VARIANTS = {  # name -> (gating network reading what (None: no gate), train the fusers jointly; None: no fit)
-    "ungated": (None, None),
-    "gate": ("prompt", False),
-    "gate:senders": ("senders", False),
-    "gate+fusers": ("prompt", True),
-    "fusers": (None, True),  # ablation: the joint training without a gate
+VARIANTS = {  # name -> (gating network reading what (None: no gate), its objective, train the fusers jointly; None: no fit)
+    "ungated": (None, "answer", None),
+    "gate": ("prompt", "answer", False),
+    "gate:senders": ("senders", "answer", False),
+    "gate:benefit": ("senders", "benefit", False),
+    "gate+fusers": ("prompt", "answer", True),
+    "fusers": (None, "answer", True),  # ablation: the joint training without a gate
 }
 #: recipe -> (the pairwise fusers' config, the federation's config)
 RECIPES = {
@@ -66,9 +68,10 @@ def run(recipe: str, variant: str, steps: int, fit_steps: int, split: str, extra
               "--model.export_dir", str(directory / "gate"), "--trainer.default_root_dir", str(directory),
               "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
               "--data.test_split", split, *extra]
-    reads, train_fusers = VARIANTS[variant]
+    reads, objective, train_fusers = VARIANTS[variant]
     gating = reads is not None
-    common += ["--model.gating", str(gating).lower()] + (["--model.gate_reads", reads] if gating else [])
+    common += ["--model.gating", str(gating).lower()]
+    common += ["--model.gate_reads", reads, "--model.gate_objective", objective] if gating else []
     seconds = None
     if train_fusers is not None:
         started = time.perf_counter()
@@ -99,10 +102,10 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or "benchmarks/results/toyworld_gating" + "".join(
         f"_{part}" for part, default in ((args.recipe, "reference"), (args.split, "all_held_out")) if part != default)
+    command, commit = script_command(), git_commit()  # before the runs: the tree may change while they go
     rows = [row for variant in args.variants
             for row in run(args.recipe, variant, args.steps, args.fit_steps, args.split, args.override,
                            Path(args.fuser_root), Path(args.root))]
-    command, commit = script_command(), git_commit()
     table = [[r["variant"], r["route"], r["senders"], f"{100 * r['accuracy']:.1f}%",
               f"{100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}%", r["fit_steps"]] for r in rows]
     entities = {"all_held_out": "held-out", "all_val": "development"}[args.split]
@@ -110,7 +113,8 @@ def main() -> None:
              f"Command: `{command}` at commit `{commit}`. Residual fusion, pairwise fusers of {RECIPES[args.recipe][0]} "
              f"(seed 0), federation {RECIPES[args.recipe][1]}. `gate`: the receiver's gating network, reading its "
              "prompt, trained with the fusers frozen; `gate:senders`: a gating network reading what each sender sent "
-             "(its values at the column the receiver's last prompt token reads), fusers frozen; `gate+fusers`: gate "
+             "(its values at the column the receiver's last prompt token reads), fusers frozen; `gate:benefit`: the same "
+             "gate taught, per sample, whether each sender fused alone lowered the receiver's loss; `gate+fusers`: gate "
              "and fusers trained jointly; `fusers`: the fusers trained the same way without a gate (ablation); all on "
              "questions about fuser-train entities of all four groups, a random non-empty sender subset per batch. "
              "With a gate every route (single senders too) goes through it.", "",

@@ -1,4 +1,5 @@
 import json
+import math
 
 import lightning as L
 import pytest
@@ -208,6 +209,36 @@ def test_a_sender_state_gate_saves_and_loads_only_for_its_fusers(tmp_path, recei
         SenderStateGate(fusers, hidden_size=8).load_weights(tmp_path, fusers)
 
 
+def test_the_benefit_objective_teaches_each_sender_whether_it_alone_helped(receiver, llama_sender, qwen2_sender, tmp_path):
+    """Targets come from each sender fused alone at full weight (gate bypassed) against the receiver alone; the
+    loss is the BCE of every layer's logit against them, so a gate that already says so has a small loss."""
+    sources = {"receiver": TinyParticipant(RECEIVER_SPEC), "llama": TinyParticipant(LLAMA_SPEC),
+               "qwen2": TinyParticipant(QWEN2_SPEC)}
+    registry = FuserRegistry(tmp_path / "reg")
+    loaded = {name: source.load() for name, source in sources.items()}
+    for name in ("llama", "qwen2"):
+        registry.save(randomize(Fuser(loaded[name].identity, loaded["receiver"].identity, FuserConfig(hidden_size=8))))
+    module = FederationModule(sources, "receiver", ["llama", "qwen2"], str(tmp_path / "reg"), gating=True,
+                              gate_reads="senders", gate_objective="benefit")
+    module.train()  # as fit runs it: the frozen fusers stay in eval mode (hard gates)
+    fused = module.fused
+    batch = fused.encoder.collate([fused.encoder.encode(q, response="ok fine") for q in QUESTIONS])
+    with torch.no_grad(), fused.without_gate():
+        alone = module.response_losses(fused, batch, senders=[])
+        helps = torch.stack([module.response_losses(fused, batch, senders=[n]) < alone for n in ("llama", "qwen2")], -1)
+    assert fused.source_gate is not None  # restored after the block
+    module.log = lambda *args, **kwargs: None  # outside a trainer
+    for reader in fused.source_gate.readers:
+        reader[-1].bias.data.fill_(0.0)
+    chance = module.benefit_loss(batch)
+    assert chance.item() == pytest.approx(math.log(2), abs=1e-5)  # every logit 0
+    for slot, reader in enumerate(fused.source_gate.readers):  # a gate that says the right thing per sender
+        reader[-1].bias.data.fill_(8.0 if helps[:, slot].all() else -8.0 if not helps[:, slot].any() else 0.0)
+    assert module.benefit_loss(batch) < chance
+    with pytest.raises(ValueError, match="gate_reads: senders"):
+        FederationModule(sources, "receiver", ["llama", "qwen2"], str(tmp_path / "reg"), gating=True, gate_objective="benefit")
+
+
 def _chat_file(tmp_path, n=16):
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"Say {w}"},
@@ -237,8 +268,8 @@ def test_co_c2c_trains_both_directions(tmp_path):
     assert set(module.state_dict()) and all(k.startswith(prefixes) for k in module.state_dict())
 
 
-@pytest.mark.parametrize("gate_reads", ["prompt", "senders"])
-def test_federation_module_trains_only_the_gating_network_and_reports_each_sender(tmp_path, gate_reads):
+@pytest.mark.parametrize("gate_reads, objective", [("prompt", "answer"), ("senders", "answer"), ("senders", "benefit")])
+def test_federation_module_trains_only_the_gating_network_and_reports_each_sender(tmp_path, gate_reads, objective):
     sources = {"receiver": TinyParticipant(RECEIVER_SPEC), "llama": TinyParticipant(LLAMA_SPEC),
                "qwen2": TinyParticipant(QWEN2_SPEC)}
     registry = FuserRegistry(tmp_path / "reg")
@@ -248,7 +279,10 @@ def test_federation_module_trains_only_the_gating_network_and_reports_each_sende
     with pytest.raises(MissingFuserError):
         FederationModule(sources, "llama", ["receiver"], str(tmp_path / "reg"))
     module = FederationModule(sources, "receiver", ["llama", "qwen2"], str(tmp_path / "reg"), gating=True,
-                              gate_reads=gate_reads, export_dir=str(tmp_path / "gate"))
+                              gate_reads=gate_reads, gate_objective=objective, export_dir=str(tmp_path / "gate"))
+    if objective == "benefit":  # the output layer starts at zero; give the earlier layers a gradient
+        for reader in module.fused.source_gate.readers:
+            torch.nn.init.normal_(reader[-1].weight, std=0.1)
     module.train()  # frozen fusers stay as at test time (hard gates); only the gate trains
     assert module.fused.source_gate.training and not any(m.training for m in module.fused.fusers.modules())
     fusers_before = [p.clone() for p in module.fused.fusers.parameters()]

@@ -14,7 +14,8 @@ sender that does not deliver in time (or delivers an invalid message) is left ou
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -170,6 +171,20 @@ class FusedReceiver(nn.Module):
         found = {n: given.get(n) or outcome.messages[n] for n in senders if n in given or n in outcome.messages}
         return found, done
 
+    def read_columns(self, batch: FusionBatch, kv_messages: Mapping[str, KVMessage]) -> list[Tensor]:
+        """Per sender, (B,) the column of its message the receiver's last prompt token reads."""
+        return [read_column(batch.senders[name].alignment, message) for name, message in kv_messages.items()]
+
+    @contextmanager
+    def without_gate(self) -> Iterator[None]:
+        """Fuse every selected sender at full weight, as if there were no gating network (e.g. to measure what
+        each sender alone does, the target a gate learns)."""
+        gate, self.source_gate = self.source_gate, None
+        try:
+            yield
+        finally:
+            self.source_gate = gate
+
     def fusion_inputs(self, batch: FusionBatch, kv_messages: Mapping[str, KVMessage]) -> list[FusionInput]:
         """Each sending sender's K/V, fuser, alignment and (with a gating network) weight per receiver layer."""
         names = list(kv_messages)
@@ -177,9 +192,7 @@ class FusedReceiver(nn.Module):
         if self.source_gate is not None and names:
             available = [self._index(name) for name in names]
             if isinstance(self.source_gate, SenderStateGate):  # reads what each sender sent
-                messages = [kv_messages[name] for name in names]
-                columns = [read_column(batch.senders[name].alignment, m) for name, m in zip(names, messages)]
-                weights = self.source_gate(messages, columns, available)
+                weights = self.source_gate(list(kv_messages.values()), self.read_columns(batch, kv_messages), available)
             else:  # reads the receiver's prompt
                 weights = self.source_gate(
                     self.receiver_model, batch.receiver_input_ids, batch.receiver_attention_mask, available

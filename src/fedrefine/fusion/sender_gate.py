@@ -83,15 +83,18 @@ class SenderStateGate(nn.Module):
                 parts.append(torch.zeros(batch, heads * width, device=column.device))
         return torch.cat(parts, dim=-1)
 
-    def forward(self, messages: Sequence[KVMessage], columns: Sequence[Tensor], available: Sequence[int]) -> Tensor:
-        """Weights (B, num_layers, len(available)) of the available senders (slots into the fusers given at
+    def logits(self, messages: Sequence[KVMessage], columns: Sequence[Tensor], available: Sequence[int]) -> Tensor:
+        """Logits (B, num_layers, len(available)) of the available senders (slots into the fusers given at
         construction), each sender's from its own message and read column (B,)."""
-        weights = []
+        logits = []
         for slot, message, column in zip(available, messages, columns, strict=True):
             reader = self.readers[slot]
-            state = self.state(slot, message, column).to(reader[1].weight.dtype)
-            weights.append(torch.sigmoid(reader(state)))  # (B, L_t)
-        return torch.stack(weights, dim=-1)
+            logits.append(reader(self.state(slot, message, column).to(reader[1].weight.dtype)))  # (B, L_t)
+        return torch.stack(logits, dim=-1)
+
+    def forward(self, messages: Sequence[KVMessage], columns: Sequence[Tensor], available: Sequence[int]) -> Tensor:
+        """Weights in (0, 1), (B, num_layers, len(available)): the sigmoid of :meth:`logits`."""
+        return torch.sigmoid(self.logits(messages, columns, available))
 
     # --- persistence -------------------------------------------------------------------------
     def metadata(self, fusers: Sequence[Fuser]) -> dict[str, Any]:

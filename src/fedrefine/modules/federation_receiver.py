@@ -37,6 +37,12 @@ class FederationModule(FusionModule):
         gate_reads: what the gating network reads: ``prompt`` (the receiver's prompt; a softmax over its own
             cache and the senders) or ``senders`` (each sender's sent values at the column the receiver's last
             prompt token reads; a weight per sender, so a sender that does not know can be turned off).
+        gate_objective: how ``fit`` trains the gating network: ``answer`` (the response's cross-entropy with a random
+            sender subset) or ``benefit`` (``gate_reads: senders`` only: each sender's weight learns, as a binary
+            target per sample, whether that sender alone lowered the receiver's loss on the response by more than
+            ``benefit_margin`` nats).
+        benefit_margin: how much a sender must lower the loss to count as helping (``gate_objective: benefit``); a
+            sender that does not know still moves the answer, and half of those moves lower the loss a little.
         gating_hidden_size: width of the gating network.
         gate_path: load a saved gating network from this directory.
         train_fusers: ``fit`` also trains the pairwise fusers (jointly); otherwise they stay frozen.
@@ -59,6 +65,8 @@ class FederationModule(FusionModule):
         combine: Combine = "parallel",
         gating: bool = False,
         gate_reads: Literal["prompt", "senders"] = "prompt",
+        gate_objective: Literal["answer", "benefit"] = "answer",
+        benefit_margin: float = 0.0,
         gating_hidden_size: int = 64,
         gate_path: str | None = None,
         train_fusers: bool = False,
@@ -86,6 +94,13 @@ class FederationModule(FusionModule):
         self.federation = Federation(participants, registry)
         if gate_reads not in ("prompt", "senders"):
             raise ValueError(f"Unknown gate_reads {gate_reads!r}; choose 'prompt' or 'senders'.")
+        if gate_objective not in ("answer", "benefit"):
+            raise ValueError(f"Unknown gate_objective {gate_objective!r}; choose 'answer' or 'benefit'.")
+        if gate_objective == "benefit" and (gate_reads != "senders" or train_fusers):
+            raise ValueError(
+                "gate_objective: benefit trains a gate that reads the senders (gate_reads: senders) against what each "
+                "frozen fuser does alone; set gate_reads: senders and train_fusers: false, or gate_objective: answer."
+            )
         receiving = self.federation.participant(receiver)
         self.fused = self.federation.receiver(receiver, senders, combine)
         mark_frozen(receiving, *self.fused.senders.values())
@@ -144,6 +159,10 @@ class FederationModule(FusionModule):
         if not any(p.requires_grad for p in self.parameters()):
             raise ValueError("Nothing to train: set gating: true and/or train_fusers: true.")
         self.anneal_gates()
+        if self.hparams.gate_objective == "benefit":
+            loss = self.benefit_loss(batch)
+            self.log("train/gate_loss", loss, prog_bar=True, batch_size=len(batch))
+            return loss
         subset = self.random_subset()
         loss = self.response_loss(self.fused, batch, senders=subset)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
@@ -151,6 +170,25 @@ class FederationModule(FusionModule):
         for name, share in self.fused.gate_weights.items():  # set by this step's fusion (with a gate)
             self.log(f"gating/{name}", share, batch_size=len(batch))
         return loss
+
+    def benefit_loss(self, batch: FusionBatch) -> Tensor:
+        """Binary cross-entropy of every sender's gate logits (each receiver layer) against whether that sender,
+        fused alone at full weight, lowered the receiver's loss on each sample's response (by over the margin)."""
+        fused, names = self.fused, self.fused.sender_names
+        with torch.no_grad():
+            messages = fused.kv_messages(batch, names)
+            with fused.without_gate():
+                alone = self.response_losses(fused, batch, senders=[])  # (B,)
+                margin = self.hparams.benefit_margin
+                helps = torch.stack(
+                    [self.response_losses(fused, batch, [n], {n: messages[n]}) < alone - margin for n in names], dim=-1
+                )  # (B, S)
+        logits = fused.source_gate.logits(list(messages.values()), fused.read_columns(batch, messages),
+                                          [names.index(n) for n in messages])  # (B, L_t, S)
+        for name, share in zip(names, helps.float().mean(0).tolist()):
+            self.log(f"gating/{name}_helps", share, batch_size=len(batch))
+        target = helps[:, None, :].expand_as(logits).to(logits.dtype)
+        return nn.functional.binary_cross_entropy_with_logits(logits, target)
 
     def on_train_end(self) -> None:
         if not self.trainer.is_global_zero:
