@@ -12,6 +12,7 @@ from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver, SenderKV, SenderStateGate, SourceGate
 from fedrefine.fusion.sender_gate import read_column
 from fedrefine.modules import CoC2CModule, FederationModule
+from fedrefine.modules.losses import response_losses
 from fedrefine.registry import FuserRegistry, MissingFuserError
 from fedrefine.sources import TinyParticipant
 
@@ -224,8 +225,8 @@ def test_the_benefit_objective_teaches_each_sender_whether_it_alone_helped(recei
     fused = module.fused
     batch = fused.encoder.collate([fused.encoder.encode(q, response="ok fine") for q in QUESTIONS])
     with torch.no_grad(), fused.without_gate():
-        alone = module.response_losses(fused, batch, senders=[])
-        helps = torch.stack([module.response_losses(fused, batch, senders=[n]) < alone for n in ("llama", "qwen2")], -1)
+        alone = response_losses(fused, batch, senders=[])
+        helps = torch.stack([response_losses(fused, batch, senders=[n]) < alone for n in ("llama", "qwen2")], -1)
     assert fused.source_gate is not None  # restored after the block
     module.log = lambda *args, **kwargs: None  # outside a trainer
     for reader in fused.source_gate.readers:

@@ -11,6 +11,7 @@ from fedrefine.evaluation import EvaluationConfig
 from fedrefine.field_help import SettingsError
 from fedrefine.fuser import FuserConfig, FuserPairMismatchError
 from fedrefine.modules import C2CModule
+from fedrefine.modules.losses import response_loss
 from fedrefine.participants import TinySpec
 from fedrefine.sources import TinyParticipant
 
@@ -58,7 +59,7 @@ def test_loss_covers_the_response_tokens_only(tmp_path):
     with torch.no_grad():
         for layer in module.fuser.layers:  # closed gates: the loss is the receiver's own
             layer.gate.logit.fill_(-1.0)
-        loss = module.response_loss(module.fused, batch)
+        loss = response_loss(module.fused, batch)
         logits = module.fused.receiver_model(full_ids, attention_mask=full_mask, position_ids=positions_from_mask(full_mask)).logits
     prompt_len = batch.receiver_input_ids.shape[1]
     manual, count = 0.0, 0
@@ -90,11 +91,11 @@ def test_short_training_run_lowers_the_loss(tmp_path):
     batch = module.encode_chat_batch(chat_examples())
     module.eval()
     with torch.no_grad():
-        before = module.response_loss(module.fused, batch).item()
+        before = response_loss(module.fused, batch).item()
     trainer(tmp_path, max_steps=40).fit(module, write_data(tmp_path))
     module.eval()
     with torch.no_grad():
-        after = module.response_loss(module.fused, batch).item()
+        after = response_loss(module.fused, batch).item()
     assert after < before - 0.3, (before, after)
 
 

@@ -17,6 +17,7 @@ from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver, FusionBatch
 from fedrefine.modules.fusion_module import FusionModule, mark_frozen
+from fedrefine.modules.losses import response_loss
 from fedrefine.participants import Participant
 from fedrefine.registry import FuserRegistry
 from fedrefine.sources import ParticipantSource
@@ -88,7 +89,7 @@ class CoC2CModule(FusionModule):
         losses = {}
         for role, model in self.directions.items():
             if batch[role] is not None:
-                losses[role] = self.response_loss(model, batch[role])
+                losses[role] = response_loss(model, batch[role])
                 self.log(f"train/loss_{role}_receives", losses[role], batch_size=len(batch[role]))
         if not losses:
             return None

@@ -17,6 +17,7 @@ from fedrefine.evaluation import EvaluationConfig, Evaluator
 from fedrefine.federation import Federation
 from fedrefine.fusion import Combine, FusionBatch, SenderStateGate, SourceGate
 from fedrefine.modules.fusion_module import FusionModule, mark_frozen
+from fedrefine.modules.losses import response_loss, response_losses
 from fedrefine.registry import FuserRegistry
 from fedrefine.routes import parse_routes
 from fedrefine.selection import MeasuredSelection, PriorSelection
@@ -164,7 +165,7 @@ class FederationModule(FusionModule):
             self.log("train/gate_loss", loss, prog_bar=True, batch_size=len(batch))
             return loss
         subset = self.random_subset()
-        loss = self.response_loss(self.fused, batch, senders=subset)
+        loss = response_loss(self.fused, batch, senders=subset)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         self.log("train/subset_size", float(len(subset)), batch_size=len(batch))
         for name, share in self.fused.gate_weights.items():  # set by this step's fusion (with a gate)
@@ -178,10 +179,10 @@ class FederationModule(FusionModule):
         with torch.no_grad():
             messages = fused.kv_messages(batch, names)
             with fused.without_gate():
-                alone = self.response_losses(fused, batch, senders=[])  # (B,)
+                alone = response_losses(fused, batch, senders=[])  # (B,)
                 margin = self.hparams.benefit_margin
                 helps = torch.stack(
-                    [self.response_losses(fused, batch, [n], {n: messages[n]}) < alone - margin for n in names], dim=-1
+                    [response_losses(fused, batch, [n], {n: messages[n]}) < alone - margin for n in names], dim=-1
                 )  # (B, S)
         logits = fused.source_gate.logits(list(messages.values()), fused.read_columns(batch, messages),
                                           [names.index(n) for n in messages])  # (B, L_t, S)

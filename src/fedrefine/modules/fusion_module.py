@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ from fedrefine.evaluation import EvaluationConfig, EvaluationReport, Evaluator, 
 from fedrefine.evaluation.report import CLOZE_COLUMNS, log_table
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver, FusionBatch
-from fedrefine.message import KVMessage
 from fedrefine.modules.chat_batches import ChatBatchEncoder
 from fedrefine.modules.checkpointing import step_seed
 from fedrefine.modules.optimization import adamw_with_warmup
@@ -158,25 +157,6 @@ class FusionModule(L.LightningModule):
         """Seed the step's random draws (gate noise, dropout, sender subsets) from the run seed and the step,
         so that a resumed run draws exactly what the uninterrupted one did (see :func:`step_seed`)."""
         torch.manual_seed(step_seed(self.global_step))
-
-    @staticmethod
-    def response_loss(model: FusedReceiver, batch: FusionBatch, senders: Sequence[str] | None = None) -> Tensor:
-        """Mean next-token cross-entropy over the response tokens only."""
-        logits = model(batch, senders=senders)[:, :-1]  # (B, R, V): the logits that predict each response token
-        mask = batch.response_mask.bool()
-        return torch.nn.functional.cross_entropy(logits[mask].float(), batch.response_ids[mask])
-
-    @staticmethod
-    def response_losses(
-        model: FusedReceiver, batch: FusionBatch, senders: Sequence[str] | None = None,
-        kv_messages: Mapping[str, KVMessage] | None = None,
-    ) -> Tensor:
-        """(B,) each sample's mean next-token cross-entropy over its response tokens (``senders=[]``: the receiver
-        alone; ``kv_messages``: messages already sent)."""
-        logits = model(batch, senders=senders, kv_messages=kv_messages)[:, :-1].float()  # (B, R, V)
-        mask = batch.response_mask.to(logits.dtype)  # (B, R)
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.response_ids, reduction="none")  # (B, R)
-        return (losses * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def anneal_gates(self) -> None:
         """Geometric gate-temperature schedule, advanced every optimizer step."""

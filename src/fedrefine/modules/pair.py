@@ -13,6 +13,7 @@ from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver, FusionBatch
 from fedrefine.modules.fusion_module import FusionModule, load_or_create_fuser, mark_frozen
+from fedrefine.modules.losses import response_loss
 from fedrefine.sources import ParticipantSource
 
 
@@ -66,7 +67,7 @@ class C2CModule(FusionModule):
         if batch is None:  # every sample of the batch was too long
             return None
         self.anneal_gates()
-        loss = self.response_loss(self.fused, batch)
+        loss = response_loss(self.fused, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         self.log("train/gate_temperature", self.fuser.temperature, batch_size=len(batch))
         if self.gate_log_every and self.global_step % self.gate_log_every == 0:
