@@ -240,6 +240,21 @@ def test_the_benefit_objective_teaches_each_sender_whether_it_alone_helped(recei
         FederationModule(sources, "receiver", ["llama", "qwen2"], str(tmp_path / "reg"), gating=True, gate_objective="benefit")
 
 
+def test_subset_probability_one_fuses_every_sender_and_out_of_range_is_refused(tmp_path):
+    sources = {"receiver": TinyParticipant(RECEIVER_SPEC), "llama": TinyParticipant(LLAMA_SPEC),
+               "qwen2": TinyParticipant(QWEN2_SPEC)}
+    registry = FuserRegistry(tmp_path / "reg")
+    loaded = {name: source.load() for name, source in sources.items()}
+    for name in ("llama", "qwen2"):
+        registry.save(Fuser(loaded[name].identity, loaded["receiver"].identity, FuserConfig(hidden_size=8)))
+    everyone = FederationModule(sources, "receiver", ["llama", "qwen2"], str(registry.root), subset_probability=1.0)
+    assert all(everyone.random_subset() == ["llama", "qwen2"] for _ in range(20))
+    halves = FederationModule(sources, "receiver", ["llama", "qwen2"], str(registry.root))
+    assert len({tuple(halves.random_subset()) for _ in range(50)}) == 3  # every non-empty subset comes up
+    with pytest.raises(ValueError, match="subset_probability must be in"):
+        FederationModule(sources, "receiver", ["llama", "qwen2"], str(registry.root), subset_probability=0.0)
+
+
 def _chat_file(tmp_path, n=16):
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"Say {w}"},

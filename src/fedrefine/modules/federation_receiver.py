@@ -45,6 +45,9 @@ class FederationModule(FusionModule):
         benefit_margin: how much a sender must lower the loss to count as helping (``gate_objective: benefit``); a
             sender that does not know still moves the answer, and half of those moves lower the loss a little.
         gating_hidden_size: width of the gating network.
+        subset_probability: ``fit`` (``gate_objective: answer``) fuses a random subset of the senders per batch,
+            each sender in it with this probability (0.5: every subset alike; 1.0: always all of them, so the gate
+            must turn off every sender that does not know).
         gate_path: load a saved gating network from this directory.
         train_fusers: ``fit`` also trains the pairwise fusers (jointly); otherwise they stay frozen.
         export_dir: where ``fit`` writes the gating network (and trained fusers go back to the registry).
@@ -69,6 +72,7 @@ class FederationModule(FusionModule):
         gate_objective: Literal["answer", "benefit"] = "answer",
         benefit_margin: float = 0.0,
         gating_hidden_size: int = 64,
+        subset_probability: float = 0.5,
         gate_path: str | None = None,
         train_fusers: bool = False,
         selection: PriorSelection | None = None,
@@ -95,6 +99,8 @@ class FederationModule(FusionModule):
         self.federation = Federation(participants, registry)
         if gate_reads not in ("prompt", "senders"):
             raise ValueError(f"Unknown gate_reads {gate_reads!r}; choose 'prompt' or 'senders'.")
+        if not 0.0 < subset_probability <= 1.0:
+            raise ValueError(f"subset_probability must be in (0, 1], got {subset_probability}.")
         if gate_objective not in ("answer", "benefit"):
             raise ValueError(f"Unknown gate_objective {gate_objective!r}; choose 'answer' or 'benefit'.")
         if gate_objective == "benefit" and (gate_reads != "senders" or train_fusers):
@@ -147,10 +153,11 @@ class FederationModule(FusionModule):
         return f"{'+'.join(self.fused.sender_names)} -> {self.hparams.receiver}"
 
     def random_subset(self) -> list[str]:
-        """A uniformly drawn non-empty subset of the senders (from the step's seed, so resumes redraw it)."""
+        """A random non-empty subset of the senders, each in it with probability ``subset_probability`` (0.5: every
+        subset equally likely; 1: all of them), from the step's seed, so resumes redraw it."""
         names = self.fused.sender_names
         while True:
-            keep = torch.rand(len(names)) < 0.5
+            keep = torch.rand(len(names)) < self.hparams.subset_probability
             if keep.any():
                 return [n for n, k in zip(names, keep.tolist()) if k]
 
