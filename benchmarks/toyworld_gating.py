@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="reference", choices=list(RECIPES))
     parser.add_argument("--split", default="all_held_out", choices=["all_held_out", "all_val"],
                         help="the questions scored: every group's held-out entities, or their development ones")
-    parser.add_argument("--override", nargs="*", default=[], help="extra fedrefine overrides, e.g. --model.learning_rate=3e-3")
+    parser.add_argument("--override", action="append", default=[],
+                        help="an extra fedrefine override (repeat the flag for more), e.g. --override=--model.learning_rate=3e-3")
     parser.add_argument("--fuser-root", default="runs/benchmarks/toyworld_federation")
     parser.add_argument("--root", default="runs/benchmarks/toyworld_gating")
     parser.add_argument("--out", default=None, help="default benchmarks/results/toyworld_gating[_<recipe>][_<split>]")
