@@ -25,6 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
 from toyworld_federation import SENDERS, train_fuser
 
 from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
@@ -59,8 +60,10 @@ def build_registry(recipe: str, steps: int, fuser_root: Path, root: Path) -> Pat
     return registry.root
 
 
-def run(recipe: str, variant: str, steps: int, fit_steps: int, split: str, extra: list[str], fuser_root: Path,
+def run(recipe: str, variant: str, steps: int, fit_steps: int | None, split: str, extra: list[str], fuser_root: Path,
         root: Path) -> list[dict]:
+    """Fit (unless ungated) and test one variant; ``fit_steps`` None: the federation config's ``max_steps``."""
+    fit_steps = fit_steps or yaml.safe_load(Path(RECIPES[recipe][1]).read_text())["trainer"]["max_steps"]
     directory = root / recipe / variant
     shutil.rmtree(directory, ignore_errors=True)
     registry = build_registry(recipe, steps, fuser_root, directory / "registry")
@@ -90,7 +93,7 @@ def run(recipe: str, variant: str, steps: int, fit_steps: int, split: str, extra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="steps of each pairwise fuser")
-    parser.add_argument("--fit-steps", type=int, default=300)
+    parser.add_argument("--fit-steps", type=int, default=None, help="gate training steps (default: the config's max_steps)")
     parser.add_argument("--variants", nargs="+", default=["ungated", "gate", "gate+fusers", "fusers"], choices=list(VARIANTS))
     parser.add_argument("--recipe", default="reference", choices=list(RECIPES))
     parser.add_argument("--split", default="all_held_out", choices=["all_held_out", "all_val"],
