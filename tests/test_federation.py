@@ -213,12 +213,7 @@ def test_a_sender_state_gate_saves_and_loads_only_for_its_fusers(tmp_path, recei
 def test_the_benefit_objective_teaches_each_sender_whether_it_alone_helped(receiver, llama_sender, qwen2_sender, tmp_path):
     """Targets come from each sender fused alone at full weight (gate bypassed) against the receiver alone; the
     loss is the BCE of every layer's logit against them, so a gate that already says so has a small loss."""
-    sources = {"receiver": TinyParticipant(RECEIVER_SPEC), "llama": TinyParticipant(LLAMA_SPEC),
-               "qwen2": TinyParticipant(QWEN2_SPEC)}
-    registry = FuserRegistry(tmp_path / "reg")
-    loaded = {name: source.load() for name, source in sources.items()}
-    for name in ("llama", "qwen2"):
-        registry.save(randomize(Fuser(loaded[name].identity, loaded["receiver"].identity, FuserConfig(hidden_size=8))))
+    sources = tiny_federation(tmp_path / "reg")
     module = FederationModule(sources, "receiver", ["llama", "qwen2"], str(tmp_path / "reg"), gating=True,
                               gate_reads="senders", gate_objective="benefit")
     module.train()  # as fit runs it: the frozen fusers stay in eval mode (hard gates)
@@ -241,18 +236,27 @@ def test_the_benefit_objective_teaches_each_sender_whether_it_alone_helped(recei
 
 
 def test_subset_probability_one_fuses_every_sender_and_out_of_range_is_refused(tmp_path):
-    sources = {"receiver": TinyParticipant(RECEIVER_SPEC), "llama": TinyParticipant(LLAMA_SPEC),
-               "qwen2": TinyParticipant(QWEN2_SPEC)}
+    sources = tiny_federation(tmp_path / "reg", randomized=False)
     registry = FuserRegistry(tmp_path / "reg")
-    loaded = {name: source.load() for name, source in sources.items()}
-    for name in ("llama", "qwen2"):
-        registry.save(Fuser(loaded[name].identity, loaded["receiver"].identity, FuserConfig(hidden_size=8)))
     everyone = FederationModule(sources, "receiver", ["llama", "qwen2"], str(registry.root), subset_probability=1.0)
     assert all(everyone.random_subset() == ["llama", "qwen2"] for _ in range(20))
     halves = FederationModule(sources, "receiver", ["llama", "qwen2"], str(registry.root))
     assert len({tuple(halves.random_subset()) for _ in range(50)}) == 3  # every non-empty subset comes up
     with pytest.raises(ValueError, match="subset_probability must be in"):
         FederationModule(sources, "receiver", ["llama", "qwen2"], str(registry.root), subset_probability=0.0)
+
+
+def tiny_federation(registry_dir, randomized=True):
+    """Sources of a tiny receiver and two senders, with their fusers (random projections: fusion changes
+    outputs) saved in a registry at ``registry_dir``."""
+    sources = {"receiver": TinyParticipant(RECEIVER_SPEC), "llama": TinyParticipant(LLAMA_SPEC),
+               "qwen2": TinyParticipant(QWEN2_SPEC)}
+    registry = FuserRegistry(registry_dir)
+    loaded = {name: source.load() for name, source in sources.items()}
+    for name in ("llama", "qwen2"):
+        fuser = Fuser(loaded[name].identity, loaded["receiver"].identity, FuserConfig(hidden_size=8))
+        registry.save(randomize(fuser) if randomized else fuser)
+    return sources
 
 
 def _chat_file(tmp_path, n=16):
@@ -286,12 +290,7 @@ def test_co_c2c_trains_both_directions(tmp_path):
 
 @pytest.mark.parametrize("gate_reads, objective", [("prompt", "answer"), ("senders", "answer"), ("senders", "benefit")])
 def test_federation_module_trains_only_the_gating_network_and_reports_each_sender(tmp_path, gate_reads, objective):
-    sources = {"receiver": TinyParticipant(RECEIVER_SPEC), "llama": TinyParticipant(LLAMA_SPEC),
-               "qwen2": TinyParticipant(QWEN2_SPEC)}
-    registry = FuserRegistry(tmp_path / "reg")
-    loaded = {name: source.load() for name, source in sources.items()}
-    for name in ("llama", "qwen2"):
-        registry.save(randomize(Fuser(loaded[name].identity, loaded["receiver"].identity, FuserConfig(hidden_size=8))))
+    sources = tiny_federation(tmp_path / "reg")
     with pytest.raises(MissingFuserError):
         FederationModule(sources, "llama", ["receiver"], str(tmp_path / "reg"))
     module = FederationModule(sources, "receiver", ["llama", "qwen2"], str(tmp_path / "reg"), gating=True,
@@ -338,12 +337,7 @@ def test_prior_and_measured_sender_selection():
 def test_auto_route_uses_the_selection_and_reports_choices(tmp_path):
     from fedrefine.selection import PriorSelection
 
-    sources = {"receiver": TinyParticipant(RECEIVER_SPEC), "llama": TinyParticipant(LLAMA_SPEC),
-               "qwen2": TinyParticipant(QWEN2_SPEC)}
-    loaded = {name: source.load() for name, source in sources.items()}
-    registry = FuserRegistry(tmp_path / "reg")
-    for name in ("llama", "qwen2"):
-        registry.save(randomize(Fuser(loaded[name].identity, loaded["receiver"].identity, FuserConfig(hidden_size=8))))
+    sources = tiny_federation(tmp_path / "reg")
     datamodule = _chat_file(tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "obqa_test.jsonl").read_text().splitlines()]
     for i, row in enumerate(rows):

@@ -344,9 +344,7 @@ class Fuser(nn.Module):
     def save(self, directory: str | Path) -> Path:
         """Write ``fuser.safetensors`` (weights) and ``fuser.json`` (pair identity, config, layer map)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": FORMAT_NAME})
+        write_weights(directory / WEIGHTS_FILE, self, FORMAT_NAME)
         (directory / METADATA_FILE).write_text(json.dumps(self.metadata(), indent=2) + "\n")
         return directory
 
@@ -391,6 +389,13 @@ class Fuser(nn.Module):
             raise ValueError(f"Layer map in {directory} does not match its layer_map kind; the file was edited.")
         fuser.load_state_dict(read_weights(Path(directory) / WEIGHTS_FILE, fuser, map_location))
         return fuser.to(map_location)
+
+
+def write_weights(path: Path, module: nn.Module, format_name: str) -> None:
+    """A module's state (a fuser's, a gate's) as a safetensors file tagged with its format (directories made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in module.state_dict().items()}
+    save_file(tensors, path, metadata={"format": format_name})
 
 
 def read_weights(path: Path, module: nn.Module, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from fedrefine.fuser import read_weights
+from fedrefine.fuser import read_weights, write_weights
 from fedrefine.participants import ParticipantIdentity
 
 FORMAT_NAME = "fedrefine.source_gate"
@@ -79,9 +78,7 @@ class SourceGate(nn.Module):
         if len(senders) != self.num_senders:
             raise ValueError(f"This gating network weighs {self.num_senders} senders, got {len(senders)} identities.")
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, directory / WEIGHTS_FILE, metadata={"format": FORMAT_NAME})
+        write_weights(directory / WEIGHTS_FILE, self, FORMAT_NAME)
         metadata = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from fedrefine.fuser import Fuser, read_weights
+from fedrefine.fuser import Fuser, read_weights, write_weights
 from fedrefine.message import KVMessage
 
 FORMAT_NAME = "fedrefine.sender_state_gate"
@@ -112,9 +111,7 @@ class SenderStateGate(nn.Module):
         if len(fusers) != self.num_senders:
             raise ValueError(f"This gate reads {self.num_senders} senders, got {len(fusers)} fusers.")
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, directory / WEIGHTS_FILE, metadata={"format": FORMAT_NAME})
+        write_weights(directory / WEIGHTS_FILE, self, FORMAT_NAME)
         (directory / METADATA_FILE).write_text(json.dumps(self.metadata(fusers), indent=2) + "\n")
         return directory
 
