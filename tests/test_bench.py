@@ -279,3 +279,13 @@ def test_git_commit_is_dirty_for_changed_code_but_not_for_written_results(tmp_pa
     assert git_commit() == clean
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit() == clean + "+dirty"
+
+
+def test_the_recorded_command_quotes_arguments_with_spaces(monkeypatch):
+    import shlex
+
+    from fedrefine.bench.records import script_command
+
+    argv = ["benchmarks/x.py", "--override=--model.evaluation.test_routes=[receiver, c2c]", "--steps", "3"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert shlex.split(script_command()) == ["python", *argv]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -26,8 +27,9 @@ def git_commit() -> str | None:
 
 
 def script_command() -> str:
-    """How the running benchmark script was invoked (``python benchmarks/x.py --flag ...``)."""
-    return " ".join(["python", *sys.argv])
+    """How the running benchmark script was invoked (``python benchmarks/x.py --flag ...``), quoted for a shell
+    (an argument with spaces or brackets stays one argument when the line is pasted back)."""
+    return shlex.join(["python", *sys.argv])
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
