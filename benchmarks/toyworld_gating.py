@@ -87,6 +87,7 @@ def run(recipe: str, variant: str, steps: int, fit_steps: int | None, split: str
     results = json.loads((directory / "test_results.json").read_text())["rows"]
     return [{"variant": variant, "route": r["route"], "senders": r["senders"] or "-", "accuracy": r["accuracy"],
              "ci_low": r["ci_low"], "ci_high": r["ci_high"], "questions": r["questions"],
+             "private_tokens_leaked": r.get("leakage_private_tokens"),
              "fit_steps": fit_steps if seconds is not None else 0, "fit_seconds": seconds} for r in results]
 
 
@@ -111,7 +112,8 @@ def main() -> None:
             for row in run(args.recipe, variant, args.steps, args.fit_steps, args.split, args.override,
                            Path(args.fuser_root), Path(args.root))]
     table = [[r["variant"], r["route"], r["senders"], f"{100 * r['accuracy']:.1f}%",
-              f"{100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}%", r["fit_steps"]] for r in rows]
+              f"{100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f}%", r["fit_steps"],
+              "" if r.get("private_tokens_leaked") is None else f"{100 * r['private_tokens_leaked']:.1f}%"] for r in rows]
     entities = {"all_held_out": "held-out", "all_val": "development"}[args.split]
     lines = [f"# Toy world gating network: {entities} entities of all four private groups", "",
              f"Command: `{command}` at commit `{commit}`. Residual fusion, pairwise fusers of {RECIPES[args.recipe][0]} "
@@ -122,7 +124,10 @@ def main() -> None:
              "and fusers trained jointly; `fusers`: the fusers trained the same way without a gate (ablation); all on "
              "questions about fuser-train entities of all four groups, a random non-empty sender subset per batch. "
              "With a gate every route (single senders too) goes through it.", "",
-             *markdown_table(["variant", "route", "senders", "accuracy", "95% CI", "fit steps"], table)]
+             "A route `@private` keeps the user's question from the senders: each reads the receiver's rephrasing; "
+             "`private tokens leaked` is the share of the private preambles' tokens (`--data.preamble_fraction`) that "
+             "reached a sender.", "",
+             *markdown_table(["variant", "route", "senders", "accuracy", "95% CI", "fit steps", "private tokens leaked"], table)]
     write_results(out, {"command": command, "commit": commit, "recipe": args.recipe, "split": args.split, "rows": rows},
                   "\n".join(lines) + "\n")
 
