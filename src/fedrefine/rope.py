@@ -25,7 +25,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     first, second = x[..., :half], x[..., half:]  # (..., D/2) each
     if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):  # training
-        return x * cos + torch.cat((-second, first), dim=-1) * sin
+        return torch.addcmul(x * cos, torch.cat((-second, first), dim=-1), sin)
     out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
     out_first, out_second = out[..., :half], out[..., half:]
     torch.mul(first, cos[..., :half], out=out_first).addcmul_(second, sin[..., :half], value=-1)
