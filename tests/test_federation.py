@@ -360,22 +360,23 @@ def test_auto_route_uses_the_selection_and_reports_choices(tmp_path):
 def test_a_gating_network_saves_with_its_format_and_loads_only_for_its_pair(tmp_path, receiver, llama_sender, qwen2_sender):
     gate = SourceGate(receiver.identity.hidden_size, receiver.identity.num_layers, 2, hidden_size=8)
     torch.nn.init.normal_(gate.net[-1].weight, std=0.1)
-    senders = [llama_sender.identity, qwen2_sender.identity]
-    gate.save(tmp_path / "gate", receiver.identity, senders)
+    fusers = list(fused(receiver, [llama_sender, qwen2_sender]).fusers)  # the pairs it weighs, in order
+    gate.save(tmp_path / "gate", fusers)
     metadata = json.loads((tmp_path / "gate" / "source_gate.json").read_text())
     assert (metadata["format"], metadata["version"], metadata["hidden_size"]) == ("fedrefine.source_gate", 1, 8)
+    assert metadata["senders"] == [llama_sender.identity.to_dict(), qwen2_sender.identity.to_dict()]
     loaded = SourceGate(receiver.identity.hidden_size, receiver.identity.num_layers, 2, hidden_size=8)
-    loaded.load_weights(tmp_path / "gate", receiver.identity, senders)
+    loaded.load_weights(tmp_path / "gate", fusers)
     assert all(torch.equal(a, b) for a, b in zip(gate.state_dict().values(), loaded.state_dict().values()))
     with pytest.raises(ValueError, match="another receiver or sender list"):
-        loaded.load_weights(tmp_path / "gate", receiver.identity, senders[::-1])
+        loaded.load_weights(tmp_path / "gate", fusers[::-1])
     with pytest.raises(ValueError, match="sizes"):
         SourceGate(receiver.identity.hidden_size, receiver.identity.num_layers, 2, hidden_size=4).load_weights(
-            tmp_path / "gate", receiver.identity, senders)
+            tmp_path / "gate", fusers)
     metadata.pop("format")
     (tmp_path / "gate" / "source_gate.json").write_text(json.dumps(metadata))
     with pytest.raises(ValueError, match="not a FedRefine gating network"):
-        loaded.load_weights(tmp_path / "gate", receiver.identity, senders)
+        loaded.load_weights(tmp_path / "gate", fusers)
 
 
 @pytest.mark.parametrize("mode, strategy", [("residual", "ResidualFusion"), ("concat", "ConcatFusion")])

@@ -10,7 +10,7 @@ values). Unavailable senders are masked out, so any subset works.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from fedrefine.fuser import read_weights, write_weights
-from fedrefine.participants import ParticipantIdentity
+from fedrefine.fuser import Fuser, read_weights, write_weights
+from fedrefine.fusion.batch import FusionBatch
+from fedrefine.message import KVMessage
 
 FORMAT_NAME = "fedrefine.source_gate"
 FORMAT_VERSION = 1
@@ -66,23 +67,29 @@ class SourceGate(nn.Module):
         keep = torch.tensor([0, *(1 + i for i in available)], device=logits.device)  # self + available senders
         return logits.index_select(-1, keep).softmax(-1)[..., 1:]  # (B, L, len(available))
 
+    def weigh(
+        self, receiver_model: PreTrainedModel, batch: FusionBatch, kv_messages: Mapping[str, KVMessage], available: Sequence[int]
+    ) -> Tensor:
+        """The weights of the senders that sent ``kv_messages`` (slots ``available``), (B, num_layers, len(available)),
+        from the batch's receiver prompts (the common call of both gating networks; the messages are not read)."""
+        return self(receiver_model, batch.receiver_input_ids, batch.receiver_attention_mask, available)
+
     # --- persistence -------------------------------------------------------------------------
     @staticmethod
-    def _pair_metadata(receiver: ParticipantIdentity, senders: Sequence[ParticipantIdentity]) -> dict[str, Any]:
-        return {"receiver": receiver.to_dict(), "senders": [s.to_dict() for s in senders]}
+    def _pair_metadata(fusers: Sequence[Fuser]) -> dict[str, Any]:
+        return {"receiver": fusers[0].receiver.to_dict(), "senders": [f.sender.to_dict() for f in fusers]}
 
-    def save(
-        self, directory: str | Path, receiver: ParticipantIdentity, senders: Sequence[ParticipantIdentity]
-    ) -> Path:
-        """Write ``source_gate.safetensors`` and ``source_gate.json`` (format, version, receiver, senders, sizes)."""
-        if len(senders) != self.num_senders:
-            raise ValueError(f"This gating network weighs {self.num_senders} senders, got {len(senders)} identities.")
+    def save(self, directory: str | Path, fusers: Sequence[Fuser]) -> Path:
+        """Write ``source_gate.safetensors`` and ``source_gate.json`` (format, version, the receiver and senders of
+        ``fusers``, one per sender in order, and the sizes)."""
+        if len(fusers) != self.num_senders:
+            raise ValueError(f"This gating network weighs {self.num_senders} senders, got {len(fusers)} fusers.")
         directory = Path(directory)
         write_weights(directory / WEIGHTS_FILE, self, FORMAT_NAME)
         metadata = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            **self._pair_metadata(receiver, senders),
+            **self._pair_metadata(fusers),
             "receiver_hidden": self.receiver_hidden,
             "num_layers": self.num_layers,
             "hidden_size": self.hidden_size,
@@ -90,10 +97,8 @@ class SourceGate(nn.Module):
         (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         return directory
 
-    def load_weights(
-        self, directory: str | Path, receiver: ParticipantIdentity, senders: Sequence[ParticipantIdentity]
-    ) -> SourceGate:
-        """Load weights saved for exactly this receiver and sender list (in this order) and these sizes."""
+    def load_weights(self, directory: str | Path, fusers: Sequence[Fuser]) -> SourceGate:
+        """Load weights saved for exactly the receiver and sender list of ``fusers`` (in this order) and these sizes."""
         path = Path(directory) / METADATA_FILE
         if not path.is_file():
             raise FileNotFoundError(f"No gating network at {directory}: {METADATA_FILE} is missing.")
@@ -104,11 +109,11 @@ class SourceGate(nn.Module):
                 f"(got format {metadata.get('format')!r}, version {metadata.get('version')!r}); train it again with "
                 f"`fedrefine fit`."
             )
-        mine = self._pair_metadata(receiver, senders)
+        mine = self._pair_metadata(fusers)
         if (metadata["receiver"], metadata["senders"]) != (mine["receiver"], mine["senders"]):
             raise ValueError(
                 f"The gating network in {directory} was trained for another receiver or sender list; train one for "
-                f"{' + '.join(s.key for s in senders)} -> {receiver.key}."
+                f"{' + '.join(f.sender.key for f in fusers)} -> {fusers[0].receiver.key}."
             )
         sizes = {key: metadata[key] for key in ("receiver_hidden", "num_layers", "hidden_size")}
         if sizes != {"receiver_hidden": self.receiver_hidden, "num_layers": self.num_layers, "hidden_size": self.hidden_size}:

@@ -28,7 +28,7 @@ from fedrefine.fusion.concat import ConcatFusion
 from fedrefine.fusion.encoding import PromptEncoder
 from fedrefine.fusion.gating import SourceGate
 from fedrefine.fusion.residual import Combine, ResidualFusion
-from fedrefine.fusion.sender_gate import SenderStateGate, read_column
+from fedrefine.fusion.sender_gate import SenderStateGate
 from fedrefine.fusion.sender_kv import SenderKV
 from fedrefine.fusion.sending import Sending, SendOutcome
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, NoFusion, ReceiverContext, prefill_all_but_last
@@ -171,10 +171,6 @@ class FusedReceiver(nn.Module):
         found = {n: given.get(n) or outcome.messages[n] for n in senders if n in given or n in outcome.messages}
         return found, done
 
-    def read_columns(self, batch: FusionBatch, kv_messages: Mapping[str, KVMessage]) -> list[Tensor]:
-        """Per sender, (B,) the column of its message the receiver's last prompt token reads."""
-        return [read_column(batch.senders[name].alignment, message) for name, message in kv_messages.items()]
-
     @contextmanager
     def without_gate(self) -> Iterator[None]:
         """Fuse every selected sender at full weight, as if there were no gating network (e.g. to measure what
@@ -191,12 +187,7 @@ class FusedReceiver(nn.Module):
         weights = None  # (B, L_t, len(names))
         if self.source_gate is not None and names:
             available = [self._index(name) for name in names]
-            if isinstance(self.source_gate, SenderStateGate):  # reads what each sender sent
-                weights = self.source_gate(list(kv_messages.values()), self.read_columns(batch, kv_messages), available)
-            else:  # reads the receiver's prompt
-                weights = self.source_gate(
-                    self.receiver_model, batch.receiver_input_ids, batch.receiver_attention_mask, available
-                )
+            weights = self.source_gate.weigh(self.receiver_model, batch, kv_messages, available)
             self.gate_weights = dict(zip(names, weights.detach().mean(dim=(0, 1)).tolist()))  # for logging
         return [
             FusionInput(

@@ -12,7 +12,7 @@ keep their full effect and one that does not can be turned off whatever the othe
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fedrefine.fuser import Fuser, read_weights, write_weights
+from fedrefine.fusion.batch import FusionBatch
 from fedrefine.message import KVMessage
 
 FORMAT_NAME = "fedrefine.sender_state_gate"
@@ -94,6 +95,19 @@ class SenderStateGate(nn.Module):
     def forward(self, messages: Sequence[KVMessage], columns: Sequence[Tensor], available: Sequence[int]) -> Tensor:
         """Weights in (0, 1), (B, num_layers, len(available)): the sigmoid of :meth:`logits`."""
         return torch.sigmoid(self.logits(messages, columns, available))
+
+    def batch_logits(self, batch: FusionBatch, kv_messages: Mapping[str, KVMessage], available: Sequence[int]) -> Tensor:
+        """:meth:`logits` of the senders that sent ``kv_messages`` (slots ``available``), each read at the column
+        its batch alignment gives the receiver's last prompt token."""
+        columns = [read_column(batch.senders[name].alignment, message) for name, message in kv_messages.items()]
+        return self.logits(list(kv_messages.values()), columns, available)
+
+    def weigh(
+        self, receiver_model: nn.Module, batch: FusionBatch, kv_messages: Mapping[str, KVMessage], available: Sequence[int]
+    ) -> Tensor:
+        """The weights of the senders that sent ``kv_messages`` (the common call of both gating networks; the
+        receiver's model is not read)."""
+        return torch.sigmoid(self.batch_logits(batch, kv_messages, available))
 
     # --- persistence -------------------------------------------------------------------------
     def metadata(self, fusers: Sequence[Fuser]) -> dict[str, Any]:

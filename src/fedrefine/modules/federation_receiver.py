@@ -117,8 +117,8 @@ class FederationModule(FusionModule):
             else:
                 identity = receiving.identity
                 self.fused.source_gate = SourceGate(identity.hidden_size, identity.num_layers, len(senders), gating_hidden_size)
-        if gate_path:
-            self._load_gate(gate_path)
+        if gate_path:  # saved for exactly these pairs
+            self.fused.source_gate.load_weights(gate_path, list(self.fused.fusers))
         self.fused.fusers.requires_grad_(train_fusers)
 
     def trainable_modules(self) -> list[nn.Module]:
@@ -191,8 +191,7 @@ class FederationModule(FusionModule):
                 helps = torch.stack(
                     [response_losses(fused, batch, [n], {n: messages[n]}) < alone - margin for n in names], dim=-1
                 )  # (B, S)
-        logits = fused.source_gate.logits(list(messages.values()), fused.read_columns(batch, messages),
-                                          [names.index(n) for n in messages])  # (B, L_t, S)
+        logits = fused.source_gate.batch_logits(batch, messages, [names.index(n) for n in messages])  # (B, L_t, S)
         for name, share in zip(names, helps.float().mean(0).tolist()):
             self.log(f"gating/{name}_helps", share, batch_size=len(batch))
         target = helps[:, None, :].expand_as(logits).to(logits.dtype)
@@ -203,26 +202,8 @@ class FederationModule(FusionModule):
             return
         directory = self.export_directory()
         if self.fused.source_gate is not None:
-            self._save_gate(directory)
+            self.fused.source_gate.save(directory, list(self.fused.fusers))
         if self.hparams.train_fusers:
             for fuser in self.fused.fusers:
                 self.federation.registry.save(fuser)
         self.report_data_counts(directory)
-
-    def _gate_pair(self):
-        """The receiver's identity and its senders' identities, in order: what a saved gating network is for."""
-        return self.fused.receiver.identity, [self.fused.senders[n].identity for n in self.fused.sender_names]
-
-    def _save_gate(self, directory) -> None:
-        gate = self.fused.source_gate
-        if isinstance(gate, SenderStateGate):  # saved with the fusers whose layers it reads
-            gate.save(directory, list(self.fused.fusers))
-        else:
-            gate.save(directory, *self._gate_pair())
-
-    def _load_gate(self, path: str) -> None:
-        gate = self.fused.source_gate
-        if isinstance(gate, SenderStateGate):
-            gate.load_weights(path, list(self.fused.fusers))
-        else:
-            gate.load_weights(path, *self._gate_pair())
