@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from functools import cached_property
 
 from fedrefine.fusion import Combine, FusedReceiver
-from fedrefine.fusion.gating import SourceGate
 from fedrefine.participants import Participant
 from fedrefine.registry import FuserRegistry
 from fedrefine.sources import ParticipantSource
@@ -73,11 +72,11 @@ class Federation:
         name: str,
         senders: Sequence[str],
         combine: Combine = "parallel",
-        source_gate: SourceGate | None = None,
         registry: FuserRegistry | None = None,
     ) -> FusedReceiver:
         """Participant ``name`` fused with ``senders`` through the fusers of ``registry`` (default: the
-        federation's); a missing fuser is an error."""
+        federation's); a missing fuser is an error. A gating network is attached afterwards (``source_gate``):
+        one that reads the senders is built from these fusers."""
         if name in senders:
             raise ValueError(f"{name!r} cannot be its own sender.")
         if isinstance(self.sources[name], RemoteSource):
@@ -86,4 +85,4 @@ class Federation:
         chosen = [self.participant(s) for s in senders]
         fusers = [self._registry(registry).get(s.identity, receiver.identity) for s in chosen]
         remotes = {s: client for s in senders if (client := self.client(s)) is not None}
-        return FusedReceiver(receiver, chosen, fusers, combine, source_gate, sender_names=list(senders), remotes=remotes)
+        return FusedReceiver(receiver, chosen, fusers, combine, sender_names=list(senders), remotes=remotes)

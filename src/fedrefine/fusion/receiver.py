@@ -110,7 +110,7 @@ class FusedReceiver(nn.Module):
         self.sender_models = nn.ModuleList(s.model for s in senders)
         self.fusers = nn.ModuleList(fusers)
         self.source_gate = source_gate
-        self.gate_weights: dict[str, float] = {}  # the last fusion's mean weight per sender (with a gate)
+        self.gate_weights: dict[str, float] = {}  # the last training fusion's mean weight per sender (with a gate)
         self.sending = Sending(self.senders, dict(zip(self.sender_names, fusers)), self.strategy, remotes, concurrent_senders)
 
     @property
@@ -188,7 +188,8 @@ class FusedReceiver(nn.Module):
         if self.source_gate is not None and names:
             available = [self._index(name) for name in names]
             weights = self.source_gate.weigh(self.receiver_model, batch, kv_messages, available)
-            self.gate_weights = dict(zip(names, weights.detach().mean(dim=(0, 1)).tolist()))  # for logging
+            if self.training:  # logged by fit; a device sync inference need not pay
+                self.gate_weights = dict(zip(names, weights.detach().mean(dim=(0, 1)).tolist()))
         return [
             FusionInput(
                 SenderKV(self.senders[name], kv_messages[name]),
