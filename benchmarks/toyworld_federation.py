@@ -29,8 +29,9 @@ SENDERS = {c.name.removesuffix("-sender"): (c.name, c.private_groups[0]) for c i
 
 def train_fuser(sender: str, group: int, mode: str, steps: int, root: Path,
                 config: str = "configs/toyworld_reference.yaml") -> Path:
-    """The pairwise fuser sender -> receiver of ``config`` (seed 0), trained once into ``root``."""
-    directory = root / f"{mode}-{sender}"
+    """The pairwise fuser sender -> receiver of ``config`` (seed 0), trained once into ``root`` (one directory per
+    step count: a fuser trained for other steps is never reused)."""
+    directory = root / f"{mode}-{sender}" if steps == 300 else root / f"{mode}-{sender}-{steps}steps"
     if not (directory / "fuser" / "fuser.json").is_file():
         build_cli([
             "fit", "--config", config, "--seed_everything", "0",

@@ -117,7 +117,7 @@ def main() -> None:
     entities = {"all_held_out": "held-out", "all_val": "development"}[args.split]
     lines = [f"# Toy world gating network: {entities} entities of all four private groups", "",
              f"Command: `{command}` at commit `{commit}`. Residual fusion, pairwise fusers of {RECIPES[args.recipe][0]} "
-             f"(seed 0), federation {RECIPES[args.recipe][1]}. `gate`: the receiver's gating network, reading its "
+             f"(seed 0, {args.steps} steps each), federation {RECIPES[args.recipe][1]}. `gate`: the receiver's gating network, reading its "
              "prompt, trained with the fusers frozen; `gate:senders`: a gating network reading what each sender sent "
              "(its values at the column the receiver's last prompt token reads), fusers frozen; `gate:benefit`: the same "
              "gate taught, per sample, whether each sender fused alone lowered the receiver's loss; `gate+fusers`: gate "
@@ -128,7 +128,8 @@ def main() -> None:
              "`private tokens leaked` is the share of the private preambles' tokens (`--data.preamble_fraction`) that "
              "reached a sender.", "",
              *markdown_table(["variant", "route", "senders", "accuracy", "95% CI", "fit steps", "private tokens leaked"], table)]
-    write_results(out, {"command": command, "commit": commit, "recipe": args.recipe, "split": args.split, "rows": rows},
+    write_results(out, {"command": command, "commit": commit, "recipe": args.recipe, "split": args.split,
+                        "fuser_steps": args.steps, "rows": rows},
                   "\n".join(lines) + "\n")
 
 
