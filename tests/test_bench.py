@@ -222,6 +222,52 @@ def test_a_missing_fuser_without_training_is_an_error_naming_the_fix(tmp_path, t
         toy_sweep(tmp_path, {}, routes=["c2c.concat"], query_modes=["original"]).run(command="test")
 
 
+def test_a_sweep_weighs_its_senders_through_the_named_gate_and_trains_a_missing_one(tmp_path, toy_registries, monkeypatch):
+    from fedrefine.bench.fuser_training import GateTraining
+    from fedrefine.fusion import SenderStateGate
+
+    fit_calls = []
+
+    def fit(self, mode, registry, export_dir):  # what `fedrefine fit` with the federation config would export
+        fit_calls.append((mode, Path(registry), Path(export_dir)))
+        fusers = list(sweep.federation.receiver("receiver", ["llama", "qwen2"], registry=FuserRegistry(registry)).fusers)
+        gate = SenderStateGate(fusers, hidden_size=4)
+        for reader in gate.readers:
+            torch.nn.init.constant_(reader[-1].bias, -60.0)  # every sender weighed 0: C2C is the receiver alone
+        return gate.save(export_dir, fusers)
+
+    monkeypatch.setattr(GateTraining, "fit", fit)
+    gate_dir = tmp_path / "gate"
+    settings = dict(routes=["c2c.residual"], query_modes=["original"], subsets=[["llama", "qwen2"]], singles=False)
+    with pytest.raises(FileNotFoundError, match=r"holds no gating network.*train_missing_gate"):
+        toy_sweep(tmp_path, toy_registries, gates={"residual": str(gate_dir)}, **settings).run(command="test")
+    sweep = toy_sweep(tmp_path, toy_registries, gates={"residual": str(gate_dir)},
+                      train_missing_gate=GateTraining(config="unused.yaml"), **settings)
+    rows = sweep.run(command="test")
+    assert fit_calls == [("residual", Path(toy_registries["residual"]), gate_dir)]
+    assert isinstance(sweep.model("residual").source_gate, SenderStateGate)
+    alone, both = rows
+    assert both["key"] == "c2c.residual:llama+qwen2" and both["accuracy"] == alone["accuracy"]  # closed gate: no change
+    with pytest.raises(ValueError, match=r"gates names fusion modes \['concat'\] without a registry"):
+        toy_sweep(tmp_path, {"residual": toy_registries["residual"]}, gates={"concat": str(gate_dir)})
+
+
+def test_gate_training_runs_fedrefine_fit_over_the_sweeps_registry(tmp_path, monkeypatch):
+    from fedrefine.bench import fuser_training
+
+    calls = []
+    monkeypatch.setattr(fuser_training, "build_cli", lambda args: calls.append(args))
+    training = fuser_training.GateTraining(config="federation.yaml", args=["--trainer.max_steps", "5"], root=str(tmp_path))
+    assert training.fit("residual", Path("reg"), Path("gate")) == Path("gate")
+    (args,) = calls
+    assert args[:5] == ["fit", "--config", "federation.yaml", "--trainer.max_steps", "5"]
+    assert args[args.index("--model.registry") + 1] == "reg" and args[args.index("--model.export_dir") + 1] == "gate"
+    fusers = fuser_training.FuserTraining(config="pair.yaml", mode_args={"concat": ["--model.fuser.fuse_at", "prompt"]})
+    fusers.fit("llama", "concat")
+    fusers.fit("llama", "residual")
+    assert calls[1][3:5] == ["--model.fuser.fuse_at", "prompt"] and "--model.fuser.fuse_at" not in calls[2]
+
+
 def test_results_reach_an_offline_wandb_run_as_a_table_and_images(tmp_path):
     from lightning.pytorch.loggers import WandbLogger
 

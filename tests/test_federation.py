@@ -9,7 +9,7 @@ from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC
 from fedrefine.cache import positions_from_mask
 from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.fuser import Fuser, FuserConfig
-from fedrefine.fusion import FusedReceiver, SenderKV, SenderStateGate, SourceGate
+from fedrefine.fusion import FusedReceiver, SenderKV, SenderStateGate, SourceGate, load_gate
 from fedrefine.fusion.sender_gate import read_column
 from fedrefine.modules import CoC2CModule, FederationModule
 from fedrefine.modules.losses import response_losses
@@ -208,6 +208,23 @@ def test_a_sender_state_gate_saves_and_loads_only_for_its_fusers(tmp_path, recei
         SenderStateGate(fusers, hidden_size=4).load_weights(tmp_path / "gate", fusers)
     with pytest.raises(FileNotFoundError, match="gate_reads: prompt"):
         SenderStateGate(fusers, hidden_size=8).load_weights(tmp_path, fusers)
+
+
+def test_a_saved_gate_of_either_kind_is_loaded_with_its_own_sizes_from_its_files(tmp_path, receiver, llama_sender, qwen2_sender):
+    fusers = list(fused(receiver, [llama_sender, qwen2_sender]).fusers)
+    by_senders = SenderStateGate(fusers, hidden_size=6)
+    torch.nn.init.normal_(by_senders.readers[1][-1].weight)
+    by_prompt = SourceGate(receiver.identity.hidden_size, receiver.identity.num_layers, 2, hidden_size=5)
+    torch.nn.init.normal_(by_prompt.net[-1].weight)
+    for gate, directory in ((by_senders, tmp_path / "senders"), (by_prompt, tmp_path / "prompt")):
+        gate.save(directory, fusers)
+        loaded = load_gate(directory, fusers)
+        assert type(loaded) is type(gate) and loaded.hidden_size == gate.hidden_size
+        assert all(torch.equal(a, b) for a, b in zip(gate.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="trained for other senders"):
+        load_gate(tmp_path / "senders", fusers[::-1])
+    with pytest.raises(FileNotFoundError, match=r"No gating network at .*fedrefine fit"):
+        load_gate(tmp_path, fusers)
 
 
 def test_the_benefit_objective_teaches_each_sender_whether_it_alone_helped(receiver, llama_sender, qwen2_sender, tmp_path):

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedrefine.align import AlignedMessages
 from fedrefine.bench.cells import ROUTES, SubsetPolicy, expand_cells, unsupported_reason
-from fedrefine.bench.fuser_training import FuserTraining
+from fedrefine.bench.fuser_training import FuserTraining, GateTraining
 from fedrefine.bench.records import git_commit
 from fedrefine.bench.results_file import RESULTS_FORMAT, SweepResultsFile, result_row, unsupported_row
 from fedrefine.bench.sweep_report import write_reports
@@ -33,7 +33,7 @@ from fedrefine.data.question_dataset import QuestionDataset
 from fedrefine.evaluation import EvaluationConfig, Evaluator, QueryPlanner
 from fedrefine.federation import Federation
 from fedrefine.fuser import WEIGHTS_FILE, Fuser, FuserConfig
-from fedrefine.fusion import FusedReceiver
+from fedrefine.fusion import FusedReceiver, gate_saved_in, load_gate
 from fedrefine.participants import Participant
 from fedrefine.privacy.rephrase import Rephraser
 from fedrefine.registry import FuserRegistry
@@ -51,6 +51,8 @@ class BenchSweep:
         data: where the evaluation questions come from (its ``test_split`` unless ``split`` is given).
         registries: fuser registry directory per fusion mode (``residual``, ``concat``); C2C routes
             need the registry of their mode.
+        gates: a gating network's directory per fusion mode (a ``FederationModule``'s ``export_dir``): that
+            mode's C2C cells weigh their senders through it. Modes not named fuse ungated.
         routes: route families, any of ``c2c.residual``, ``c2c.concat``, ``t2t``.
         query_modes: any of ``original``, ``shared``, ``private``.
         subsets: ``prefixes`` (first k senders), ``all`` (every non-empty subset) or explicit lists.
@@ -61,6 +63,7 @@ class BenchSweep:
         evaluation: answer mode, T2T prompt and budget, rephrasing and options policy.
         link_mbit_per_s: link speed that turns bytes sent into the modelled ``transfer`` stage.
         train_missing: train fusers missing from a registry (None: a missing fuser is an error).
+        train_missing_gate: train a gate named in ``gates`` but missing there (None: a missing gate is an error).
         output_dir: where results, tables and plots are written.
         name: file stem of the results (``<name>.json/.csv/.md``).
         plot_prefix: file stem of the plots (``<plot_prefix>a.png``, ``b``, ``c``).
@@ -75,6 +78,7 @@ class BenchSweep:
         senders: list[str],
         data: C2CDataModule,
         registries: dict[str, str] | None = None,
+        gates: dict[str, str] | None = None,
         routes: list[str] | None = None,
         query_modes: list[str] | None = None,
         subsets: SubsetPolicy | list[list[str]] = "prefixes",
@@ -85,6 +89,7 @@ class BenchSweep:
         evaluation: EvaluationConfig | None = None,
         link_mbit_per_s: float = 100.0,
         train_missing: FuserTraining | None = None,
+        train_missing_gate: GateTraining | None = None,
         output_dir: str = "benchmarks/results",
         name: str = "sweep",
         plot_prefix: str = "fig3",
@@ -104,10 +109,14 @@ class BenchSweep:
         unknown_modes = sorted(set(self.registries) - {"residual", "concat"})
         if unknown_modes:
             raise ValueError(f"Registries are keyed by fusion mode 'residual' or 'concat', got {unknown_modes}.")
+        self.gates = {mode: Path(path) for mode, path in (gates or {}).items()}
+        without_registry = sorted(set(self.gates) - set(self.registries))
+        if without_registry:
+            raise ValueError(f"gates names fusion modes {without_registry} without a registry; set registries.<mode> too.")
         self.federation = Federation(participants, registry=None)  # each fusion mode has its own registry
         self.cells = expand_cells(senders, routes or list(ROUTES), query_modes or list(QUERY_MODES), subsets, singles)
         self.evaluation = evaluation or EvaluationConfig()
-        self.link_mbit_per_s, self.train_missing = link_mbit_per_s, train_missing
+        self.link_mbit_per_s, self.train_missing, self.train_missing_gate = link_mbit_per_s, train_missing, train_missing_gate
         self.output_dir, self.name, self.plot_prefix = Path(output_dir), name, plot_prefix
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,6 +154,20 @@ class BenchSweep:
                 path = self.train_missing.fit(name, mode)
                 registry.save(Fuser.load(path, sender.identity, receiver.identity))
 
+    def prepare_gates(self) -> None:
+        """Make sure every gate named in ``gates`` that a C2C cell uses exists (training a missing one)."""
+        for mode in self.fusion_modes:
+            directory = self.gates.get(mode)
+            if directory is None or gate_saved_in(directory):
+                continue
+            if self.train_missing_gate is None:
+                raise FileNotFoundError(
+                    f"gates.{mode} is {directory}, which holds no gating network: train one there (`fedrefine fit` "
+                    f"with a FederationModule, gating: true, export_dir: {directory}) or set train_missing_gate."
+                )
+            self.console.print(f"[bold]Training the missing gating network[/] of {self.receiver_name} ({mode})")
+            self.train_missing_gate.fit(mode, self.registry(mode).root, directory)
+
     def model(self, mode: str | None) -> FusedReceiver:
         """The receiver with every sender: through ``mode``'s fusers, or (None) for routes without fusion."""
         mode = mode or (self.fusion_modes[0] if self.fusion_modes else None)
@@ -156,6 +179,8 @@ class BenchSweep:
                 model = FusedReceiver(receiver, senders, fusers, sender_names=self.sender_names)
             else:
                 model = self.federation.receiver(self.receiver_name, self.sender_names, registry=self.registry(mode))
+                if mode in self.gates:
+                    model.source_gate = load_gate(self.gates[mode], list(model.fusers))
             self._models[mode] = model.to(self.device).eval()
         return self._models[mode]
 
@@ -191,6 +216,9 @@ class BenchSweep:
             for name in self.sender_names:
                 directory = self.registry(mode).directory_for(self.participant(name).identity, receiver.identity)
                 digest.update(mode.encode() + name.encode() + (directory / WEIGHTS_FILE).read_bytes())
+            if mode in self.gates:
+                for path in sorted(self.gates[mode].glob("*.safetensors")):
+                    digest.update(b"gate" + mode.encode() + path.read_bytes())
         return digest.hexdigest()[:16]
 
     # --- cells ----------------------------------------------------------------------------------
@@ -228,6 +256,7 @@ class BenchSweep:
         if not fresh:  # before training missing fusers: settings that differ are known already
             results.check_settings(self.header(None, command))
         self.prepare_fusers()
+        self.prepare_gates()
         questions = self.questions()
         if not len(questions):
             raise ValueError(f"The evaluation split {self.split or self.data.test_split!r} has no questions.")

@@ -2,7 +2,8 @@
 
 - Fig. 3a: accuracy vs number of senders, one line per route x query mode (0 = receiver alone);
 - Fig. 3b: point-to-point, C2C vs T2T for each single sender (original queries);
-- Fig. 3c: latency per question of each route and query mode, stacked by stage (all senders).
+- Fig. 3c: latency per question of each route and query mode, stacked by stage, beside the bytes each sender
+  sent per prompt token (all senders).
 """
 
 from __future__ import annotations
@@ -163,21 +164,36 @@ def plot_point_to_point(rows: Sequence[dict[str, Any]], senders: Sequence[str], 
 
 
 def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Fig. 3c: seconds per question of each route x query mode with the most senders, stacked by stage."""
+    """Fig. 3c: seconds per question of each route x query mode with the most senders, stacked by stage, and
+    beside it the bytes sent per prompt token, stacked by sender."""
     ok = _ok(rows)
     most = max((r["n_senders"] for r in ok), default=0)
     cells = [r for r in ok if r["route"] == "receiver" or r["n_senders"] == most]
-    figure, axes = plt.subplots(figsize=(7.2, 4.2))
+    figure, (latency, sent) = plt.subplots(1, 2, figsize=(11.5, 4.4), gridspec_kw={"width_ratios": [3, 2]})
     labels = [f"{ROUTE_LABELS[r['route']]}\n{r['query_mode']}" for r in cells]
     bottom = [0.0] * len(cells)
     for stage in STAGES:
         heights = [1000 * r[f"{stage}_s"] for r in cells]
-        axes.bar(range(len(cells)), heights, bottom=bottom, label=stage)
+        latency.bar(range(len(cells)), heights, bottom=bottom, label=stage)
         bottom = [b + h for b, h in zip(bottom, heights)]
-    axes.set_xticks(range(len(cells)), labels, fontsize=6, rotation=45, ha="right")
-    axes.set_ylabel("latency per question (ms)")
-    axes.set_title(f"Latency per route and query mode ({most} sender(s))")
-    axes.legend(fontsize=7)
+    latency.set_xticks(range(len(cells)), labels, fontsize=6, rotation=45, ha="right")
+    latency.set_ylabel("latency per question (ms)")
+    latency.set_title(f"Latency per route and query mode ({most} sender(s))", fontsize=9)
+    latency.legend(fontsize=7)
+    sending = [r for r in cells if r.get("sender_bytes_per_token")]
+    senders = list(dict.fromkeys(s for r in sending for s in r["sender_bytes_per_token"]))
+    bottom = [0.0] * len(sending)
+    for sender in senders:
+        heights = [r["sender_bytes_per_token"].get(sender, 0.0) for r in sending]
+        sent.bar(range(len(sending)), heights, bottom=bottom, label=sender)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    sent.set_xticks(range(len(sending)), [f"{ROUTE_LABELS[r['route']]}\n{r['query_mode']}" for r in sending],
+                    fontsize=6, rotation=45, ha="right")
+    sent.set_yscale("symlog", linthresh=1.0)  # KV bytes and token-id bytes differ by orders of magnitude
+    sent.set_ylabel("bytes sent per prompt token")
+    sent.set_title("Bytes per prompt token, by sender", fontsize=9)
+    if senders:
+        sent.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -72,7 +72,9 @@ class TextRoutes:
                 key = "sender" if stage.startswith("sender:") else stage
                 result.stages[key] = result.stages.get(key, 0.0) + seconds
             result.bytes_sent += answer.id_bytes
-        result.bytes_per_token = float(sum((self.t2t_config or T2TConfig()).bytes_per_id for _ in senders))
+        per_id = float((self.t2t_config or T2TConfig()).bytes_per_id)
+        result.sender_bytes_per_token = {name: per_id for name in route.senders}  # each hint token's id
+        result.bytes_per_token = per_id * len(senders)
         cloze = {n: torch.tensor([a.cloze_predictions[n] for a in answers]) for n in NORMALIZATIONS} if self.mode == "cloze" else {}
         return Choices(torch.tensor([a.prediction for a in answers]), cloze)
 

@@ -5,6 +5,7 @@
 - :mod:`~fedrefine.fusion.residual` / :mod:`~fedrefine.fusion.concat`: the two strategies;
 - :mod:`~fedrefine.fusion.gating`: the network weighing the receiver's own cache against each sender;
 - :mod:`~fedrefine.fusion.sender_gate`: the network weighing each sender by what it sent;
+- :mod:`~fedrefine.fusion.gate_files`: a saved gating network loaded, whichever kind;
 - :mod:`~fedrefine.fusion.sending`: how the selected senders deliver (local prefills, remote calls, concurrently);
 - :mod:`~fedrefine.fusion.receiver`: the receiver that runs prefill, forward and generation over them.
 """
@@ -12,6 +13,7 @@
 from fedrefine.fusion.batch import FusionBatch, FusionExample, SenderBatch
 from fedrefine.fusion.concat import ConcatFusion
 from fedrefine.fusion.encoding import PromptEncoder, encode_response
+from fedrefine.fusion.gate_files import gate_saved_in, load_gate
 from fedrefine.fusion.gating import SourceGate
 from fedrefine.fusion.receiver import FusedReceiver, choose_strategy
 from fedrefine.fusion.residual import Combine, ResidualFusion
@@ -24,5 +26,5 @@ __all__ = [
     "Combine", "ConcatFusion", "FusedReceiver", "FusionBatch", "FusionExample", "FusionInput", "FusionStrategy",
     "PromptEncoder", "ReceiverContext", "ResidualFusion", "SendOutcome", "SenderBatch", "SenderKV", "SenderStateGate", "Sending",
     "SourceGate",
-    "choose_strategy", "encode_response",
+    "choose_strategy", "encode_response", "gate_saved_in", "load_gate",
 ]

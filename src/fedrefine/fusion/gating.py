@@ -97,6 +97,16 @@ class SourceGate(nn.Module):
         (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         return directory
 
+    @classmethod
+    def load(cls, directory: str | Path, fusers: Sequence[Fuser]) -> SourceGate:
+        """A saved gating network, built with the sizes it was saved with, for exactly these fusers' pairs."""
+        path = Path(directory) / METADATA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"No gating network at {directory}: {METADATA_FILE} is missing.")
+        sizes = json.loads(path.read_text())
+        gate = cls(sizes["receiver_hidden"], sizes["num_layers"], len(fusers), sizes["hidden_size"])
+        return gate.load_weights(directory, fusers)
+
     def load_weights(self, directory: str | Path, fusers: Sequence[Fuser]) -> SourceGate:
         """Load weights saved for exactly the receiver and sender list of ``fusers`` (in this order) and these sizes."""
         path = Path(directory) / METADATA_FILE

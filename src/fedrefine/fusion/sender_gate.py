@@ -129,6 +129,14 @@ class SenderStateGate(nn.Module):
         (directory / METADATA_FILE).write_text(json.dumps(self.metadata(fusers), indent=2) + "\n")
         return directory
 
+    @classmethod
+    def load(cls, directory: str | Path, fusers: Sequence[Fuser]) -> SenderStateGate:
+        """A saved sender-state gate, built with the width it was saved with, for exactly these fusers."""
+        path = Path(directory) / METADATA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"No sender-state gate at {directory}: {METADATA_FILE} is missing.")
+        return cls(fusers, json.loads(path.read_text())["hidden_size"]).load_weights(directory, fusers)
+
     def load_weights(self, directory: str | Path, fusers: Sequence[Fuser]) -> SenderStateGate:
         """Load weights saved for exactly these senders (in this order), receiver, layers read and width."""
         path = Path(directory) / METADATA_FILE
