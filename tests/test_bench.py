@@ -168,6 +168,7 @@ def test_a_sweep_writes_one_row_per_cell_and_resumes_without_rerunning(tmp_path,
     assert both["fuse_s"] > 0 and both["sender_s"] > 0
     t2t = next(r for r in ok if r["key"] == "t2t:llama+qwen2")
     assert t2t["bytes_per_token"] == 8  # 4 bytes per token id, two senders
+    assert t2t["sender_bytes_per_token"] == {"llama": 4.0, "qwen2": 4.0}  # Fig. 3c's per-sender bars
 
     out = tmp_path / "out"
     with (out / "sweep.csv").open() as handle:

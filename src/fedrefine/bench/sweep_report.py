@@ -165,7 +165,7 @@ def plot_point_to_point(rows: Sequence[dict[str, Any]], senders: Sequence[str], 
 
 def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Fig. 3c: seconds per question of each route x query mode with the most senders, stacked by stage, and
-    beside it the bytes sent per prompt token, stacked by sender."""
+    beside it the bytes each sender sent per prompt token."""
     ok = _ok(rows)
     most = max((r["n_senders"] for r in ok), default=0)
     cells = [r for r in ok if r["route"] == "receiver" or r["n_senders"] == most]
@@ -182,16 +182,15 @@ def plot_latency(rows: Sequence[dict[str, Any]], path: Path) -> None:
     latency.legend(fontsize=7)
     sending = [r for r in cells if r.get("sender_bytes_per_token")]
     senders = list(dict.fromkeys(s for r in sending for s in r["sender_bytes_per_token"]))
-    bottom = [0.0] * len(sending)
-    for sender in senders:
-        heights = [r["sender_bytes_per_token"].get(sender, 0.0) for r in sending]
-        sent.bar(range(len(sending)), heights, bottom=bottom, label=sender)
-        bottom = [b + h for b, h in zip(bottom, heights)]
+    width = 0.8 / max(1, len(senders))
+    for i, sender in enumerate(senders):  # side by side, not stacked: the axis is logarithmic
+        xs = [k + (i - (len(senders) - 1) / 2) * width for k in range(len(sending))]
+        sent.bar(xs, [r["sender_bytes_per_token"].get(sender, 0.0) for r in sending], width, label=sender)
     sent.set_xticks(range(len(sending)), [f"{ROUTE_LABELS[r['route']]}\n{r['query_mode']}" for r in sending],
                     fontsize=6, rotation=45, ha="right")
-    sent.set_yscale("symlog", linthresh=1.0)  # KV bytes and token-id bytes differ by orders of magnitude
+    sent.set_yscale("log")  # K/V bytes and token-id bytes differ by orders of magnitude
     sent.set_ylabel("bytes sent per prompt token")
-    sent.set_title("Bytes per prompt token, by sender", fontsize=9)
+    sent.set_title("Bytes per prompt token, each sender", fontsize=9)
     if senders:
         sent.legend(fontsize=7)
     figure.tight_layout()
