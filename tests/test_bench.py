@@ -215,6 +215,18 @@ def test_results_of_another_setting_are_refused_and_moved_aside_with_fresh(tmp_p
     assert aside.read_text() == finished and {p.suffix for p in out.glob("sweep.stale-*")} == {".json", ".csv", ".md"}
 
 
+def test_every_row_records_the_commit_the_sweep_started_at(tmp_path, toy_registries, monkeypatch):
+    from fedrefine.bench import runner
+
+    monkeypatch.setattr(runner, "git_commit", lambda: "abc1234")
+    sweep = toy_sweep(tmp_path, toy_registries, routes=["t2t"], query_modes=["original"], subsets=[["llama"]], singles=False)
+    monkeypatch.setattr(runner, "git_commit", lambda: "later99+dirty")  # the tree changes while the sweep runs
+    rows = sweep.run(command="test")
+    assert len(rows) == 2 and {r["commit"] for r in rows} == {"abc1234"}
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["commit"] == "abc1234"
+    assert "at commit `abc1234` (cells computed at `abc1234`)" in (tmp_path / "out" / "sweep.md").read_text()
+
+
 def test_a_missing_fuser_without_training_is_an_error_naming_the_fix(tmp_path, toy_registries):
     sweep = toy_sweep(tmp_path, {"residual": str(tmp_path / "empty")}, routes=["c2c.residual"], query_modes=["original"])
     with pytest.raises(MissingFuserError, match="fedrefine fit"):

@@ -13,7 +13,6 @@ from typing import Any
 from rich.console import Console
 
 from fedrefine.bench.cells import cell_fields
-from fedrefine.bench.records import git_commit
 from fedrefine.evaluation import EvaluationReport
 from fedrefine.evaluation.metrics import STAGES
 from fedrefine.routes import Route
@@ -28,8 +27,9 @@ class StaleResultsError(ValueError):
     """A sweep's results file holds another setting's results; it is never overwritten silently."""
 
 
-def result_row(cell: Route, report: EvaluationReport, link_mbit_per_s: float) -> dict[str, Any]:
-    """A cell's result row: accuracy and interval, latency per question and stage (s), bytes."""
+def result_row(cell: Route, report: EvaluationReport, link_mbit_per_s: float, commit: str | None) -> dict[str, Any]:
+    """A cell's result row: accuracy and interval, latency per question and stage (s), bytes, and the ``commit``
+    of the code that computed it."""
     summary = report.rows()[0]
     stages = {stage: summary.get(f"{stage}_ms", 0.0) / 1000 for stage in STAGES}
     if "transfer_ms" not in summary:  # in-process senders: the transfer is modelled at the link's rate
@@ -53,7 +53,7 @@ def result_row(cell: Route, report: EvaluationReport, link_mbit_per_s: float) ->
         "n_questions": summary["questions"],
         "failed": len(report.failures),
         "failed_ids": [question for question, _ in report.failures],
-        "commit": git_commit(),
+        "commit": commit,
     }
 
 

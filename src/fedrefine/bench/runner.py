@@ -124,6 +124,7 @@ class BenchSweep:
         self.console = Console()
         self._models: dict[str | None, FusedReceiver] = {}
         self._planner: QueryPlanner | None = None
+        self.commit = git_commit()  # the code this sweep runs, read once: the tree may change while it runs
 
     # --- participants, fusers, questions --------------------------------------------------------
     def participant(self, name: str) -> Participant:
@@ -232,7 +233,7 @@ class BenchSweep:
         """Run one cell on every question; returns its result row."""
         model = self.model(cell.fusion)
         evaluator = Evaluator(model, [cell.resolve(model.sender_names)], self.evaluation, self.planner)
-        return result_row(cell, evaluator.run(questions, self.batch_size, self.device), self.link_mbit_per_s)
+        return result_row(cell, evaluator.run(questions, self.batch_size, self.device), self.link_mbit_per_s, self.commit)
 
     def header(self, fingerprint: str | None, command: str) -> dict[str, Any]:
         """What the results file records besides its rows."""
@@ -240,7 +241,7 @@ class BenchSweep:
             "name": self.name,
             "fingerprint": fingerprint,
             "command": command,
-            "commit": git_commit(),
+            "commit": self.commit,
             "receiver": self.receiver_name,
             "senders": self.sender_names,
             "answer_mode": self.evaluation.answer_mode,
@@ -280,7 +281,7 @@ class BenchSweep:
         ordered = [rows[str(c)] for c in self.cells]
         write_reports(
             ordered, self.output_dir, self.name, self.plot_prefix, self.receiver_name, self.sender_names, command,
-            self.logger, self.console,
+            self.commit, self.logger, self.console,
         )
         return ordered
 

@@ -21,7 +21,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from fedrefine.bench.cells import ROUTES  # noqa: E402
-from fedrefine.bench.records import git_commit  # noqa: E402
 from fedrefine.evaluation.metrics import STAGES  # noqa: E402
 from fedrefine.evaluation.report import log_table  # noqa: E402
 
@@ -206,6 +205,7 @@ def write_reports(
     receiver: str,
     senders: Sequence[str],
     command: str,
+    commit: str | None,
     logger: Any = None,
     console: Console | None = None,
 ) -> dict[str, Path]:
@@ -221,7 +221,7 @@ def write_reports(
     }
     write_csv(rows, paths["csv"])
     title = f"Sweep {name}: {' + '.join(senders)} -> {receiver}"
-    paths["markdown"].write_text(markdown(rows, title, command, git_commit()))
+    paths["markdown"].write_text(markdown(rows, title, command, commit))
     plot_accuracy_vs_senders(rows, paths["fig3a"])
     plot_point_to_point(rows, senders, paths["fig3b"])
     plot_latency(rows, paths["fig3c"])
