@@ -215,6 +215,28 @@ def test_results_of_another_setting_are_refused_and_moved_aside_with_fresh(tmp_p
     assert aside.read_text() == finished and {p.suffix for p in out.glob("sweep.stale-*")} == {".json", ".csv", ".md"}
 
 
+def test_a_changed_fuser_reruns_only_the_cells_of_its_fusion_mode(tmp_path, toy_registries, monkeypatch):
+    import shutil
+
+    registries = {mode: str(shutil.copytree(path, tmp_path / f"registry-{mode}")) for mode, path in toy_registries.items()}
+    settings = dict(routes=["c2c.residual", "c2c.concat", "t2t"], query_modes=["original"], subsets=[["llama"]], singles=False)
+    first = toy_sweep(tmp_path, registries, **settings).run(command="test")
+    receiver, llama = ToyParticipant("receiver").load(), ToyParticipant("llama-sender").load()
+    registry = FuserRegistry(registries["residual"])
+    fuser = registry.get(llama.identity, receiver.identity)
+    with torch.no_grad():
+        fuser.layers[0].value.projection.bias.add_(1.0)  # retrained: other weights
+    registry.save(fuser)
+    calls = []
+    original = BenchSweep.evaluate
+    monkeypatch.setattr(BenchSweep, "evaluate", lambda self, cell, q: calls.append(str(cell)) or original(self, cell, q))
+    again = toy_sweep(tmp_path, registries, **settings).run(command="test")
+    assert calls == ["c2c.residual:llama"]  # the receiver, concat and T2T rows are kept
+    assert [r for r in again if r["route"] != "c2c.residual"] == [r for r in first if r["route"] != "c2c.residual"]
+    saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert set(saved["fusion_fingerprints"]) == {"residual", "concat"}
+
+
 def test_every_row_records_the_commit_the_sweep_started_at(tmp_path, toy_registries, monkeypatch):
     from fedrefine.bench import runner
 

@@ -1,6 +1,6 @@
 """A sweep's results file: one row per finished cell, written as each cell finishes, so that an interrupted
-sweep resumes where it stopped; rows are valid only for the fingerprint (questions, participants, fusers,
-settings) that made them."""
+sweep resumes where it stopped; rows are valid only for the fingerprint (questions, participants, settings)
+that made them, and a C2C row also only for its fusion mode's fusers and gate (``fusion_fingerprints``)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from fedrefine.routes import Route
 RESULTS_FORMAT = 2
 #: Header fields that say how a file was made rather than what it measured.
 _PROVENANCE = ("command", "commit", "rows", "format")
+_FINGERPRINTS = ("fingerprint", "fusion_fingerprints")
 
 
 class StaleResultsError(ValueError):
@@ -82,7 +83,8 @@ class SweepResultsFile:
             previous = {"unreadable": str(err)}
         if previous.get("fingerprint") == header["fingerprint"] and not fresh:  # it covers the results format too
             rows = previous.get("rows", [])  # rows from before per-row commits were recorded get the file's commit
-            return {r["key"]: {"commit": previous.get("commit"), **r} if r["status"] == "ok" else r for r in rows}
+            rows = [{"commit": previous.get("commit"), **r} if r["status"] == "ok" else r for r in rows]
+            return {r["key"]: r for r in self._still_valid(rows, previous.get("fusion_fingerprints") or {}, header)}
         if not fresh:
             raise StaleResultsError(
                 f"{self.path} holds the results of another sweep ({self.differences(previous, header)}). Rerun with "
@@ -91,6 +93,20 @@ class SweepResultsFile:
         aside = self.move_aside(previous.get("commit"))
         self.console.print(f"[yellow]--fresh: moved the earlier results to {', '.join(map(str, aside))}.[/]")
         return {}
+
+    def _still_valid(self, rows: list[dict[str, Any]], before: dict[str, str], header: dict[str, Any]) -> list[dict[str, Any]]:
+        """``rows`` less those of the fusion modes whose fusers or gate changed since they were computed (and the
+        adaptive cell, which may use any mode's), with a line saying what re-runs."""
+        changed = sorted(mode for mode, now in header.get("fusion_fingerprints", {}).items() if before.get(mode) != now)
+        if not changed:
+            return rows
+        stale = {f"c2c.{mode}" for mode in changed} | {"adaptive"}
+        kept = [r for r in rows if r["route"] not in stale]
+        self.console.print(
+            f"[yellow]The fusers or gate of {', '.join(f'c2c.{m}' for m in changed)} changed since {self.path} was "
+            f"written: its {len(rows) - len(kept)} cells run again, the other {len(kept)} are kept.[/]"
+        )
+        return kept
 
     def check_settings(self, header: dict[str, Any]) -> None:
         """Refuse early (before any fuser is trained) when the settings in the header already differ from the
@@ -101,7 +117,7 @@ class SweepResultsFile:
             previous = json.loads(self.path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError):
             return  # load() says so, with the fix
-        changed = [k for k in header if k not in (*_PROVENANCE, "fingerprint") and previous.get(k) != header[k]]
+        changed = [k for k in header if k not in (*_PROVENANCE, *_FINGERPRINTS) and previous.get(k) != header[k]]
         if changed:
             raise StaleResultsError(
                 f"{self.path} holds the results of another sweep ({self.differences(previous, header)}). Rerun with "
@@ -112,10 +128,10 @@ class SweepResultsFile:
     def differences(previous: dict[str, Any], header: dict[str, Any]) -> str:
         if "unreadable" in previous:
             return f"it is not valid JSON: {previous['unreadable']}"
-        changed = [k for k in header if k not in (*_PROVENANCE, "fingerprint") and previous.get(k) != header[k]]
+        changed = [k for k in header if k not in (*_PROVENANCE, *_FINGERPRINTS) and previous.get(k) != header[k]]
         if changed:
             return "differs in " + ", ".join(f"{k}: {previous.get(k)!r} -> {header[k]!r}" for k in changed)
-        return "same header, but other questions, participants, fusers or results format: the fingerprint differs"
+        return "same header, but other questions, participants or results format: the fingerprint differs"
 
     def move_aside(self, commit: str | None) -> list[Path]:
         """Rename ``<name>.json`` and its ``.csv`` / ``.md`` tables to ``<name>.stale-<commit>-<time>.*``."""

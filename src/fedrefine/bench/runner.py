@@ -4,8 +4,9 @@
 Every cell is evaluated on the same questions; its row (accuracy with a 95% interval, latency
 per question and per stage, bytes per prompt token) is written to ``<output_dir>/<name>.json``
 as soon as it finishes, so an interrupted sweep resumes where it stopped. Results are valid only
-for the exact questions, participants, fusers and evaluation settings that made them (their
-fingerprint); when any of those change, the sweep starts over.
+for the exact questions, participants and evaluation settings that made them (their fingerprint;
+when any of those change, the sweep starts over) and, for C2C cells, the fusers and gate of their
+fusion mode (when those change, that mode's cells run again).
 """
 
 from __future__ import annotations
@@ -201,8 +202,7 @@ class BenchSweep:
         return self._planner
 
     def fingerprint(self, questions: QuestionDataset) -> str:
-        """Hash of everything a cell's result depends on except the cell itself."""
-        digest = hashlib.sha256()
+        """Hash of everything every cell's result depends on: questions, participants, evaluation settings."""
         payload = {
             "format": RESULTS_FORMAT,
             "participants": {n: self.participant(n).identity.to_dict() for n in (self.receiver_name, *self.sender_names)},
@@ -211,16 +211,23 @@ class BenchSweep:
             "batch_size": self.batch_size,
             "link_mbit_per_s": self.link_mbit_per_s,
         }
-        digest.update(json.dumps(payload, sort_keys=True, default=str).encode())
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def fusion_fingerprints(self) -> dict[str, str]:
+        """Per fusion mode the sweep uses, a hash of what its C2C cells also depend on: each sender's fuser
+        weights and the gate's."""
         receiver = self.participant(self.receiver_name)
+        prints = {}
         for mode in self.fusion_modes:
+            digest = hashlib.sha256()
             for name in self.sender_names:
                 directory = self.registry(mode).directory_for(self.participant(name).identity, receiver.identity)
-                digest.update(mode.encode() + name.encode() + (directory / WEIGHTS_FILE).read_bytes())
+                digest.update(name.encode() + (directory / WEIGHTS_FILE).read_bytes())
             if mode in self.gates:
                 for path in sorted(self.gates[mode].glob("*.safetensors")):
-                    digest.update(b"gate" + mode.encode() + path.read_bytes())
-        return digest.hexdigest()[:16]
+                    digest.update(b"gate" + path.read_bytes())
+            prints[mode] = digest.hexdigest()[:16]
+        return prints
 
     # --- cells ----------------------------------------------------------------------------------
     def aligned_messages(self, cell: Route) -> AlignedMessages:
@@ -235,11 +242,12 @@ class BenchSweep:
         evaluator = Evaluator(model, [cell.resolve(model.sender_names)], self.evaluation, self.planner)
         return result_row(cell, evaluator.run(questions, self.batch_size, self.device), self.link_mbit_per_s, self.commit)
 
-    def header(self, fingerprint: str | None, command: str) -> dict[str, Any]:
+    def header(self, fingerprint: str | None, command: str, fusion_fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
         """What the results file records besides its rows."""
         return {
             "name": self.name,
             "fingerprint": fingerprint,
+            "fusion_fingerprints": fusion_fingerprints or {},
             "command": command,
             "commit": self.commit,
             "receiver": self.receiver_name,
@@ -261,8 +269,8 @@ class BenchSweep:
         questions = self.questions()
         if not len(questions):
             raise ValueError(f"The evaluation split {self.split or self.data.test_split!r} has no questions.")
-        fingerprint = self.fingerprint(questions)
-        rows = results.load(self.header(fingerprint, command), fresh=fresh)
+        header = self.header(self.fingerprint(questions), command, self.fusion_fingerprints())
+        rows = results.load(header, fresh=fresh)
         done = sum(str(c) in rows for c in self.cells)
         if done:
             self.console.print(f"Resuming: {done} of {len(self.cells)} cells already finished in {results.path}.")
@@ -275,9 +283,9 @@ class BenchSweep:
                 progress.update(task, description=f"{cell} ({len(questions)} questions)")
                 reason = unsupported_reason(cell, self.evaluation.options, self.aligned_messages(cell))
                 rows[str(cell)] = unsupported_row(cell, reason) if reason else self.evaluate(cell, questions)
-                results.save(self.header(fingerprint, command), [rows[str(c)] for c in self.cells if str(c) in rows])
+                results.save(header, [rows[str(c)] for c in self.cells if str(c) in rows])
                 progress.advance(task)
-        results.save(self.header(fingerprint, command), [rows[str(c)] for c in self.cells])
+        results.save(header, [rows[str(c)] for c in self.cells])
         ordered = [rows[str(c)] for c in self.cells]
         write_reports(
             ordered, self.output_dir, self.name, self.plot_prefix, self.receiver_name, self.sender_names, command,
