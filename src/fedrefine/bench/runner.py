@@ -28,13 +28,14 @@ from fedrefine.bench.cells import ROUTES, SubsetPolicy, expand_cells, unsupporte
 from fedrefine.bench.fuser_training import FuserTraining, GateTraining
 from fedrefine.bench.records import git_commit
 from fedrefine.bench.results_file import RESULTS_FORMAT, SweepResultsFile, result_row, unsupported_row
+from fedrefine.bench.sweep_fusion import SweepFusion
 from fedrefine.bench.sweep_report import write_reports
 from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.data.question_dataset import QuestionDataset
 from fedrefine.evaluation import EvaluationConfig, Evaluator, QueryPlanner
 from fedrefine.federation import Federation
-from fedrefine.fuser import WEIGHTS_FILE, Fuser, FuserConfig
-from fedrefine.fusion import FusedReceiver, gate_saved_in, load_gate
+from fedrefine.fuser import Fuser, FuserConfig
+from fedrefine.fusion import FusedReceiver
 from fedrefine.participants import Participant
 from fedrefine.privacy.rephrase import Rephraser
 from fedrefine.registry import FuserRegistry
@@ -106,23 +107,17 @@ class BenchSweep:
             raise ValueError(f"link_mbit_per_s must be positive, got {link_mbit_per_s}.")
         self.receiver_name, self.sender_names = receiver, list(senders)
         self.data, self.split, self.num_questions, self.batch_size = data, split, num_questions, batch_size
-        self.registries = {mode: FuserRegistry(path) for mode, path in (registries or {}).items()}
-        unknown_modes = sorted(set(self.registries) - {"residual", "concat"})
-        if unknown_modes:
-            raise ValueError(f"Registries are keyed by fusion mode 'residual' or 'concat', got {unknown_modes}.")
-        self.gates = {mode: Path(path) for mode, path in (gates or {}).items()}
-        without_registry = sorted(set(self.gates) - set(self.registries))
-        if without_registry:
-            raise ValueError(f"gates names fusion modes {without_registry} without a registry; set registries.<mode> too.")
         self.federation = Federation(participants, registry=None)  # each fusion mode has its own registry
+        self.console = Console()
+        self.fusion = SweepFusion(self.federation, receiver, senders, registries, gates, train_missing, train_missing_gate,
+                                  self.console)
         self.cells = expand_cells(senders, routes or list(ROUTES), query_modes or list(QUERY_MODES), subsets, singles)
         self.evaluation = evaluation or EvaluationConfig()
-        self.link_mbit_per_s, self.train_missing, self.train_missing_gate = link_mbit_per_s, train_missing, train_missing_gate
+        self.link_mbit_per_s = link_mbit_per_s
         self.output_dir, self.name, self.plot_prefix = Path(output_dir), name, plot_prefix
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.logger, self.device = logger, torch.device(device)
-        self.console = Console()
         self._models: dict[str | None, FusedReceiver] = {}
         self._planner: QueryPlanner | None = None
         self.commit = git_commit()  # the code this sweep runs, read once: the tree may change while it runs
@@ -136,39 +131,13 @@ class BenchSweep:
         """Fusion modes the sweep's C2C cells need, in sweep order."""
         return list(dict.fromkeys(c.fusion for c in self.cells if c.fusion))
 
-    def registry(self, mode: str) -> FuserRegistry:
-        if mode not in self.registries:
-            raise ValueError(f"Route c2c.{mode} needs a fuser registry: set registries.{mode} to a directory.")
-        return self.registries[mode]
+    @property
+    def registries(self) -> dict[str, FuserRegistry]:
+        return self.fusion.registries
 
     def prepare_fusers(self) -> None:
-        """Make sure every (sender -> receiver) fuser the C2C cells need is in its registry (training missing ones)."""
-        receiver = self.participant(self.receiver_name)
-        for mode in self.fusion_modes:
-            registry = self.registry(mode)
-            for name in self.sender_names:
-                sender = self.participant(name)
-                if registry.has(sender.identity, receiver.identity):
-                    continue
-                if self.train_missing is None:
-                    registry.get(sender.identity, receiver.identity)  # raises MissingFuserError with the fix
-                self.console.print(f"[bold]Training the missing fuser[/] {name} -> {self.receiver_name} ({mode})")
-                path = self.train_missing.fit(name, mode)
-                registry.save(Fuser.load(path, sender.identity, receiver.identity))
-
-    def prepare_gates(self) -> None:
-        """Make sure every gate named in ``gates`` that a C2C cell uses exists (training a missing one)."""
-        for mode in self.fusion_modes:
-            directory = self.gates.get(mode)
-            if directory is None or gate_saved_in(directory):
-                continue
-            if self.train_missing_gate is None:
-                raise FileNotFoundError(
-                    f"gates.{mode} is {directory}, which holds no gating network: train one there (`fedrefine fit` "
-                    f"with a FederationModule, gating: true, export_dir: {directory}) or set train_missing_gate."
-                )
-            self.console.print(f"[bold]Training the missing gating network[/] of {self.receiver_name} ({mode})")
-            self.train_missing_gate.fit(mode, self.registry(mode).root, directory)
+        """Make sure every fuser and named gate the C2C cells need exists (training the missing ones)."""
+        self.fusion.prepare(self.fusion_modes)
 
     def model(self, mode: str | None) -> FusedReceiver:
         """The receiver with every sender: through ``mode``'s fusers, or (None) for routes without fusion."""
@@ -180,9 +149,7 @@ class BenchSweep:
                 fusers = [Fuser(s.identity, receiver.identity, FuserConfig(hidden_size=8, num_blocks=2)) for s in senders]
                 model = FusedReceiver(receiver, senders, fusers, sender_names=self.sender_names)
             else:
-                model = self.federation.receiver(self.receiver_name, self.sender_names, registry=self.registry(mode))
-                if mode in self.gates:
-                    model.source_gate = load_gate(self.gates[mode], list(model.fusers))
+                model = self.fusion.receiver(mode)
             self._models[mode] = model.to(self.device).eval()
         return self._models[mode]
 
@@ -212,22 +179,6 @@ class BenchSweep:
             "link_mbit_per_s": self.link_mbit_per_s,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    def fusion_fingerprints(self) -> dict[str, str]:
-        """Per fusion mode the sweep uses, a hash of what its C2C cells also depend on: each sender's fuser
-        weights and the gate's."""
-        receiver = self.participant(self.receiver_name)
-        prints = {}
-        for mode in self.fusion_modes:
-            digest = hashlib.sha256()
-            for name in self.sender_names:
-                directory = self.registry(mode).directory_for(self.participant(name).identity, receiver.identity)
-                digest.update(name.encode() + (directory / WEIGHTS_FILE).read_bytes())
-            if mode in self.gates:
-                for path in sorted(self.gates[mode].glob("*.safetensors")):
-                    digest.update(b"gate" + path.read_bytes())
-            prints[mode] = digest.hexdigest()[:16]
-        return prints
 
     # --- cells ----------------------------------------------------------------------------------
     def aligned_messages(self, cell: Route) -> AlignedMessages:
@@ -265,11 +216,10 @@ class BenchSweep:
         if not fresh:  # before training missing fusers: settings that differ are known already
             results.check_settings(self.header(None, command))
         self.prepare_fusers()
-        self.prepare_gates()
         questions = self.questions()
         if not len(questions):
             raise ValueError(f"The evaluation split {self.split or self.data.test_split!r} has no questions.")
-        header = self.header(self.fingerprint(questions), command, self.fusion_fingerprints())
+        header = self.header(self.fingerprint(questions), command, self.fusion.fingerprints(self.fusion_modes))
         rows = results.load(header, fresh=fresh)
         done = sum(str(c) in rows for c in self.cells)
         if done:
