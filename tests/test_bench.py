@@ -1,6 +1,7 @@
 """The benchmark runner: sweep expansion, resume, reports, byte accounting, and the sweep configs."""
 
 import csv
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ from fedrefine.bench.sweep_report import CSV_COLUMNS
 from fedrefine.cli import load_sweep
 from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser, FuserConfig
+from fedrefine.privacy.rephrase import RephraseConfig
 from fedrefine.registry import FuserRegistry, MissingFuserError
 from fedrefine.routes import Route
 from fedrefine.t2t import T2TConfig
@@ -235,6 +237,25 @@ def test_a_changed_fuser_reruns_only_the_cells_of_its_fusion_mode(tmp_path, toy_
     assert [r for r in again if r["route"] != "c2c.residual"] == [r for r in first if r["route"] != "c2c.residual"]
     saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert set(saved["fusion_fingerprints"]) == {"residual", "concat"}
+
+
+def test_changed_rephrasing_settings_rerun_only_the_rephrased_cells(tmp_path, toy_registries, monkeypatch):
+    settings = dict(routes=["t2t"], query_modes=["original", "private"], subsets=[["llama"]], singles=False)
+    evaluation = EvaluationConfig(answer_mode="cloze", t2t=T2TConfig(budget=4), rephrase=RephraseConfig(max_new_tokens=4))
+    first = toy_sweep(tmp_path, toy_registries, evaluation=evaluation, **settings).run(command="test")
+    calls = []
+    original = BenchSweep.evaluate
+    monkeypatch.setattr(BenchSweep, "evaluate", lambda self, cell, q: calls.append(str(cell)) or original(self, cell, q))
+    moved_cache = dataclasses.replace(evaluation, rephrase_cache_dir=str(tmp_path / "cache"))  # where, not what
+    toy_sweep(tmp_path, toy_registries, evaluation=moved_cache, **settings).run(command="test")
+    assert calls == []
+    retried = dataclasses.replace(evaluation, rephrase=RephraseConfig(max_new_tokens=4, candidates=2))
+    again = toy_sweep(tmp_path, toy_registries, evaluation=retried, **settings).run(command="test")
+    assert calls == ["receiver@private", "t2t:llama@private"]  # the original-query rows are kept
+    assert [r for r in again if r["query_mode"] == "original"] == [r for r in first if r["query_mode"] == "original"]
+    other = dataclasses.replace(retried, t2t=T2TConfig(budget=5))  # any other evaluation setting still starts over
+    with pytest.raises(StaleResultsError, match="the fingerprint differs"):
+        toy_sweep(tmp_path, toy_registries, evaluation=other, **settings).run(command="test")
 
 
 def test_every_row_records_the_commit_the_sweep_started_at(tmp_path, toy_registries, monkeypatch):

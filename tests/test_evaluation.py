@@ -100,6 +100,22 @@ def test_rephrased_routes_keep_the_original_from_senders(world, mode, routes):
             assert row["rephrase_ms"] > 0
 
 
+def test_reports_count_the_questions_whose_rephrasing_invented_a_name(world, monkeypatch):
+    from fedrefine.generation import Reply
+    from fedrefine.privacy import rephrase
+
+    def garble_the_first(participant, prompts, **kwargs):  # the zorblax question's rephrasing invents "Zorbax"
+        return [Reply("Which colour is Zorbax?" if "zorblax" in p else "Where was it found?", (1,), 0.1) for p in prompts]
+
+    monkeypatch.setattr(rephrase, "generate_replies", garble_the_first)
+    receiver, senders = world
+    planner = QueryPlanner(Rephraser(receiver, RephraseConfig(max_new_tokens=6, candidates=1)))
+    rows = run(federated(receiver, senders, "concat"), ["c2c", "t2t@private", "c2c@shared"], planner)
+    assert rows["c2c"]["rephrasings_unfaithful"] is None  # nothing rephrased
+    assert rows["t2t@private"]["rephrasings_unfaithful"] == rows["c2c@shared"]["rephrasings_unfaithful"] == 0.5
+    assert rows["c2c@shared"]["questions"] == 2  # counted, never dropped
+
+
 def test_original_routes_do_reach_senders_and_bytes_are_exact(world):
     receiver, senders = world
     recorders = [InputRecorder(s) for s in senders]

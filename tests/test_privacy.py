@@ -208,6 +208,82 @@ def test_seeded_sampling_is_reproducible(local):
     assert reseeded[0].text != first[0].text
 
 
+# --- faithfulness: invented names and retries ---------------------------------------------------
+
+
+def test_a_rephrasing_may_drop_the_querys_names_but_not_invent_one():
+    from fedrefine.privacy.faithfulness import invented_names, is_faithful, names_in
+
+    query = "I am Daishaik Laidaikrar, from Maire, and I have asthma. In which city does Babrai live?"
+    assert names_in("Where does Bapai live? Tell me. I think Paris: London") == ["Bapai", "Paris"]  # sentence starts, "I"
+    assert invented_names(query, "Where does Bapai live?") == ["Bapai"]  # a garbled copy
+    assert invented_names(query, "Where does Babrai live?") == []  # the preamble's names are meant to be left out
+    assert invented_names("Where is the sun?", "Where is the Sun?") == []  # case aside
+    assert is_faithful("off", query, "Where does Bapai live?") and not is_faithful("names", query, "Where does Bapai live?")
+    with pytest.raises(ValueError, match="rephrase.check must be one of"):
+        RephraseConfig(check="spelling")
+    with pytest.raises(ValueError, match="rephrase.candidates must be at least 1"):
+        RephraseConfig(candidates=0)
+
+
+def scripted_generation(monkeypatch, first, candidates):
+    """Replace the rephraser's generation: ``first`` maps a query to its first reply, ``candidates`` to its retries."""
+    from fedrefine.generation import Reply
+    from fedrefine.privacy import rephrase
+
+    def query_of(prompt):
+        return prompt.rsplit("\n\n", 1)[-1]
+
+    retried = []
+    monkeypatch.setattr(rephrase, "generate_replies", lambda participant, prompts, **kw: [
+        Reply(first[query_of(p)], (1, 2), 0.25) for p in prompts])
+
+    def beams(participant, prompts, num_candidates, **kw):
+        retried.extend(query_of(p) for p in prompts)
+        return [[Reply(text, (1,), 1.0) for text in candidates[query_of(p)][:num_candidates]] for p in prompts]
+
+    monkeypatch.setattr(rephrase, "generate_candidates", beams)
+    return retried
+
+
+def test_an_unfaithful_rephrasing_is_retried_and_the_first_passing_candidate_kept(local, tmp_path, monkeypatch):
+    queries = ["In which city does Babrai live?", "What does Kroux eat?", "Which colour does Shelirox like?"]
+    first = {queries[0]: "Where does Bapai live?", queries[1]: "Which food does Kroux like?",
+             queries[2]: "Which colour does Sheli Naix like?"}
+    candidates = {queries[0]: ["Where does Babai live?", "Where does Babrai live?", "Where does Babrai stay?"],
+                  queries[2]: ["Which colour does Sheli Rox like?", "Which colour does Shelix like?"]}
+    retried = scripted_generation(monkeypatch, first, candidates)
+    found = Rephraser(local, RephraseConfig(candidates=3), cache_dir=tmp_path).rephrase(queries)
+    assert retried == [queries[0], queries[2]]  # the faithful one is not retried
+    assert [(r.text, r.candidate, r.faithful) for r in found] == [
+        ("Where does Babrai live?", 2, True),  # the first candidate that keeps the name
+        ("Which food does Kroux like?", 0, True),
+        ("Which colour does Sheli Naix like?", 0, False),  # none passes: the first reply, marked
+    ]
+    assert [r.seconds for r in found] == [1.25, 0.25, 1.25]  # the retry's time counts
+    records = [json.loads(line) for line in (tmp_path / "rephrasings.jsonl").read_text().splitlines()]
+    assert [(r["faithful"], r["candidate"]) for r in records] == [(True, 2), (True, 0), (False, 0)]
+    again = Rephraser(local, RephraseConfig(candidates=3), cache_dir=tmp_path).rephrase(queries)
+    assert [(r.text, r.candidate, r.faithful, r.cached) for r in again] == [(r.text, r.candidate, r.faithful, True) for r in found]
+
+    retried.clear()
+    unchecked = Rephraser(local, RephraseConfig(candidates=1)).rephrase(queries)  # no retry: marked only
+    assert retried == [] and [r.faithful for r in unchecked] == [False, True, False]
+    off = Rephraser(local, RephraseConfig(check="off")).rephrase(queries)
+    assert retried == [] and all(r.faithful for r in off) and off[0].text == "Where does Bapai live?"
+
+
+def test_beam_candidates_come_best_first_and_do_not_depend_on_the_batch(local):
+    from fedrefine.generation import generate_candidates
+
+    prompts = [ITEMS[0].question_stem, "Say something short."]
+    together = generate_candidates(local, prompts, 3, max_new_tokens=6)
+    alone = generate_candidates(local, prompts[1:], 3, max_new_tokens=6)
+    assert [len(c) for c in together] == [3, 3]
+    assert [c.token_ids for c in together[1]] == [c.token_ids for c in alone[0]]  # left padding changes nothing
+    assert all(len(c.token_ids) <= 6 for c in together[0])
+
+
 # --- the privacy invariant --------------------------------------------------------------------
 
 

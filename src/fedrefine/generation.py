@@ -1,4 +1,4 @@
-"""Greedy or seeded generation of chat replies with a participant's own template (batched, left-padded)."""
+"""Greedy, seeded or beam-search generation of chat replies with a participant's own template (batched, left-padded)."""
 
 from __future__ import annotations
 
@@ -91,3 +91,28 @@ def generate_replies(
         Reply(tokenizer.decode(ids, skip_special_tokens=True), tuple(ids), spent)
         for ids, spent in zip(token_ids, seconds)
     ]
+
+
+def generate_candidates(
+    participant: Participant, prompts: Sequence[str], num_candidates: int, max_new_tokens: int = 64, batch_size: int = 16
+) -> list[list[Reply]]:
+    """``num_candidates`` replies per prompt from beam search with as many beams, best-scoring first.
+
+    Batched like greedy decoding; ``seconds`` is each prompt's share of its batch's wall time (every
+    candidate of a prompt carries that share).
+    """
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates must be at least 1, got {num_candidates}.")
+    if max_new_tokens == 0 or not prompts:
+        return [[Reply("", (), 0.0)] * num_candidates for _ in prompts]
+    tokenizer = participant.tokenizer
+    beams = {"do_sample": False, "num_beams": num_candidates, "num_return_sequences": num_candidates}
+    candidates: list[list[Reply]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        rows, spent = _generate_batch(participant, chunk, max_new_tokens, beams)  # prompt-major: K rows per prompt
+        share = spent / len(chunk)
+        for index in range(len(chunk)):
+            group = rows[index * num_candidates : (index + 1) * num_candidates]
+            candidates.append([Reply(tokenizer.decode(ids, skip_special_tokens=True), tuple(ids), share) for ids in group])
+    return candidates

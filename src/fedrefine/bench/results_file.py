@@ -1,6 +1,7 @@
 """A sweep's results file: one row per finished cell, written as each cell finishes, so that an interrupted
 sweep resumes where it stopped; rows are valid only for the fingerprint (questions, participants, settings)
-that made them, and a C2C row also only for its fusion mode's fusers and gate (``fusion_fingerprints``)."""
+that made them, a C2C row also only for its fusion mode's fusers and gate (``fusion_fingerprints``), and a row
+of a rephrased query mode also only for the rephrasing settings (``rephrasing_fingerprint``)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from fedrefine.routes import Route
 RESULTS_FORMAT = 2
 #: Header fields that say how a file was made rather than what it measured.
 _PROVENANCE = ("command", "commit", "rows", "format")
-_FINGERPRINTS = ("fingerprint", "fusion_fingerprints")
+_FINGERPRINTS = ("fingerprint", "fusion_fingerprints", "rephrasing_fingerprint")
 
 
 class StaleResultsError(ValueError):
@@ -49,6 +50,7 @@ def result_row(cell: Route, report: EvaluationReport, link_mbit_per_s: float, co
         "bytes_per_question": summary["bytes_per_question"],
         "leakage_overlap": summary["leakage_overlap"],
         "leakage_private_tokens": summary["leakage_private_tokens"],
+        "rephrasings_unfaithful": summary["rephrasings_unfaithful"],
         "transport_bytes_per_question": summary["transport_bytes_per_question"],
         "senders_dropped": summary["senders_dropped"],
         "n_questions": summary["questions"],
@@ -84,7 +86,7 @@ class SweepResultsFile:
         if previous.get("fingerprint") == header["fingerprint"] and not fresh:  # it covers the results format too
             rows = previous.get("rows", [])  # rows from before per-row commits were recorded get the file's commit
             rows = [{"commit": previous.get("commit"), **r} if r["status"] == "ok" else r for r in rows]
-            return {r["key"]: r for r in self._still_valid(rows, previous.get("fusion_fingerprints") or {}, header)}
+            return {r["key"]: r for r in self._still_valid(rows, previous, header)}
         if not fresh:
             raise StaleResultsError(
                 f"{self.path} holds the results of another sweep ({self.differences(previous, header)}). Rerun with "
@@ -94,18 +96,22 @@ class SweepResultsFile:
         self.console.print(f"[yellow]--fresh: moved the earlier results to {', '.join(map(str, aside))}.[/]")
         return {}
 
-    def _still_valid(self, rows: list[dict[str, Any]], before: dict[str, str], header: dict[str, Any]) -> list[dict[str, Any]]:
-        """``rows`` less those of the fusion modes whose fusers or gate changed since they were computed (and the
-        adaptive cell, which may use any mode's), with a line saying what re-runs."""
+    def _still_valid(self, rows: list[dict[str, Any]], previous: dict[str, Any], header: dict[str, Any]) -> list[dict[str, Any]]:
+        """``rows`` less those whose inputs changed since they were computed, with a line saying what re-runs: the
+        cells of a fusion mode whose fusers or gate changed (and the adaptive cell, which may use any mode's), and
+        the cells of rephrased query modes when the rephrasing settings changed."""
+        before = previous.get("fusion_fingerprints") or {}
         changed = sorted(mode for mode, now in header.get("fusion_fingerprints", {}).items() if before.get(mode) != now)
-        if not changed:
-            return rows
-        stale = {f"c2c.{mode}" for mode in changed} | {"adaptive"}
-        kept = [r for r in rows if r["route"] not in stale]
-        self.console.print(
-            f"[yellow]The fusers or gate of {', '.join(f'c2c.{m}' for m in changed)} changed since {self.path} was "
-            f"written: its {len(rows) - len(kept)} cells run again, the other {len(kept)} are kept.[/]"
-        )
+        stale_routes = {f"c2c.{mode}" for mode in changed} | ({"adaptive"} if changed else set())
+        rephrasing_changed = previous.get("rephrasing_fingerprint") != header.get("rephrasing_fingerprint")
+        kept = [r for r in rows if r["route"] not in stale_routes and not (rephrasing_changed and r["query_mode"] != "original")]
+        if len(kept) < len(rows):
+            reasons = [f"the fusers or gate of {', '.join(f'c2c.{m}' for m in changed)}"] if changed else []
+            reasons += ["the rephrasing settings (shared and private cells)"] if rephrasing_changed else []
+            self.console.print(
+                f"[yellow]{' and '.join(reasons).capitalize()} changed since {self.path} was written: its "
+                f"{len(rows) - len(kept)} cells run again, the other {len(kept)} are kept.[/]"
+            )
         return kept
 
     def check_settings(self, header: dict[str, Any]) -> None:

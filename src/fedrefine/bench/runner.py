@@ -5,8 +5,9 @@ Every cell is evaluated on the same questions; its row (accuracy with a 95% inte
 per question and per stage, bytes per prompt token) is written to ``<output_dir>/<name>.json``
 as soon as it finishes, so an interrupted sweep resumes where it stopped. Results are valid only
 for the exact questions, participants and evaluation settings that made them (their fingerprint;
-when any of those change, the sweep starts over) and, for C2C cells, the fusers and gate of their
-fusion mode (when those change, that mode's cells run again).
+when any of those change, the sweep starts over), for C2C cells the fusers and gate of their fusion
+mode (when those change, that mode's cells run again), and for shared / private cells the rephrasing
+settings (when those change, those cells run again).
 """
 
 from __future__ import annotations
@@ -169,16 +170,24 @@ class BenchSweep:
         return self._planner
 
     def fingerprint(self, questions: QuestionDataset) -> str:
-        """Hash of everything every cell's result depends on: questions, participants, evaluation settings."""
+        """Hash of everything every cell's result depends on: questions, participants, evaluation settings but the
+        rephrasing's (:meth:`rephrasing_fingerprint`; where its cache lives changes no result)."""
+        evaluation = dataclasses.asdict(self.evaluation)
+        del evaluation["rephrase"], evaluation["rephrase_cache_dir"]
         payload = {
             "format": RESULTS_FORMAT,
             "participants": {n: self.participant(n).identity.to_dict() for n in (self.receiver_name, *self.sender_names)},
             "questions": [dataclasses.asdict(item) for item in questions.items],
-            "evaluation": dataclasses.asdict(self.evaluation),
+            "evaluation": evaluation,
             "batch_size": self.batch_size,
             "link_mbit_per_s": self.link_mbit_per_s,
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return _digest(payload)
+
+    def rephrasing_fingerprint(self) -> str:
+        """Hash of the rephrasing settings, which only shared and private cells depend on (the rephraser, the
+        receiver, is in :meth:`fingerprint`)."""
+        return _digest(dataclasses.asdict(self.evaluation.rephrase))
 
     # --- cells ----------------------------------------------------------------------------------
     def aligned_messages(self, cell: Route) -> AlignedMessages:
@@ -199,6 +208,7 @@ class BenchSweep:
             "name": self.name,
             "fingerprint": fingerprint,
             "fusion_fingerprints": fusion_fingerprints or {},
+            "rephrasing_fingerprint": self.rephrasing_fingerprint(),
             "command": command,
             "commit": self.commit,
             "receiver": self.receiver_name,
@@ -243,3 +253,7 @@ class BenchSweep:
         )
         return ordered
 
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -27,7 +27,8 @@ from fedrefine.evaluation.report import log_table  # noqa: E402
 CSV_COLUMNS = (
     "route", "query_mode", "senders", "n_senders", "status", "accuracy", "ci_low", "ci_high", "receiver_accuracy",
     "latency_s", *(f"{stage}_s" for stage in STAGES), "bytes_per_token", "bytes_per_token_by_sender",
-    "bytes_per_question", "leakage_overlap", "leakage_private_tokens", "n_questions", "failed",
+    "bytes_per_question", "leakage_overlap", "leakage_private_tokens", "rephrasings_unfaithful", "n_questions",
+    "failed",
 )
 ROUTE_LABELS = {"receiver": "receiver alone", "c2c.residual": "KV (C2C residual)", "c2c.concat": "KV (C2C concat)",
                 "t2t": "Token (T2T)"}

@@ -71,6 +71,7 @@ class RouteRunner:
         if plans is not None and route.query_mode != "original":
             rephrasings = {id(r): r for p in plans for r in p.rephrasings.values()}
             result.stages["rephrase"] = sum(r.seconds for r in rephrasings.values())
+            result.unfaithful = (sum(not all(r.faithful for r in p.rephrasings.values()) for p in plans), len(plans))
             summary = leakage_report(plans)[1]
             result.leakage, result.private_tokens = summary.mean_token_overlap, (summary.private_tokens_leaked, summary.private_tokens)
         if route.kind == "adaptive":

@@ -24,7 +24,8 @@ class RouteResult:
     (``sender_bytes_per_token``: the same per sender); ``selected``: for ``c2c:auto``, the senders
     chosen per encoded question; ``leakage``: for rephrased modes, the mean share of the question's
     content words that reached senders, and ``private_tokens`` (leaked, all) the word tokens of the questions'
-    ``private_text`` found in what senders received; ``cloze_predictions`` (cloze mode): the option index per
+    ``private_text`` found in what senders received; ``unfaithful`` (questions, all): for rephrased modes, the
+    questions with a rephrasing that failed the rephraser's faithfulness check; ``cloze_predictions`` (cloze mode): the option index per
     question under each normalisation (``sum``, ``chars``, ``token_mean``), -1 where unanswered.
     With remote senders: ``transport_bytes`` is what the transport carried (payload and framing),
     ``contributed`` the senders whose message was fused, ``dropped`` sender -> why it was left out
@@ -40,6 +41,7 @@ class RouteResult:
     selected: list[tuple[str, ...]] | None = None
     leakage: float | None = None
     private_tokens: tuple[int, int] | None = None
+    unfaithful: tuple[int, int] | None = None
     cloze_predictions: dict[str, Tensor] = field(default_factory=dict)
     transport_bytes: int = 0
     contributed: tuple[str, ...] = ()
@@ -75,6 +77,8 @@ class RouteTally:
     leakage_batches: int = 0
     private_tokens_leaked: int = 0
     private_tokens: int = 0
+    unfaithful: int = 0
+    rephrased: int = 0
     cloze_correct: dict[str, int] = field(default_factory=dict)
     transport_bytes: int = 0
     contributed: dict[str, int] = field(default_factory=dict)  # sender -> questions its message was fused into
@@ -98,6 +102,9 @@ class RouteTally:
         if result.private_tokens is not None:
             self.private_tokens_leaked += result.private_tokens[0]
             self.private_tokens += result.private_tokens[1]
+        if result.unfaithful is not None:
+            self.unfaithful += result.unfaithful[0]
+            self.rephrased += result.unfaithful[1]
         self.transport_bytes += result.transport_bytes
         for sender in result.contributed:
             self.contributed[sender] = self.contributed.get(sender, 0) + len(labels)
@@ -125,6 +132,7 @@ class RouteTally:
             "sender_bytes_per_token": dict(self.sender_bytes_per_token),
             "leakage_overlap": self.leakage_sum / self.leakage_batches if self.leakage_batches else None,
             "leakage_private_tokens": self.private_tokens_leaked / self.private_tokens if self.private_tokens else None,
+            "rephrasings_unfaithful": self.unfaithful / self.rephrased if self.rephrased else None,
             "transport_bytes_per_question": self.transport_bytes / n,
             "senders_contributed": dict(self.contributed),
             "senders_dropped": {sender: dict(reasons) for sender, reasons in self.dropped.items()},

@@ -1,4 +1,5 @@
-"""Rephrasing queries: the rephraser (the receiver by default), reproducible seeds, and a disk cache of rephrasings."""
+"""Rephrasing queries: the rephraser (the receiver by default), reproducible seeds, a faithfulness check with
+beam-search retries, and a disk cache of rephrasings."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from fedrefine.field_help import documented
-from fedrefine.generation import generate_replies
+from fedrefine.generation import Reply, generate_candidates, generate_replies
 from fedrefine.participants import Participant
+from fedrefine.privacy.faithfulness import FAITHFULNESS_CHECKS, FaithfulnessCheck, is_faithful
 
 DEFAULT_REPHRASE_TEMPLATE = (
     "Rephrase the following question in different words. Keep everything needed to answer it, "
@@ -40,18 +42,36 @@ class RephraseConfig:
         default=0, metadata={"help": "Base seed; a variant's seed is derived from it and the variant's name."}
     )
     batch_size: int = field(default=16, metadata={"help": "Queries per batched greedy generate call."})
+    check: FaithfulnessCheck = field(
+        default="names",
+        metadata={"help": "Faithfulness check of every rephrasing: names (each name it writes must occur in the query, "
+                          "see fedrefine.privacy.faithfulness) or off."},
+    )
+    candidates: int = field(
+        default=8,
+        metadata={"help": "A rephrasing that fails the check is written again as this many candidates (beam search with "
+                          "as many beams; with do_sample, samples under seeds derived from the query's), and the first "
+                          "that passes is kept; when none passes, the first rephrasing is kept, marked unfaithful. "
+                          "1: no retry."},
+    )
 
     def __post_init__(self) -> None:
         if "{query}" not in self.template:
             raise ValueError(f"Rephrasing template must contain '{{query}}'; got {self.template!r}.")
+        if self.check not in FAITHFULNESS_CHECKS:
+            raise ValueError(f"rephrase.check must be one of {FAITHFULNESS_CHECKS}, got {self.check!r}.")
+        if self.candidates < 1:
+            raise ValueError(f"rephrase.candidates must be at least 1 (1: no retry), got {self.candidates}.")
 
 
 @dataclass(frozen=True)
 class Rephrasing:
     """One rephrased query: the source text, the rephrasing, and how it was made.
 
-    ``seconds`` is the generation time measured when it was made (its share of the batch),
-    also for a rephrasing later read back from the cache (``cached=True``).
+    ``seconds`` is the generation time measured when it was made (its share of the batch, retries
+    included), also for a rephrasing later read back from the cache (``cached=True``). ``faithful``:
+    whether it passed the config's check (see :mod:`fedrefine.privacy.faithfulness`); ``candidate``:
+    0 for the first rephrasing, k for the k-th beam-search candidate of a retry.
     """
 
     query: str
@@ -61,6 +81,8 @@ class Rephrasing:
     num_tokens: int
     seconds: float
     cached: bool = False
+    faithful: bool = True
+    candidate: int = 0
 
 
 def variant_seed(seed: int, variant: str | None) -> int:
@@ -135,6 +157,7 @@ class Rephraser:
             "template": config.template,
             "query": query,
             "max_new_tokens": config.max_new_tokens,
+            "check": {"check": config.check, "candidates": config.candidates},
             "decoding": (
                 {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "seed": seed}
                 if config.do_sample
@@ -165,9 +188,11 @@ class Rephraser:
                 top_p=config.top_p,
                 seeds=[seed] * len(missing) if config.do_sample else None,
             )
-            for query, reply in zip(missing, replies):
+            chosen = self._checked(missing, replies, seed)
+            for query, (reply, candidate, seconds) in zip(missing, chosen):
                 key = self.cache_key(query, seed)
                 fresh.add(key)
+                text = reply.text.strip()
                 self.cache.put(
                     {
                         "key": key,
@@ -176,9 +201,11 @@ class Rephraser:
                         "query": query,
                         "seed": seed,
                         "variant": variant,
-                        "text": reply.text.strip(),
+                        "text": text,
                         "num_tokens": len(reply.token_ids),
-                        "seconds": reply.seconds,
+                        "seconds": seconds,
+                        "faithful": is_faithful(config.check, query, text),
+                        "candidate": candidate,
                     }
                 )
         results = []
@@ -186,7 +213,44 @@ class Rephraser:
             record = self.cache.get(key)
             results.append(
                 Rephrasing(
-                    query, record["text"], variant, seed, record["num_tokens"], record["seconds"], key not in fresh
+                    query, record["text"], variant, seed, record["num_tokens"], record["seconds"], key not in fresh,
+                    record["faithful"], record["candidate"],
                 )
             )
         return results
+
+    def _checked(self, queries: list[str], replies: list[Reply], seed: int | None) -> list[tuple[Reply, int, float]]:
+        """Per query, the reply kept, its candidate index and the seconds spent on it: the first reply when it passes
+        the check (or retries are off), else the first retry candidate that passes, else the first reply."""
+        config = self.config
+        kept = [(reply, 0, reply.seconds) for reply in replies]
+        failing = [i for i, (q, r) in enumerate(zip(queries, replies)) if not is_faithful(config.check, q, r.text.strip())]
+        if not failing or config.candidates == 1:
+            return kept
+        for index, (candidates, seconds) in zip(failing, self._retries([queries[i] for i in failing], seed)):
+            reply, candidate, spent = kept[index]
+            passing = [k for k, c in enumerate(candidates, start=1) if is_faithful(config.check, queries[index], c.text.strip())]
+            if passing:
+                candidate, reply = passing[0], candidates[passing[0] - 1]
+            kept[index] = (reply, candidate, spent + seconds)
+        return kept
+
+    def _retries(self, queries: list[str], seed: int | None) -> list[tuple[list[Reply], float]]:
+        """``candidates`` replies per query and the seconds they took: beam search for greedy decoding (best score
+        first); with sampling, samples under seeds derived from the query's, so that each variant keeps its own."""
+        config = self.config
+        prompts = [config.template.format(query=q) for q in queries]
+        if not config.do_sample:
+            found = generate_candidates(
+                self.participant, prompts, config.candidates, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size
+            )
+            return [(candidates, candidates[0].seconds) for candidates in found]
+        seeds = [variant_seed(seed, f"retry-{k}") for k in range(1, config.candidates + 1)]
+        retries = []
+        for prompt in prompts:
+            samples = generate_replies(
+                self.participant, [prompt] * len(seeds), max_new_tokens=config.max_new_tokens, do_sample=True,
+                temperature=config.temperature, top_p=config.top_p, seeds=seeds,
+            )
+            retries.append((samples, sum(sample.seconds for sample in samples)))
+        return retries
