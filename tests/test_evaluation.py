@@ -110,8 +110,8 @@ def test_reports_count_the_questions_whose_rephrasing_invented_a_name(world, mon
     monkeypatch.setattr(rephrase, "generate_replies", garble_the_first)
     receiver, senders = world
     planner = QueryPlanner(Rephraser(receiver, RephraseConfig(max_new_tokens=6, candidates=1)))
-    rows = run(federated(receiver, senders, "concat"), ["c2c", "t2t@private", "c2c@shared"], planner)
-    assert rows["c2c"]["rephrasings_unfaithful"] is None  # nothing rephrased
+    rows = run(federated(receiver, senders, "concat"), ["c2c", "receiver@private", "t2t@private", "c2c@shared"], planner)
+    assert rows["c2c"]["rephrasings_unfaithful"] is None and rows["receiver@private"]["rephrasings_unfaithful"] is None
     assert rows["t2t@private"]["rephrasings_unfaithful"] == rows["c2c@shared"]["rephrasings_unfaithful"] == 0.5
     assert rows["c2c@shared"]["questions"] == 2  # counted, never dropped
 

@@ -69,9 +69,11 @@ class RouteRunner:
             return result
         plans = batch.plans.get((route.query_mode, self.planner.route_options(route)))
         if plans is not None and route.query_mode != "original":
-            rephrasings = {id(r): r for p in plans for r in p.rephrasings.values()}
-            result.stages["rephrase"] = sum(r.seconds for r in rephrasings.values())
-            result.unfaithful = (sum(not all(r.faithful for r in p.rephrasings.values()) for p in plans), len(plans))
+            readers = {plans[0].receiver, *route.senders} if plans else set()
+            read = [[r for name, r in p.rephrasings.items() if name in readers] for p in plans]  # by this route only
+            result.stages["rephrase"] = sum(r.seconds for r in {id(r): r for rs in read for r in rs}.values())
+            rephrased = [rs for rs in read if rs]  # the receiver alone reads none in private mode
+            result.unfaithful = (sum(not all(r.faithful for r in rs) for rs in rephrased), len(rephrased))
             summary = leakage_report(plans)[1]
             result.leakage, result.private_tokens = summary.mean_token_overlap, (summary.private_tokens_leaked, summary.private_tokens)
         if route.kind == "adaptive":
