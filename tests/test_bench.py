@@ -102,18 +102,19 @@ def test_kv_bytes_command_prints_the_table(capsys):
 
 # --- the sweep configs --------------------------------------------------------------------------
 def test_openbookqa_sweep_names_the_papers_five_models_and_parses_without_loading_them():
-    sweep, fresh = load_sweep(["--config", str(REPO / "benchmarks/fig3_openbookqa.yaml")])
+    sweep, run_args = load_sweep(["--config", str(REPO / "benchmarks/fig3_openbookqa.yaml")])
     names = {name: source.name_or_path for name, source in sweep.federation.sources.items()}
     assert names[sweep.receiver_name] == "Qwen/Qwen3-0.6B"
     assert [names[s] for s in sweep.sender_names] == list(PAPER_SENDERS)
-    assert not fresh and not sweep.federation._loaded  # nothing loaded
+    assert run_args == {"fresh": False, "rerun": []} and not sweep.federation._loaded  # nothing loaded
     assert sweep.data.eval_path == "allenai/openbookqa"
     assert len(sweep.cells) == 3 + 3 * 3 * 7  # prefixes 1..4 plus the three other singles
 
 
 def test_toy_sweep_config_parses_with_overrides():
-    sweep, fresh = load_sweep(["--config", str(REPO / "benchmarks/fig3_toy.yaml"), "--num_questions", "8", "--fresh"])
-    assert fresh and sweep.num_questions == 8 and sweep.sender_names == ["llama", "qwen2", "qwen3", "deep-llama"]
+    argv = ["--config", str(REPO / "benchmarks/fig3_toy.yaml"), "--num_questions", "8", "--fresh", "--rerun", '["*@private"]']
+    sweep, run_args = load_sweep(argv)
+    assert run_args == {"fresh": True, "rerun": ["*@private"]} and sweep.num_questions == 8 and sweep.sender_names == ["llama", "qwen2", "qwen3", "deep-llama"]
     assert set(sweep.registries) == {"residual", "concat"}
     assert len(sweep.cells) == 3 + 3 * 3 * 7  # the four toy senders: prefixes 1..4 plus the three other singles
     assert sweep.data.preamble_fraction == 0.5  # private preambles on half of the questions
@@ -256,6 +257,18 @@ def test_changed_rephrasing_settings_rerun_only_the_rephrased_cells(tmp_path, to
     other = dataclasses.replace(retried, t2t=T2TConfig(budget=5))  # any other evaluation setting still starts over
     with pytest.raises(StaleResultsError, match="the fingerprint differs"):
         toy_sweep(tmp_path, toy_registries, evaluation=other, **settings).run(command="test")
+
+
+def test_rerun_evaluates_the_named_finished_cells_again_and_an_unknown_name_is_an_error(tmp_path, toy_registries, monkeypatch):
+    settings = dict(routes=["t2t"], query_modes=["original", "private"], subsets=[["llama"], ["llama", "qwen2"]], singles=False)
+    toy_sweep(tmp_path, toy_registries, **settings).run(command="test")
+    calls = []
+    original = BenchSweep.evaluate
+    monkeypatch.setattr(BenchSweep, "evaluate", lambda self, cell, q: calls.append(str(cell)) or original(self, cell, q))
+    toy_sweep(tmp_path, toy_registries, **settings).run(command="test", rerun=["t2t:*+*@private", "receiver"])
+    assert calls == ["receiver", "t2t:llama+qwen2@private"]
+    with pytest.raises(ValueError, match=r"--rerun \['c2c\*'\] names no cell of this sweep"):
+        toy_sweep(tmp_path, toy_registries, **settings).run(command="test", rerun=["c2c*"])
 
 
 def test_every_row_records_the_commit_the_sweep_started_at(tmp_path, toy_registries, monkeypatch):

@@ -114,6 +114,7 @@ def test_reports_count_the_questions_whose_rephrasing_invented_a_name(world, mon
     assert rows["c2c"]["rephrasings_unfaithful"] is None and rows["receiver@private"]["rephrasings_unfaithful"] is None
     assert rows["t2t@private"]["rephrasings_unfaithful"] == rows["c2c@shared"]["rephrasings_unfaithful"] == 0.5
     assert rows["c2c@shared"]["questions"] == 2  # counted, never dropped
+    assert rows["t2t@private"]["rephrase_ms"] == pytest.approx(rows["c2c@shared"]["rephrase_ms"]) == 100  # greedy: once
 
 
 def test_original_routes_do_reach_senders_and_bytes_are_exact(world):

@@ -68,24 +68,31 @@ def bench_parser():
     parser = ArgumentParser(prog="fedrefine bench", description=BenchSweep.__doc__.splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile, help="the sweep's YAML (e.g. benchmarks/fig3_toy.yaml)")
     parser.add_argument("--fresh", action="store_true", help="start over: move an earlier run's results aside (never deleted)")
+    parser.add_argument(
+        "--rerun", type=list[str], default=[],
+        help="cells to run again although finished, by key or shell pattern (e.g. '[\"*@private\"]'): after a fix "
+             "that no setting records",
+    )
     parser.add_class_arguments(BenchSweep)
     return parser
 
 
 def load_sweep(args: list[str]):
-    """Parse ``fedrefine bench`` arguments into a :class:`BenchSweep` (nothing is loaded yet) and ``fresh``."""
+    """Parse ``fedrefine bench`` arguments into a :class:`BenchSweep` (nothing is loaded yet) and the arguments of
+    its :meth:`~fedrefine.bench.runner.BenchSweep.run` (``fresh``, ``rerun``)."""
     from fedrefine.bench.runner import BenchSweep
 
     parser = bench_parser()
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
     config = instantiate(parser.parse_args(args))
-    return BenchSweep(**{name: config[name] for name in inspect.signature(BenchSweep).parameters}), config.fresh
+    sweep = BenchSweep(**{name: config[name] for name in inspect.signature(BenchSweep).parameters})
+    return sweep, {"fresh": config.fresh, "rerun": config.rerun}
 
 
 def bench_main(argv: list[str] | None = None) -> None:
-    """``fedrefine bench --config SWEEP.yaml [--fresh]``: run (or resume) a benchmark sweep."""
-    sweep, fresh = load_sweep(sys.argv[2:] if argv is None else argv)
-    sweep.run(fresh=fresh)
+    """``fedrefine bench --config SWEEP.yaml [--fresh] [--rerun CELLS]``: run (or resume) a benchmark sweep."""
+    sweep, run_args = load_sweep(sys.argv[2:] if argv is None else argv)
+    sweep.run(**run_args)
 
 
 #: Every ``fedrefine`` subcommand and what it does (the overview of ``fedrefine --help``).

@@ -13,9 +13,11 @@ settings (when those change, those cells run again).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,9 +220,13 @@ class BenchSweep:
             "device": str(self.device),
         }
 
-    def run(self, fresh: bool = False, command: str | None = None) -> list[dict[str, Any]]:
+    def run(self, fresh: bool = False, command: str | None = None, rerun: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Evaluate every unfinished cell, then write tables and plots. Results of another setting are refused,
-        or with ``fresh`` moved aside (see :meth:`SweepResultsFile.load`)."""
+        or with ``fresh`` moved aside (see :meth:`SweepResultsFile.load`). ``rerun``: cell keys or shell patterns
+        (``*@private``) of finished cells to evaluate again, e.g. after a fix that no setting records."""
+        unmatched = [p for p in rerun if not any(fnmatch.fnmatchcase(str(c), p) for c in self.cells)]
+        if unmatched:
+            raise ValueError(f"--rerun {unmatched} names no cell of this sweep; cells are named like {str(self.cells[-1])!r}.")
         command = command or " ".join(["fedrefine", *sys.argv[1:]])
         results = SweepResultsFile(self.output_dir / f"{self.name}.json", self.console)
         if not fresh:  # before training missing fusers: settings that differ are known already
@@ -231,6 +237,11 @@ class BenchSweep:
             raise ValueError(f"The evaluation split {self.split or self.data.test_split!r} has no questions.")
         header = self.header(self.fingerprint(questions), command, self.fusion.fingerprints(self.fusion_modes))
         rows = results.load(header, fresh=fresh)
+        again = [key for key in rows if any(fnmatch.fnmatchcase(key, p) for p in rerun)]
+        for key in again:
+            del rows[key]
+        if again:
+            self.console.print(f"[yellow]--rerun: {len(again)} finished cells run again.[/]")
         done = sum(str(c) in rows for c in self.cells)
         if done:
             self.console.print(f"Resuming: {done} of {len(self.cells)} cells already finished in {results.path}.")
