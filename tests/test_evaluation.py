@@ -70,8 +70,8 @@ def federated(receiver, senders, mode):
     return FusedReceiver(receiver, senders, fusers, sender_names=["llama", "qwen2"]).eval()
 
 
-def run(model, routes, planner):
-    questions = QuestionDataset(ITEMS)
+def run(model, routes, planner, items=ITEMS):
+    questions = QuestionDataset(items)
     parsed = parse_routes(routes, model.sender_names)
     report = Evaluator(model, parsed, EvaluationConfig(t2t=T2TConfig(budget=3)), planner).run(questions, batch_size=2)
     return {row["route"]: row for row in report.rows()}
@@ -115,6 +115,19 @@ def test_reports_count_the_questions_whose_rephrasing_invented_a_name(world, mon
     assert rows["t2t@private"]["rephrasings_unfaithful"] == rows["c2c@shared"]["rephrasings_unfaithful"] == 0.5
     assert rows["c2c@shared"]["questions"] == 2  # counted, never dropped
     assert rows["t2t@private"]["rephrase_ms"] == pytest.approx(rows["c2c@shared"]["rephrase_ms"]) == 100  # greedy: once
+
+
+def test_every_question_pays_for_its_rephrasing_even_when_another_asks_the_same(world, monkeypatch):
+    from fedrefine.generation import Reply
+    from fedrefine.privacy import rephrase
+
+    monkeypatch.setattr(rephrase, "generate_replies", lambda participant, prompts, **kwargs: [
+        Reply("Which colour is it?", (1,), 0.1) for _ in prompts])
+    receiver, senders = world
+    again = MultipleChoiceItem("q2", ITEMS[0].question_stem, ("pink", "green", "blue", "red"), tuple("ABCD"), "C")
+    planner = QueryPlanner(Rephraser(receiver, RephraseConfig(max_new_tokens=6, candidates=1)))
+    rows = run(federated(receiver, senders, "concat"), ["c2c@private", "c2c@shared"], planner, items=[ITEMS[0], again])
+    assert rows["c2c@private"]["rephrase_ms"] == pytest.approx(rows["c2c@shared"]["rephrase_ms"]) == pytest.approx(100)
 
 
 def test_original_routes_do_reach_senders_and_bytes_are_exact(world):

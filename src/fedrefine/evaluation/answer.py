@@ -71,8 +71,8 @@ class RouteRunner:
         if plans is not None and route.query_mode != "original":
             readers = {plans[0].receiver, *route.senders} if plans else set()
             read = [[r for name, r in p.rephrasings.items() if name in readers] for p in plans]  # by this route only
-            generations = {(r.query, r.seed): r for rs in read for r in rs}  # greedy: the senders share one
-            result.stages["rephrase"] = sum(r.seconds for r in generations.values())
+            generations = [{(r.query, r.seed): r for r in rs} for rs in read]  # per question; greedy: senders share one
+            result.stages["rephrase"] = sum(r.seconds for g in generations for r in g.values())
             rephrased = [rs for rs in read if rs]  # the receiver alone reads none in private mode
             result.unfaithful = (sum(not all(r.faithful for r in rs) for rs in rephrased), len(rephrased))
             summary = leakage_report(plans)[1]
