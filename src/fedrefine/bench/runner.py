@@ -224,7 +224,7 @@ class BenchSweep:
         """Evaluate every unfinished cell, then write tables and plots. Results of another setting are refused,
         or with ``fresh`` moved aside (see :meth:`SweepResultsFile.load`). ``rerun``: cell keys or shell patterns
         (``*@private``) of finished cells to evaluate again, e.g. after a fix that no setting records."""
-        unmatched = [p for p in rerun if not any(fnmatch.fnmatchcase(str(c), p) for c in self.cells)]
+        unmatched = [p for p in rerun if not _matching([str(c) for c in self.cells], [p])]
         if unmatched:
             raise ValueError(f"--rerun {unmatched} names no cell of this sweep; cells are named like {str(self.cells[-1])!r}.")
         command = command or " ".join(["fedrefine", *sys.argv[1:]])
@@ -237,10 +237,8 @@ class BenchSweep:
             raise ValueError(f"The evaluation split {self.split or self.data.test_split!r} has no questions.")
         header = self.header(self.fingerprint(questions), command, self.fusion.fingerprints(self.fusion_modes))
         rows = results.load(header, fresh=fresh)
-        again = [key for key in rows if any(fnmatch.fnmatchcase(key, p) for p in rerun)]
-        for key in again:
-            del rows[key]
-        if again:
+        if again := _matching(list(rows), rerun):
+            rows = {key: row for key, row in rows.items() if key not in again}
             self.console.print(f"[yellow]--rerun: {len(again)} finished cells run again.[/]")
         done = sum(str(c) in rows for c in self.cells)
         if done:
@@ -264,6 +262,10 @@ class BenchSweep:
         )
         return ordered
 
+
+def _matching(keys: list[str], patterns: Sequence[str]) -> list[str]:
+    """The keys that match any of the shell patterns (a key is a pattern matching itself)."""
+    return [key for key in keys if any(fnmatch.fnmatchcase(key, p) for p in patterns)]
 
 
 def _digest(payload: Any) -> str:
