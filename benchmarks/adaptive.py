@@ -4,7 +4,7 @@
                                   [--rtt 0.02] [--budgets 0.1 0.5 2] [--out benchmarks/results/adaptive]
     python benchmarks/adaptive.py --synthetic    # smoke run on a made-up profile, written under runs/
 
-Reads a profile (:mod:`fedrefine.adaptive`: held-out questions, and per route option its development
+Reads a profile (:mod:`fedrefine.federation.adaptive`: held-out questions, and per route option its development
 accuracy, per-question correctness and bytes, compute seconds and round trips), then at each link rate
 (with one round-trip time) and each budget scores the adaptive policy and every fixed option:
 
@@ -45,7 +45,7 @@ import numpy as np
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedrefine.adaptive import (  # noqa: E402
+from fedrefine.federation.adaptive import (  # noqa: E402
     ACCURACY_TOLERANCE,
     LINK_RATES_MBIT_PER_S,
     AdaptiveProfile,

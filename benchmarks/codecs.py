@@ -28,9 +28,9 @@ import torch
 from fedrefine.bench.kv_bytes import PAPER_RECEIVER, PAPER_SENDERS, bytes_table, identity_of, wire_bytes_per_token
 from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
 from fedrefine.evaluation import Evaluator
-from fedrefine.multiple_choice import encode_question
-from fedrefine.routes import parse_routes
-from fedrefine.trainer_cli import build_cli
+from fedrefine.recipes.trainer_cli import build_cli
+from fedrefine.tasks.multiple_choice import encode_question
+from fedrefine.tasks.routes import parse_routes
 from fedrefine.wire import CODEC_NAMES, LinkConfig
 
 RECIPES = {"last": "configs/toyworld.yaml", "prompt": "configs/toyworld_reference.yaml"}

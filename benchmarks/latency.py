@@ -50,14 +50,14 @@ from fedrefine.bench.records import git_commit, markdown_table, script_command, 
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver, FusionBatch
 from fedrefine.fusion.strategy import prefill_all_but_last
-from fedrefine.multiple_choice import MultipleChoiceItem
-from fedrefine.padding import left_pad
 from fedrefine.participants import Participant
+from fedrefine.participants.padding import left_pad
+from fedrefine.participants.sources import RandomRealParticipant
 from fedrefine.privacy.rephrase import DEFAULT_REPHRASE_TEMPLATE
 from fedrefine.runtime.participant_client import CallSettings, ParticipantClient
 from fedrefine.runtime.security import ClientSecurity
-from fedrefine.sources import RandomRealParticipant
-from fedrefine.t2t import TOKEN_ID_BYTES, T2TConfig, hint_messages
+from fedrefine.tasks.multiple_choice import MultipleChoiceItem
+from fedrefine.tasks.t2t import TOKEN_ID_BYTES, T2TConfig, hint_messages
 from fedrefine.timing import stopwatch, synchronize, time_inside
 
 RECEIVER = "Qwen/Qwen3-0.6B"
@@ -123,7 +123,7 @@ def seconds(run: Callable[[], object], device: torch.device) -> float:
 
 def generate_forced(participant: Participant, prompt: str, size: int) -> tuple[list[int], float]:
     """Greedy generation of exactly :data:`GENERATED_TOKENS` tokens for ``prompt`` (batch ``size``); ids, seconds."""
-    from fedrefine.chat import encode_chat
+    from fedrefine.participants.chat import encode_chat
 
     ids = encode_chat(participant, [{"role": "user", "content": prompt}]).input_ids
     input_ids, mask = left_pad([ids] * size, participant.tokenizer.pad_token_id)

@@ -40,10 +40,10 @@ from fedrefine.bench.records import git_commit, script_command
 from fedrefine.data.question_dataset import QuestionDataset
 from fedrefine.evaluation import EvaluationConfig, Evaluator
 from fedrefine.fusion import FusedReceiver
-from fedrefine.multiple_choice import MultipleChoiceItem, encode_question
 from fedrefine.participants import Participant, TinySpec, build_tiny_participant, load_participant
-from fedrefine.routes import Route
-from fedrefine.scoring import score_encoded
+from fedrefine.tasks.multiple_choice import MultipleChoiceItem, encode_question
+from fedrefine.tasks.routes import Route
+from fedrefine.tasks.scoring import score_encoded
 from fedrefine.toyworld import ToyWorld, load_toy_participants
 
 PROMPT_STYLES = ("chat", "lm_eval")

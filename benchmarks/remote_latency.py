@@ -37,18 +37,18 @@ from fedrefine.data.question_dataset import QuestionDataset
 from fedrefine.evaluation import EvaluationConfig, Evaluator
 from fedrefine.federation import Federation
 from fedrefine.fuser import Fuser, FuserConfig
+from fedrefine.fuser.registry import FuserRegistry
 from fedrefine.fusion import FusedReceiver
 from fedrefine.fusion.encoding import PromptEncoder
-from fedrefine.registry import FuserRegistry
-from fedrefine.routes import parse_routes
+from fedrefine.participants.sources import RandomRealParticipant
+from fedrefine.recipes.trainer_cli import build_cli
 from fedrefine.runtime.participant_client import CallSettings, ParticipantClient, RemoteParticipant
 from fedrefine.runtime.registry_client import RemoteFuserRegistry
 from fedrefine.runtime.security import ClientSecurity
-from fedrefine.sources import RandomRealParticipant
-from fedrefine.t2t import T2TConfig
+from fedrefine.tasks.routes import parse_routes
+from fedrefine.tasks.t2t import T2TConfig
 from fedrefine.toyworld.lightning import ToyParticipant
 from fedrefine.toyworld.world import ToyWorld
-from fedrefine.trainer_cli import build_cli
 
 SENDERS = {"llama": ("llama-sender", 0), "qwen2": ("qwen2-sender", 1)}
 ROUTES = ["receiver", "c2c:llama", "c2c:qwen2", "c2c", "t2t"]

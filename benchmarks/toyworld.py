@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from fedrefine.bench.records import git_commit, script_command, write_results
+from fedrefine.recipes.trainer_cli import build_cli
 from fedrefine.toyworld import DEFAULT_PARTICIPANTS, load_toy_participants
-from fedrefine.trainer_cli import build_cli
 
 ROUTES = {
     "receiver_alone": "receiver",

@@ -21,9 +21,9 @@ import torch
 from toyworld import ROUTES as PAIR_ROUTES
 
 from fedrefine.bench.records import git_commit, script_command, write_results
+from fedrefine.recipes.trainer_cli import build_cli
 from fedrefine.toyworld import DEFAULT_PARTICIPANTS
 from fedrefine.toyworld.lightning import ToyParticipant
-from fedrefine.trainer_cli import build_cli
 
 ROUTES = {name: route for name, route in PAIR_ROUTES.items() if name != "probe_reordered_options"}
 GROUPS = {p.name: list(p.private_groups) for p in DEFAULT_PARTICIPANTS}

@@ -17,11 +17,11 @@ import lightning as L
 from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
 from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser
-from fedrefine.modules import FederationModule
-from fedrefine.registry import FuserRegistry
+from fedrefine.fuser.registry import FuserRegistry
+from fedrefine.recipes import FederationModule
+from fedrefine.recipes.trainer_cli import build_cli
 from fedrefine.toyworld import DEFAULT_PARTICIPANTS
 from fedrefine.toyworld.lightning import ToyParticipant, ToyWorldDataModule
-from fedrefine.trainer_cli import build_cli
 
 #: Short name -> (toy participant, the private group it knows), e.g. "llama" -> ("llama-sender", 0).
 SENDERS = {c.name.removesuffix("-sender"): (c.name, c.private_groups[0]) for c in DEFAULT_PARTICIPANTS if c.private_groups}

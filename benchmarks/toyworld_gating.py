@@ -30,9 +30,9 @@ from toyworld_federation import SENDERS, train_fuser
 
 from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
 from fedrefine.fuser import Fuser
-from fedrefine.registry import FuserRegistry
+from fedrefine.fuser.registry import FuserRegistry
+from fedrefine.recipes.trainer_cli import build_cli
 from fedrefine.toyworld.lightning import ToyParticipant
-from fedrefine.trainer_cli import build_cli
 
 VARIANTS = {  # name -> (gating network reading what (None: no gate), its objective, train the fusers jointly; None: no fit)
     "ungated": (None, "answer", None),

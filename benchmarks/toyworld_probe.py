@@ -18,9 +18,9 @@ import argparse
 import torch
 
 from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
-from fedrefine.cache import cache_to_layers, returned_cache
-from fedrefine.chat import encode_chat
-from fedrefine.multiple_choice import question_messages
+from fedrefine.kv.cache import cache_to_layers, returned_cache
+from fedrefine.participants.chat import encode_chat
+from fedrefine.tasks.multiple_choice import question_messages
 from fedrefine.toyworld import DEFAULT_PARTICIPANTS
 from fedrefine.toyworld.lightning import ToyParticipant
 from fedrefine.toyworld.world import ANSWER_STYLE, ToyWorld, WorldConfig

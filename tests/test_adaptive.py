@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrefine.adaptive import (
+from fedrefine.federation.adaptive import (
     AdaptivePolicy,
     LinkProfile,
     ProfileError,

@@ -7,7 +7,7 @@ import pytest
 from fedrefine.data.question_dataset import QuestionDataset, load_questions
 from fedrefine.evaluation import EvaluationConfig, Evaluator
 from fedrefine.evaluation.config import AdaptiveRouteConfig
-from fedrefine.routes import Route, RouteError, parse_routes
+from fedrefine.tasks.routes import Route, RouteError, parse_routes
 from fedrefine.wire import LinkConfig
 from test_training import make_module, write_data
 

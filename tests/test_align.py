@@ -1,7 +1,7 @@
 import pytest
 
-from fedrefine.align import UNALIGNED, align_tokens
-from fedrefine.chat import EncodedChat, encode_chat
+from fedrefine.participants.align import UNALIGNED, align_tokens
+from fedrefine.participants.chat import EncodedChat, encode_chat
 
 
 def chat(text, offsets, spans, contents):

@@ -17,10 +17,10 @@ from fedrefine.bench.sweep_report import CSV_COLUMNS
 from fedrefine.cli import load_sweep
 from fedrefine.evaluation import EvaluationConfig
 from fedrefine.fuser import Fuser, FuserConfig
+from fedrefine.fuser.registry import FuserRegistry, MissingFuserError
 from fedrefine.privacy.rephrase import RephraseConfig
-from fedrefine.registry import FuserRegistry, MissingFuserError
-from fedrefine.routes import Route
-from fedrefine.t2t import T2TConfig
+from fedrefine.tasks.routes import Route
+from fedrefine.tasks.t2t import T2TConfig
 from fedrefine.toyworld.lightning import ToyParticipant, ToyWorldDataModule
 
 REPO = Path(__file__).resolve().parents[1]

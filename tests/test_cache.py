@@ -1,18 +1,18 @@
 import pytest
 import torch
 
-from fedrefine.cache import (
+from fedrefine.fuser.config import layer_map
+from fedrefine.kv.cache import (
     WriteHookCache,
     cache_to_layers,
     kv_bytes_per_token,
     kv_nbytes,
-    layer_map,
     layers_to_cache,
     positions_from_mask,
     returned_cache,
     with_cache,
 )
-from fedrefine.rope import RotaryFrame, apply_rotary, remove_rotary, rotary_cos_sin
+from fedrefine.kv.rope import RotaryFrame, apply_rotary, remove_rotary, rotary_cos_sin
 
 
 def test_cache_round_trip_continues_like_the_original(receiver):

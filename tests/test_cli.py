@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedrefine.trainer_cli import build_cli
+from fedrefine.recipes.trainer_cli import build_cli
 
 CONFIGS = sorted(p for p in Path(__file__).parent.parent.glob("configs/**/*.yaml") if p.parent.name != "serve")
 SERVE_CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/serve/*.yaml"))
@@ -16,7 +16,7 @@ def test_every_config_parses_against_the_cli(config, capsys):
         build_cli(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["model"]["class_path"].startswith("fedrefine.modules.")
+    assert resolved["model"]["class_path"].startswith("fedrefine.recipes.")
     sources = [v for v in resolved["model"]["init_args"].values() if isinstance(v, dict) and "class_path" in v]
     sources += [v for v in (resolved["model"]["init_args"].get("participants") or {}).values()]
     assert sources and all(s["class_path"].startswith("fedrefine.") for s in sources)
@@ -72,8 +72,8 @@ def test_config_fields_carry_help_that_the_cli_shows():
     from jsonargparse import ArgumentParser
 
     from fedrefine.evaluation import EvaluationConfig
-    from fedrefine.field_help import documented
     from fedrefine.fuser import FuserConfig
+    from fedrefine.settings import documented
 
     for config in (FuserConfig, EvaluationConfig):
         assert all(f.metadata["help"] for f in dataclasses.fields(config))

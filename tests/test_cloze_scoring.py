@@ -8,10 +8,10 @@ from fedrefine.data.question_dataset import QuestionDataset
 from fedrefine.evaluation import EvaluationConfig, Evaluator
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
-from fedrefine.multiple_choice import ClozeOptions, MultipleChoiceItem, encode_question
-from fedrefine.routes import RouteError, parse_routes
-from fedrefine.scoring import OptionScores, continuation_scores, predict_alone
-from fedrefine.t2t import T2TConfig
+from fedrefine.tasks.multiple_choice import ClozeOptions, MultipleChoiceItem, encode_question
+from fedrefine.tasks.routes import RouteError, parse_routes
+from fedrefine.tasks.scoring import OptionScores, continuation_scores, predict_alone
+from fedrefine.tasks.t2t import T2TConfig
 
 #: Options of different token and character lengths, so that the normalisations disagree.
 ITEMS = [

@@ -17,7 +17,7 @@ from fedrefine.data.question_dataset import (
     load_questions,
     reorder_options,
 )
-from fedrefine.multiple_choice import DatasetSchemaError, MultipleChoiceItem
+from fedrefine.tasks.multiple_choice import DatasetSchemaError, MultipleChoiceItem
 
 
 def write_jsonl(path, rows):

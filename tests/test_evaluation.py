@@ -9,11 +9,11 @@ from fedrefine.evaluation.metrics import wilson_interval
 from fedrefine.evaluation.question_batch import QuestionEncoder
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
-from fedrefine.multiple_choice import MultipleChoiceItem
 from fedrefine.privacy.leakage import InputRecorder, content_words
 from fedrefine.privacy.rephrase import RephraseConfig, Rephraser
-from fedrefine.routes import Route, RouteError, parse_routes
-from fedrefine.t2t import T2TConfig
+from fedrefine.tasks.multiple_choice import MultipleChoiceItem
+from fedrefine.tasks.routes import Route, RouteError, parse_routes
+from fedrefine.tasks.t2t import T2TConfig
 
 DISTINCTIVE = {"zorblax", "quenford", "glimmerstone"}
 ITEMS = [
@@ -101,7 +101,7 @@ def test_rephrased_routes_keep_the_original_from_senders(world, mode, routes):
 
 
 def test_reports_count_the_questions_whose_rephrasing_invented_a_name(world, monkeypatch):
-    from fedrefine.generation import Reply
+    from fedrefine.participants.generation import Reply
     from fedrefine.privacy import rephrase
 
     def garble_the_first(participant, prompts, **kwargs):  # the zorblax question's rephrasing invents "Zorbax"
@@ -118,7 +118,7 @@ def test_reports_count_the_questions_whose_rephrasing_invented_a_name(world, mon
 
 
 def test_every_question_pays_for_its_rephrasing_even_when_another_asks_the_same(world, monkeypatch):
-    from fedrefine.generation import Reply
+    from fedrefine.participants.generation import Reply
     from fedrefine.privacy import rephrase
 
     monkeypatch.setattr(rephrase, "generate_replies", lambda participant, prompts, **kwargs: [
@@ -217,7 +217,7 @@ def test_the_printed_failure_list_says_how_many_more_there_are():
     from rich.console import Console
 
     from fedrefine.evaluation.report import SHOWN_FAILURES, EvaluationReport
-    from fedrefine.routes import parse_routes
+    from fedrefine.tasks.routes import parse_routes
 
     report = EvaluationReport(parse_routes(["receiver"], []))
     report.failures = [(f"q{i}", "ValueError: bad") for i in range(SHOWN_FAILURES + 3)]

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC
-from fedrefine.cache import positions_from_mask
 from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.fuser import Fuser, FuserConfig
+from fedrefine.fuser.registry import FuserRegistry, MissingFuserError
 from fedrefine.fusion import FusedReceiver, SenderKV, SenderStateGate, SourceGate, load_gate
 from fedrefine.fusion.sender_gate import read_column
-from fedrefine.modules import CoC2CModule, FederationModule
-from fedrefine.modules.losses import response_losses
-from fedrefine.registry import FuserRegistry, MissingFuserError
-from fedrefine.sources import TinyParticipant
+from fedrefine.kv.cache import positions_from_mask
+from fedrefine.participants.sources import TinyParticipant
+from fedrefine.recipes import CoC2CModule, FederationModule
+from fedrefine.recipes.base import response_losses
 
 QUESTIONS = [
     [{"role": "user", "content": "Which of these would let the most heat travel through? A metal spoon."}],
@@ -102,7 +102,7 @@ def test_concat_mode_with_different_texts_stacks_senders_ahead_of_the_receiver(r
     assert prefix_mask.sum(1).tolist() == [sum(len(e.senders[n].input_ids) for n in e.senders) for e in examples]
     # keys carry the receiver's rotary embedding at positions 0..P-1 of each sample's real prefix
     entries = model.fuser_for(llama_sender.name)(SenderKV(llama_sender, messages[llama_sender.name]).unrotated(torch.float32))
-    from fedrefine.rope import apply_rotary, rotary_cos_sin
+    from fedrefine.kv.rope import apply_rotary, rotary_cos_sin
     cos, sin = rotary_cos_sin(receiver.rotary_embedding, positions_from_mask(prefix_mask), torch.float32)
     width = batch.senders[llama_sender.name].input_ids.shape[1]
     rotated = apply_rotary(entries.keys[0], cos[:, :, :width], sin[:, :, :width])
@@ -334,8 +334,8 @@ def test_federation_module_trains_only_the_gating_network_and_reports_each_sende
 
 
 def test_prior_and_measured_sender_selection():
-    from fedrefine.multiple_choice import MultipleChoiceItem
-    from fedrefine.selection import MeasuredSelection, PriorSelection
+    from fedrefine.federation.selection import MeasuredSelection, PriorSelection
+    from fedrefine.tasks.multiple_choice import MultipleChoiceItem
 
     def item(i, category):
         return MultipleChoiceItem(str(i), "q", ("a", "b"), ("A", "B"), "A", category)
@@ -352,7 +352,7 @@ def test_prior_and_measured_sender_selection():
 
 
 def test_auto_route_uses_the_selection_and_reports_choices(tmp_path):
-    from fedrefine.selection import PriorSelection
+    from fedrefine.federation.selection import PriorSelection
 
     sources = tiny_federation(tmp_path / "reg")
     datamodule = _chat_file(tmp_path)

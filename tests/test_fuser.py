@@ -9,7 +9,7 @@ from fedrefine.fuser import (
     FuserPairMismatchError,
     fuser_parameter_count,
 )
-from fedrefine.kv_stack import KVStack
+from fedrefine.kv.stack import KVStack
 from fedrefine.participants import ParticipantIdentity, real_model_config
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from fedrefine.cache import positions_from_mask
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
+from fedrefine.kv.cache import positions_from_mask
 
 PROMPTS = [
     ([{"role": "user", "content": "Which of these would let the most heat travel through? A metal spoon."}], "A metal spoon"),
@@ -93,7 +93,7 @@ def test_values_only_fusion_keeps_the_receivers_keys_and_reads_no_sender_keys(re
     pair = make_pair(receiver, llama_sender, fuse_keys=False).eval()
     batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS[:2]])
     unrotated = []
-    monkeypatch.setattr("fedrefine.rope.RotaryFrame.unrotate", lambda self, k: unrotated.append(k.shape) or k)
+    monkeypatch.setattr("fedrefine.kv.rope.RotaryFrame.unrotate", lambda self, k: unrotated.append(k.shape) or k)
     with torch.no_grad():
         plain = pair.prepare(batch, senders=[]).cache
         fused = pair.prepare(batch, senders=pair.sender_names).cache

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from fedrefine import heap
+from fedrefine.runtime import heap
 
 
 class FakeLibc:
@@ -46,6 +46,6 @@ def test_a_c_library_without_mallopt_is_left_alone(monkeypatch):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_glibc_accepts_the_settings():
-    code = "from fedrefine.heap import keep_large_blocks; raise SystemExit(0 if keep_large_blocks() else 1)"
+    code = "from fedrefine.runtime.heap import keep_large_blocks; raise SystemExit(0 if keep_large_blocks() else 1)"
     env = {"PATH": "/usr/bin:/bin"}
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedrefine.kv_stack import KVStack, layer_chunks
+from fedrefine.kv.stack import KVStack, layer_chunks
 
 
 def stack(layers=(0, 2, 5)):

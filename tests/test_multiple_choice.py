@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fedrefine.multiple_choice import (
+from fedrefine.participants import TinySpec, build_tiny_participant
+from fedrefine.tasks.multiple_choice import (
     ANSWER_PREFIX,
     MultipleChoiceItem,
     encode_options_prompt,
@@ -9,8 +10,7 @@ from fedrefine.multiple_choice import (
     extract_choice,
     question_messages,
 )
-from fedrefine.participants import TinySpec, build_tiny_participant
-from fedrefine.scoring import option_logits
+from fedrefine.tasks.scoring import option_logits
 
 ITEM = MultipleChoiceItem("q1", "What colour is Zorb?", ("red", "blue", "green", "pink"), tuple("ABCD"), "C")
 
@@ -47,7 +47,7 @@ def test_answer_extraction(text, expected):
 
 
 def test_cloze_scores_are_each_options_summed_log_probability_with_its_lengths():
-    from fedrefine.scoring import predict_alone, score_encoded
+    from fedrefine.tasks.scoring import predict_alone, score_encoded
 
     participant = build_tiny_participant(TinySpec("c", tokenizer_kind="byte_bpe", vocab_size=400, seed=3))
     item = MultipleChoiceItem("q", "Which is hot?", ("fire", "ice cube", "snow"), tuple("ABC"), "A")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedrefine.cache import returned_cache
+from fedrefine.kv.cache import returned_cache
 from fedrefine.participants import (
     REAL_MODELS,
     ParticipantIdentity,

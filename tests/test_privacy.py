@@ -7,10 +7,8 @@ import re
 import pytest
 import torch
 
-from fedrefine.chat import encode_chat
-from fedrefine.message import prefill_message
-from fedrefine.multiple_choice import MultipleChoiceItem, question_text
-from fedrefine.padding import left_pad
+from fedrefine.participants.chat import encode_chat
+from fedrefine.participants.padding import left_pad
 from fedrefine.privacy.leakage import (
     InputRecorder,
     content_words,
@@ -21,8 +19,10 @@ from fedrefine.privacy.leakage import (
 )
 from fedrefine.privacy.plans import plan_queries
 from fedrefine.privacy.rephrase import RephraseConfig, Rephraser, Rephrasing
-from fedrefine.routes import Route, RouteError
-from fedrefine.t2t import DEFAULT_PROMPT_TEMPLATE, T2TConfig, t2t_predict
+from fedrefine.tasks.multiple_choice import MultipleChoiceItem, question_text
+from fedrefine.tasks.routes import Route, RouteError
+from fedrefine.tasks.t2t import DEFAULT_PROMPT_TEMPLATE, T2TConfig, t2t_predict
+from fedrefine.wire.message import prefill_message
 
 ITEMS = [
     MultipleChoiceItem(
@@ -228,7 +228,7 @@ def test_a_rephrasing_may_drop_the_querys_names_but_not_invent_one():
 
 def scripted_generation(monkeypatch, first, candidates):
     """Replace the rephraser's generation: ``first`` maps a query to its first reply, ``candidates`` to its retries."""
-    from fedrefine.generation import Reply
+    from fedrefine.participants.generation import Reply
     from fedrefine.privacy import rephrase
 
     def query_of(prompt):
@@ -274,7 +274,7 @@ def test_an_unfaithful_rephrasing_is_retried_and_the_first_passing_candidate_kep
 
 
 def test_beam_candidates_come_best_first_and_do_not_depend_on_the_batch(local):
-    from fedrefine.generation import generate_candidates
+    from fedrefine.participants.generation import generate_candidates
 
     prompts = [ITEMS[0].question_stem, "Say something short."]
     together = generate_candidates(local, prompts, 3, max_new_tokens=6)

@@ -17,8 +17,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedrefine.fuser import WEIGHTS_FILE, Fuser, FuserConfig, FuserPairMismatchError
+from fedrefine.fuser.registry import FuserRegistry, MissingFuserError
 from fedrefine.participants import ParticipantIdentity
-from fedrefine.registry import FuserRegistry, MissingFuserError
 from fedrefine.runtime.identities import identity_json
 from fedrefine.runtime.protos import registry_pb2 as pb
 from fedrefine.runtime.protos import registry_pb2_grpc as pb_grpc

@@ -19,12 +19,12 @@ from fedrefine.evaluation import EvaluationConfig, Evaluator
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
 from fedrefine.fusion.batch import FusionBatch
-from fedrefine.routes import parse_routes
 from fedrefine.runtime.participant_client import CallSettings, ParticipantClient, RemoteParticipant
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
 from fedrefine.runtime.security import ClientSecurity
-from fedrefine.t2t import T2TConfig
+from fedrefine.tasks.routes import parse_routes
+from fedrefine.tasks.t2t import T2TConfig
 from fedrefine.toyworld.lightning import ToyParticipant
 from fedrefine.toyworld.world import ToyWorld
 from fedrefine.wire import SenderUnavailable
@@ -308,7 +308,7 @@ def test_a_sender_that_is_down_costs_one_connection_set_up_per_retry_interval(to
 
 def test_a_bench_sweep_with_remote_senders_gives_the_in_process_accuracies(servers, toy, tmp_path):
     from fedrefine.bench.runner import BenchSweep
-    from fedrefine.registry import FuserRegistry
+    from fedrefine.fuser.registry import FuserRegistry
     from fedrefine.toyworld.lightning import ToyWorldDataModule
 
     tmp, cert, endpoints = servers

@@ -11,7 +11,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fedrefine.trainer_cli import build_cli
+from fedrefine.recipes.trainer_cli import build_cli
 
 CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
 

@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from fedrefine.generation import generate_replies
-from fedrefine.multiple_choice import MultipleChoiceItem, encode_question, question_messages, question_text
-from fedrefine.scoring import predict_alone, score_encoded
-from fedrefine.t2t import (
+from fedrefine.participants.generation import generate_replies
+from fedrefine.tasks.multiple_choice import MultipleChoiceItem, encode_question, question_messages, question_text
+from fedrefine.tasks.scoring import predict_alone, score_encoded
+from fedrefine.tasks.t2t import (
     DEFAULT_HINT_HEADER,
     Hint,
     T2TConfig,

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedrefine.multiple_choice import MultipleChoiceItem, correct_answer, question_text
 from fedrefine.participants import TinySpec, build_tiny_participant
+from fedrefine.tasks.multiple_choice import MultipleChoiceItem, correct_answer, question_text
 from fedrefine.toyworld import (
     PretrainConfig,
     ToyParticipantConfig,
@@ -273,8 +273,8 @@ def test_co_c2c_on_the_toy_world_trains_both_directions_and_tests_the_smaller_mo
 
     from fedrefine.evaluation import EvaluationConfig
     from fedrefine.fuser import FuserConfig
-    from fedrefine.modules import CoC2CModule
-    from fedrefine.registry import FuserRegistry
+    from fedrefine.fuser.registry import FuserRegistry
+    from fedrefine.recipes import CoC2CModule
     from fedrefine.toyworld.lightning import ToyParticipant, ToyWorldDataModule
 
     def trainer(**kwargs):
@@ -330,8 +330,8 @@ def test_co_c2c_lifts_the_smaller_model_on_facts_only_the_larger_one_knows(tmp_p
 
     from fedrefine.evaluation import EvaluationConfig
     from fedrefine.fuser import FuserConfig
-    from fedrefine.modules import CoC2CModule
-    from fedrefine.multiple_choice import ANSWER_PREFIX
+    from fedrefine.recipes import CoC2CModule
+    from fedrefine.tasks.multiple_choice import ANSWER_PREFIX
     from fedrefine.toyworld.lightning import ToyParticipant, ToyWorldDataModule
 
     L.seed_everything(0)
@@ -357,8 +357,8 @@ def test_last_token_fusion_with_the_answer_prefill_transfers_held_out_facts(tmp_
 
     from fedrefine.evaluation import EvaluationConfig
     from fedrefine.fuser import FuserConfig
-    from fedrefine.modules import C2CModule
-    from fedrefine.multiple_choice import ANSWER_PREFIX
+    from fedrefine.recipes import C2CModule
+    from fedrefine.tasks.multiple_choice import ANSWER_PREFIX
     from fedrefine.toyworld.lightning import ToyParticipant, ToyWorldDataModule
 
     L.seed_everything(0)

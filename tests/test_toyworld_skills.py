@@ -6,11 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedrefine.multiple_choice import DatasetSchemaError, MultipleChoiceItem
 from fedrefine.participants import TinySpec, build_tiny_participant
 from fedrefine.privacy.leakage import private_tokens_found
 from fedrefine.privacy.rephrase import DEFAULT_REPHRASE_TEMPLATE
-from fedrefine.t2t import DEFAULT_PROMPT_TEMPLATE, T2TConfig, answer_with_hints
+from fedrefine.tasks.multiple_choice import DatasetSchemaError, MultipleChoiceItem
+from fedrefine.tasks.t2t import DEFAULT_PROMPT_TEMPLATE, T2TConfig, answer_with_hints
 from fedrefine.toyworld import PretrainConfig, ToyParticipantConfig, ToyWorld, WorldConfig
 from fedrefine.toyworld.corpus import (
     ANSWER,

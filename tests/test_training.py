@@ -8,12 +8,12 @@ from conftest import LLAMA_SPEC, RECEIVER_SPEC
 from fedrefine.data.conversations import ChatExample
 from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.evaluation import EvaluationConfig
-from fedrefine.field_help import SettingsError
 from fedrefine.fuser import FuserConfig, FuserPairMismatchError
-from fedrefine.modules import C2CModule
-from fedrefine.modules.losses import response_loss
 from fedrefine.participants import TinySpec
-from fedrefine.sources import TinyParticipant
+from fedrefine.participants.sources import TinyParticipant
+from fedrefine.recipes import C2CModule
+from fedrefine.recipes.base import response_loss
+from fedrefine.settings import SettingsError
 
 FACTS = [("metal spoon", "conducts heat"), ("wool scarf", "keeps you warm"), ("glass cup", "breaks easily"),
          ("rubber band", "stretches"), ("iron nail", "rusts"), ("wooden stick", "floats")]
@@ -55,7 +55,7 @@ def test_loss_covers_the_response_tokens_only(tmp_path):
     batch = module.encode_chat_batch(chat_examples()[:3])
     full_ids = torch.cat((batch.receiver_input_ids, batch.response_ids), 1)
     full_mask = torch.cat((batch.receiver_attention_mask, batch.response_mask), 1)
-    from fedrefine.cache import positions_from_mask
+    from fedrefine.kv.cache import positions_from_mask
     with torch.no_grad():
         for layer in module.fuser.layers:  # closed gates: the loss is the receiver's own
             layer.gate.logit.fill_(-1.0)

@@ -5,9 +5,9 @@ import struct
 import pytest
 import torch
 
-from fedrefine.message import prefill_message
 from fedrefine.wire import LinkConfig, WireFormatError, budgeted_layers, codec_by_name, decode_message, encode_message
 from fedrefine.wire.codecs import pack, unpack
+from fedrefine.wire.message import prefill_message
 
 
 def message_of(participant, sent=None, layers=None):
@@ -160,7 +160,7 @@ def test_links_apply_in_training_only_when_asked(receiver, llama_sender):
 
 @pytest.mark.parametrize("codec", ["fp32", "int4"])
 def test_tensors_whose_shapes_contradict_the_sender_identity_are_refused(llama_sender, codec):
-    from fedrefine.message import KVMessage
+    from fedrefine.wire.message import KVMessage
 
     message = message_of(llama_sender)
     narrow = {j: (k[:, :-1], v[:, :-1]) for j, (k, v) in message.layers.items()}  # one KV head short

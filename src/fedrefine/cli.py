@@ -16,16 +16,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from fedrefine.bench.results_file import StaleResultsError
 from fedrefine.data.conversations import TrainingDataError
 from fedrefine.data.loading import DataFileError
-from fedrefine.field_help import SettingsError
 from fedrefine.fuser import FuserFileError, FuserPairMismatchError
-from fedrefine.heap import keep_large_blocks
-from fedrefine.multiple_choice import DatasetSchemaError
+from fedrefine.fuser.registry import MissingFuserError
 from fedrefine.participants import ParticipantLoadError
-from fedrefine.registry import MissingFuserError
-from fedrefine.routes import RouteError
+from fedrefine.recipes.trainer_cli import build_cli
+from fedrefine.runtime.heap import keep_large_blocks
 from fedrefine.runtime.registry_client import RegistryDownloadError
 from fedrefine.runtime.security import SecurityConfigError
-from fedrefine.trainer_cli import build_cli
+from fedrefine.settings import SettingsError
+from fedrefine.tasks.multiple_choice import DatasetSchemaError
+from fedrefine.tasks.routes import RouteError
 
 #: Errors that name a user mistake and its fix: shown without a traceback.
 USER_ERRORS = (
@@ -120,7 +120,7 @@ def main() -> None:
     if command in (None, "-h", "--help"):
         print(overview())
         raise SystemExit(0 if command else 2)
-    keep_large_blocks()  # see fedrefine.heap: large activations are reused, not page-faulted in afresh
+    keep_large_blocks()  # see fedrefine.runtime.heap: large activations are reused, not page-faulted in afresh
     try:
         with user_errors_exit("fedrefine"):
             if command == "bench":

@@ -1,6 +1,6 @@
 """A benchmark sweep's cells: route families x query modes x sender subsets, plus the receiver-alone baselines.
 
-A cell is one :class:`~fedrefine.routes.Route` evaluated on the sweep's questions: the receiver
+A cell is one :class:`~fedrefine.tasks.routes.Route` evaluated on the sweep's questions: the receiver
 alone, or the receiver helped by a subset of senders through one route family (``c2c.residual``,
 ``c2c.concat`` or ``t2t``; ``adaptive``: one cell over every sender), in one query mode (``original``, ``shared``, ``private``; see
 :mod:`fedrefine.privacy`). Cells that cannot run (residual fusion in ``private`` mode) are kept
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from itertools import combinations
 from typing import Literal
 
-from fedrefine.align import AlignedMessages
 from fedrefine.evaluation.question_batch import T2T_OPTIONS
-from fedrefine.routes import QUERY_MODES, OptionsPolicy, Route, RouteError
+from fedrefine.participants.align import AlignedMessages
+from fedrefine.tasks.routes import QUERY_MODES, OptionsPolicy, Route, RouteError
 
 #: The route families a sweep compares.
 ROUTES: tuple[str, ...] = ("c2c.residual", "c2c.concat", "t2t")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedrefine.trainer_cli import build_cli
+from fedrefine.recipes.trainer_cli import build_cli
 
 
 @dataclass

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fedrefine.cache import LayerMapKind, layer_map, positions_from_mask
-from fedrefine.message import KVMessage
+from fedrefine.fuser.config import LayerMapKind, layer_map
+from fedrefine.kv.cache import positions_from_mask
 from fedrefine.participants import REAL_MODELS, ParticipantIdentity, load_model_config, real_model_config
-from fedrefine.t2t import TOKEN_ID_BYTES
+from fedrefine.tasks.t2t import TOKEN_ID_BYTES
 from fedrefine.wire import CODEC_NAMES, codec_by_name, encode_message
+from fedrefine.wire.message import KVMessage
 
 PAPER_RECEIVER = "Qwen/Qwen3-0.6B"
 PAPER_SENDERS = (

@@ -16,7 +16,7 @@ from rich.console import Console
 from fedrefine.bench.cells import cell_fields
 from fedrefine.evaluation import EvaluationReport
 from fedrefine.evaluation.metrics import STAGES
-from fedrefine.routes import Route
+from fedrefine.tasks.routes import Route
 
 #: Version 2: cells are keyed by their route's canonical text (``c2c.concat:a+b@private``).
 RESULTS_FORMAT = 2

@@ -26,7 +26,6 @@ from lightning.pytorch.loggers import Logger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedrefine.align import AlignedMessages
 from fedrefine.bench.cells import ROUTES, SubsetPolicy, expand_cells, unsupported_reason
 from fedrefine.bench.fuser_training import FuserTraining, GateTraining
 from fedrefine.bench.records import git_commit
@@ -38,12 +37,13 @@ from fedrefine.data.question_dataset import QuestionDataset
 from fedrefine.evaluation import EvaluationConfig, Evaluator, QueryPlanner
 from fedrefine.federation import Federation
 from fedrefine.fuser import Fuser, FuserConfig
+from fedrefine.fuser.registry import FuserRegistry
 from fedrefine.fusion import FusedReceiver
 from fedrefine.participants import Participant
+from fedrefine.participants.align import AlignedMessages
+from fedrefine.participants.sources import ParticipantSource
 from fedrefine.privacy.rephrase import Rephraser
-from fedrefine.registry import FuserRegistry
-from fedrefine.routes import QUERY_MODES, Route
-from fedrefine.sources import ParticipantSource
+from fedrefine.tasks.routes import QUERY_MODES, Route
 
 
 class BenchSweep:

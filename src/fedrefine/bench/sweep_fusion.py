@@ -12,8 +12,8 @@ from rich.console import Console
 from fedrefine.bench.fuser_training import FuserTraining, GateTraining
 from fedrefine.federation import Federation
 from fedrefine.fuser import WEIGHTS_FILE, Fuser
+from fedrefine.fuser.registry import FuserRegistry
 from fedrefine.fusion import FusedReceiver, gate_saved_in, load_gate
-from fedrefine.registry import FuserRegistry
 
 FUSION_MODES = ("residual", "concat")
 

@@ -10,8 +10,8 @@ import datasets
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import IterableDataset
 
-from fedrefine.chat import Message
 from fedrefine.data.loading import read_rows
+from fedrefine.participants.chat import Message
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import datasets
 
-from fedrefine.hub import hub_offline
+from fedrefine.participants.hub import hub_offline
 
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 Row = TypeVar("Row")

@@ -8,7 +8,7 @@ from itertools import islice
 from torch.utils.data import Dataset
 
 from fedrefine.data.loading import open_dataset, read_rows
-from fedrefine.multiple_choice import MultipleChoiceItem
+from fedrefine.tasks.multiple_choice import MultipleChoiceItem
 
 
 def load_questions(

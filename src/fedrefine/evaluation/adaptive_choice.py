@@ -3,7 +3,7 @@ a codec and layer budget) for the configured link and budget, which then answers
 
 Bytes of an option are predicted as the mean bytes per question its profile measured (exact for
 last-token fusion, one position per question), so the choice is the same for every question of an
-evaluation with one link; :func:`fedrefine.adaptive.sweep` explores links and budgets per question.
+evaluation with one link; :func:`fedrefine.federation.adaptive.sweep` explores links and budgets per question.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from fedrefine.adaptive import AdaptivePolicy, LinkProfile, RouteOption, load_profile
 from fedrefine.evaluation.config import AdaptiveRouteConfig
-from fedrefine.routes import Route
+from fedrefine.federation.adaptive import AdaptivePolicy, LinkProfile, RouteOption, load_profile
+from fedrefine.tasks.routes import Route
 from fedrefine.wire import LinkConfig
 
 

@@ -15,14 +15,14 @@ from fedrefine.evaluation.config import AnswerMode, answer_style
 from fedrefine.evaluation.metrics import RouteResult
 from fedrefine.evaluation.question_batch import QueryPlanner, QuestionBatch, Variant
 from fedrefine.evaluation.text_routes import TextRoutes
+from fedrefine.federation.selection import SenderSelection
 from fedrefine.fusion import FusedReceiver, FusionBatch
-from fedrefine.message import KVMessage, random_message_like
 from fedrefine.privacy.leakage import leakage_report
-from fedrefine.routes import Route
-from fedrefine.scoring import NORMALIZATIONS, Normalization, score_options
-from fedrefine.selection import SenderSelection
-from fedrefine.t2t import T2TConfig
+from fedrefine.tasks.routes import Route
+from fedrefine.tasks.scoring import NORMALIZATIONS, Normalization, score_options
+from fedrefine.tasks.t2t import T2TConfig
 from fedrefine.timing import stopwatch, time_inside
+from fedrefine.wire.message import KVMessage, random_message_like
 
 
 class RouteRunner:

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from fedrefine.evaluation.question_batch import QuestionBatch
-from fedrefine.multiple_choice import extract_choice
-from fedrefine.scoring import NORMALIZATIONS, Normalization, OptionScores
+from fedrefine.tasks.multiple_choice import extract_choice
+from fedrefine.tasks.scoring import NORMALIZATIONS, Normalization, OptionScores
 
 
 @dataclass

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fedrefine.field_help import documented
-from fedrefine.multiple_choice import PROMPT_STYLES, AnswerStyle, PromptStyle
 from fedrefine.privacy.rephrase import RephraseConfig
-from fedrefine.routes import OptionsPolicy
-from fedrefine.scoring import Normalization, check_normalization
-from fedrefine.t2t import T2TConfig
+from fedrefine.settings import documented
+from fedrefine.tasks.multiple_choice import PROMPT_STYLES, AnswerStyle, PromptStyle
+from fedrefine.tasks.routes import OptionsPolicy
+from fedrefine.tasks.scoring import Normalization, check_normalization
+from fedrefine.tasks.t2t import T2TConfig
 from fedrefine.wire import LinkConfig
 
 #: ``logits``: argmax of the next-token logits over the option letters; ``cloze``: argmax of each
@@ -83,7 +83,7 @@ class EvaluationConfig:
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Generation budget in generate mode and for predict."})
     test_routes: list[str] | None = field(
-        default=None, metadata={"help": "Routes test reports (see fedrefine.routes; None: the module's default)."}
+        default=None, metadata={"help": "Routes test reports (see fedrefine.tasks.routes; None: the module's default)."}
     )
     val_routes: list[str] = field(
         default_factory=lambda: ["c2c"], metadata={"help": "Routes evaluated during fit validation and validate."}

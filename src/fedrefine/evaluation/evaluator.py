@@ -14,9 +14,9 @@ from fedrefine.evaluation.answer import RouteRunner
 from fedrefine.evaluation.config import EvaluationConfig
 from fedrefine.evaluation.question_batch import QueryPlanner, QuestionBatch, QuestionEncoder
 from fedrefine.evaluation.report import EvaluationReport
+from fedrefine.federation.selection import SenderSelection
 from fedrefine.fusion import FusedReceiver
-from fedrefine.routes import Route
-from fedrefine.selection import SenderSelection
+from fedrefine.tasks.routes import Route
 
 
 class Evaluator:
@@ -24,7 +24,7 @@ class Evaluator:
 
     Args:
         model: the receiver, its senders and fusers.
-        routes: resolved routes (see :func:`fedrefine.routes.parse_routes`).
+        routes: resolved routes (see :func:`fedrefine.tasks.routes.parse_routes`).
         config: answer mode, cloze normalisation, prompt style, generation budget, T2T settings, answer prefill.
         planner: who reads what in rephrased query modes (default: original queries only).
         selection: chooses senders per question for ``c2c:auto``.

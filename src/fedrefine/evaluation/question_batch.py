@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedrefine.chat import EncodedChat, encode_chat
 from fedrefine.data.question_dataset import QuestionWithControls
 from fedrefine.evaluation.config import AnswerMode, answer_style, check_prompt_style
 from fedrefine.fusion import FusedReceiver, FusionBatch, FusionExample
-from fedrefine.multiple_choice import (
+from fedrefine.participants import Participant
+from fedrefine.participants.chat import EncodedChat, encode_chat
+from fedrefine.participants.padding import left_pad
+from fedrefine.privacy.plans import QueryPlan, plan_queries
+from fedrefine.privacy.rephrase import Rephraser
+from fedrefine.tasks.multiple_choice import (
     ClozeOptions,
     MultipleChoiceItem,
     PromptStyle,
@@ -27,11 +31,7 @@ from fedrefine.multiple_choice import (
     question_messages,
     with_answer_prefill,
 )
-from fedrefine.padding import left_pad
-from fedrefine.participants import Participant
-from fedrefine.privacy.plans import QueryPlan, plan_queries
-from fedrefine.privacy.rephrase import Rephraser
-from fedrefine.routes import OptionsPolicy, QueryMode, Route, RouteError, SenderText
+from fedrefine.tasks.routes import OptionsPolicy, QueryMode, Route, RouteError, SenderText
 
 #: T2T senders read the question without its options, as in the C2C reference's baseline.
 T2T_OPTIONS: OptionsPolicy = "withhold"

@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fedrefine.evaluation.metrics import RouteResult, RouteTally
 from fedrefine.evaluation.question_batch import QuestionBatch
-from fedrefine.routes import Route
+from fedrefine.tasks.routes import Route
 
 #: Option slots of the accuracy metric (labels A-Z).
 MAX_OPTIONS = 26

@@ -12,11 +12,11 @@ from fedrefine.evaluation.config import AnswerMode, answer_style
 from fedrefine.evaluation.metrics import RouteResult
 from fedrefine.evaluation.question_batch import QuestionBatch
 from fedrefine.fusion import FusedReceiver
-from fedrefine.generation import Reply
+from fedrefine.participants.generation import Reply
 from fedrefine.privacy.plans import QueryPlan
-from fedrefine.routes import Route
-from fedrefine.scoring import NORMALIZATIONS, Normalization, score_alone
-from fedrefine.t2t import T2TConfig, t2t_predict
+from fedrefine.tasks.routes import Route
+from fedrefine.tasks.scoring import NORMALIZATIONS, Normalization, score_alone
+from fedrefine.tasks.t2t import T2TConfig, t2t_predict
 from fedrefine.wire import SenderUnavailable
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedrefine.padding import left_pad, right_pad
+from fedrefine.participants.padding import left_pad, right_pad
 
 
 @dataclass

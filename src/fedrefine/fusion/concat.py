@@ -12,11 +12,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fedrefine.cache import layers_to_cache, positions_from_mask
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, ReceiverContext
-from fedrefine.kv_stack import KVStack
+from fedrefine.kv.cache import layers_to_cache, positions_from_mask
+from fedrefine.kv.rope import RotaryFrame
+from fedrefine.kv.stack import KVStack
 from fedrefine.participants import Participant
-from fedrefine.rope import RotaryFrame
 
 
 class ConcatFusion(FusionStrategy):

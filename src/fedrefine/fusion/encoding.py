@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from fedrefine.align import AlignedMessages, align_tokens
-from fedrefine.chat import EncodedChat, Message, encode_chat
 from fedrefine.fusion.batch import FusionBatch, FusionExample, SenderExample, collate_examples
 from fedrefine.participants import Participant
+from fedrefine.participants.align import AlignedMessages, align_tokens
+from fedrefine.participants.chat import EncodedChat, Message, encode_chat
 
 
 def encode_response(participant: Participant, response: str) -> list[int]:
@@ -26,7 +26,7 @@ class PromptEncoder:
         aligns: residual fusion reads sender tokens at the receiver's positions, so each sender's
             tokens are aligned to the receiver's; concat fusion needs no alignment.
         aligned_messages: which messages' tokens are aligned (``last``: only the last one, which is then the
-            only one that must be the same text; see :func:`~fedrefine.align.align_tokens`).
+            only one that must be the same text; see :func:`~fedrefine.participants.align.align_tokens`).
     """
 
     def __init__(

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from fedrefine.fuser import Fuser, read_weights, write_weights
 from fedrefine.fusion.batch import FusionBatch
-from fedrefine.message import KVMessage
+from fedrefine.wire.message import KVMessage
 
 FORMAT_NAME = "fedrefine.source_gate"
 FORMAT_VERSION = 1

@@ -21,7 +21,6 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from fedrefine.cache import positions_from_mask, with_cache
 from fedrefine.fuser import Fuser
 from fedrefine.fusion.batch import FusionBatch, SenderBatch
 from fedrefine.fusion.concat import ConcatFusion
@@ -32,10 +31,11 @@ from fedrefine.fusion.sender_gate import SenderStateGate
 from fedrefine.fusion.sender_kv import SenderKV
 from fedrefine.fusion.sending import Sending, SendOutcome
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, NoFusion, ReceiverContext, prefill_all_but_last
-from fedrefine.generation import trim_at_eos
-from fedrefine.message import KVMessage
+from fedrefine.kv.cache import positions_from_mask, with_cache
 from fedrefine.participants import Participant
+from fedrefine.participants.generation import trim_at_eos
 from fedrefine.wire import Delivery, LinkConfig, RemoteSender
+from fedrefine.wire.message import KVMessage
 
 T = TypeVar("T")
 

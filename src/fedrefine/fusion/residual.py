@@ -7,7 +7,7 @@
 
 ``fuse_at`` chooses the fused receiver tokens: ``prompt`` (the C2C reference: every aligned
 token but the last), ``all`` (the last one too), ``last`` (only the last prompt token, fused as
-the receiver writes it, through :class:`~fedrefine.cache.WriteHookCache`).
+the receiver writes it, through :class:`~fedrefine.kv.cache.WriteHookCache`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fedrefine.cache import LayerKV, WriteHookCache, cache_to_layers, layers_to_cache, positions_from_mask
 from fedrefine.fuser import FuseAt
 from fedrefine.fusion.batch import SenderBatch
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, ReceiverContext, prefill_all_but_last
-from fedrefine.kv_stack import KVStack, layer_chunks, slot_index
+from fedrefine.kv.cache import LayerKV, WriteHookCache, cache_to_layers, layers_to_cache, positions_from_mask
+from fedrefine.kv.rope import RotaryFrame
+from fedrefine.kv.stack import KVStack, layer_chunks, slot_index
 from fedrefine.participants import Participant
-from fedrefine.rope import RotaryFrame
 
 #: Several senders: ``parallel`` sums their deltas (the C2C reference); ``sequential`` lets each fuser
 #: read the cache the previous ones fused.

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fedrefine.fuser import Fuser, read_weights, write_weights
 from fedrefine.fusion.batch import FusionBatch
-from fedrefine.message import KVMessage
+from fedrefine.wire.message import KVMessage
 
 FORMAT_NAME = "fedrefine.sender_state_gate"
 FORMAT_VERSION = 1

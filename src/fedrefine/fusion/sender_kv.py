@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedrefine.kv_stack import KVStack
-from fedrefine.message import KVMessage
+from fedrefine.kv.rope import RotaryFrame
+from fedrefine.kv.stack import KVStack
 from fedrefine.participants import Participant
-from fedrefine.rope import RotaryFrame
+from fedrefine.wire.message import KVMessage
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ import torch
 from fedrefine.fuser import Fuser
 from fedrefine.fusion.batch import FusionBatch, SenderBatch
 from fedrefine.fusion.strategy import FusionStrategy
-from fedrefine.message import KVMessage, prefill_message
 from fedrefine.participants import Participant
 from fedrefine.wire import Delivery, LinkConfig, RemoteSender, SenderUnavailable, budgeted_layers, transmit
 from fedrefine.wire.format import MAX_MESSAGE_BYTES
+from fedrefine.wire.message import KVMessage, prefill_message
 
 logger = logging.getLogger("fedrefine.fusion")
 T = TypeVar("T")

@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 from transformers import Cache
 
-from fedrefine.align import AlignedMessages
-from fedrefine.cache import positions_from_mask, returned_cache
 from fedrefine.fuser import Fuser
 from fedrefine.fusion.batch import SenderBatch
 from fedrefine.fusion.sender_kv import SenderKV
+from fedrefine.kv.cache import positions_from_mask, returned_cache
 from fedrefine.participants import Participant
+from fedrefine.participants.align import AlignedMessages
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedrefine.chat import Message
 from fedrefine.participants import Participant
+from fedrefine.participants.chat import Message
 from fedrefine.privacy.plans import QueryPlan
 
 

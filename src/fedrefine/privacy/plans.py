@@ -8,7 +8,7 @@ Privacy modes (what each participant reads for one multiple-choice question):
 - ``private``: the receiver keeps the user's text; each sender reads its own rephrasing
   (variant = the sender's name; distinct texts need ``do_sample=True``, greedy decoding gives
   every sender the same one). Senders then read other text than the receiver, which only
-  concat fusion and T2T allow (:meth:`fedrefine.routes.Route.check`).
+  concat fusion and T2T allow (:meth:`fedrefine.tasks.routes.Route.check`).
 
 The invariant: in ``shared`` and ``private`` modes nothing of the user's text but its
 rephrasing (and the options, per the options policy) reaches a sender. The rephraser reads the
@@ -35,10 +35,10 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fedrefine.chat import Message
-from fedrefine.multiple_choice import AnswerStyle, MultipleChoiceItem, question_text
+from fedrefine.participants.chat import Message
 from fedrefine.privacy.rephrase import Rephraser, Rephrasing
-from fedrefine.routes import OPTIONS_POLICIES, QUERY_MODES, OptionsPolicy, QueryMode
+from fedrefine.tasks.multiple_choice import AnswerStyle, MultipleChoiceItem, question_text
+from fedrefine.tasks.routes import OPTIONS_POLICIES, QUERY_MODES, OptionsPolicy, QueryMode
 
 DEFAULT_OPTIONS: OptionsPolicy = "verbatim"
 

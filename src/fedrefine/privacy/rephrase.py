@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedrefine.field_help import documented
-from fedrefine.generation import Reply, generate_candidates, generate_replies
 from fedrefine.participants import Participant
+from fedrefine.participants.generation import Reply, generate_candidates, generate_replies
 from fedrefine.privacy.faithfulness import FAITHFULNESS_CHECKS, FaithfulnessCheck, is_faithful
+from fedrefine.settings import documented
 
 DEFAULT_REPHRASE_TEMPLATE = (
     "Rephrase the following question in different words. Keep everything needed to answer it, "

@@ -15,14 +15,14 @@ from dataclasses import asdict, dataclass, field
 import grpc
 from torch import Tensor
 
-from fedrefine.field_help import documented
-from fedrefine.generation import Reply
 from fedrefine.participants import Participant, ParticipantIdentity
+from fedrefine.participants.generation import Reply
+from fedrefine.participants.sources import ParticipantSource
 from fedrefine.runtime.identities import identity_from_json
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
 from fedrefine.runtime.security import ClientSecurity, logger, split_endpoint
-from fedrefine.sources import ParticipantSource
+from fedrefine.settings import documented
 from fedrefine.wire.format import MAX_MESSAGE_BYTES, WireFormatError, decode_message
 from fedrefine.wire.remote import Delivery, HintDelivery, RemoteSender, RemoteSource, SenderUnavailable
 

@@ -22,11 +22,10 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import Tensor
 
-from fedrefine.field_help import documented
-from fedrefine.generation import generate_replies
-from fedrefine.message import prefill_message
-from fedrefine.padding import left_pad
 from fedrefine.participants import Participant
+from fedrefine.participants.generation import generate_replies
+from fedrefine.participants.padding import left_pad
+from fedrefine.participants.sources import ParticipantSource
 from fedrefine.privacy.rephrase import RephraseConfig, Rephraser
 from fedrefine.runtime.identities import identity_json
 from fedrefine.runtime.protos import participant_pb2 as pb
@@ -40,9 +39,10 @@ from fedrefine.runtime.serving import (
     security_from,
     serve_forever,
 )
-from fedrefine.sources import ParticipantSource
+from fedrefine.settings import documented
 from fedrefine.wire.codecs import CODEC_NAMES, codec_by_name
 from fedrefine.wire.format import FORMAT_NAME, FORMAT_VERSION, encode_message
+from fedrefine.wire.message import prefill_message
 
 SERVICE_NAME = "fedrefine.participant.v1.Participant"
 #: Bytes of message per streamed chunk (well under gRPC's 4 MiB default message size).

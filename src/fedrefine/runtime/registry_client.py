@@ -1,6 +1,6 @@
 """A receiver's view of a remote fuser registry (``fedrefine serve registry``): list, download, verify, load.
 
-:class:`RemoteFuserRegistry` is a :class:`~fedrefine.registry.FuserRegistry` whose pairs are the server's.
+:class:`RemoteFuserRegistry` is a :class:`~fedrefine.fuser.registry.FuserRegistry` whose pairs are the server's.
 ``get`` downloads a pair's two files into a local cache directory (laid out as a FuserRegistry root) and
 uses them only once every file matches the sha256 of the server's listing and ``fuser.json`` names exactly
 the pair asked for. Cached files with the right digest are not downloaded again.
@@ -26,8 +26,8 @@ import grpc
 import torch
 
 from fedrefine.fuser import Fuser, FuserPairMismatchError
+from fedrefine.fuser.registry import FuserRegistry, MissingFuserError, PairKey
 from fedrefine.participants import ParticipantIdentity
-from fedrefine.registry import FuserRegistry, MissingFuserError, PairKey
 from fedrefine.runtime.identities import identity_differences, identity_from_json, identity_json
 from fedrefine.runtime.protos import registry_pb2 as pb
 from fedrefine.runtime.protos import registry_pb2_grpc as pb_grpc

@@ -1,4 +1,4 @@
-"""``fedrefine serve registry``: a :class:`~fedrefine.registry.FuserRegistry` directory as a gRPC service.
+"""``fedrefine serve registry``: a :class:`~fedrefine.fuser.registry.FuserRegistry` directory as a gRPC service.
 
     List      -> every ordered pair held, with the exact identities and each file's name, size, sha256
     Download  -> the files of one pair's fuser, streamed in 1 MiB chunks (sha256 and size on a file's first)
@@ -25,8 +25,8 @@ from typing import BinaryIO
 import grpc
 
 from fedrefine.fuser import METADATA_FILE, WEIGHTS_FILE, Fuser
+from fedrefine.fuser.registry import PairKey
 from fedrefine.participants import ParticipantIdentity
-from fedrefine.registry import PairKey
 from fedrefine.runtime.identities import identity_differences, identity_from_json, identity_json
 from fedrefine.runtime.protos import registry_pb2 as pb
 from fedrefine.runtime.protos import registry_pb2_grpc as pb_grpc
@@ -91,7 +91,7 @@ class RegistryServicer(pb_grpc.FuserRegistryServicer):
     """The gRPC methods of the registry over the fuser directories under ``root``.
 
     Args:
-        root: a registry directory as :class:`~fedrefine.registry.FuserRegistry` writes it.
+        root: a registry directory as :class:`~fedrefine.fuser.registry.FuserRegistry` writes it.
     """
 
     def __init__(self, root: str | Path) -> None:

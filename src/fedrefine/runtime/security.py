@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from fedrefine.field_help import documented
+from fedrefine.settings import documented
 
 logger = logging.getLogger("fedrefine.runtime")
 TOKEN_HEADER = "authorization"

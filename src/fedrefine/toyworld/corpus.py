@@ -4,9 +4,9 @@ Every participant learns the facts it knows (statements) and to answer multiple-
 about them (any wording of :data:`~fedrefine.toyworld.world.QUESTION_VARIANTS`, a share opened by a
 private preamble). On top, by role (:data:`Skill`):
 
-- ``write_hints`` (senders, for T2T): asked with :data:`~fedrefine.t2t.DEFAULT_PROMPT_TEMPLATE` around a
+- ``write_hints`` (senders, for T2T): asked with :data:`~fedrefine.tasks.t2t.DEFAULT_PROMPT_TEMPLATE` around a
   question stem, reply with the statement of the asked fact.
-- ``read_hints`` (the receiver): answer a question with a hint placed as :func:`~fedrefine.t2t.hint_messages`
+- ``read_hints`` (the receiver): answer a question with a hint placed as :func:`~fedrefine.tasks.t2t.hint_messages`
   places it, from the hint: true hints about entities it knows, counterfactual ones that contradict what it
   memorised, and hints about fictional entities nobody knows, so that it reads rather than recalls.
 - ``rephrase`` (the receiver): asked with :data:`~fedrefine.privacy.rephrase.DEFAULT_REPHRASE_TEMPLATE` around
@@ -27,17 +27,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fedrefine.chat import Message, encode_chat
-from fedrefine.multiple_choice import (
+from fedrefine.participants import Participant
+from fedrefine.participants.chat import Message, encode_chat
+from fedrefine.privacy.rephrase import DEFAULT_REPHRASE_TEMPLATE
+from fedrefine.tasks.multiple_choice import (
     ANSWER_PREFIX,
     MultipleChoiceItem,
     correct_answer,
     question_messages,
     question_text,
 )
-from fedrefine.participants import Participant
-from fedrefine.privacy.rephrase import DEFAULT_REPHRASE_TEMPLATE
-from fedrefine.t2t import DEFAULT_HINT_HEADER, DEFAULT_PROMPT_TEMPLATE, hint_messages
+from fedrefine.tasks.t2t import DEFAULT_HINT_HEADER, DEFAULT_PROMPT_TEMPLATE, hint_messages
 from fedrefine.toyworld.world import ANSWER_STYLE, QUESTION_VARIANTS, Fact, ToyWorld, make_names
 
 # Token kinds: what each target token counts for in the loss (see PretrainConfig's weights).
@@ -125,7 +125,7 @@ def encode_question_answer(participant: Participant, item: MultipleChoiceItem, e
 
 
 def encode_reply(participant: Participant, prompt: str, reply: str, answers: Sequence[str] = ()) -> TrainingText:
-    """One user message (rendered as :func:`~fedrefine.generation.generate_replies` renders it), then ``reply``
+    """One user message (rendered as :func:`~fedrefine.participants.generation.generate_replies` renders it), then ``reply``
     and end of turn: the reply is ``TEXT``, the words ``answers`` in it (what the reply must get right: a hint's
     entity and value, a rephrasing's entity) ``ANSWER``, the prompt ``PROMPT``."""
     chat = encode_chat(participant, [{"role": "user", "content": prompt}], add_generation_prompt=True, suffix=reply)

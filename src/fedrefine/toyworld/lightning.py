@@ -1,6 +1,6 @@
 """The toy world as CLI building blocks: a participant source and a data module.
 
-``configs/toyworld.yaml`` uses them with the same :class:`~fedrefine.modules.C2CModule` and
+``configs/toyworld.yaml`` uses them with the same :class:`~fedrefine.recipes.C2CModule` and
 :class:`~fedrefine.data.datamodule.C2CDataModule` machinery as the real models.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.participants import Participant
-from fedrefine.sources import ParticipantSource
+from fedrefine.participants.sources import ParticipantSource
 from fedrefine.toyworld.pretrain import DEFAULT_PARTICIPANTS, PretrainConfig, load_toy_participants
 from fedrefine.toyworld.world import ToyWorld, WorldConfig, conversation_row, export_world, write_jsonl
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fedrefine.generation import generate_replies
-from fedrefine.multiple_choice import MultipleChoiceItem
 from fedrefine.participants import Participant
+from fedrefine.participants.generation import generate_replies
 from fedrefine.privacy.leakage import private_tokens_found
 from fedrefine.privacy.rephrase import RephraseConfig, Rephraser
-from fedrefine.scoring import predict_alone
-from fedrefine.t2t import DEFAULT_PROMPT_TEMPLATE, T2TConfig, answer_with_hints
+from fedrefine.tasks.multiple_choice import MultipleChoiceItem
+from fedrefine.tasks.scoring import predict_alone
+from fedrefine.tasks.t2t import DEFAULT_PROMPT_TEMPLATE, T2TConfig, answer_with_hints
 from fedrefine.toyworld.world import ANSWER_STYLE, Fact, ToyWorld
 
 

@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fedrefine.cache import positions_from_mask
-from fedrefine.padding import left_pad
+from fedrefine.kv.cache import positions_from_mask
 from fedrefine.participants import (
     Participant,
     TinySpec,
@@ -42,7 +41,8 @@ from fedrefine.participants import (
     freeze,
     load_participant,
 )
-from fedrefine.tokenizer import build_tokenizer
+from fedrefine.participants.padding import left_pad
+from fedrefine.participants.tokenizers import build_tokenizer
 from fedrefine.toyworld.corpus import IGNORE, SKILLS, ParticipantCorpus, TrainingText, build_corpus, tokenizer_corpus
 from fedrefine.toyworld.world import ToyWorld, WorldConfig
 

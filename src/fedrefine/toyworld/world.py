@@ -33,7 +33,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from fedrefine.multiple_choice import AnswerStyle, MultipleChoiceItem, correct_answer, question_text
+from fedrefine.tasks.multiple_choice import AnswerStyle, MultipleChoiceItem, correct_answer, question_text
 
 LABELS = ("A", "B", "C", "D")
 #: Toy participants answer by the option's text and are scored by cloze likelihood

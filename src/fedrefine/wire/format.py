@@ -1,4 +1,4 @@
-"""The KV message wire format: a :class:`~fedrefine.message.KVMessage` <-> bytes, validated on the way in.
+"""The KV message wire format: a :class:`~fedrefine.wire.message.KVMessage` <-> bytes, validated on the way in.
 
 A message is one safetensors blob. Its metadata holds a versioned JSON header: the sender's
 identity, the carried layers, the batch shape, the transmitted positions' count, the codec and
@@ -27,10 +27,10 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from fedrefine.cache import positions_from_mask
-from fedrefine.message import KVMessage
+from fedrefine.kv.cache import positions_from_mask
 from fedrefine.participants import ParticipantIdentity
 from fedrefine.wire.codecs import Codec, Role, codec_by_name
+from fedrefine.wire.message import KVMessage
 
 FORMAT_NAME = "fedrefine.kv_message"
 FORMAT_VERSION = 1

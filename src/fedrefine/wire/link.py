@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedrefine.field_help import documented
-from fedrefine.message import KVMessage
+from fedrefine.settings import documented
 from fedrefine.wire.codecs import CODEC_NAMES, codec_by_name
 from fedrefine.wire.format import MAX_MESSAGE_BYTES, decode_message, encode_message
+from fedrefine.wire.message import KVMessage
 
 
 @documented

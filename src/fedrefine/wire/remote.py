@@ -2,7 +2,7 @@
 
 A :class:`RemoteSender` is reached over some transport (``fedrefine.runtime`` implements it over gRPC).
 It prefills the receiver's request and returns a :class:`Delivery`: the decoded, validated
-:class:`~fedrefine.message.KVMessage` with the time and bytes the transport measured. A sender that is
+:class:`~fedrefine.wire.message.KVMessage` with the time and bytes the transport measured. A sender that is
 down, slower than its deadline, refuses the call, or returns an invalid message raises
 :class:`SenderUnavailable`; the receiver then answers with the senders that did arrive.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from fedrefine.generation import Reply
-from fedrefine.message import KVMessage
-from fedrefine.sources import ParticipantSource
+from fedrefine.participants.generation import Reply
+from fedrefine.participants.sources import ParticipantSource
+from fedrefine.wire.message import KVMessage
 
 #: Why a sender did not contribute to a query (the result rows count them by these names).
 DROP_REASONS: tuple[str, ...] = ("unreachable", "deadline", "refused", "invalid_message", "identity", "error")

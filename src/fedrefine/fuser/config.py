@@ -1,0 +1,92 @@
+"""A fuser's settings (:class:`FuserConfig`) and its layer map: which sender layer feeds each receiver layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from fedrefine.settings import documented
+
+#: Which receiver tokens a residual fuser writes to (see :class:`FuserConfig`'s ``fuse_at``).
+FuseAt = Literal["prompt", "all", "last"]
+FusionMode = Literal["residual", "concat"]
+LayerMapKind = Literal["bottom_up", "top_down", "uniform"]
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@documented
+@dataclass
+class FuserConfig:
+    """Size and behaviour of a fuser. ``hidden_size=1024, num_blocks=3`` is the C2C reference size."""
+
+    mode: FusionMode = field(
+        default="residual",
+        metadata=_help("residual: add to the receiver's cache at aligned positions (sender and receiver read the "
+                       "same text). concat: project the sender's cache into extra receiver cache entries placed "
+                       "ahead of the receiver's own (texts may differ)."),
+    )
+    hidden_size: int = field(default=256, metadata=_help("Width of each stream's MLP trunk."))
+    num_blocks: int = field(default=3, metadata=_help("Residual MLP blocks per stream (>= 2: trunk + weight head)."))
+    ffn_multiplier: float = field(default=1.0, metadata=_help("Inner width of each block, as a multiple of hidden_size."))
+    dropout: float = field(default=0.1, metadata=_help("Dropout inside the blocks (training only)."))
+    layer_map: LayerMapKind = field(
+        default="bottom_up", metadata=_help("Which sender layer feeds each receiver layer: bottom_up, top_down, uniform.")
+    )
+    gate_init: float = field(default=1.0, metadata=_help("Initial logit of every layer's gate (> 0: open)."))
+    fuse_keys: bool = field(
+        default=True,
+        metadata=_help("Residual mode: False leaves the receiver's keys, hence where it attends, untouched and "
+                       "fuses values only."),
+    )
+    reads_receiver: bool = field(
+        default=True,
+        metadata=_help("Residual mode: False computes the deltas from the sender's states alone, so the fuser "
+                       "cannot key on receiver features of tokens the receiver never learned."),
+    )
+    fuse_at: FuseAt = field(
+        default="prompt",
+        metadata=_help("Residual mode: which receiver tokens are fused. prompt (the C2C reference): every aligned "
+                       "prompt token but the last. all: the last prompt token too, fused as the receiver computes "
+                       "it. last: only the last prompt token; with an answer prefix every participant reads, that "
+                       "is where the sender has worked out its answer."),
+    )
+    temperature_start: float = field(default=1.0, metadata=_help("Gate temperature at the start of training."))
+    temperature_end: float = field(default=0.001, metadata=_help("Gate temperature at the end (geometric schedule)."))
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be at least 2 (trunk + weight head), got {self.num_blocks}.")
+        if self.mode not in get_args(FusionMode):
+            raise ValueError(f"Unknown fusion mode {self.mode!r}; choose 'residual' or 'concat'.")
+        if self.hidden_size < 1:
+            raise ValueError(f"hidden_size must be positive, got {self.hidden_size}.")
+        if self.fuse_at not in get_args(FuseAt):
+            raise ValueError(f"Unknown fuse_at {self.fuse_at!r}; choose 'prompt', 'all' or 'last'.")
+        if self.fuse_at != "prompt" and self.mode != "residual":
+            raise ValueError(
+                f"fuse_at={self.fuse_at!r} is for residual fusion; concat entries are read by every receiver token."
+            )
+
+
+def layer_map(kind: LayerMapKind, receiver_layers: int, sender_layers: int) -> list[int]:
+    """For each receiver layer, the sender layer whose cache feeds its fuser.
+
+    - ``bottom_up`` (FedRefine): receiver layer l <- sender layer l, clamped to the sender's top.
+    - ``top_down`` (C2C reference): the top layers align; receiver l <- sender S - T + l, clamped at 0.
+    - ``uniform``: depth-proportional; first to first and last to last.
+    """
+    if receiver_layers < 1 or sender_layers < 1:
+        raise ValueError(f"Depths must be positive, got receiver={receiver_layers}, sender={sender_layers}.")
+    T, S = receiver_layers, sender_layers
+    if kind == "bottom_up":
+        return [min(t, S - 1) for t in range(T)]
+    if kind == "top_down":
+        return [max(S - T + t, 0) for t in range(T)]
+    if kind == "uniform":
+        if T == 1:
+            return [S - 1]
+        return [round(t * (S - 1) / (T - 1)) for t in range(T)]
+    raise ValueError(f"Unknown layer map {kind!r}; choose 'bottom_up', 'top_down' or 'uniform'.")

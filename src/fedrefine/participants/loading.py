@@ -1,0 +1,163 @@
+"""Loading a participant from a Hugging Face hub id or a local directory, offline-aware, with errors that name the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from fedrefine.participants.hub import hub_offline
+from fedrefine.participants.participant import (
+    Participant,
+    ParticipantIdentity,
+    ParticipantLoadError,
+    chat_kwargs_for,
+    freeze,
+)
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        resolved = getattr(torch, dtype)
+    except AttributeError:
+        resolved = None
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"Unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'float16'.")
+    return resolved
+
+
+#: Tokenizer classes that mean "exactly the saved tokenizer.json", whatever the model type.
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _load_tokenizer(name_or_path: str, is_local: bool, load_kwargs: dict[str, Any]) -> PreTrainedTokenizerBase:
+    """AutoTokenizer, except for a local generic tokenizer: transformers 5 picks the tokenizer class from the
+    model type (e.g. Qwen2Tokenizer for a qwen2 config), which rebuilds the pipeline and ignores a custom
+    tokenizer.json; a tokenizer saved as a generic fast tokenizer is loaded as exactly that."""
+    config_file = Path(name_or_path) / "tokenizer_config.json"
+    if is_local and config_file.is_file():
+        if json.loads(config_file.read_text()).get("tokenizer_class") in _GENERIC_TOKENIZERS:
+            return PreTrainedTokenizerFast.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, **load_kwargs)
+
+
+#: Any one of these holds a model's weights.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+#: Any one of these sets of files holds a tokenizer (fast, sentencepiece, byte-level BPE, WordPiece).
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+DOWNLOAD_HINT = "hf download {id} --local-dir <DIR>"
+
+
+def check_model_directory(directory: Path, weights: bool = True, tokenizer: bool = True) -> None:
+    """A local model directory must hold config.json, and (when asked) weights and tokenizer files.
+
+    Without this check transformers builds a one-token tokenizer from a directory without tokenizer
+    files, and every route then scores 0% for reasons nobody can see.
+    """
+    present = sorted(p.name for p in directory.iterdir())
+    listing = ", ".join(present[:8]) + (" ..." if len(present) > 8 else "") if present else "nothing"
+    if "config.json" not in present:
+        raise ParticipantLoadError(
+            f"{directory} has no config.json (it holds {listing}); a model directory is what `save_pretrained` or "
+            f"`{DOWNLOAD_HINT.format(id='<hub id>')}` writes. Point name_or_path at such a directory or a hub id."
+        )
+    missing = []
+    if weights and not any(name in present for name in WEIGHT_FILES):
+        missing.append(f"weights (one of {', '.join(WEIGHT_FILES)})")
+    if tokenizer and not any(all(name in present for name in files) for files in TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json, or tokenizer.model, or vocab.json + merges.txt)")
+    if missing:
+        raise ParticipantLoadError(
+            f"{directory} lacks {' and '.join(missing)} (it holds {listing}). Copy them from the model's hub repo "
+            f"(`{DOWNLOAD_HINT.format(id='<hub id>')}`) or save the model and its tokenizer with `save_pretrained`."
+        )
+
+
+def locate_model(name_or_path: str, revision: str | None = None, weights: bool = True, tokenizer: bool = True) -> dict[str, Any]:
+    """Check that a model can be loaded and return the ``from_pretrained`` arguments that load it.
+
+    A local directory is checked (:func:`check_model_directory`); a hub id is read from the local
+    Hugging Face cache when it is there (works offline), else needs the hub, and fails at once with
+    the download command when the hub is unreachable.
+    """
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        check_model_directory(local, weights=weights, tokenizer=tokenizer)
+        return {"revision": revision}
+    if name_or_path.startswith((".", "/", "~")):
+        raise ParticipantLoadError(f"Model directory {name_or_path!r} does not exist; pass an existing directory or a hub id.")
+    try:
+        AutoConfig.from_pretrained(name_or_path, revision=revision, local_files_only=True)
+        return {"revision": revision, "local_files_only": True}
+    except OSError:
+        if hub_offline():
+            raise ParticipantLoadError(
+                f"Cannot load {name_or_path!r}: it is not a local directory, it is not in the Hugging Face "
+                f"cache, and the hub is not reachable (offline). Download it on a connected machine "
+                f"(`{DOWNLOAD_HINT.format(id=name_or_path)}`) and pass the local directory instead, e.g. "
+                f"`name_or_path: <DIR>` (optionally `name: {name_or_path}` to keep its identity)."
+            ) from None
+    return {"revision": revision}
+
+
+def load_model_config(name_or_path: str, revision: str | None = None) -> PreTrainedConfig:
+    """The transformers config of a local directory or hub id (no weights or tokenizer needed), with clear errors."""
+    kwargs = locate_model(name_or_path, revision, weights=False, tokenizer=False)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ParticipantLoadError(f"Cannot read the config of {name_or_path!r}: {str(err).splitlines()[0]}") from None
+
+
+def load_participant(
+    name_or_path: str,
+    revision: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    name: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> Participant:
+    """Load a frozen causal LM and its tokenizer from a hub id or a local directory.
+
+    Args:
+        name_or_path: a Hugging Face hub id (``Qwen/Qwen3-0.6B``) or a local directory
+            written by ``save_pretrained`` (config.json, weights and tokenizer files).
+        revision: hub revision (branch, tag or commit); recorded in the identity.
+        dtype: weights' dtype.
+        device: where the model lives.
+        name: identity name to record instead of ``name_or_path`` (e.g. the hub id of a local copy).
+        chat_template_kwargs: extra arguments for the chat template; defaults pin Qwen3's
+            thinking off and Llama's date.
+    """
+    is_local = Path(name_or_path).expanduser().is_dir()
+    load_kwargs = locate_model(name_or_path, revision)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **load_kwargs)
+        tokenizer = _load_tokenizer(name_or_path, is_local, load_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_resolve_dtype(dtype), **load_kwargs)
+    except OSError as err:
+        raise ParticipantLoadError(
+            f"Cannot load {name_or_path!r} (revision {revision or 'default'}): {str(err).splitlines()[0]}. Pass a "
+            f"local directory that holds config.json, the weights and the tokenizer files, or a hub id."
+        ) from err
+    model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    identity = ParticipantIdentity.from_config(
+        config, name_or_path=name or name_or_path, revision=revision or ("local" if is_local else "main")
+    )
+    kwargs = chat_kwargs_for(config) | dict(chat_template_kwargs or {})
+    return Participant(freeze(model), tokenizer, identity, kwargs)

@@ -1,0 +1,91 @@
+"""Where a participant comes from, as config objects (``class_path`` + ``init_args`` in YAML)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+from fedrefine.participants.loading import load_participant
+from fedrefine.participants.participant import Participant
+from fedrefine.participants.random_weights import (
+    TinySpec,
+    build_random_participant,
+    build_tiny_participant,
+    real_model_config,
+)
+
+
+class ParticipantSource(ABC):
+    """Builds or loads one participant on demand."""
+
+    @abstractmethod
+    def load(self) -> Participant:
+        """The frozen participant."""
+
+    def describe(self) -> dict[str, Any]:
+        """``class_path`` and ``init_args`` as plain values (for hyper-parameters and logs)."""
+        init_args = {k: asdict(v) if is_dataclass(v) else v for k, v in vars(self).items()}
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}
+
+
+class HubParticipant(ParticipantSource):
+    """A model from the Hugging Face hub or a local directory.
+
+    Args:
+        name_or_path: hub id (e.g. ``Qwen/Qwen3-0.6B``) or a local directory.
+        revision: hub revision (branch, tag or commit).
+        dtype: weight dtype, e.g. ``bfloat16`` on GPU, ``float32`` on CPU.
+        name: identity name to record for a local copy (e.g. its hub id).
+        chat_template_kwargs: extra chat-template arguments.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        revision: str | None = None,
+        dtype: str = "float32",
+        name: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.name_or_path, self.revision, self.dtype = name_or_path, revision, dtype
+        self.name, self.chat_template_kwargs = name, chat_template_kwargs
+
+    def load(self) -> Participant:
+        return load_participant(
+            self.name_or_path, self.revision, self.dtype, name=self.name, chat_template_kwargs=self.chat_template_kwargs
+        )
+
+
+class TinyParticipant(ParticipantSource):
+    """A tiny random-weight model of a real architecture class with a locally trained tokenizer."""
+
+    def __init__(self, spec: TinySpec) -> None:
+        self.spec = spec
+
+    def load(self) -> Participant:
+        return build_tiny_participant(self.spec)
+
+
+class RandomRealParticipant(ParticipantSource):
+    """One of the case study's models at its real shape with random weights (no download), optionally shallower.
+
+    Args:
+        hub_id: one of the shipped configs (``fedrefine.participants.REAL_MODELS``).
+        num_hidden_layers: fewer layers than the real model (tests).
+        seed: the weights' seed.
+        real_vocabulary: keep the model's real vocabulary size (timing at real shapes); otherwise it is cut to
+            the small local tokenizer that makes the token ids.
+    """
+
+    def __init__(
+        self, hub_id: str, num_hidden_layers: int | None = None, seed: int = 0, real_vocabulary: bool = False
+    ) -> None:
+        self.hub_id, self.num_hidden_layers, self.seed = hub_id, num_hidden_layers, seed
+        self.real_vocabulary = real_vocabulary
+
+    def load(self) -> Participant:
+        overrides = {} if self.num_hidden_layers is None else {"num_hidden_layers": self.num_hidden_layers}
+        if self.real_vocabulary:
+            overrides["vocab_size"] = real_model_config(self.hub_id).vocab_size
+        return build_random_participant(self.hub_id, seed=self.seed, **overrides)

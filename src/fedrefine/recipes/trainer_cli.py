@@ -1,0 +1,95 @@
+"""LightningCLI for FedRefine's LightningModules and data modules: ``fit`` / ``validate`` / ``test`` / ``predict``.
+
+Used by the ``fedrefine`` console script and by anything that runs those subcommands in-process
+(``fedrefine bench`` training a missing fuser, the benchmark scripts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+from fedrefine.data.datamodule import C2CDataModule
+from fedrefine.recipes import FusionModule
+from fedrefine.recipes.callbacks import InterruptCheckpoint
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Saves the resolved config next to the logs and hands it to W&B, so runs can be compared."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if isinstance(trainer.logger, WandbLogger):
+            config = self.parser.dump(self.config, skip_none=False, format="json")
+            trainer.logger.experiment.config.update({"fedrefine_config": config}, allow_val_change=True)
+
+
+class FedRefineCLI(LightningCLI):
+    """LightningCLI with W&B run names derived from the pair when none is given."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config)
+        logger = config.get("trainer", {}).get("logger")
+        for entry in logger if isinstance(logger, list) else [logger]:
+            if not hasattr(entry, "get") or not str(entry.get("class_path", "")).endswith("WandbLogger"):
+                continue
+            init_args = entry.get("init_args")
+            if init_args is not None and not init_args.get("name"):
+                init_args["name"] = f"{self.subcommand}:{_run_name(config['model'])}"
+
+
+def _run_name(model_config) -> str:
+    """``sender->receiver`` (or the module's class) from the model config, for W&B run names."""
+    args = model_config.get("init_args", {})
+    names = [_short(args[role]) for role in ("sender", "receiver") if role in args]
+    if len(names) == 2:
+        return "->".join(names)
+    return str(model_config.get("class_path", "run")).rsplit(".", 1)[-1]
+
+
+def _short(source) -> str:
+    args = source.get("init_args", {}) if hasattr(source, "get") else {}
+    for key in ("name", "name_or_path", "hub_id", "role"):
+        if args.get(key):
+            return str(args[key]).rsplit("/", 1)[-1]
+    spec = args.get("spec")
+    return str(spec.get("name")) if hasattr(spec, "get") else "participant"
+
+
+class _DropAdvertisements(logging.Filter):
+    """Lightning's "Tip: try installing litlogger / litmodels" lines, printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip:" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Keep runs' output to what matters: no product tips, no deprecation Lightning itself triggers in torch."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdvertisements) for f in logger.filters):
+            logger.addFilter(_DropAdvertisements())
+    # lightning/pytorch/utilities/_pytree.py calls the deprecated torch LeafSpec check on every batch.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> FedRefineCLI:
+    """Build (and by default run) the CLI; ``args`` default to ``sys.argv[1:]``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_lightning()
+    return FedRefineCLI(
+        FusionModule,
+        C2CDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=LogConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        seed_everything_default=0,
+        trainer_defaults={"callbacks": [InterruptCheckpoint()]},  # always on: Ctrl-C / SIGTERM save last.ckpt
+        args=args,
+        run=run,
+    )
