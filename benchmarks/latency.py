@@ -140,7 +140,7 @@ def receiver_forward(receiver: Participant, messages, size: int) -> float:
     """The receiver alone over ``messages`` (B = ``size``): its next-token logits, seconds."""
     model = FusedReceiver(receiver, [], [])
     batch = model.encoder.collate([model.encoder.encode(messages)] * size).to(receiver.device)
-    return seconds(lambda: model(batch, fuse=False), receiver.device)
+    return seconds(lambda: model(batch), receiver.device)
 
 
 def c2c_stages(model: FusedReceiver, batch: FusionBatch, senders: list[str], own_prompt: bool = False) -> dict[str, float]:
@@ -152,13 +152,13 @@ def c2c_stages(model: FusedReceiver, batch: FusionBatch, senders: list[str], own
     device = model.receiver.device
     stages, messages = {}, {}
     if own_prompt:
-        stages["receiver_own_prompt"] = seconds(lambda: model(batch, fuse=False), device)
+        stages["receiver_own_prompt"] = seconds(lambda: model(batch), device)
     for name in senders:
         with stopwatch(device) as elapsed:
-            messages[name] = model.send(name, batch.senders[name])
+            messages[name] = model.sending.send(name, batch.senders[name])
         stages[f"sender:{name}"] = elapsed.seconds
     with time_inside(list(model.fusers), device) as inside, stopwatch(device) as elapsed:
-        model(batch, senders=senders, kv_messages=messages)
+        model(batch, messages)
     stages["fuse_inside"], stages["receiver_with_fusion"] = inside.seconds, elapsed.seconds
     if not own_prompt:  # the fusion step itself, timed alone: prompt-position and concat fusion run it before the
         # receiver's last tokens (last-token fusion runs inside them: there only the difference measures it)
@@ -309,7 +309,8 @@ class Bench:
 
         def fuser_step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            model(batch)[:, :-1].float().logsumexp(-1).mean().backward()
+            sent = model.send(batch)
+            model(batch, sent.messages, sent.own).logits[:, :-1].float().logsumexp(-1).mean().backward()
             optimizer.step()
 
         def receiver_step() -> None:  # what fine-tuning the receiver would cost: its weights take gradients
@@ -377,12 +378,17 @@ def measured_critical_path(bench: Bench, repeats: int, workdir: Path) -> dict[st
                                        ClientSecurity(token_file=str(workdir / "token")), CallSettings(deadline_s=120.0))
             fused = FusedReceiver(bench.receiver, [sender], [fuser], sender_names=["s0"], remotes={"s0": client}).eval()
             times = {"receiver_alone": [], "c2c_remote": [], "c2c_serial": []}
+
+            def c2c(receiver: FusedReceiver):  # the sender sends once (remote: the receiver prefills meanwhile)
+                sent = receiver.send(batch)
+                return receiver(batch, sent.messages, sent.own)
+
             with torch.no_grad():
-                fused(batch)
+                c2c(fused)
                 for _ in range(repeats):
-                    times["receiver_alone"].append(seconds(lambda: model(batch, fuse=False), bench.device))
-                    times["c2c_remote"].append(seconds(lambda: fused(batch), bench.device))
-                    times["c2c_serial"].append(seconds(lambda: model(batch, senders=["s0"]), bench.device))
+                    times["receiver_alone"].append(seconds(lambda: model(batch), bench.device))
+                    times["c2c_remote"].append(seconds(lambda: c2c(fused), bench.device))
+                    times["c2c_serial"].append(seconds(lambda: c2c(model), bench.device))
         return {k: statistics.median(v) for k, v in times.items()}
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count())))

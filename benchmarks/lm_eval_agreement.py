@@ -125,7 +125,7 @@ def fedrefine_choices(participant: Participant, items: list[MultipleChoiceItem],
         batch = evaluator.encode([dataset[i] for i in range(start, min(start + 16, len(items)))])
         if batch.failures:
             raise RuntimeError(f"FedRefine could not encode {batch.failures}")
-        for normalization, picks in evaluator.runner.run(batch, route).cloze_predictions.items():
+        for normalization, picks in evaluator.answer_route(batch, route).cloze_predictions.items():
             chosen.setdefault(normalization, []).extend(picks.tolist())
     encoded = [encode_question(participant, item, "text", prompt_style=prompt_style) for item in items]
     scores = score_encoded(participant, encoded, "text")

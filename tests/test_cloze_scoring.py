@@ -1,6 +1,8 @@
 """Cloze scoring as lm-eval-harness does it: the sum / chars / token_mean normalisations, acc and acc_norm in
 every cloze evaluation row, and lm-eval's stock OpenBookQA prompt (the bare stem)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ from fedrefine.data.question_dataset import QuestionDataset
 from fedrefine.evaluation import EvaluationConfig, Evaluator
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
+from fedrefine.kv.cache import layers_to_cache
+from fedrefine.kv.prompt import PromptState
 from fedrefine.tasks.multiple_choice import ClozeOptions, MultipleChoiceItem, encode_question
 from fedrefine.tasks.routes import RouteError, parse_routes
 from fedrefine.tasks.scoring import OptionScores, continuation_scores, predict_alone
@@ -49,18 +53,25 @@ def test_the_three_normalisations_pick_different_options():
 
 def test_continuation_scores_sum_log_probabilities_and_count_lengths():
     vocab = 5
-    # a forward whose next-token log-probabilities are log(1/2) for token 1 and log(1/8) for the others
+    # a model whose next-token log-probabilities are log(1/2) for token 1 and log(1/8) for the others, everywhere
     logits = torch.full((vocab,), 0.0)
     logits[1] = torch.log(torch.tensor(4.0))
+    calls = []
 
-    def forward(ids, mask):
-        return logits.expand(ids.shape[0], ids.shape[1] + 1, vocab)
+    class Constant(torch.nn.Module):
+        def forward(self, input_ids, **kwargs):
+            calls.append(tuple(input_ids.shape))
+            return SimpleNamespace(logits=logits.expand(input_ids.shape[0], input_ids.shape[1], vocab))
 
+    states = torch.zeros(2, 1, 3, 4)  # the cache of two prompts of three tokens: (B, H, N, D)
+    state = PromptState(layers_to_cache([(states, states)]), torch.ones(2, 3, dtype=torch.long), logits.expand(2, vocab))
     options = [
         ClozeOptions(continuations=((1,), (2, 3), (1, 1, 1)), chars=(4, 9, 15)),
         ClozeOptions(continuations=((3,), (1, 1)), chars=(1, 2)),
     ]
-    scores = continuation_scores(forward, options, pad_id=0)
+    scores = continuation_scores(Constant(), state, options, pad_id=0)
+    # one forward for both rows' options, only for those longer than one token; last tokens are never read
+    assert calls == [(3, 2)]
     half, eighth = torch.log(torch.tensor(0.5)).item(), torch.log(torch.tensor(0.125)).item()
     assert scores.total[0].tolist() == pytest.approx([half, 2 * eighth, 3 * half])
     assert scores.total[1, :2].tolist() == pytest.approx([eighth, 2 * half]) and torch.isinf(scores.total[1, 2])

@@ -178,7 +178,7 @@ def test_last_token_residual_fusion_runs_in_private_mode_on_the_shared_answer_pr
         routes = parse_routes(["c2c@private"], model.sender_names)
         evaluation = EvaluationConfig(answer_mode="cloze", prefill_answer=True)
         rows = {r["route"]: r for r in Evaluator(model, routes, evaluation, planner).run(questions, batch_size=2).rows()}
-        encoded = QuestionEncoder(model, routes, mode="cloze", prefill=True, planner=planner)(
+        encoded = QuestionEncoder(model, routes, mode="cloze", prefill=True, planner=planner).encode(
             [questions[i] for i in range(len(ITEMS))])
     finally:
         for recorder in recorders:
@@ -202,8 +202,8 @@ def test_prefill_answer_lets_senders_read_the_answer_prefix(world):
     model = federated(receiver, senders, "residual")
     questions = [QuestionDataset(ITEMS)[i] for i in range(len(ITEMS))]
     routes = [parse_route("c2c", model.sender_names)]
-    plain = QuestionEncoder(model, routes, mode="cloze")(questions)
-    prefilled = QuestionEncoder(model, routes, mode="cloze", prefill=True)(questions)
+    plain = QuestionEncoder(model, routes, mode="cloze").encode(questions)
+    prefilled = QuestionEncoder(model, routes, mode="cloze", prefill=True).encode(questions)
     item = Variant("item", "original")
     assert torch.equal(prefilled.fusion[item].receiver_input_ids, plain.fusion[item].receiver_input_ids)
     for name in model.sender_names:  # "The correct answer is" is now content every sender reads: 4+ more aligned tokens

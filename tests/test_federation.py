@@ -15,6 +15,7 @@ from fedrefine.kv.cache import positions_from_mask
 from fedrefine.participants.sources import TinyParticipant
 from fedrefine.recipes import CoC2CModule, FederationModule
 from fedrefine.recipes.base import response_losses
+from fusion_support import fused_logits
 
 QUESTIONS = [
     [{"role": "user", "content": "Which of these would let the most heat travel through? A metal spoon."}],
@@ -60,8 +61,8 @@ def test_no_selected_sender_is_exactly_the_receiver_alone(mode, receiver, llama_
     model = fused(receiver, [llama_sender, qwen2_sender], mode)
     batch = model.encoder.collate([model.encoder.encode(q) for q in QUESTIONS])
     with torch.no_grad():
-        none = model(batch, senders=[])[:, 0]
-        some = model(batch)[:, 0]
+        none = model(batch).logits[:, 0]
+        some = fused_logits(model, batch)[:, 0]
     assert torch.allclose(none, receiver_alone(receiver, batch), atol=1e-5)
     assert not torch.allclose(some, none, atol=1e-3)
 
@@ -75,7 +76,7 @@ def test_unselected_senders_never_run(mode, receiver, llama_sender, qwen2_sender
              qwen2_sender.model.register_forward_hook(lambda *a: calls.__setitem__("qwen2", calls["qwen2"] + 1))]
     try:
         with torch.no_grad():
-            model(batch, senders=[qwen2_sender.name])
+            fused_logits(model, batch, [qwen2_sender.name])
     finally:
         for hook in hooks:
             hook.remove()
@@ -91,7 +92,7 @@ def test_concat_mode_with_different_texts_stacks_senders_ahead_of_the_receiver(r
     ]
     batch = model.encoder.collate(examples)
     assert all(s.alignment is None for s in batch.senders.values())  # concat needs no alignment
-    messages = model.kv_messages(batch, model.sender_names)
+    messages = model.send(batch, model.sender_names).messages
     context = model.strategy.prepare(
         receiver, batch.receiver_input_ids, batch.receiver_attention_mask, model.fusion_inputs(batch, messages)
     )
@@ -109,9 +110,9 @@ def test_concat_mode_with_different_texts_stacks_senders_ahead_of_the_receiver(r
     assert torch.allclose(prefix.layers[0].keys[:, :, :width], rotated, atol=1e-5)
     # padding handled per sample: each sample alone gives the same answer as in the batch
     with torch.no_grad():
-        together = model(batch)[:, 0]
+        together = fused_logits(model, batch)[:, 0]
         for i, example in enumerate(examples):
-            assert torch.allclose(together[i], model(model.encoder.collate([example]))[0, 0], atol=1e-4)
+            assert torch.allclose(together[i], fused_logits(model, model.encoder.collate([example]))[0, 0], atol=1e-4)
 
 
 def test_parallel_and_sequential_agree_for_one_sender_and_differ_for_two(receiver, llama_sender, qwen2_sender):
@@ -120,8 +121,8 @@ def test_parallel_and_sequential_agree_for_one_sender_and_differ_for_two(receive
     sequential = FusedReceiver(receiver, [llama_sender, qwen2_sender], list(parallel.fusers), "sequential").eval()
     batch = parallel.encoder.collate([parallel.encoder.encode(q) for q in QUESTIONS])
     with torch.no_grad():
-        one = [m(batch, senders=[llama_sender.name])[:, 0] for m in (parallel, sequential)]
-        two = [m(batch)[:, 0] for m in (parallel, sequential)]
+        one = [fused_logits(m, batch, [llama_sender.name])[:, 0] for m in (parallel, sequential)]
+        two = [fused_logits(m, batch)[:, 0] for m in (parallel, sequential)]
     assert torch.allclose(one[0], one[1], atol=1e-6)
     assert not torch.allclose(two[0], two[1], atol=1e-5)
 
@@ -132,7 +133,7 @@ def test_gating_network_gets_gradients_and_weighs_each_subset(mode, receiver, ll
     torch.nn.init.normal_(gate.net[-1].weight, std=0.1)
     model = fused(receiver, [llama_sender, qwen2_sender], mode, gate=gate).train()
     batch = model.encoder.collate([model.encoder.encode(q, response="ok") for q in QUESTIONS])
-    model(batch).float().pow(2).mean().backward()
+    fused_logits(model, batch).float().pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
     weights = gate(receiver.model, batch.receiver_input_ids, batch.receiver_attention_mask, [1])
     assert weights.shape == (2, receiver.identity.num_layers, 1) and (weights < 1).all() and (weights > 0).all()
@@ -148,7 +149,7 @@ def test_a_sender_state_gate_reads_each_senders_message_at_the_read_column(mode,
     batch = model.encoder.collate([model.encoder.encode(q, response="ok") for q in QUESTIONS])
     names = [llama_sender.name, qwen2_sender.name]
     with torch.no_grad():
-        messages = {n: model.send(n, batch.senders[n]) for n in names}
+        messages = model.send(batch, names).messages
     inputs = model.fusion_inputs(batch, messages)
     assert [i.weight.shape for i in inputs] == [(2, receiver.identity.num_layers)] * 2
     assert all(((i.weight > 0) & (i.weight < 1)).all() for i in inputs)
@@ -184,14 +185,14 @@ def test_a_closed_sender_state_gate_leaves_the_receiver_alone_and_trains_only_it
         torch.nn.init.normal_(reader[-1].weight, std=0.1)
     batch = model.encoder.collate([model.encoder.encode(q, response="ok") for q in QUESTIONS])
     gate.train()
-    model(batch).float().pow(2).mean().backward()
+    fused_logits(model, batch).float().pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
     assert all(p.grad is None for p in model.fusers.parameters())
     with torch.no_grad():
         for reader in gate.readers:
             reader[-1].bias.fill_(-60.0)  # every weight 0: nothing is added
-        closed = model(batch)
-        alone = model(batch, fuse=False)
+        closed = fused_logits(model, batch)
+        alone = model(batch).logits
     torch.testing.assert_close(closed, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -236,10 +237,12 @@ def test_the_benefit_objective_teaches_each_sender_whether_it_alone_helped(recei
     module.train()  # as fit runs it: the frozen fusers stay in eval mode (hard gates)
     fused = module.fused
     batch = fused.encoder.collate([fused.encoder.encode(q, response="ok fine") for q in QUESTIONS])
-    with torch.no_grad(), fused.without_gate():
-        alone = response_losses(fused, batch, senders=[])
-        helps = torch.stack([response_losses(fused, batch, senders=[n]) < alone for n in ("llama", "qwen2")], -1)
-    assert fused.source_gate is not None  # restored after the block
+    with torch.no_grad():
+        alone = response_losses(fused(batch).logits, batch)
+        messages = fused.send(batch).messages
+        helps = torch.stack(
+            [response_losses(fused(batch, {n: messages[n]}, gated=False).logits, batch) < alone for n in ("llama", "qwen2")], -1
+        )
     module.log = lambda *args, **kwargs: None  # outside a trainer
     for reader in fused.source_gate.readers:
         reader[-1].bias.data.fill_(0.0)
@@ -415,8 +418,9 @@ def test_concurrent_sender_prefills_give_the_serial_logits(mode, receiver, llama
     encoded = [serial.encoder.encode(q) for q in QUESTIONS]
     batch = serial.encoder.collate(encoded)
     with torch.no_grad():
-        expected = serial(batch)
-        assert torch.equal(concurrent(batch), expected)
-        assert torch.equal(concurrent(batch, senders=[llama_sender.name]), serial(batch, senders=[llama_sender.name]))
-    outcome, own = concurrent.send_all(batch, [llama_sender.name, qwen2_sender.name], meanwhile=lambda: "receiver ran")
+        expected = fused_logits(serial, batch)
+        assert torch.equal(fused_logits(concurrent, batch), expected)
+        one = [llama_sender.name]
+        assert torch.equal(fused_logits(concurrent, batch, one), fused_logits(serial, batch, one))
+    outcome, own = concurrent.sending.send_all(batch, [llama_sender.name, qwen2_sender.name], meanwhile=lambda: "receiver ran")
     assert own == "receiver ran" and list(outcome.messages) == [llama_sender.name, qwen2_sender.name]

@@ -4,6 +4,7 @@ import torch
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
 from fedrefine.kv.cache import positions_from_mask
+from fusion_support import fused_cache, fused_logits
 
 PROMPTS = [
     ([{"role": "user", "content": "Which of these would let the most heat travel through? A metal spoon."}], "A metal spoon"),
@@ -26,7 +27,7 @@ def test_fused_logits_for_heterogeneous_pair(request, receiver, sender_name):
     pair = make_pair(receiver, request.getfixturevalue(sender_name)).eval()
     batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS])
     with torch.no_grad():
-        fused, alone = pair(batch), pair(batch, fuse=False)
+        fused, alone = fused_logits(pair, batch), pair(batch).logits
     assert fused.shape == (3, 1 + batch.response_ids.shape[1], len(receiver.tokenizer))
     assert torch.isfinite(fused).all()
     assert not torch.allclose(fused, alone)
@@ -36,9 +37,9 @@ def test_padding_is_handled_per_sample(receiver, llama_sender):
     pair = make_pair(receiver, llama_sender).eval()
     examples = [pair.encoder.encode(m, r) for m, r in PROMPTS]
     with torch.no_grad():
-        batched = pair(pair.encoder.collate(examples))
+        batched = fused_logits(pair, pair.encoder.collate(examples))
         for i, example in enumerate(examples):
-            alone = pair(pair.encoder.collate([example]))
+            alone = fused_logits(pair, pair.encoder.collate([example]))
             length = alone.shape[1]
             assert torch.allclose(batched[i, :length], alone[0], atol=1e-4), i
 
@@ -52,7 +53,7 @@ def test_closed_gates_give_exactly_the_receiver_alone(receiver, llama_sender):
     hook = llama_sender.model.register_forward_hook(lambda *a: calls.append(1))
     try:
         with torch.no_grad():
-            fused = pair(batch)
+            fused = fused_logits(pair, batch)
     finally:
         hook.remove()
     assert calls == []  # no open gate: the sender does not even run
@@ -61,14 +62,14 @@ def test_closed_gates_give_exactly_the_receiver_alone(receiver, llama_sender):
     with torch.no_grad():
         reference = receiver.model(full_ids, attention_mask=full_mask, position_ids=positions_from_mask(full_mask)).logits
     cut = batch.receiver_input_ids.shape[1] - 1
-    assert torch.equal(fused, pair(batch, fuse=False).detach())
+    assert torch.equal(fused, pair(batch).logits.detach())
     assert torch.allclose(fused, reference[:, cut:], atol=1e-5)
 
 
 def test_gradients_reach_only_the_fuser(receiver, qwen2_sender):
     pair = make_pair(receiver, qwen2_sender).train()
     batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS])
-    logits = pair(batch)
+    logits = fused_logits(pair, batch)
     logits.float().pow(2).mean().backward()
     fuser_grads = [p.grad for p in pair.fusers[0].parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in fuser_grads)
@@ -82,8 +83,8 @@ def test_only_aligned_positions_change(receiver, llama_sender):
     batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS[:2]])
     mask = batch.receiver_attention_mask[:, :-1]
     with torch.no_grad():
-        plain = pair.prepare(batch, senders=[]).cache
-        fused = pair.prepare(batch, senders=pair.sender_names).cache
+        plain = fused_cache(pair, batch, [])
+        fused = fused_cache(pair, batch)
     changed = (fused.layers[0].keys - plain.layers[0].keys).abs().sum(dim=(1, 3)) > 0  # (B, N)
     expected = (batch.senders[llama_sender.name].alignment[:, :-1] >= 0) & mask.bool()
     assert torch.equal(changed, expected)
@@ -95,8 +96,8 @@ def test_values_only_fusion_keeps_the_receivers_keys_and_reads_no_sender_keys(re
     unrotated = []
     monkeypatch.setattr("fedrefine.kv.rope.RotaryFrame.unrotate", lambda self, k: unrotated.append(k.shape) or k)
     with torch.no_grad():
-        plain = pair.prepare(batch, senders=[]).cache
-        fused = pair.prepare(batch, senders=pair.sender_names).cache
+        plain = fused_cache(pair, batch, [])
+        fused = fused_cache(pair, batch)
     assert unrotated == []  # neither the receiver's keys nor the sender's are taken out of their rotary frame
     for layer in range(receiver.identity.num_layers):
         assert torch.equal(fused.layers[layer].keys, plain.layers[layer].keys)
@@ -107,10 +108,10 @@ def test_fusing_layer_by_layer_gives_the_cache_of_fusing_them_all_at_once(receiv
     pair = make_pair(receiver, qwen2_sender).eval()
     batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS])
     with torch.no_grad():
-        together = pair.prepare(batch).cache
+        together = fused_cache(pair, batch)
         monkeypatch.setattr("fedrefine.fusion.residual.FUSE_CHUNK_BYTES", 1)  # one layer per chunk
-        chunked = pair.prepare(batch).cache
-        plain = pair.prepare(batch, fuse=False).cache
+        chunked = fused_cache(pair, batch)
+        plain = fused_cache(pair, batch, [])
     for layer in range(receiver.identity.num_layers):
         assert not torch.equal(together.layers[layer].values, plain.layers[layer].values)
         torch.testing.assert_close(chunked.layers[layer].keys, together.layers[layer].keys, rtol=1e-5, atol=1e-6)
@@ -126,7 +127,7 @@ def test_fusion_leaves_the_receivers_own_prefill_as_it_was(receiver, qwen2_sende
     batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS])
     ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
     with torch.no_grad():
-        messages = {name: pair.send(name, batch.senders[name]) for name in pair.sender_names}
+        messages = pair.send(batch).messages
         inputs = pair.fusion_inputs(batch, messages)
         own = prefill_all_but_last(receiver, ids, mask)
         before = [(layer.keys.clone(), layer.values.clone()) for layer in own.cache.layers]
@@ -159,11 +160,11 @@ def test_last_prompt_token_is_fused_only_when_asked(receiver, llama_sender):
     batch = prefilled(pair)
     assert (batch.senders[llama_sender.name].alignment[:, -1] >= 0).all()  # the prefill is aligned content
     with torch.no_grad():
-        alone, fused = pair(batch, fuse=False), pair(batch)
+        alone, fused = pair(batch).logits, fused_logits(pair, batch)
         pair.strategy.fuse_at = "prompt"
-        reference_fusion = pair(batch)  # the C2C reference leaves the last prompt token unfused
+        reference_fusion = fused_logits(pair, batch)  # the C2C reference leaves the last prompt token unfused
         pair.strategy.fuse_at = "last"
-        last_only = pair(batch)
+        last_only = fused_logits(pair, batch)
     assert torch.equal(reference_fusion, alone)
     assert torch.allclose(last_only, fused)  # nothing else is aligned in this batch
     assert not torch.allclose(fused[:, 0], alone[:, 0])  # every sample's answer token is steered
@@ -174,12 +175,12 @@ def test_last_prompt_token_is_fused_only_when_asked(receiver, llama_sender):
 def test_last_token_fusion_trains_only_the_fuser_and_generates(receiver, qwen2_sender):
     pair = make_pair(receiver, qwen2_sender, fuse_at="last").train()
     batch = prefilled(pair)
-    pair(batch).float().pow(2).mean().backward()
+    fused_logits(pair, batch).float().pow(2).mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pair.fusers[0].parameters())
     for model in (receiver.model, qwen2_sender.model):
         assert all(p.grad is None for p in model.parameters())
     pair.fusers[0].zero_grad(set_to_none=True)
-    generated = pair.eval().generate(batch, max_new_tokens=3)
+    generated = pair.eval().generate(batch, pair.send(batch).messages, max_new_tokens=3)
     assert len(generated) == len(PROMPTS) and all(len(ids) <= 3 for ids in generated)
 
 
@@ -200,8 +201,8 @@ def test_last_only_leaves_the_prompt_cache_unfused(receiver, llama_sender):
     pair = make_pair(receiver, llama_sender, fuse_at="last").eval()
     batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS[:2]])
     with torch.no_grad():
-        plain = pair.prepare(batch, senders=[]).cache
-        last_only = pair.prepare(batch, senders=pair.sender_names).cache
+        plain = fused_cache(pair, batch, [])
+        last_only = fused_cache(pair, batch)
     for before, after in zip(plain.layers, last_only.layers):
         assert torch.equal(before.keys, after.keys) and torch.equal(before.values, after.values)
 
@@ -209,8 +210,8 @@ def test_last_only_leaves_the_prompt_cache_unfused(receiver, llama_sender):
 def test_last_only_sends_one_position_per_prompt(receiver, llama_sender):
     pair = make_pair(receiver, llama_sender, fuse_at="last").eval()
     batch = prefilled(pair)
-    message = pair.send(llama_sender.name, batch.senders[llama_sender.name])
+    message = pair.sending.send(llama_sender.name, batch.senders[llama_sender.name])
     assert message.nbytes == message.bytes_per_token * len(PROMPTS)
     pair.strategy.fuse_at = "prompt"
-    everything = pair.send(llama_sender.name, batch.senders[llama_sender.name])
+    everything = pair.sending.send(llama_sender.name, batch.senders[llama_sender.name])
     assert everything.nbytes == everything.bytes_per_token * int(batch.senders[llama_sender.name].attention_mask.sum())

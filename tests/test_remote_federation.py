@@ -28,6 +28,7 @@ from fedrefine.tasks.t2t import T2TConfig
 from fedrefine.toyworld.lightning import ToyParticipant
 from fedrefine.toyworld.world import ToyWorld
 from fedrefine.wire import SenderUnavailable
+from fusion_support import fused_logits
 from runtime_support import self_signed_certificate, server_process
 
 TOKEN = "federation-secret"
@@ -146,8 +147,8 @@ def test_a_remote_message_equals_the_in_process_one_after_a_lossless_round_trip(
     model = receiver_for(toy, ["llama"], {"llama": client(servers, "llama", "llama")})
     local = receiver_for(toy, ["llama"])
     batch = batch_of(local, toy[2])
-    delivery = model.deliver("llama", batch.senders["llama"])
-    expected = local.send("llama", batch.senders["llama"])
+    delivery = model.sending.deliver("llama", batch.senders["llama"])
+    expected = local.sending.send("llama", batch.senders["llama"])
     assert delivery.message.layers.keys() == expected.layers.keys()
     sent = expected.attention_mask.bool()  # (B, N): every real position travels (fuse_at: prompt)
     for j, pair in expected.layers.items():
@@ -161,7 +162,7 @@ def batch_of(model: FusedReceiver, questions) -> FusionBatch:
     from fedrefine.evaluation.question_batch import QuestionEncoder, Variant
 
     encoder = QuestionEncoder(model, parse_routes(["c2c"], model.sender_names), "cloze")
-    return encoder([questions[i] for i in range(4)]).fusion[Variant("item", "original")]
+    return encoder.encode([questions[i] for i in range(4)]).fusion[Variant("item", "original")]
 
 
 def test_fused_prepare_with_remote_senders_overlaps_and_matches_in_process_logits(servers, toy):
@@ -170,7 +171,7 @@ def test_fused_prepare_with_remote_senders_overlaps_and_matches_in_process_logit
     local = receiver_for(toy, ["llama", "qwen2"])
     batch = batch_of(local, toy[2])
     with torch.no_grad():
-        assert torch.equal(remote(batch), local(batch))
+        assert torch.equal(fused_logits(remote, batch), fused_logits(local, batch))
 
 
 def test_a_sender_slower_than_its_deadline_is_dropped_for_that_query(servers, toy):
@@ -276,11 +277,11 @@ def test_a_sender_killed_mid_evaluation_degrades_to_the_others_without_hanging(t
         from fedrefine.evaluation.report import EvaluationReport
 
         report = EvaluationReport(evaluator.routes)
-        evaluator.evaluate(evaluator.encode([questions[i] for i in range(6)]), report)  # both senders
+        evaluator.evaluate([questions[i] for i in range(6)], report)  # both senders
         process.kill()
         process.wait(timeout=10)
         start = time.monotonic()
-        evaluator.evaluate(evaluator.encode([questions[i] for i in range(6, 12)]), report)  # qwen2 is gone
+        evaluator.evaluate([questions[i] for i in range(6, 12)], report)  # qwen2 is gone
         assert time.monotonic() - start < 30
     row = report.rows()[0]
     assert row["senders_contributed"] == {"llama": 12, "qwen2": 6}

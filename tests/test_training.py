@@ -14,6 +14,7 @@ from fedrefine.participants.sources import TinyParticipant
 from fedrefine.recipes import C2CModule
 from fedrefine.recipes.base import response_loss
 from fedrefine.settings import SettingsError
+from fusion_support import fused_logits
 
 FACTS = [("metal spoon", "conducts heat"), ("wool scarf", "keeps you warm"), ("glass cup", "breaks easily"),
          ("rubber band", "stretches"), ("iron nail", "rusts"), ("wooden stick", "floats")]
@@ -59,7 +60,7 @@ def test_loss_covers_the_response_tokens_only(tmp_path):
     with torch.no_grad():
         for layer in module.fuser.layers:  # closed gates: the loss is the receiver's own
             layer.gate.logit.fill_(-1.0)
-        loss = response_loss(module.fused, batch)
+        loss = response_loss(fused_logits(module.fused, batch), batch)
         logits = module.fused.receiver_model(full_ids, attention_mask=full_mask, position_ids=positions_from_mask(full_mask)).logits
     prompt_len = batch.receiver_input_ids.shape[1]
     manual, count = 0.0, 0
@@ -91,11 +92,11 @@ def test_short_training_run_lowers_the_loss(tmp_path):
     batch = module.encode_chat_batch(chat_examples())
     module.eval()
     with torch.no_grad():
-        before = response_loss(module.fused, batch).item()
+        before = response_loss(fused_logits(module.fused, batch), batch).item()
     trainer(tmp_path, max_steps=40).fit(module, write_data(tmp_path))
     module.eval()
     with torch.no_grad():
-        after = response_loss(module.fused, batch).item()
+        after = response_loss(fused_logits(module.fused, batch), batch).item()
     assert after < before - 0.3, (before, after)
 
 
@@ -130,7 +131,7 @@ def test_long_responses_are_truncated_and_counted():
     module.chat_batches.max_length = prompt_len + 2
     batch = module.encode_chat_batch(chat_examples()[:1])
     assert batch.response_ids.shape[1] == 2
-    assert module.data_counts["truncated_responses"] == 1 and module.data_counts["truncated_response_tokens"] > 0
+    assert module.chat_batches.counts["truncated_responses"] == 1 and module.chat_batches.counts["truncated_response_tokens"] > 0
 
 
 def test_evaluation_never_skips_a_question(tmp_path, monkeypatch):

@@ -1,13 +1,22 @@
 """KV messages on the wire: exact round trips, quantisation error bounds, sizes, and every refusal."""
 
 import struct
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from fedrefine.wire import LinkConfig, WireFormatError, budgeted_layers, codec_by_name, decode_message, encode_message
+from fedrefine.wire import (
+    LinkConfig,
+    WireFormatError,
+    budgeted_layers,
+    codec_by_name,
+    deserialize_message,
+    serialize_message,
+)
 from fedrefine.wire.codecs import pack, unpack
 from fedrefine.wire.message import prefill_message
+from fusion_support import fused_logits
 
 
 def message_of(participant, sent=None, layers=None):
@@ -26,8 +35,8 @@ def test_packing_round_trips_every_code(bits):
 
 def test_fp32_round_trip_is_exact_at_the_transmitted_positions_and_the_size_is_the_bytes(llama_sender):
     message = message_of(llama_sender)
-    data = encode_message(message, codec_by_name("fp32"))
-    decoded = decode_message(data, llama_sender.identity)
+    data = serialize_message(message, codec_by_name("fp32"))
+    decoded = deserialize_message(data, llama_sender.identity)
     assert decoded.wire_bytes == len(data) == decoded.nbytes
     assert decoded.sender == message.sender and sorted(decoded.layers) == sorted(message.layers)
     assert torch.equal(decoded.positions, message.positions) and torch.equal(decoded.attention_mask, message.attention_mask)
@@ -42,8 +51,8 @@ def test_fp32_round_trip_is_exact_at_the_transmitted_positions_and_the_size_is_t
 def test_only_the_sent_positions_travel(llama_sender):
     sent = torch.zeros(2, 6, dtype=torch.long)
     sent[:, -1] = 1
-    full, last = (len(encode_message(message_of(llama_sender, s), codec_by_name("fp32"))) for s in (None, sent))
-    decoded = decode_message(encode_message(message_of(llama_sender, sent), codec_by_name("fp32")), llama_sender.identity)
+    full, last = (len(serialize_message(message_of(llama_sender, s), codec_by_name("fp32"))) for s in (None, sent))
+    decoded = deserialize_message(serialize_message(message_of(llama_sender, sent), codec_by_name("fp32")), llama_sender.identity)
     assert decoded.transmitted_positions == 2 and last < full
     assert torch.equal(decoded.sent, sent)
 
@@ -65,38 +74,38 @@ def test_lossy_codecs_stay_within_their_error_bounds(name, bound):
 
 def test_int4_is_about_a_quarter_of_bf16_on_the_wire(llama_sender):
     message = message_of(llama_sender)
-    sizes = {name: len(encode_message(message, codec_by_name(name))) for name in ("fp32", "bf16", "int8", "int4")}
+    sizes = {name: len(serialize_message(message, codec_by_name(name))) for name in ("fp32", "bf16", "int8", "int4")}
     assert sizes["int4"] < sizes["int8"] < sizes["bf16"] < sizes["fp32"]
 
 
 def test_a_message_for_another_sender_or_an_untrained_pair_is_refused(llama_sender, qwen2_sender):
-    data = encode_message(message_of(llama_sender), codec_by_name("int8"))
+    data = serialize_message(message_of(llama_sender), codec_by_name("int8"))
     with pytest.raises(WireFormatError, match=r"claims to come from .*llama.* but this link's sender is .*qwen2"):
-        decode_message(data, qwen2_sender.identity)
+        deserialize_message(data, qwen2_sender.identity)
     with pytest.raises(WireFormatError, match="No fuser of this receiver was trained for sender"):
-        decode_message(data, llama_sender.identity, trained_for={qwen2_sender.identity.key})
+        deserialize_message(data, llama_sender.identity, trained_for={qwen2_sender.identity.key})
 
 
 def test_truncated_oversized_and_tampered_messages_are_refused_naming_the_sender(llama_sender):
-    data = encode_message(message_of(llama_sender), codec_by_name("int4"))
+    data = serialize_message(message_of(llama_sender), codec_by_name("int4"))
     name = llama_sender.identity.name_or_path
     with pytest.raises(WireFormatError, match=rf"from {name} is truncated"):
-        decode_message(data[:40], llama_sender.identity)
+        deserialize_message(data[:40], llama_sender.identity)
     with pytest.raises(WireFormatError, match=rf"from {name} is truncated or corrupted"):
-        decode_message(data[:-10], llama_sender.identity)
+        deserialize_message(data[:-10], llama_sender.identity)
     with pytest.raises(WireFormatError, match="over the limit"):
-        decode_message(data, llama_sender.identity, max_bytes=len(data) - 1)
+        deserialize_message(data, llama_sender.identity, max_bytes=len(data) - 1)
     (size,) = struct.unpack("<Q", data[:8])
     header = data[8 : 8 + size].decode()
     bumped = data[: 8 + size].replace(b'"version":"1"', b'"version":"9"') + data[8 + size :]
     assert bumped != data
     with pytest.raises(WireFormatError, match="version '9'; this receiver reads fedrefine.kv_message version 1"):
-        decode_message(bumped, llama_sender.identity)
+        deserialize_message(bumped, llama_sender.identity)
     lying = header.replace('\\"transmitted\\": 10', '\\"transmitted\\": 11')
     assert lying != header
     forged = struct.pack("<Q", len(lying.encode())) + lying.encode() + data[8 + size :]
     with pytest.raises(WireFormatError, match="header says 11 transmitted positions"):
-        decode_message(forged, llama_sender.identity)
+        deserialize_message(forged, llama_sender.identity)
 
 
 def test_the_layer_budget_keeps_the_most_important_layers():
@@ -122,37 +131,39 @@ def fused_pair(receiver, sender, **config):
 def test_a_lossless_link_fuses_exactly_what_in_process_messages_fuse(receiver, llama_sender):
     pair, batch = fused_pair(receiver, llama_sender)
     with torch.no_grad():
-        in_process = pair(batch)
-        pair.link = LinkConfig(codec="fp32")
-        over_the_wire = pair(batch)
-        pair.link = LinkConfig(codec="int8")
-        int8 = pair(batch)
+        in_process = fused_logits(pair, batch)
+        over_the_wire = fused_logits(pair, batch, link=LinkConfig(codec="fp32"))
+        int8 = fused_logits(pair, batch, link=LinkConfig(codec="int8"))
     assert torch.equal(over_the_wire, in_process)
     assert not torch.equal(int8, in_process) and torch.allclose(int8, in_process, atol=0.05)
-    message = pair.send(llama_sender.name, batch.senders[llama_sender.name])
+    message = pair.sending.send(llama_sender.name, batch.senders[llama_sender.name], LinkConfig(codec="int8"))
     assert message.wire_bytes is not None and message.nbytes == message.wire_bytes
 
 
 def test_the_layer_budget_sends_fewer_layers_and_the_fuser_skips_the_rest(receiver, llama_sender):
     pair, batch = fused_pair(receiver, llama_sender)
-    full = pair.send(llama_sender.name, batch.senders[llama_sender.name])
-    pair.link = LinkConfig(layer_budget=0.5)
-    half = pair.send(llama_sender.name, batch.senders[llama_sender.name])
+    full = pair.sending.send(llama_sender.name, batch.senders[llama_sender.name])
+    budget = LinkConfig(layer_budget=0.5)
+    half = pair.sending.send(llama_sender.name, batch.senders[llama_sender.name], budget)
     importance = pair.fuser_for(llama_sender.name).sender_layer_importance()
     assert len(half.layers) == -(-len(full.layers) // 2) and half.nbytes < full.nbytes
     assert min(importance[j] for j in half.layers) >= max(importance[j] for j in full.layers if j not in half.layers)
     with torch.no_grad():
-        assert torch.isfinite(pair(batch)).all()
+        assert torch.isfinite(fused_logits(pair, batch, link=budget)).all()
 
 
 def test_links_apply_in_training_only_when_asked(receiver, llama_sender):
+    from fedrefine.evaluation import EvaluationConfig
+    from fedrefine.recipes import FusionModule
+
+    def training_link(link):  # what a recipe's training step sends over
+        return FusionModule.training_link.fget(SimpleNamespace(evaluation=EvaluationConfig(link=link)))
+
+    assert training_link(LinkConfig(codec="int4")) is None
+    asked = LinkConfig(codec="int4", in_training=True)
+    assert training_link(asked) is asked
     pair, batch = fused_pair(receiver, llama_sender)
-    pair.link = LinkConfig(codec="int4")
-    pair.train()
-    assert pair.sending.active_link(pair.training) is None
-    pair.link = LinkConfig(codec="int4", in_training=True)
-    assert pair.sending.active_link(pair.training) is pair.link
-    loss = pair(batch)[:, :-1].float().mean()
+    loss = fused_logits(pair.train(), batch, link=asked)[:, :-1].float().mean()
     loss.backward()
     assert all(p.grad is None for p in pair.sender_models.parameters())
     assert any(p.grad is not None for p in pair.fusers.parameters())
@@ -166,15 +177,20 @@ def test_tensors_whose_shapes_contradict_the_sender_identity_are_refused(llama_s
     narrow = {j: (k[:, :-1], v[:, :-1]) for j, (k, v) in message.layers.items()}  # one KV head short
     forged = KVMessage(message.sender, narrow, message.positions, message.attention_mask)
     with pytest.raises(WireFormatError, match=rf"from {llama_sender.identity.name_or_path} is malformed: .* do not decode"):
-        decode_message(encode_message(forged, codec_by_name(codec)), llama_sender.identity)
+        deserialize_message(serialize_message(forged, codec_by_name(codec)), llama_sender.identity)
     extra = KVMessage(message.sender, {**message.layers, 99: message.layers[0]}, message.positions, message.attention_mask)
     with pytest.raises(WireFormatError, match="are not layers of a"):
-        decode_message(encode_message(extra, codec_by_name(codec)), llama_sender.identity)
+        deserialize_message(serialize_message(extra, codec_by_name(codec)), llama_sender.identity)
 
 
-def test_a_layer_budget_is_refused_for_concat_fusion_when_the_link_is_set(receiver, llama_sender):
-    pair, _ = fused_pair(receiver, llama_sender, mode="concat")
-    pair.link = LinkConfig(codec="int8")  # codecs are fine
+def test_a_layer_budget_is_refused_for_concat_fusion_before_anything_is_sent(receiver, llama_sender):
+    from fedrefine.evaluation import EvaluationConfig, Evaluator
+    from fedrefine.tasks.routes import parse_routes
+
+    pair, batch = fused_pair(receiver, llama_sender, mode="concat")
+    pair.sending.check(LinkConfig(codec="int8"))  # codecs are fine
+    budget = LinkConfig(layer_budget=0.5)
     with pytest.raises(ValueError, match="link.layer_budget applies to residual fusion"):
-        pair.link = LinkConfig(layer_budget=0.5)
-    assert pair.link == LinkConfig(codec="int8")
+        Evaluator(pair, parse_routes(["c2c"], pair.sender_names), EvaluationConfig(link=budget))
+    with pytest.raises(ValueError, match="link.layer_budget applies to residual fusion"):
+        pair.send(batch, link=budget)

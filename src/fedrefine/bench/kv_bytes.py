@@ -17,7 +17,7 @@ from fedrefine.fuser.config import LayerMapKind, layer_map
 from fedrefine.kv.cache import positions_from_mask
 from fedrefine.participants import REAL_MODELS, ParticipantIdentity, load_model_config, real_model_config
 from fedrefine.tasks.t2t import TOKEN_ID_BYTES
-from fedrefine.wire import CODEC_NAMES, codec_by_name, encode_message
+from fedrefine.wire import CODEC_NAMES, codec_by_name, serialize_message
 from fedrefine.wire.message import KVMessage
 
 PAPER_RECEIVER = "Qwen/Qwen3-0.6B"
@@ -70,7 +70,7 @@ def wire_bytes_per_token(
     kv = {j: tuple(torch.randn(shape, generator=generator).to(dtype) for _ in range(2)) for j in range(layers)}
     mask = torch.ones(1, tokens, dtype=torch.long)
     message = KVMessage(sender, kv, positions_from_mask(mask), mask)
-    return len(encode_message(message, codec_by_name(codec))) / tokens
+    return len(serialize_message(message, codec_by_name(codec))) / tokens
 
 
 def bytes_table(

@@ -1,5 +1,6 @@
 """The ``adaptive`` route in an evaluation: the profile's policy picks one option (receiver alone, T2T, or C2C with
-a codec and layer budget) for the configured link and budget, which then answers as its own route would.
+a codec and layer budget) for the configured link and budget, which then answers as its own route would, over
+its own link (:class:`AdaptiveRoute`).
 
 Bytes of an option are predicted as the mean bytes per question its profile measured (exact for
 last-token fusion, one position per question), so the choice is the same for every question of an
@@ -12,6 +13,9 @@ import dataclasses
 from collections.abc import Sequence
 
 from fedrefine.evaluation.config import AdaptiveRouteConfig
+from fedrefine.evaluation.handler import RouteHandler
+from fedrefine.evaluation.metrics import RouteResult
+from fedrefine.evaluation.question_batch import QuestionBatch
 from fedrefine.federation.adaptive import AdaptivePolicy, LinkProfile, RouteOption, load_profile
 from fedrefine.tasks.routes import Route
 from fedrefine.wire import LinkConfig
@@ -42,3 +46,19 @@ class AdaptiveChoice:
     def sub_routes(self, senders: Sequence[str]) -> list[Route]:
         """The routes the encoder must prepare inputs for: the chosen option's."""
         return [self.route_for(self.option, senders)]
+
+
+class AdaptiveRoute:
+    """``adaptive[:A+B]``: answers as the route of the option :class:`AdaptiveChoice` picked, through that route's
+    own handler (built for the option's link).
+
+    Args:
+        choice: the picked option.
+        chosen: the handler of the option's route kind.
+    """
+
+    def __init__(self, choice: AdaptiveChoice, chosen: RouteHandler) -> None:
+        self.choice, self.chosen = choice, chosen
+
+    def run(self, batch: QuestionBatch, route: Route) -> RouteResult:
+        return self.chosen.run(batch, self.choice.route_for(self.choice.option, route.senders))

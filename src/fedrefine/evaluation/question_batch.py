@@ -178,15 +178,24 @@ class QuestionEncoder:
                 self.variants.setdefault(Variant.of(route), set()).update(route.senders if route.kind == "c2c" else ())
         self.alone = sorted({r.senders[0] for r in self.routes if r.kind == "sender"})
 
-    def __call__(self, questions: Sequence[QuestionWithControls]) -> QuestionBatch:
+    def plan(self, questions: Sequence[QuestionWithControls]) -> dict[PlanKey, list[QueryPlan]]:
+        """Who reads what for every question, in each (query mode, options policy) the routes read: the rephrase
+        stage of an evaluation (rephrasings are written here, or read back from the rephraser's cache)."""
+        items, style = [q.item for q in questions], answer_style(self.mode)
+        return {key: self.planner.plan(items, self.plan_senders, key, style=style) for key in self.plan_keys}
+
+    def encode(
+        self, questions: Sequence[QuestionWithControls], plans: dict[PlanKey, list[QueryPlan]] | None = None
+    ) -> QuestionBatch:
+        """The questions' prompts for every route, read by ``plans`` (:meth:`plan`; made here when not given).
+        A question that cannot be encoded is kept with its reason (``failures``)."""
         items = [q.item for q in questions]
         batch = QuestionBatch(
             ids=[item.id for item in items],
             labels=torch.tensor([item.answer_index for item in items]),
             option_labels=[item.labels for item in items],
         )
-        style = answer_style(self.mode)
-        plans = {key: self.planner.plan(items, self.plan_senders, key, style=style) for key in self.plan_keys}
+        plans = self.plan(questions) if plans is None else plans
         examples: dict[Variant, list[FusionExample]] = {v: [] for v in self.variants}
         options: dict[QueryMode, list[OptionIds]] = {}
         alone_rows: dict[str, list[tuple[list[int], OptionIds]]] = {name: [] for name in self.alone}

@@ -8,43 +8,41 @@ from collections.abc import Sequence
 import torch
 
 from fedrefine.evaluation.choices import Choices, extract_choices
-from fedrefine.evaluation.config import AnswerMode, answer_style
+from fedrefine.evaluation.config import answer_style
+from fedrefine.evaluation.handler import RouteHandler
 from fedrefine.evaluation.metrics import RouteResult
 from fedrefine.evaluation.question_batch import QuestionBatch
-from fedrefine.fusion import FusedReceiver
 from fedrefine.participants.generation import Reply
-from fedrefine.privacy.plans import QueryPlan
 from fedrefine.tasks.routes import Route
-from fedrefine.tasks.scoring import NORMALIZATIONS, Normalization, score_alone
+from fedrefine.tasks.scoring import NORMALIZATIONS, score_alone
 from fedrefine.tasks.t2t import T2TConfig, t2t_predict
+from fedrefine.timing import stopwatch
 from fedrefine.wire import SenderUnavailable
 
 
-class TextRoutes:
-    """Answers by a sender alone and by T2T; the settings are :class:`~fedrefine.evaluation.answer.RouteRunner`'s."""
+class SenderAlone(RouteHandler):
+    """``sender:<name>``: one sender answers alone, from its own model and its own prompt."""
 
-    def __init__(
-        self, model: FusedReceiver, mode: AnswerMode, max_new_tokens: int, t2t: T2TConfig | None,
-        normalization: Normalization,
-    ) -> None:
-        self.model, self.mode, self.max_new_tokens = model, mode, max_new_tokens
-        self.t2t_config = t2t
-        self.normalization = normalization
-
-    @torch.no_grad()
-    def alone(self, batch: QuestionBatch, name: str) -> Choices:
-        """One sender answers alone, from its own model."""
+    def answer(self, batch: QuestionBatch, route: Route, result: RouteResult) -> Choices:
+        name = route.senders[0]
         if name in self.model.remotes:
             raise ValueError(f"Route 'sender:{name}' scores options with the sender's own model, which is served "
                              f"elsewhere ({self.model.remotes[name].endpoint}); evaluate it where it runs.")
-        sender, alone = self.model.senders[name], batch.alone[name]
-        if self.mode != "generate":
-            scores = score_alone(sender, alone.input_ids, alone.attention_mask, alone.options, answer_style(self.mode))
-            return Choices.of(scores.cpu(), self.normalization)
+        with stopwatch(batch.labels.device) as elapsed:
+            chosen = self._answer(batch, name)
+        result.stages["sender"] = elapsed.seconds
+        return chosen
+
+    @torch.no_grad()
+    def _answer(self, batch: QuestionBatch, name: str) -> Choices:
+        sender, alone, answering = self.model.senders[name], batch.alone[name], self.answering
+        if answering.mode != "generate":
+            scores = score_alone(sender, alone.input_ids, alone.attention_mask, alone.options, answer_style(answering.mode))
+            return Choices.of(scores.cpu(), answering.normalization)
         output = sender.model.generate(
             input_ids=alone.input_ids,
             attention_mask=alone.attention_mask,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=answering.max_new_tokens,
             do_sample=False,
             pad_token_id=sender.tokenizer.pad_token_id,
             eos_token_id=sender.end_of_turn_token_id,
@@ -52,19 +50,24 @@ class TextRoutes:
         texts = sender.tokenizer.batch_decode(output[:, alone.input_ids.shape[1] :], skip_special_tokens=True)
         return Choices(extract_choices(texts, batch))
 
-    def t2t(self, route: Route, plans: list[QueryPlan], result: RouteResult) -> Choices:
-        """The senders write hints; the receiver answers with them in its prompt."""
-        model = self.model
+
+class TextRoute(RouteHandler):
+    """``t2t[:A+B]``: the senders write hints (remote ones over their transport); the receiver answers with them
+    in its prompt."""
+
+    def answer(self, batch: QuestionBatch, route: Route, result: RouteResult) -> Choices:
+        model, config = self.model, self.answering.t2t or T2TConfig()
+        plans = batch.plans[(route.query_mode, self.planner.route_options(route))]
         senders = [model.senders[n] for n in route.senders]
         writers = {model.senders[n].name: self._remote_writer(n, result) for n in route.senders if n in model.remotes}
         answers = t2t_predict(
             model.receiver,
             senders,
             [p.receiver_item for p in plans],
-            self.t2t_config,
+            config,
             sender_questions={model.senders[n].name: [p.sender_texts[n] for p in plans] for n in route.senders},
             style=plans[0].style if plans else "letter",
-            normalization=self.normalization,
+            normalization=self.answering.normalization,
             writers=writers,
         )
         for answer in answers:
@@ -72,10 +75,11 @@ class TextRoutes:
                 key = "sender" if stage.startswith("sender:") else stage
                 result.stages[key] = result.stages.get(key, 0.0) + seconds
             result.bytes_sent += answer.id_bytes
-        per_id = float((self.t2t_config or T2TConfig()).bytes_per_id)
-        result.sender_bytes_per_token = {name: per_id for name in route.senders}  # each hint token's id
-        result.bytes_per_token = per_id * len(senders)
-        cloze = {n: torch.tensor([a.cloze_predictions[n] for a in answers]) for n in NORMALIZATIONS} if self.mode == "cloze" else {}
+        result.sender_bytes_per_token = {name: float(config.bytes_per_id) for name in route.senders}  # each hint token's id
+        result.bytes_per_token = float(config.bytes_per_id) * len(senders)
+        cloze = {}
+        if self.answering.mode == "cloze":
+            cloze = {n: torch.tensor([a.cloze_predictions[n] for a in answers]) for n in NORMALIZATIONS}
         return Choices(torch.tensor([a.prediction for a in answers]), cloze)
 
     def _remote_writer(self, name: str, result: RouteResult):

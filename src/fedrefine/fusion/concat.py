@@ -31,6 +31,7 @@ class ConcatFusion(FusionStrategy):
         attention_mask: Tensor,
         inputs: Sequence[FusionInput],
         own: ReceiverContext | None = None,
+        whole_prompt: bool = False,
     ) -> ReceiverContext:
         """The senders' projected caches ahead of the prompt; the receiver's prompt runs after them, so a
         prefill made without them (``own``) cannot be used."""

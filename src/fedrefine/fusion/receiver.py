@@ -1,11 +1,14 @@
-"""A frozen receiver fused with any subset of its senders' KV caches: C2C's forward and generation.
+"""A frozen receiver fused with any subset of its senders' KV caches: C2C's forward, prompt reads and generation.
 
-    each selected sender prefills its own rendering of the prompt     -> KVMessage (sending)
-    the fusion strategy (residual or concat, chosen once) prepares     -> ReceiverContext
-    the receiver runs the rest of its prompt (+ response / generation) over that context
+    send:        each selected sender prefills its own rendering of the prompt   -> messages (KVMessage)
+    fuse:        the gate weighs them; the strategy (residual or concat, chosen once)
+                 puts them into the receiver's cache                            -> Fused (context, gate weights)
+    forward / read_prompt / generate:
+                 the receiver runs the rest of its prompt (+ response / continuations / generation) over it
 
-Senders that are not selected never run; a sender whose fuser has every gate closed sends
-nothing. Senders are consulted only at prefill.
+Messages are sent once and passed in: every call after :meth:`FusedReceiver.send` takes them as an
+argument, and so does the link they travel over. Senders that are not selected never run; a sender
+whose fuser has every gate closed sends nothing. Senders are consulted only at prefill.
 
 A sender may live in another process (a :class:`~fedrefine.wire.RemoteSender`): the receiver then
 sends its requests to every remote sender at once and prefills its own prompt meanwhile; a remote
@@ -14,15 +17,15 @@ sender that does not deliver in time (or delivers an invalid message) is left ou
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import TypeVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from fedrefine.fuser import Fuser
-from fedrefine.fusion.batch import FusionBatch, SenderBatch
+from fedrefine.fusion.batch import FusionBatch
 from fedrefine.fusion.concat import ConcatFusion
 from fedrefine.fusion.encoding import PromptEncoder
 from fedrefine.fusion.gating import SourceGate
@@ -30,14 +33,13 @@ from fedrefine.fusion.residual import Combine, ResidualFusion
 from fedrefine.fusion.sender_gate import SenderStateGate
 from fedrefine.fusion.sender_kv import SenderKV
 from fedrefine.fusion.sending import Sending, SendOutcome
-from fedrefine.fusion.strategy import FusionInput, FusionStrategy, NoFusion, ReceiverContext, prefill_all_but_last
-from fedrefine.kv.cache import positions_from_mask, with_cache
+from fedrefine.fusion.strategy import FusionInput, FusionStrategy, ReceiverContext, prefill_all_but_last
+from fedrefine.kv.cache import positions_from_mask, returned_cache, with_cache
+from fedrefine.kv.prompt import PromptState, read_prompt
 from fedrefine.participants import Participant
 from fedrefine.participants.generation import trim_at_eos
-from fedrefine.wire import Delivery, LinkConfig, RemoteSender
+from fedrefine.wire import LinkConfig, RemoteSender
 from fedrefine.wire.message import KVMessage
-
-T = TypeVar("T")
 
 
 def choose_strategy(fusers: Sequence[Fuser], combine: Combine = "parallel") -> FusionStrategy:
@@ -65,6 +67,24 @@ def check_pairs(receiver: Participant, senders: Sequence[Participant], fusers: S
                 f"Fuser is for {fuser.sender.key} -> {fuser.receiver.key}, participants are "
                 f"{sender.identity.key} -> {receiver.identity.key}."
             )
+
+
+@dataclass(frozen=True)
+class Fused:
+    """The receiver's context fused with the senders' messages, and what the gating network gave each sender:
+    ``gate_weights`` sender -> (B, L_t) share per sample and receiver layer (empty without a gate or senders)."""
+
+    context: ReceiverContext
+    gate_weights: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReceiverOutput:
+    """Receiver logits for the last prompt token and every response token, (B, 1 + R, V), and the gate weights
+    of the fusion they were computed over (see :class:`Fused`)."""
+
+    logits: Tensor
+    gate_weights: dict[str, Tensor] = field(default_factory=dict)
 
 
 class FusedReceiver(nn.Module):
@@ -110,13 +130,17 @@ class FusedReceiver(nn.Module):
         self.sender_models = nn.ModuleList(s.model for s in senders)
         self.fusers = nn.ModuleList(fusers)
         self.source_gate = source_gate
-        self.gate_weights: dict[str, float] = {}  # the last training fusion's mean weight per sender (with a gate)
         self.sending = Sending(self.senders, dict(zip(self.sender_names, fusers)), self.strategy, remotes, concurrent_senders)
 
     @property
     def mode(self) -> str:
         """The fusers' mode: ``residual`` or ``concat``."""
         return self.strategy.mode
+
+    @property
+    def remotes(self) -> dict[str, RemoteSender]:
+        """Sender name -> client, for the senders served elsewhere."""
+        return self.sending.remotes
 
     def fuser_for(self, name: str) -> Fuser:
         return self.fusers[self._index(name)]
@@ -126,143 +150,116 @@ class FusedReceiver(nn.Module):
             raise KeyError(f"Unknown sender {name!r}; this receiver has {self.sender_names}.")
         return self.sender_names.index(name)
 
-    # --- sending (see fedrefine.fusion.sending) ------------------------------------------------
-    @property
-    def link(self) -> LinkConfig | None:
-        """How messages travel (set from the evaluation config)."""
-        return self.sending.link
+    # --- send once -----------------------------------------------------------------------------
+    def send(
+        self, batch: FusionBatch, senders: Sequence[str] | None = None, link: LinkConfig | None = None,
+        prefill_meanwhile: bool = True,
+    ) -> SendOutcome:
+        """Every selected sender's message (default: every sender the batch was encoded for) over ``link`` (None:
+        in-process tensors); remote senders that fail are dropped and named in the outcome.
 
-    @link.setter
-    def link(self, link: LinkConfig | None) -> None:
-        self.sending.link = link
+        Residual fusion starts from the receiver's own prefill; when senders run elsewhere or in threads, it runs
+        meanwhile (``prefill_meanwhile``) and comes back as ``outcome.own`` for :meth:`fuse` to start from."""
+        selected = list(batch.senders) if senders is None else list(senders)
+        overlaps = self.sending.concurrent or any(n in self.remotes for n in selected)
+        meanwhile = None
+        if prefill_meanwhile and selected and self.strategy.aligns and overlaps:
+            meanwhile = partial(prefill_all_but_last, self.receiver, batch.receiver_input_ids, batch.receiver_attention_mask)
+        outcome, own = self.sending.send_all(batch, selected, link, meanwhile)
+        outcome.own = own
+        return outcome
 
-    @property
-    def remotes(self) -> dict[str, RemoteSender]:
-        return self.sending.remotes
+    # --- fuse ----------------------------------------------------------------------------------
+    def fuse(
+        self, batch: FusionBatch, messages: Mapping[str, KVMessage] | None = None, own: ReceiverContext | None = None,
+        gated: bool = True, whole_prompt: bool = False,
+    ) -> Fused:
+        """The receiver's context for the batch's prompts fused with ``messages`` (none: its own prefill).
 
-    def send(self, name: str, batch: SenderBatch) -> KVMessage | None:
-        return self.sending.send(name, batch, self.training)
+        ``own``: the receiver's prefill when it already ran (:meth:`send`); ``gated=False`` fuses every message at
+        full weight, as if there were no gating network (e.g. what each sender alone does, the target a gate
+        learns); ``whole_prompt``: the caller reads the whole prompt next (see :meth:`read_prompt`)."""
+        ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
+        if not messages:
+            return Fused(own or prefill_all_but_last(self.receiver, ids, mask))
+        inputs = self.fusion_inputs(batch, messages, gated)
+        weights = {name: item.weight for name, item in zip(messages, inputs) if item.weight is not None}
+        return Fused(self.strategy.prepare(self.receiver, ids, mask, inputs, own, whole_prompt), weights)
 
-    def deliver(self, name: str, batch: SenderBatch) -> Delivery | None:
-        return self.sending.deliver(name, batch, self.training)
-
-    def send_all(
-        self, batch: FusionBatch, senders: Sequence[str], meanwhile: Callable[[], T] | None = None
-    ) -> tuple[SendOutcome, T | None]:
-        return self.sending.send_all(batch, senders, self.training, meanwhile)
-
-    def kv_messages(
-        self, batch: FusionBatch, senders: Sequence[str], given: Mapping[str, KVMessage] | None = None
-    ) -> dict[str, KVMessage]:
-        """The selected senders' messages: ``given`` ones (controls, or timed elsewhere) or fresh prefills
-        (remote senders that fail are left out)."""
-        return self._messages(batch, senders, given)[0]
-
-    def _messages(
-        self,
-        batch: FusionBatch,
-        senders: Sequence[str],
-        given: Mapping[str, KVMessage] | None,
-        meanwhile: Callable[[], T] | None = None,
-    ) -> tuple[dict[str, KVMessage], T | None]:
-        """``given`` messages and fresh ones for the other senders, in selection order, and ``meanwhile``'s result."""
-        given = given or {}
-        outcome, done = self.send_all(batch, [n for n in senders if n not in given], meanwhile)
-        found = {n: given.get(n) or outcome.messages[n] for n in senders if n in given or n in outcome.messages}
-        return found, done
-
-    @contextmanager
-    def without_gate(self) -> Iterator[None]:
-        """Fuse every selected sender at full weight, as if there were no gating network (e.g. to measure what
-        each sender alone does, the target a gate learns)."""
-        gate, self.source_gate = self.source_gate, None
-        try:
-            yield
-        finally:
-            self.source_gate = gate
-
-    def fusion_inputs(self, batch: FusionBatch, kv_messages: Mapping[str, KVMessage]) -> list[FusionInput]:
-        """Each sending sender's K/V, fuser, alignment and (with a gating network) weight per receiver layer."""
-        names = list(kv_messages)
-        weights = None  # (B, L_t, len(names))
-        if self.source_gate is not None and names:
-            available = [self._index(name) for name in names]
-            weights = self.source_gate.weigh(self.receiver_model, batch, kv_messages, available)
-            if self.training:  # logged by fit; a device sync inference need not pay
-                self.gate_weights = dict(zip(names, weights.detach().mean(dim=(0, 1)).tolist()))
+    def fusion_inputs(
+        self, batch: FusionBatch, messages: Mapping[str, KVMessage], gated: bool = True
+    ) -> list[FusionInput]:
+        """Each message's part in the fusion, in message order: the sender's K/V, its fuser, where receiver tokens
+        read it, and (``gated``, with a gating network) its weight per sample and receiver layer."""
+        weights = self.gate_weights(batch, messages) if gated else {}
         return [
-            FusionInput(
-                SenderKV(self.senders[name], kv_messages[name]),
-                self.fuser_for(name),
-                batch.senders[name].alignment,
-                None if weights is None else weights[:, :, slot],
-            )
-            for slot, name in enumerate(names)
+            FusionInput(SenderKV(self.senders[name], message), self.fuser_for(name), batch.senders[name].alignment,
+                        weights.get(name))
+            for name, message in messages.items()
         ]
 
-    # --- prefill / forward / generate -----------------------------------------------------------
-    def prepare(
-        self,
-        batch: FusionBatch,
-        senders: Sequence[str] | None = None,
-        fuse: bool = True,
-        kv_messages: Mapping[str, KVMessage] | None = None,
-    ) -> ReceiverContext:
-        """The receiver's context for the batch's prompts, fused with ``senders`` (default: every sender in the
-        batch); with none selected (or ``fuse=False``, or every gate closed) the receiver's own prefill."""
-        selected = (list(batch.senders) if senders is None else list(senders)) if fuse else []
-        fresh = [n for n in selected if n not in (kv_messages or {})]
-        meanwhile = None
-        if self.strategy.aligns and (self.sending.concurrent or any(n in self.remotes for n in fresh)):
-            # residual fusion starts from the receiver's own prefill: run it while the senders work
-            ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
-            meanwhile = lambda: prefill_all_but_last(self.receiver, ids, mask)  # noqa: E731
-        found, own = self._messages(batch, selected, kv_messages, meanwhile)
-        strategy = self.strategy if found else NoFusion()
-        inputs = self.fusion_inputs(batch, found)
-        return strategy.prepare(self.receiver, batch.receiver_input_ids, batch.receiver_attention_mask, inputs, own)
+    def gate_weights(self, batch: FusionBatch, messages: Mapping[str, KVMessage]) -> dict[str, Tensor]:
+        """The gating network's weight of each sender that sent a message, sender -> (B, L_t); empty without one."""
+        if self.source_gate is None or not messages:
+            return {}
+        names = list(messages)
+        weights = self.source_gate.weigh(self.receiver_model, batch, messages, [self._index(n) for n in names])
+        return {name: weights[:, :, slot] for slot, name in enumerate(names)}  # (B, L_t, S) -> per sender
 
+    # --- run the receiver over the fused context ------------------------------------------------
     def forward(
-        self,
-        batch: FusionBatch,
-        senders: Sequence[str] | None = None,
-        fuse: bool = True,
-        kv_messages: Mapping[str, KVMessage] | None = None,
-    ) -> Tensor:
-        """Receiver logits for the last prompt token and every response token, (B, 1 + R, V).
-
-        ``senders``/``fuse`` select the senders (see :meth:`prepare`); ``kv_messages`` replace
-        senders' own prefills (controls).
-        """
+        self, batch: FusionBatch, messages: Mapping[str, KVMessage] | None = None, own: ReceiverContext | None = None,
+        gated: bool = True,
+    ) -> ReceiverOutput:
+        """Receiver logits for the last prompt token and every (teacher-forced) response token, (B, 1 + R, V),
+        over the prompt fused with ``messages`` (see :meth:`fuse`)."""
+        fused = self.fuse(batch, messages, own, gated)
+        context = fused.context
         prompt_ids = batch.receiver_input_ids  # (B, N)
         full_ids, full_mask = prompt_ids, batch.receiver_attention_mask
         if batch.response_ids is not None:
             full_ids = torch.cat((prompt_ids, batch.response_ids), dim=1)  # (B, N + R)
             full_mask = torch.cat((full_mask, batch.response_mask), dim=1)
-        context = self.prepare(batch, senders, fuse, kv_messages)
         attention = full_mask if context.prefix_mask is None else torch.cat((context.prefix_mask, full_mask), dim=1)
-        positions = positions_from_mask(attention)[:, context.prefix_length + context.consumed :]
         output = self.receiver_model(
             input_ids=full_ids[:, context.consumed :],
             attention_mask=attention,  # (B, P + N + R): cached entries and the tokens run now
-            position_ids=positions,
+            position_ids=positions_from_mask(attention)[:, context.prefix_length + context.consumed :],
             **with_cache(self.receiver_model, context.cache),
             use_cache=False,
             logits_to_keep=full_ids.shape[1] - (prompt_ids.shape[1] - 1),
         )
-        return output.logits
+        return ReceiverOutput(output.logits, fused.gate_weights)
+
+    @torch.no_grad()
+    def read_prompt(
+        self, batch: FusionBatch, messages: Mapping[str, KVMessage] | None = None, own: ReceiverContext | None = None
+    ) -> PromptState:
+        """The receiver's state after its whole prompt, fused with ``messages``: read once, then continued in as
+        many ways as needed (every option of a question, see :mod:`fedrefine.tasks.scoring`). Without messages
+        (or prefill made meanwhile) the receiver reads its prompt in one forward."""
+        ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
+        if not messages and own is None:
+            return read_prompt(self.receiver_model, ids, mask)
+        context = self.fuse(batch, messages, own, whole_prompt=True).context
+        attention = mask if context.prefix_mask is None else torch.cat((context.prefix_mask, mask), dim=1)  # (B, P + N)
+        output = self.receiver_model(
+            input_ids=ids[:, context.consumed :],
+            attention_mask=attention,
+            position_ids=positions_from_mask(attention)[:, context.prefix_length + context.consumed :],
+            **with_cache(self.receiver_model, context.cache),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return PromptState(returned_cache(output), attention, output.logits[:, -1])
 
     @torch.no_grad()
     def generate(
-        self,
-        batch: FusionBatch,
-        max_new_tokens: int = 64,
-        senders: Sequence[str] | None = None,
-        fuse: bool = True,
-        kv_messages: Mapping[str, KVMessage] | None = None,
+        self, batch: FusionBatch, messages: Mapping[str, KVMessage] | None = None, max_new_tokens: int = 64
     ) -> list[list[int]]:
-        """Greedy continuation of each prompt over the fused context; new token ids per sample (up to eos)."""
-        context = self.prepare(batch, senders, fuse, kv_messages)
+        """Greedy continuation of each prompt over the context fused with ``messages``; new token ids per sample
+        (up to eos)."""
+        context = self.fuse(batch, messages).context
         ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
         pad = self.receiver.tokenizer.pad_token_id
         if context.prefix_mask is not None:

@@ -7,7 +7,9 @@
 
 ``fuse_at`` chooses the fused receiver tokens: ``prompt`` (the C2C reference: every aligned
 token but the last), ``all`` (the last one too), ``last`` (only the last prompt token, fused as
-the receiver writes it, through :class:`~fedrefine.kv.cache.WriteHookCache`).
+the receiver writes it, through :class:`~fedrefine.kv.cache.WriteHookCache`). With ``last`` and no
+prefill of the receiver's own yet, a prompt read (``whole_prompt``) runs the whole prompt at once and
+fuses its last token as it is written: earlier tokens never attend to it, so nothing else changes.
 """
 
 from __future__ import annotations
@@ -66,7 +68,11 @@ class ResidualFusion(FusionStrategy):
         attention_mask: Tensor,
         inputs: Sequence[FusionInput],
         own: ReceiverContext | None = None,
+        whole_prompt: bool = False,
     ) -> ReceiverContext:
+        if self.fuse_at == "last" and own is None and whole_prompt:  # the last prompt token is fused as it is read
+            hook = self._last_token_hook(receiver, input_ids, attention_mask, inputs, consumed=0)
+            return ReceiverContext(WriteHookCache([], hook), None, consumed=0)
         context = own or prefill_all_but_last(receiver, input_ids, attention_mask)
         layers = cache_to_layers(context.cache)
         if self.fuse_at != "last":
@@ -75,7 +81,7 @@ class ResidualFusion(FusionStrategy):
             layers = [fused[layer] for layer in range(len(layers))]
         if self.fuse_at == "prompt":
             return ReceiverContext(layers_to_cache(layers), None, context.consumed)
-        hook = self._last_token_hook(receiver, input_ids, attention_mask, inputs)
+        hook = self._last_token_hook(receiver, input_ids, attention_mask, inputs, context.consumed)
         return ReceiverContext(WriteHookCache(layers, hook), None, context.consumed)
 
     def fuse(
@@ -153,19 +159,23 @@ class ResidualFusion(FusionStrategy):
         return reads
 
     def _last_token_hook(
-        self, receiver: Participant, input_ids: Tensor, attention_mask: Tensor, inputs: Sequence[FusionInput]
+        self, receiver: Participant, input_ids: Tensor, attention_mask: Tensor, inputs: Sequence[FusionInput], consumed: int
     ) -> LayerHook:
-        """Fuses the last prompt token's K/V as the receiver writes them, layer by layer (the senders' columns
-        are gathered once, not once per layer)."""
+        """Fuses the last prompt token's K/V as the receiver writes them, layer by layer, in the first write after
+        the ``consumed`` tokens already cached (the senders' columns are gathered once, not once per layer)."""
         last = input_ids.shape[1] - 1
+        column = last - consumed  # where the last prompt token sits in that write
         position = positions_from_mask(attention_mask)[:, last:]  # (B, 1)
         reads = self.sender_reads(inputs, slice(last, last + 1), next(inputs[0].fuser.parameters()).dtype)
 
         def hook(layer: int, keys: Tensor, values: Tensor) -> LayerKV:
-            head = {layer: (keys[:, :, :1], values[:, :, :1])}  # the last prompt token: (B, H_t, 1, D_t)
-            fused = self.fuse(receiver, head, position, attention_mask, inputs, start=last, reads=reads)
-            fused_keys, fused_values = fused[layer]
-            return torch.cat((fused_keys, keys[:, :, 1:]), dim=2), torch.cat((fused_values, values[:, :, 1:]), dim=2)
+            head = {layer: (keys[:, :, column : column + 1], values[:, :, column : column + 1])}  # (B, H_t, 1, D_t)
+            fused_keys, fused_values = self.fuse(receiver, head, position, attention_mask, inputs, start=last, reads=reads)[layer]
+            before, after = slice(None, column), slice(column + 1, None)
+            return (
+                torch.cat((keys[:, :, before], fused_keys, keys[:, :, after]), dim=2),
+                torch.cat((values[:, :, before], fused_values, values[:, :, after]), dim=2),
+            )
 
         return hook
 

@@ -22,7 +22,7 @@ import torch
 
 from fedrefine.fuser import Fuser
 from fedrefine.fusion.batch import FusionBatch, SenderBatch
-from fedrefine.fusion.strategy import FusionStrategy
+from fedrefine.fusion.strategy import FusionStrategy, ReceiverContext
 from fedrefine.participants import Participant
 from fedrefine.wire import Delivery, LinkConfig, RemoteSender, SenderUnavailable, budgeted_layers, transmit
 from fedrefine.wire.format import MAX_MESSAGE_BYTES
@@ -40,17 +40,19 @@ class SendOutcome:
 
     ``messages``: sender -> its message (senders with every gate closed send none); ``dropped``: sender ->
     why it did not deliver; ``deliveries``: remote sender -> its call's measured time and bytes;
-    ``seconds``: wall time of sending.
+    ``seconds``: wall time of sending; ``own``: the receiver's own prefill when it ran while the senders
+    worked (see :meth:`~fedrefine.fusion.receiver.FusedReceiver.send`), for the fusion to start from.
     """
 
     messages: dict[str, KVMessage] = field(default_factory=dict)
     dropped: dict[str, SenderUnavailable] = field(default_factory=dict)
     deliveries: dict[str, Delivery] = field(default_factory=dict)
     seconds: float = 0.0
+    own: ReceiverContext | None = None
 
 
 class Sending:
-    """A receiver's senders as it reaches them.
+    """A receiver's senders as it reaches them; how messages travel (the link) is given with each call.
 
     Args:
         senders: sender name -> participant (for a remote sender, its local view).
@@ -74,32 +76,19 @@ class Sending:
         if unknown:
             raise ValueError(f"Remote sender(s) {unknown} are not senders of this receiver ({list(self.senders)}).")
         self.concurrent = concurrent
-        self._link: LinkConfig | None = None
         self._pool: ThreadPoolExecutor | None = None
 
-    @property
-    def link(self) -> LinkConfig | None:
-        return self._link
-
-    @link.setter
-    def link(self, link: LinkConfig | None) -> None:
-        """Set how messages travel; a layer budget is refused for concat fusion when it is set, not at the first send."""
+    def check(self, link: LinkConfig | None) -> None:
+        """Refuse a link this receiver cannot use: a layer budget with concat fusion."""
         if link is not None and link.layer_budget is not None and self.strategy.mode == "concat":
             raise ValueError(
                 "link.layer_budget applies to residual fusion: concat fusion needs an entry at every receiver "
                 "layer. Unset link.layer_budget or use residual fusers."
             )
-        self._link = link
 
-    def active_link(self, training: bool) -> LinkConfig | None:
-        """The link messages go through now: the configured one, except in training unless ``in_training``."""
-        if self.link is None or (training and not self.link.in_training):
-            return None
-        return self.link
-
-    def carried_layers(self, name: str, training: bool) -> list[int]:
+    def carried_layers(self, name: str, link: LinkConfig | None) -> list[int]:
         """The sender layers its fuser reads, cut to the link's layer budget."""
-        fuser, link = self.fusers[name], self.active_link(training)
+        fuser = self.fusers[name]
         needed = fuser.sender_layers_needed()
         if link is not None and link.layer_budget is not None:
             needed = budgeted_layers(needed, fuser.sender_layer_importance(), link.layer_budget)
@@ -108,14 +97,14 @@ class Sending:
     def _trained_for(self) -> list[str]:
         return sorted({f.sender.key for f in self.fusers.values()})
 
-    def send(self, name: str, batch: SenderBatch, training: bool = False) -> KVMessage | None:
+    def send(self, name: str, batch: SenderBatch, link: LinkConfig | None = None) -> KVMessage | None:
         """One sender's prefill, carrying only the layers (and positions) its fuser reads, through the link's
-        layer budget and codec; None if every gate is closed. A remote sender's failure raises
-        :class:`~fedrefine.wire.SenderUnavailable`."""
+        layer budget and codec (None: in-process tensors, every layer read); None if every gate is closed. A
+        remote sender's failure raises :class:`~fedrefine.wire.SenderUnavailable`."""
         if name in self.remotes:
-            delivery = self.deliver(name, batch, training)
+            delivery = self.deliver(name, batch, link)
             return None if delivery is None else delivery.message
-        needed, link = self.carried_layers(name, training), self.active_link(training)
+        needed = self.carried_layers(name, link)
         if not needed:
             return None
         sent = self.strategy.sent_positions(batch)
@@ -125,9 +114,9 @@ class Sending:
             return message
         return transmit(message, codec, link, trained_for=self._trained_for())
 
-    def deliver(self, name: str, batch: SenderBatch, training: bool = False) -> Delivery | None:
+    def deliver(self, name: str, batch: SenderBatch, link: LinkConfig | None = None) -> Delivery | None:
         """A remote sender's prefill of ``batch`` over its transport (None if every gate is closed)."""
-        needed, link = self.carried_layers(name, training), self.active_link(training)
+        needed = self.carried_layers(name, link)
         if not needed:
             return None
         codec = link.codec_for(name) if link is not None else None
@@ -146,11 +135,13 @@ class Sending:
         self,
         batch: FusionBatch,
         senders: Sequence[str],
-        training: bool = False,
+        link: LinkConfig | None = None,
         meanwhile: Callable[[], T] | None = None,
     ) -> tuple[SendOutcome, T | None]:
-        """Every selected sender's message, and the result of ``meanwhile`` run while they work. A remote sender
-        that fails is dropped (logged, and named in the outcome); a local sender's failure is an error."""
+        """Every selected sender's message over ``link``, and the result of ``meanwhile`` run while they work. A
+        remote sender that fails is dropped (logged, and named in the outcome); a local sender's failure is an
+        error."""
+        self.check(link)
         for name in senders:
             if name not in batch.senders:
                 raise KeyError(f"Sender {name!r} was selected but the batch was not encoded for it.")
@@ -159,10 +150,10 @@ class Sending:
         calls: dict[str, Future] = {}
         if threaded:
             self._pool = self._pool or ThreadPoolExecutor(len(self.senders), thread_name_prefix="fedrefine-send")
-            calls = {n: self._pool.submit(self._one, n, batch.senders[n], training) for n in threaded}
+            calls = {n: self._pool.submit(self._one, n, batch.senders[n], link) for n in threaded}
         done = meanwhile() if meanwhile is not None else None
         for name in senders:
-            if name not in calls and (message := self.send(name, batch.senders[name], training)) is not None:
+            if name not in calls and (message := self.send(name, batch.senders[name], link)) is not None:
                 outcome.messages[name] = message
         for name, call in calls.items():
             try:
@@ -179,6 +170,6 @@ class Sending:
         outcome.seconds = time.perf_counter() - start
         return outcome, done
 
-    def _one(self, name: str, batch: SenderBatch, training: bool) -> Delivery | KVMessage | None:
+    def _one(self, name: str, batch: SenderBatch, link: LinkConfig | None) -> Delivery | KVMessage | None:
         """One sender's work in a pool thread (a sender's prefill never needs gradients: no grad-mode to carry)."""
-        return self.deliver(name, batch, training) if name in self.remotes else self.send(name, batch, training)
+        return self.deliver(name, batch, link) if name in self.remotes else self.send(name, batch, link)

@@ -88,18 +88,11 @@ class FusionStrategy(ABC):
         attention_mask: Tensor,
         inputs: Sequence[FusionInput],
         own: ReceiverContext | None = None,
+        whole_prompt: bool = False,
     ) -> ReceiverContext:
         """The receiver's context for its prompt ``input_ids``/``attention_mask`` (B, N), fused with ``inputs``.
 
         ``own``: the receiver's :func:`prefill_all_but_last` of that prompt when it already ran (e.g. while
-        remote senders worked); strategies that start from it use it instead of running it again."""
-
-
-class NoFusion(FusionStrategy):
-    """The receiver alone: its own prefill of all but the last prompt token (what every strategy starts from
-    when no sender has anything to send)."""
-
-    mode, aligns = "none", False
-
-    def prepare(self, receiver, input_ids, attention_mask, inputs=(), own=None) -> ReceiverContext:
-        return own or prefill_all_but_last(receiver, input_ids, attention_mask)
+        remote senders worked); strategies that start from it use it instead of running it again.
+        ``whole_prompt``: the caller reads the whole prompt next in one forward (a prompt read, not a training
+        step); a strategy that can fuse as the prompt is read may leave every prompt token to it."""

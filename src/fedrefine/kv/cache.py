@@ -102,3 +102,9 @@ def kv_bytes_per_token(layers: Sequence[LayerKV]) -> int:
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
     """Position ids for a (left- or right-) padded batch: 0 at each sample's first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def select_rows(cache: Cache, rows: Tensor) -> DynamicCache:
+    """A new cache holding the given rows (B',) of ``cache`` in that order, a row as often as it is named: several
+    continuations of one prompt read each read a copy of it. ``cache`` is left as it is."""
+    return layers_to_cache([(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cache_to_layers(cache)])

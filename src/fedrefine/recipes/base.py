@@ -1,15 +1,17 @@
-"""What FedRefine's LightningModules share: frozen participants, checkpoints of the declared trainable parts
-only, the optimizer and schedule, and ``validate``/``test``/``predict`` through the one evaluation loop.
+"""What FedRefine's Lightning recipes share: frozen participants, checkpoints of the declared trainable parts only,
+the optimizer and schedule, the response loss, and ``validate``/``test``/``predict`` through the one evaluation loop.
 
-Subclasses set ``self.fused`` (the :class:`~fedrefine.fusion.FusedReceiver` that ``validate``/``test``
-evaluate), declare their trainable parts, and implement ``encode_chat_batch`` and ``training_step``.
+A recipe (:mod:`~fedrefine.recipes.c2c`, :mod:`~fedrefine.recipes.co_c2c`, :mod:`~fedrefine.recipes.federation`)
+builds its participants and fusers in ``__init__``, sets ``self.fused`` (the
+:class:`~fedrefine.fusion.FusedReceiver` that ``validate``/``test`` evaluate), declares its trainable parts, and
+reads top-down from there: ``training_step`` (send, fuse, loss, log), then ``on_train_end`` (export).
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,15 +33,9 @@ from fedrefine.privacy.rephrase import Rephraser
 from fedrefine.recipes.callbacks import step_seed
 from fedrefine.recipes.chat_batches import ChatBatchEncoder
 from fedrefine.recipes.settings import check_last_token_settings, check_saved_fuser_settings
-from fedrefine.recipes.trainable import (
-    check_fuser_pairs,
-    check_trainable_keys,
-    fuser_metadata,
-    trainable_prefixes,
-    trainable_state,
-)
+from fedrefine.recipes.trainable import TrainableOnly
 from fedrefine.tasks.routes import parse_routes
-from fedrefine.wire.message import KVMessage
+from fedrefine.wire import LinkConfig
 
 # The frozen LLMs stay in eval mode on purpose, and batches are encoded by the module (it knows the
 # tokenizers): Lightning's warnings about both are expected here.
@@ -47,10 +43,11 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*overridden `(on_before_batch_transfer|transfer_batch_to_device)`.*")
 
 
-class FusionModule(L.LightningModule):
-    """Shared machinery of the C2C, Co-C2C and federation modules (see the module docstring)."""
+class FusionModule(TrainableOnly, L.LightningModule):
+    """The shared base of the C2C, Co-C2C and federation recipes (see the module docstring); checkpoints hold only
+    the trainable parts (:class:`~fedrefine.recipes.trainable.TrainableOnly`)."""
 
-    #: chooses senders per question for the ``c2c:auto`` route (set by subclasses that support it)
+    #: chooses senders per question for the ``c2c:auto`` route (set by recipes that support it)
     selection: SenderSelection | None = None
 
     def __init__(
@@ -85,73 +82,44 @@ class FusionModule(L.LightningModule):
         self.hparams.update({name: None if c is None else asdict(c) for name, c in configs.items()})
         self.hparams["evaluation"] = asdict(self.evaluation)
 
-    # --- frozen participants, trainable-only checkpoints ----------------------------------------
-    def trainable_modules(self) -> list[nn.Module]:
-        """The parts that train and are checkpointed: the fusers and the gating network, if any."""
-        return [self.fused.fusers, *([self.fused.source_gate] if self.fused.source_gate is not None else [])]
-
-    def frozen_models(self) -> list[nn.Module]:
-        return [m for m in self.modules() if getattr(m, "_is_fedrefine_participant", False)]
-
-    def train(self, mode: bool = True) -> FusionModule:
-        """Only fusers and gates ever enter train mode; the LLMs stay in eval mode (no dropout)."""
-        super().train(mode)
-        for model in self.frozen_models():
-            model.eval()
-        return self
-
-    def state_dict(self, *args: Any, **kwargs: Any):
-        """Only the trainable parts' weights: checkpoints never hold the frozen LLMs."""
-        return trainable_state(super().state_dict(*args, **kwargs), trainable_prefixes(self, self.trainable_modules()))
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load trainable weights; with ``strict`` every trainable key must be present and nothing else."""
-        if strict:
-            check_trainable_keys(set(self.state_dict()), state_dict)
-        # The frozen LLM weights are absent from checkpoints by design; only they are left out here.
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["fedrefine_fusers"] = fuser_metadata(self)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_fuser_pairs(checkpoint.get("fedrefine_fusers"), fuser_metadata(self))
-
     def setup(self, stage: str) -> None:
         fusers = [m for m in self.modules() if isinstance(m, Fuser)]
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         check_last_token_settings(fusers, self.evaluation, datamodule if stage == "fit" else None)
         for fused in self.modules():
             if isinstance(fused, FusedReceiver):
-                fused.link = self.evaluation.link  # used in training only with link.in_training
+                fused.sending.check(self.evaluation.link)
 
-    # --- batches --------------------------------------------------------------------------
+    # --- training -------------------------------------------------------------------------
     @property
-    def data_counts(self) -> dict[str, int]:
-        """Training samples kept, truncated and dropped (see :class:`ChatBatchEncoder`)."""
-        return self.chat_batches.counts
+    def training_link(self) -> LinkConfig | None:
+        """The link training messages travel over: the evaluation's with ``link.in_training``, else none (in-process
+        tensors, every layer the fusers read)."""
+        return self.evaluation.link if self.evaluation.link.in_training else None
 
     def on_before_batch_transfer(self, batch: list, dataloader_idx: int):
+        """Conversations are encoded here for every participant (the module knows their tokenizers); questions
+        and free-text prompts go to the step as they are (the evaluation loop rephrases and encodes them)."""
         if not batch:
             raise ValueError("Empty batch.")
         if isinstance(batch[0], ChatExample):
             return self.encode_chat_batch(batch)
-        if isinstance(batch[0], QuestionWithControls):
-            return self.evaluator.encode(batch)
-        if isinstance(batch[0], str):
+        if isinstance(batch[0], (QuestionWithControls, str)):
             return batch
         raise TypeError(f"Unsupported batch element {type(batch[0]).__name__}.")
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         if isinstance(batch, dict):
             return {k: self.transfer_batch_to_device(v, device, dataloader_idx) for k, v in batch.items()}
+        if isinstance(batch, list):  # questions or prompts: moved once encoded
+            return batch
         if hasattr(batch, "to") and not isinstance(batch, Tensor):
             return batch.to(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def encode_chat_batch(self, examples: Sequence[ChatExample]) -> FusionBatch | None:
         """Encode conversations for the receiver and its senders; too-long ones are truncated or dropped (counted)."""
-        return self.chat_batches(self.fused, examples)
+        return self.chat_batches.batch(self.fused, examples)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Seed the step's random draws (gate noise, dropout, sender subsets) from the run seed and the step,
@@ -170,13 +138,21 @@ class FusionModule(L.LightningModule):
         self.log_dict({f"gates/{name}/layer_{i:02d}": v for i, v in enumerate(logits.tolist())}, batch_size=batch_size)
         self.log(f"gates/{name}/open_fraction", (logits > 0).float().mean(), batch_size=batch_size)
 
-    # --- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):
+        """AdamW over the trainable parameters, linear warm-up then linear decay to 0, stepped every optimizer step."""
         total = self.trainer.estimated_stepping_batches
         if total == float("inf"):
             raise ValueError("Streaming training data has no length: set trainer.max_steps to the number of steps.")
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        return adamw_with_warmup(parameters, self.learning_rate, self.weight_decay, total, self.warmup_fraction)
+        optimizer = torch.optim.AdamW(
+            [p for p in self.parameters() if p.requires_grad], lr=self.learning_rate, weight_decay=self.weight_decay
+        )
+        warmup = max(1, int(self.warmup_fraction * total))
+
+        def schedule(step: int) -> float:
+            return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def export_directory(self) -> Path:
         return Path(self.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "fuser")
@@ -191,9 +167,9 @@ class FusionModule(L.LightningModule):
             counts = (stream.complete_pass if finished else stream.last_pass).as_dict()
             scope = "per pass" if finished else "in the first pass (not finished)"
             Console().print(f"training rows {scope}: {counts}; passes started: {stream.passes}")
-        Console().print(f"samples encoded over the run (repeats across passes included): {dict(self.data_counts)}")
+        Console().print(f"samples encoded over the run (repeats across passes included): {dict(self.chat_batches.counts)}")
 
-    # --- evaluation -----------------------------------------------------------------------
+    # --- validate / test / predict ---------------------------------------------------------
     @property
     def planner(self) -> QueryPlanner:
         """Who reads what in rephrased query modes; the receiver rephrases (built on first use)."""
@@ -212,8 +188,8 @@ class FusionModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.start_evaluation("val")
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self.evaluator.evaluate(batch, self.report)
+    def validation_step(self, batch: list[QuestionWithControls], batch_idx: int) -> None:
+        self.evaluator.evaluate(batch, self.report, self.device)
 
     def on_validation_epoch_end(self) -> None:
         self._log_results("val")
@@ -221,8 +197,8 @@ class FusionModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.start_evaluation("test")
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self.evaluator.evaluate(batch, self.report)
+    def test_step(self, batch: list[QuestionWithControls], batch_idx: int) -> None:
+        self.evaluator.evaluate(batch, self.report, self.device)
 
     def on_test_epoch_end(self) -> None:
         self._log_results("test", show=True)
@@ -252,16 +228,32 @@ class FusionModule(L.LightningModule):
             self.report.save_json(directory / f"{stage}_results.json", self.title())
             log_table(self.loggers, f"{stage}/results", rows)
 
-    # --- predict --------------------------------------------------------------------------
     def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, str]]:
-        """Answer free-text prompts with C2C (greedy)."""
+        """Answer free-text prompts with C2C (greedy), every sender sending once over the evaluation's link."""
         encoder = self.fused.encoder
-        examples = [encoder.encode([{"role": "user", "content": prompt}]) for prompt in batch]
-        generated = self.fused.generate(encoder.collate(examples).to(self.device), self.evaluation.max_new_tokens)
+        prompts = encoder.collate([encoder.encode([{"role": "user", "content": prompt}]) for prompt in batch]).to(self.device)
+        messages = self.fused.send(prompts, link=self.evaluation.link).messages
+        generated = self.fused.generate(prompts, messages, self.evaluation.max_new_tokens)
         answers = self.fused.receiver.tokenizer.batch_decode(generated, skip_special_tokens=True)
         for prompt, answer in zip(batch, answers):
             Console().print(f"[bold]Q:[/] {prompt}\n[bold]A:[/] {answer}")
         return [{"prompt": p, "answer": a} for p, a in zip(batch, answers)]
+
+
+def response_loss(logits: Tensor, batch: FusionBatch) -> Tensor:
+    """Mean next-token cross-entropy over the response tokens only (every token of the batch weighs the same), from
+    the fused receiver's logits (B, 1 + R, V)."""
+    predicting = logits[:, :-1]  # (B, R, V): the logits that predict each response token
+    mask = batch.response_mask.bool()
+    return nn.functional.cross_entropy(predicting[mask].float(), batch.response_ids[mask])
+
+
+def response_losses(logits: Tensor, batch: FusionBatch) -> Tensor:
+    """(B,) each sample's mean next-token cross-entropy over its response tokens, from logits (B, 1 + R, V)."""
+    predicting = logits[:, :-1].float()  # (B, R, V)
+    mask = batch.response_mask.to(predicting.dtype)  # (B, R)
+    losses = nn.functional.cross_entropy(predicting.transpose(1, 2), batch.response_ids, reduction="none")  # (B, R)
+    return (losses * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 def load_or_create_fuser(
@@ -280,41 +272,6 @@ def load_or_create_fuser(
 
 
 def mark_frozen(*participants: Participant) -> None:
-    """Tag participants' models so that :meth:`FusionModule.train` keeps them in eval mode."""
+    """Tag participants' models so that :meth:`TrainableOnly.train` keeps them in eval mode."""
     for participant in participants:
         participant.model._is_fedrefine_participant = True
-
-def response_loss(model: FusedReceiver, batch: FusionBatch, senders: Sequence[str] | None = None) -> Tensor:
-    """Mean next-token cross-entropy over the response tokens only (every token of the batch weighs the same)."""
-    logits = model(batch, senders=senders)[:, :-1]  # (B, R, V): the logits that predict each response token
-    mask = batch.response_mask.bool()
-    return torch.nn.functional.cross_entropy(logits[mask].float(), batch.response_ids[mask])
-
-
-def response_losses(
-    model: FusedReceiver, batch: FusionBatch, senders: Sequence[str] | None = None,
-    kv_messages: Mapping[str, KVMessage] | None = None,
-) -> Tensor:
-    """(B,) each sample's mean next-token cross-entropy over its response tokens (``senders=[]``: the receiver
-    alone; ``kv_messages``: messages already sent)."""
-    logits = model(batch, senders=senders, kv_messages=kv_messages)[:, :-1].float()  # (B, R, V)
-    mask = batch.response_mask.to(logits.dtype)  # (B, R)
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.response_ids, reduction="none")  # (B, R)
-    return (losses * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-
-def adamw_with_warmup(
-    parameters: Iterable[torch.nn.Parameter], learning_rate: float, weight_decay: float, total_steps: int,
-    warmup_fraction: float,
-) -> dict:
-    """Lightning's ``configure_optimizers`` answer for ``total_steps`` optimizer steps."""
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay)
-    warmup = max(1, int(warmup_fraction * total_steps))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

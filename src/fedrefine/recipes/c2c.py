@@ -1,8 +1,12 @@
-"""LightningModule for one frozen sender -> receiver pair with a trainable fuser (the C2C recipe).
+"""The C2C recipe: one frozen sender -> receiver pair and its trainable fuser.
 
-Training: the sender prefills the prompt (no grad), the fuser writes into the receiver's cache,
-the receiver's next-token loss on the response tokens trains the fuser only. Testing: receiver
-alone, sender alone, C2C (and controls) on the same questions.
+    setup          load both participants (frozen), and the fuser (saved, or new)
+    training_step  the sender prefills the prompt (no grad) and sends its message once; the fuser writes it
+                   into the receiver's cache; the receiver's next-token loss on the response trains the fuser only
+    log            loss, gate temperature, per-layer gate logits
+    on_train_end   export the fuser (safetensors + JSON)
+
+Testing: receiver alone, sender alone, C2C (and controls) on the same questions (the shared base).
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ class C2CModule(FusionModule):
         if batch is None:  # every sample of the batch was too long
             return None
         self.anneal_gates()
-        loss = response_loss(self.fused, batch)
+        sent = self.fused.send(batch, link=self.training_link)  # the sender's message, sent once
+        loss = response_loss(self.fused(batch, sent.messages, sent.own).logits, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         self.log("train/gate_temperature", self.fuser.temperature, batch_size=len(batch))
         if self.gate_log_every and self.global_step % self.gate_log_every == 0:

@@ -21,7 +21,7 @@ class ChatBatchEncoder:
         self.max_length = max_length
         self.counts: dict[str, int] = defaultdict(int)
 
-    def __call__(self, model: FusedReceiver, examples: Sequence[ChatExample]) -> FusionBatch | None:
+    def batch(self, model: FusedReceiver, examples: Sequence[ChatExample]) -> FusionBatch | None:
         """The padded batch, or None when every sample's prompt is too long (after the first batch)."""
         encoded, lengths = [], []
         for example in examples:

@@ -1,8 +1,12 @@
-"""Bidirectional Co-C2C: one training run trains F[second -> first] and F[first -> second].
+"""The Co-C2C recipe: one training run trains F[second -> first] and F[first -> second].
 
-On every batch each model is once the receiver and once the sender (the FedRefine paper's
-eq. 2-3); the two response losses are summed and logged separately. ``test`` evaluates the
-direction whose receiver ``eval_receiver`` names.
+    setup          load both participants (frozen); a fused receiver per direction, fusers new or from a registry
+    training_step  on every batch each model is once the receiver and once the sender (the FedRefine paper's
+                   eq. 2-3): each direction sends, fuses and takes its response loss; the two are summed
+    log            the total and each direction's loss
+    on_train_end   both fusers into the registry
+
+``test`` evaluates the direction whose receiver ``eval_receiver`` names (the shared base).
 """
 
 from __future__ import annotations
@@ -81,14 +85,15 @@ class CoC2CModule(FusionModule):
         return [model.fusers for model in self.directions.values()]
 
     def encode_chat_batch(self, examples: Sequence[ChatExample]) -> dict[str, FusionBatch | None]:
-        return {role: self.chat_batches(model, examples) for role, model in self.directions.items()}
+        return {role: self.chat_batches.batch(model, examples) for role, model in self.directions.items()}
 
     def training_step(self, batch: dict[str, FusionBatch | None], batch_idx: int) -> Tensor | None:
         self.anneal_gates()
         losses = {}
         for role, model in self.directions.items():
             if batch[role] is not None:
-                losses[role] = response_loss(model, batch[role])
+                sent = model.send(batch[role], link=self.training_link)
+                losses[role] = response_loss(model(batch[role], sent.messages, sent.own).logits, batch[role])
                 self.log(f"train/loss_{role}_receives", losses[role], batch_size=len(batch[role]))
         if not losses:
             return None

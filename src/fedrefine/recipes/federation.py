@@ -1,8 +1,14 @@
-"""LightningModule for one receiver of a federation with any subset of its senders.
+"""The federation recipe: one receiver of a federation with any subset of its senders, and its gating network.
 
-``test`` reports receiver alone, C2C with each single sender and with the whole subset on the
-same questions. ``fit`` trains the gating network (and, optionally, the pairwise fusers) on
-chat data with a random non-empty subset of senders per batch.
+    setup          the federation's participants (frozen) and the registry's fusers; the gate (new or saved)
+    training_step  a random non-empty subset of senders sends once; the receiver's response loss through the
+                   gated fusion trains the gate (and, optionally, the fusers); or, with the ``benefit`` objective,
+                   the gate learns which sender alone lowers the loss
+    log            loss, subset size, each sender's mean gate weight
+    on_train_end   export the gate (and trained fusers back into the registry)
+
+``test`` reports receiver alone, C2C with each single sender and with the whole subset on the same
+questions (the shared base).
 """
 
 from __future__ import annotations
@@ -171,11 +177,13 @@ class FederationModule(FusionModule):
             self.log("train/gate_loss", loss, prog_bar=True, batch_size=len(batch))
             return loss
         subset = self.random_subset()
-        loss = response_loss(self.fused, batch, senders=subset)
+        sent = self.fused.send(batch, subset, self.training_link)
+        output = self.fused(batch, sent.messages, sent.own)
+        loss = response_loss(output.logits, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         self.log("train/subset_size", float(len(subset)), batch_size=len(batch))
-        for name, share in self.fused.gate_weights.items():  # set by this step's fusion (with a gate)
-            self.log(f"gating/{name}", share, batch_size=len(batch))
+        for name, weights in output.gate_weights.items():  # (B, L_t): this step's share of each sender
+            self.log(f"gating/{name}", weights.detach().mean(), batch_size=len(batch))
         return loss
 
     def benefit_loss(self, batch: FusionBatch) -> Tensor:
@@ -183,13 +191,13 @@ class FederationModule(FusionModule):
         fused alone at full weight, lowered the receiver's loss on each sample's response (by over the margin)."""
         fused, names = self.fused, self.fused.sender_names
         with torch.no_grad():
-            messages = fused.kv_messages(batch, names)
-            with fused.without_gate():
-                alone = response_losses(fused, batch, senders=[])  # (B,)
-                margin = self.hparams.benefit_margin
-                helps = torch.stack(
-                    [response_losses(fused, batch, [n], {n: messages[n]}) < alone - margin for n in names], dim=-1
-                )  # (B, S)
+            messages = fused.send(batch, names, self.training_link).messages
+            alone = response_losses(fused(batch).logits, batch)  # (B,): the receiver alone
+            margin = self.hparams.benefit_margin
+            helps = torch.stack(  # each sender alone, fused at full weight (no gate)
+                [response_losses(fused(batch, {n: messages[n]}, gated=False).logits, batch) < alone - margin for n in names],
+                dim=-1,
+            )  # (B, S)
         logits = fused.source_gate.batch_logits(batch, messages, [names.index(n) for n in messages])  # (B, L_t, S)
         for name, share in zip(names, helps.float().mean(0).tolist()):
             self.log(f"gating/{name}_helps", share, batch_size=len(batch))

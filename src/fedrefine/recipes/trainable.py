@@ -1,4 +1,5 @@
-"""Checkpoints that hold only a module's trainable parts, named by the parts themselves (never by strings).
+"""Checkpoints that hold only a module's trainable parts, named by the parts themselves (never by strings), and the
+policy that keeps the participants frozen (:class:`TrainableOnly`).
 
 A LightningModule declares its trainable parts (``trainable_modules()``, as torchtune's
 ``adapter_params()``); their state-dict prefixes are found in the module tree, so renaming an
@@ -66,3 +67,44 @@ def check_fuser_pairs(saved: list[dict[str, Any]] | None, current: list[dict[str
             f"Checkpoint is for {describe(saved)}, but this run's pairs are {describe(current)}. "
             f"Use the checkpoint of this pair."
         )
+
+
+class TrainableOnly:
+    """The frozen-participant policy of a LightningModule (mixed in ahead of it): only the declared trainable parts
+    ever train or reach a checkpoint, the participants' LLMs stay in eval mode, and a checkpoint loads only into a
+    module whose fusers are for the same ordered pairs.
+
+    The module sets ``self.fused`` (its :class:`~fedrefine.fusion.FusedReceiver`) and may override
+    :meth:`trainable_modules`.
+    """
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """The parts that train and are checkpointed: the fusers and the gating network, if any."""
+        return [self.fused.fusers, *([self.fused.source_gate] if self.fused.source_gate is not None else [])]
+
+    def frozen_models(self) -> list[nn.Module]:
+        return [m for m in self.modules() if getattr(m, "_is_fedrefine_participant", False)]
+
+    def train(self, mode: bool = True):
+        """Only fusers and gates ever enter train mode; the LLMs stay in eval mode (no dropout)."""
+        super().train(mode)
+        for model in self.frozen_models():
+            model.eval()
+        return self
+
+    def state_dict(self, *args: Any, **kwargs: Any):
+        """Only the trainable parts' weights: checkpoints never hold the frozen LLMs."""
+        return trainable_state(super().state_dict(*args, **kwargs), trainable_prefixes(self, self.trainable_modules()))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load trainable weights; with ``strict`` every trainable key must be present and nothing else."""
+        if strict:
+            check_trainable_keys(set(self.state_dict()), state_dict)
+        # The frozen LLM weights are absent from checkpoints by design; only they are left out here.
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["fedrefine_fusers"] = fuser_metadata(self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_fuser_pairs(checkpoint.get("fedrefine_fusers"), fuser_metadata(self))

@@ -41,7 +41,7 @@ from fedrefine.runtime.serving import (
 )
 from fedrefine.settings import documented
 from fedrefine.wire.codecs import CODEC_NAMES, codec_by_name
-from fedrefine.wire.format import FORMAT_NAME, FORMAT_VERSION, encode_message
+from fedrefine.wire.format import FORMAT_NAME, FORMAT_VERSION, serialize_message
 from fedrefine.wire.message import prefill_message
 
 SERVICE_NAME = "fedrefine.participant.v1.Participant"
@@ -125,7 +125,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
                                       None if sent is None else sent.to(device))
             prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        data = encode_message(message, codec)
+        data = serialize_message(message, codec)
         encode_seconds = time.perf_counter() - start
         if self.drill.truncate:
             data = data[: len(data) // 2]

@@ -1,22 +1,23 @@
 """Scoring a multiple-choice question's options: next-token logits over the option letters, or each
 option text's log-likelihood (cloze, lm-evaluation-harness style).
 
-Both read the model's logits from the last prompt token on, so the same code scores a
-participant alone and a fused receiver: only the ``forward`` that produces those logits differs.
-Cloze scoring computes each option's summed log-probability and its lengths once
-(:class:`OptionScores`); every :data:`Normalization` is derived from those.
+Both read one :class:`~fedrefine.kv.prompt.PromptState`: the model's state after reading the prompt
+once, whatever read it (a participant alone, a fused receiver). Letters are scored from its last
+logits; cloze continuations of every option run in one forward over copies of its cache. Cloze
+scoring computes each option's summed log-probability and its lengths once (:class:`OptionScores`);
+every :data:`Normalization` is derived from those.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from fedrefine.kv.cache import positions_from_mask
+from fedrefine.kv.prompt import PromptState, continuation_logits, read_prompt
 from fedrefine.participants import Participant
 from fedrefine.participants.padding import left_pad, right_pad
 from fedrefine.tasks.multiple_choice import (
@@ -28,8 +29,6 @@ from fedrefine.tasks.multiple_choice import (
     encode_question,
 )
 
-#: ``forward(response_ids, response_mask)`` -> logits (B, 1 + R, V) from the last prompt token on.
-ContinuationForward = Callable[[Tensor, Tensor], Tensor]
 #: Per question, how its options are named: first-token ids (letters) or cloze continuations.
 OptionTokens = Sequence[Sequence[int]] | Sequence[ClozeOptions]
 #: How a cloze option's summed log-probability is normalised before the argmax: ``sum`` (none;
@@ -91,11 +90,13 @@ def option_logits(next_token_logits: Tensor, option_token_ids: Sequence[Sequence
     return next_token_logits.gather(1, index).masked_fill(~valid, float("-inf"))  # (B, width)
 
 
-def continuation_scores(forward: ContinuationForward, options: Sequence[ClozeOptions], pad_id: int) -> OptionScores:
+def continuation_scores(model: nn.Module, state: PromptState, options: Sequence[ClozeOptions], pad_id: int) -> OptionScores:
     """Each option's summed continuation log-probability, token count and character count (cloze scoring).
 
-    ``forward(response_ids, response_mask)`` returns logits (B, 1 + R, V) from the last prompt
-    token on, with the right-padded response teacher-forced; it runs once per option slot.
+    Every option of every row is scored over the one ``state`` its row's prompt was read into: its first token
+    from the state's last logits, the rest from one forward of every continuation longer than one token over
+    copies of its prompt's cache row (the last token of a continuation is never read). Rows with fewer options
+    than the widest report -inf there.
     """
     width = max(len(o.continuations) for o in options)
     total = torch.full((len(options), width), float("-inf"))  # (B, K)
@@ -103,55 +104,42 @@ def continuation_scores(forward: ContinuationForward, options: Sequence[ClozeOpt
     for i, o in enumerate(options):
         tokens[i, : len(o.continuations)] = torch.tensor([len(c) for c in o.continuations], dtype=total.dtype)
         chars[i, : len(o.chars)] = torch.tensor(o.chars, dtype=total.dtype)
-    for k in range(width):
-        rows = [o.continuations[k] if k < len(o.continuations) else o.continuations[0] for o in options]
-        ids, mask = right_pad(rows, pad_id)  # (B, R) each
-        logits = forward(ids, mask)  # (B, 1 + R, V)
-        ids, mask = ids.to(logits.device), mask.to(logits.device)
-        log_probs = logits[:, :-1].float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B, R)
-        summed = (log_probs * mask).sum(1)  # (B,)
-        present = torch.tensor([k < len(o.continuations) for o in options], device=summed.device)  # (B,)
-        total[:, k] = torch.where(present, summed, float("-inf")).cpu()
+    first = state.last_logits.float().log_softmax(-1)  # (B, V): predicts each continuation's first token
+    for start in (True, False):  # single-token continuations, then the longer ones (a forward for their later tokens)
+        scored = [(i, k, c) for i, o in enumerate(options) for k, c in enumerate(o.continuations) if (len(c) == 1) == start]
+        if not scored:
+            continue
+        ids, mask = (t.to(first.device) for t in right_pad([c for _, _, c in scored], pad_id))  # (C, R) each
+        prompts = torch.tensor([i for i, _, _ in scored], device=first.device)  # (C,): the prompt each continues
+        log_probs = first.index_select(0, prompts).gather(1, ids[:, :1])  # (C, 1)
+        if not start:
+            logits = continuation_logits(model, state, prompts, ids[:, :-1], mask[:, :-1])  # (C, R - 1, V)
+            later = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (C, R - 1)
+            log_probs = torch.cat((log_probs, later), dim=1)  # (C, R)
+        summed = (log_probs * mask).sum(1).cpu()  # (C,)
+        for (i, k, _), value in zip(scored, summed):
+            total[i, k] = value
     return OptionScores(total, tokens, chars)
 
 
 def score_options(
-    next_token_logits: Callable[[], Tensor],
-    forward: ContinuationForward,
-    options: OptionTokens,
-    style: AnswerStyle,
-    pad_id: int,
+    model: nn.Module, state: PromptState, options: OptionTokens, style: AnswerStyle, pad_id: int
 ) -> OptionScores:
-    """Option-letter logits (``letter``) or cloze log-likelihoods (``text``), (B, max options).
-
-    ``next_token_logits()`` gives (B, V) logits of the last prompt token; ``forward`` teacher-forces
-    continuations (see :func:`continuation_scores`). Only the one the style needs is called.
-    """
+    """Option-letter logits (``letter``) or cloze log-likelihoods (``text``), (B, max options), of the prompts
+    ``model`` read into ``state`` (see :func:`continuation_scores`); letters need only the state's last logits."""
     if style == "letter":
-        return OptionScores(option_logits(next_token_logits().float(), options))
-    return continuation_scores(forward, options, pad_id)
+        return OptionScores(option_logits(state.last_logits.float(), options))
+    return continuation_scores(model, state, options, pad_id)
 
 
 @torch.no_grad()
 def score_alone(
     participant: Participant, ids: Tensor, mask: Tensor, options: OptionTokens, style: AnswerStyle
 ) -> OptionScores:
-    """Option scores of left-padded prompts ``ids``/``mask`` (B, N) by the participant alone."""
-    model = participant.model
-
-    def next_token_logits() -> Tensor:
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits[:, -1]
-
-    def forward(response_ids: Tensor, response_mask: Tensor) -> Tensor:
-        full_mask = torch.cat((mask, response_mask.to(mask.device)), 1)  # (B, N + R)
-        return model(
-            input_ids=torch.cat((ids, response_ids.to(ids.device)), 1),
-            attention_mask=full_mask,
-            position_ids=positions_from_mask(full_mask),
-            logits_to_keep=response_ids.shape[1] + 1,
-        ).logits  # (B, 1 + R, V)
-
-    return score_options(next_token_logits, forward, options, style, participant.tokenizer.pad_token_id)
+    """Option scores of left-padded prompts ``ids``/``mask`` (B, N) by the participant alone: the prompts are read
+    once, then every option is scored from that read."""
+    state = read_prompt(participant.model, ids, mask)
+    return score_options(participant.model, state, options, style, participant.tokenizer.pad_token_id)
 
 
 def score_encoded(participant: Participant, encoded: Sequence[EncodedQuestion], style: AnswerStyle = "letter") -> OptionScores:

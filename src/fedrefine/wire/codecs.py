@@ -27,11 +27,11 @@ class Codec(ABC):
     name: str
 
     @abstractmethod
-    def encode(self, states: Tensor, role: Role) -> dict[str, Tensor]:
+    def compress(self, states: Tensor, role: Role) -> dict[str, Tensor]:
         """The parts that travel (contiguous CPU tensors)."""
 
     @abstractmethod
-    def decode(self, parts: dict[str, Tensor], shape: tuple[int, int, int], role: Role) -> Tensor:
+    def decompress(self, parts: dict[str, Tensor], shape: tuple[int, int, int], role: Role) -> Tensor:
         """The (H, T, D) float tensor the parts stand for."""
 
     @property
@@ -43,9 +43,9 @@ class Codec(ABC):
         return {}
 
     def round_trip(self, states: Tensor, role: Role) -> Tensor:
-        """``decode(encode(states))`` in ``states``' dtype and device: what the receiver's fuser reads."""
+        """``decompress(compress(states))`` in ``states``' dtype and device: what the receiver's fuser reads."""
         shape = tuple(states.shape)
-        return self.decode(self.encode(states, role), shape, role).to(states.device, states.dtype)
+        return self.decompress(self.compress(states, role), shape, role).to(states.device, states.dtype)
 
 
 class CastCodec(Codec):
@@ -54,10 +54,10 @@ class CastCodec(Codec):
     def __init__(self, name: str) -> None:
         self.name, self.dtype = name, _CAST_DTYPES[name]
 
-    def encode(self, states: Tensor, role: Role) -> dict[str, Tensor]:
+    def compress(self, states: Tensor, role: Role) -> dict[str, Tensor]:
         return {"data": states.detach().to("cpu", self.dtype).contiguous()}
 
-    def decode(self, parts: dict[str, Tensor], shape: tuple[int, int, int], role: Role) -> Tensor:
+    def decompress(self, parts: dict[str, Tensor], shape: tuple[int, int, int], role: Role) -> Tensor:
         return parts["data"].reshape(shape).float()
 
     @property
@@ -100,14 +100,14 @@ class GroupedQuantCodec(Codec):
         rows = torch.nn.functional.pad(rows, (0, (-rows.shape[1]) % group))
         return rows.view(rows.shape[0], -1, group)  # (R, G, group)
 
-    def encode(self, states: Tensor, role: Role) -> dict[str, Tensor]:
+    def compress(self, states: Tensor, role: Role) -> dict[str, Tensor]:
         grouped = self._grouped(states.detach().float().cpu(), role)  # (R, G, S)
         scale = (grouped.abs().amax(-1, keepdim=True) / self.qmax).to(torch.float16)  # (R, G, 1)
         safe = scale.float().clamp(min=torch.finfo(torch.float16).tiny)
         codes = (grouped / safe).round().clamp(-self.qmax, self.qmax) + self.qmax  # (R, G, S) in 0 .. 2 * qmax
         return {"codes": pack(codes.to(torch.uint8).flatten(), self.bits), "scale": scale.squeeze(-1).contiguous()}
 
-    def decode(self, parts: dict[str, Tensor], shape: tuple[int, int, int], role: Role) -> Tensor:
+    def decompress(self, parts: dict[str, Tensor], shape: tuple[int, int, int], role: Role) -> Tensor:
         heads, tokens, dim = shape
         group = self.group(shape, role)
         scale = parts["scale"].float().unsqueeze(-1)  # (R, G, 1)

@@ -43,7 +43,7 @@ class WireFormatError(ValueError):
     """A message that is not what its sender or its receiver expects; never fused."""
 
 
-def encode_message(message: KVMessage, codec: Codec) -> bytes:
+def serialize_message(message: KVMessage, codec: Codec) -> bytes:
     """The message's bytes: header plus coded K/V at the transmitted positions."""
     mask = message.attention_mask if message.sent is None else message.sent  # (B, N)
     flat = mask.reshape(-1).bool().cpu()  # (B * N,)
@@ -57,7 +57,7 @@ def encode_message(message: KVMessage, codec: Codec) -> bytes:
         dtype = keys.dtype
         for prefix, states, role in (("k", keys, "key"), ("v", values, "value")):
             picked = transmitted(states, flat)  # (H, T, D)
-            for part, tensor in codec.encode(picked, role).items():
+            for part, tensor in codec.compress(picked, role).items():
                 tensors[f"{prefix}{layer}.{part}"] = tensor
     batch, length = message.attention_mask.shape
     header = {
@@ -91,7 +91,7 @@ def transmitted(states: Tensor, flat_mask: Tensor) -> Tensor:
     return states.detach().cpu().permute(1, 0, 2, 3).reshape(heads, -1, dim)[:, flat_mask]
 
 
-def decode_message(
+def deserialize_message(
     data: bytes,
     expected: ParticipantIdentity,
     trained_for: Collection[str] | None = None,
@@ -179,7 +179,7 @@ def assemble(
     for layer in layers:
         pair = []
         for prefix, role in (("k", "key"), ("v", "value")):
-            pair.append(decode_states(tensors, f"{prefix}{layer}.", codec, role, (heads, count, dim), refuse))
+            pair.append(decompress_states(tensors, f"{prefix}{layer}.", codec, role, (heads, count, dim), refuse))
         decoded[layer] = tuple(scatter(t, flat, batch, length).to(device, dtype) for t in pair)
     return KVMessage(
         sender=sender,
@@ -191,12 +191,12 @@ def assemble(
     )
 
 
-def decode_states(tensors: dict[str, Tensor], prefix: str, codec: Codec, role: Role, shape: tuple[int, int, int], refuse) -> Tensor:
+def decompress_states(tensors: dict[str, Tensor], prefix: str, codec: Codec, role: Role, shape: tuple[int, int, int], refuse) -> Tensor:
     parts = {key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix)}
     if not parts:
         raise refuse(f"layer tensors {prefix}* are missing")
     try:
-        states = codec.decode(parts, shape, role)
+        states = codec.decompress(parts, shape, role)
     except (KeyError, RuntimeError, ValueError) as err:
         raise refuse(f"{prefix}* do not decode to {shape} with codec {codec.name} ({err})") from None
     if tuple(states.shape) != shape:

@@ -11,7 +11,7 @@ import torch
 
 from fedrefine.settings import documented
 from fedrefine.wire.codecs import CODEC_NAMES, codec_by_name
-from fedrefine.wire.format import MAX_MESSAGE_BYTES, decode_message, encode_message
+from fedrefine.wire.format import MAX_MESSAGE_BYTES, deserialize_message, serialize_message
 from fedrefine.wire.message import KVMessage
 
 
@@ -70,6 +70,6 @@ def transmit(
     message: KVMessage, codec: str, config: LinkConfig, trained_for: Collection[str] | None = None
 ) -> KVMessage:
     """Send ``message`` through the wire format and decode it as the receiver does (validated)."""
-    data = encode_message(message, codec_by_name(codec, config.group_size))
+    data = serialize_message(message, codec_by_name(codec, config.group_size))
     device = next(iter(message.layers.values()))[0].device if message.layers else torch.device("cpu")
-    return decode_message(data, message.sender, trained_for, config.max_message_bytes, device)
+    return deserialize_message(data, message.sender, trained_for, config.max_message_bytes, device)
