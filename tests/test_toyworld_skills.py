@@ -23,7 +23,7 @@ from fedrefine.toyworld.corpus import (
     rephrasing_target,
 )
 from fedrefine.toyworld.pretrain import batch_loss, stage_mixture, toy_tokenizer
-from fedrefine.toyworld.world import QUESTION_VARIANTS, STATEMENT_TEMPLATES
+from fedrefine.toyworld.world import QUESTION_VARIANTS, STATEMENT_TEMPLATES, parse_statements
 
 SMALL = WorldConfig(seed=5, num_entities=24, attributes=("colour", "city"), values_per_attribute=5,
                     num_private_groups=2, public_fraction=1 / 3, held_out_fraction=0.25, num_fictional=4)
@@ -55,7 +55,7 @@ def test_every_wording_of_a_question_parses_back_to_its_entity_and_attribute(wor
     fact = world.facts(world.names[:1])[0]
     assert world.parse_question(f"{fact.question()} And more.") is None
     assert world.parse_question(fact.question().replace(fact.entity, "Nobody")) is None  # not an entity of the world
-    stated = world.parse_statements(f"{fact.statement()} Something else. {world.fictional[0].facts[1].statement()}")
+    stated = parse_statements(f"{fact.statement()} Something else. {world.fictional[0].facts[1].statement()}")
     assert stated == [(fact.entity, fact.attribute, fact.value), (world.fictional[0].name, "city", world.fictional[0].facts[1].value)]
 
 
@@ -132,7 +132,7 @@ def test_corpora_hold_the_skills_each_participant_is_taught(world):
     contradicting = 0
     for text in receiver_corpus.skills["read_hints"]:
         decoded = receiver.tokenizer.decode(text.input_ids)
-        stated = world.parse_statements(decoded.split("Background from other models:\n")[1].split("\n")[0])
+        stated = parse_statements(decoded.split("Background from other models:\n")[1].split("\n")[0])
         (entity, attribute, value), = stated
         assert decoded.rstrip().removesuffix("<|im_end|>").endswith(f"The correct answer is {value}.")
         truth = next((f.value for f in world.entity(entity).facts if f.attribute == attribute), None)

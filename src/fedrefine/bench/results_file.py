@@ -5,17 +5,21 @@ of a rephrased query mode also only for the rephrasing settings (``rephrasing_fi
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from fedrefine.bench.cells import cell_fields
-from fedrefine.evaluation import EvaluationReport
+from fedrefine.evaluation import EvaluationConfig, EvaluationReport
 from fedrefine.evaluation.metrics import STAGES
+from fedrefine.participants import ParticipantIdentity
+from fedrefine.tasks.multiple_choice import MultipleChoiceItem
 from fedrefine.tasks.routes import Route
 
 #: Version 2: cells are keyed by their route's canonical text (``c2c.concat:a+b@private``).
@@ -23,6 +27,37 @@ RESULTS_FORMAT = 2
 #: Header fields that say how a file was made rather than what it measured.
 _PROVENANCE = ("command", "commit", "rows", "format")
 _FINGERPRINTS = ("fingerprint", "fusion_fingerprints", "rephrasing_fingerprint")
+
+
+def settings_fingerprint(
+    participants: Mapping[str, ParticipantIdentity],
+    questions: Sequence[MultipleChoiceItem],
+    evaluation: EvaluationConfig,
+    batch_size: int,
+    link_mbit_per_s: float,
+) -> str:
+    """Hash of everything every cell's result depends on: the results format, participants, questions, evaluation
+    settings but the rephrasing's (:func:`rephrasing_fingerprint`; where its cache lives changes no result)."""
+    settings = dataclasses.asdict(evaluation)
+    del settings["rephrase"], settings["rephrase_cache_dir"]
+    return _digest({
+        "format": RESULTS_FORMAT,
+        "participants": {name: identity.to_dict() for name, identity in participants.items()},
+        "questions": [dataclasses.asdict(item) for item in questions],
+        "evaluation": settings,
+        "batch_size": batch_size,
+        "link_mbit_per_s": link_mbit_per_s,
+    })
+
+
+def rephrasing_fingerprint(evaluation: EvaluationConfig) -> str:
+    """Hash of the rephrasing settings, which only shared and private cells depend on (the rephraser, the receiver,
+    is in :func:`settings_fingerprint`)."""
+    return _digest(dataclasses.asdict(evaluation.rephrase))
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class StaleResultsError(ValueError):

@@ -12,10 +12,7 @@ settings (when those change, those cells run again).
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-import hashlib
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +26,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedrefine.bench.cells import ROUTES, SubsetPolicy, expand_cells, unsupported_reason
 from fedrefine.bench.fuser_training import FuserTraining, GateTraining
 from fedrefine.bench.records import git_commit
-from fedrefine.bench.results_file import RESULTS_FORMAT, SweepResultsFile, result_row, unsupported_row
+from fedrefine.bench.results_file import (
+    SweepResultsFile,
+    rephrasing_fingerprint,
+    result_row,
+    settings_fingerprint,
+    unsupported_row,
+)
 from fedrefine.bench.sweep_fusion import SweepFusion
 from fedrefine.bench.sweep_report import write_reports
 from fedrefine.data.datamodule import C2CDataModule
@@ -172,24 +175,9 @@ class BenchSweep:
         return self._planner
 
     def fingerprint(self, questions: QuestionDataset) -> str:
-        """Hash of everything every cell's result depends on: questions, participants, evaluation settings but the
-        rephrasing's (:meth:`rephrasing_fingerprint`; where its cache lives changes no result)."""
-        evaluation = dataclasses.asdict(self.evaluation)
-        del evaluation["rephrase"], evaluation["rephrase_cache_dir"]
-        payload = {
-            "format": RESULTS_FORMAT,
-            "participants": {n: self.participant(n).identity.to_dict() for n in (self.receiver_name, *self.sender_names)},
-            "questions": [dataclasses.asdict(item) for item in questions.items],
-            "evaluation": evaluation,
-            "batch_size": self.batch_size,
-            "link_mbit_per_s": self.link_mbit_per_s,
-        }
-        return _digest(payload)
-
-    def rephrasing_fingerprint(self) -> str:
-        """Hash of the rephrasing settings, which only shared and private cells depend on (the rephraser, the
-        receiver, is in :meth:`fingerprint`)."""
-        return _digest(dataclasses.asdict(self.evaluation.rephrase))
+        """Hash of everything every cell's result depends on (see :func:`settings_fingerprint`)."""
+        participants = {n: self.participant(n).identity for n in (self.receiver_name, *self.sender_names)}
+        return settings_fingerprint(participants, questions.items, self.evaluation, self.batch_size, self.link_mbit_per_s)
 
     # --- cells ----------------------------------------------------------------------------------
     def aligned_messages(self, cell: Route) -> AlignedMessages:
@@ -210,7 +198,7 @@ class BenchSweep:
             "name": self.name,
             "fingerprint": fingerprint,
             "fusion_fingerprints": fusion_fingerprints or {},
-            "rephrasing_fingerprint": self.rephrasing_fingerprint(),
+            "rephrasing_fingerprint": rephrasing_fingerprint(self.evaluation),
             "command": command,
             "commit": self.commit,
             "receiver": self.receiver_name,
@@ -266,7 +254,3 @@ class BenchSweep:
 def _matching(keys: list[str], patterns: Sequence[str]) -> list[str]:
     """The keys that match any of the shell patterns (a key is a pattern matching itself)."""
     return [key for key in keys if any(fnmatch.fnmatchcase(key, p) for p in patterns)]
-
-
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -21,7 +21,7 @@ from fedrefine.privacy.rephrase import RephraseConfig, Rephraser
 from fedrefine.tasks.multiple_choice import MultipleChoiceItem
 from fedrefine.tasks.scoring import predict_alone
 from fedrefine.tasks.t2t import DEFAULT_PROMPT_TEMPLATE, T2TConfig, answer_with_hints
-from fedrefine.toyworld.world import ANSWER_STYLE, Fact, ToyWorld
+from fedrefine.toyworld.world import ANSWER_STYLE, Fact, ToyWorld, parse_statements
 
 
 def accuracy(predictions: Sequence[int], items: Sequence[MultipleChoiceItem]) -> float:
@@ -40,7 +40,7 @@ def hint_fact_accuracy(sender: Participant, world: ToyWorld, facts: Sequence[Fac
     states the asked entity's true value of the asked attribute."""
     prompts = [DEFAULT_PROMPT_TEMPLATE.format(question=fact.question(variant)) for fact in facts]
     replies = generate_replies(sender, prompts, max_new_tokens=T2TConfig().budget, batch_size=64)
-    stated = [world.parse_statements(reply.text) for reply in replies]
+    stated = [parse_statements(reply.text) for reply in replies]
     return sum((f.entity, f.attribute, f.value) in s for f, s in zip(facts, stated)) / len(facts)
 
 

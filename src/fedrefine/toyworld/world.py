@@ -393,18 +393,6 @@ class ToyWorld:
                     return match["name"], attribute, variant
         return None
 
-    def parse_statements(self, text: str) -> list[tuple[str, str, str]]:
-        """Every ``(entity, attribute, value)`` stated in ``text`` (sentences in :data:`STATEMENT_TEMPLATES`'s
-        wording); sentences in other words are skipped."""
-        found = []
-        for sentence in re.findall(r"[^.]+\.", text):
-            for attribute, template in STATEMENT_TEMPLATES.items():
-                match = _pattern(template).match(sentence)
-                if match:
-                    found.append((match["name"], attribute, match["value"]))
-                    break
-        return found
-
     def questions(self, names: Iterable[str]) -> list[MultipleChoiceItem]:
         """The :meth:`question_rows` as validated items."""
         return [MultipleChoiceItem.from_row(row) for row in self.question_rows(names)]
@@ -435,6 +423,19 @@ class ToyWorld:
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def parse_statements(text: str) -> list[tuple[str, str, str]]:
+    """Every ``(entity, attribute, value)`` stated in ``text`` (sentences in :data:`STATEMENT_TEMPLATES`'s wording);
+    sentences in other words are skipped. Any entity is read: whether the world knows it is the caller's question."""
+    found = []
+    for sentence in re.findall(r"[^.]+\.", text):
+        for attribute, template in STATEMENT_TEMPLATES.items():
+            match = _pattern(template).match(sentence)
+            if match:
+                found.append((match["name"], attribute, match["value"]))
+                break
+    return found
 
 
 def conversation_row(item: MultipleChoiceItem, style: AnswerStyle = ANSWER_STYLE) -> dict[str, Any]:
