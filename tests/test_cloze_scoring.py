@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fedrefine.data.question_dataset import QuestionDataset
-from fedrefine.evaluation import EvaluationConfig, Evaluator
+from fedrefine.evaluation import EvaluationConfig, Evaluator, Variant
+from fedrefine.evaluation.report import EvaluationReport
 from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver
 from fedrefine.kv.cache import layers_to_cache
@@ -166,3 +167,90 @@ def test_bad_cloze_settings_are_refused_with_the_setting_named(receiver, llama_s
     for route in ("c2c", "t2t", "receiver@shared"):
         with pytest.raises(RouteError, match=f"prompt_style 'lm_eval'.*\\['{route}'\\].*'receiver' and 'sender:<name>'"):
             Evaluator(model, parse_routes([route], model.sender_names), config)
+
+
+class Reads:
+    """Every forward of a model during an evaluation: (rows, tokens, whether it ran option continuations)."""
+
+    def __init__(self, model, monkeypatch):
+        import fedrefine.tasks.scoring as scoring
+
+        self.calls, self._continuing = [], False
+        self._hook = model.register_forward_hook(self._record, with_kwargs=True)
+        original = scoring.continuation_logits
+
+        def continuation_logits(*args, **kwargs):
+            self._continuing = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._continuing = False
+
+        monkeypatch.setattr(scoring, "continuation_logits", continuation_logits)
+
+    def _record(self, module, args, kwargs, output):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        self.calls.append((*ids.shape, self._continuing))
+
+    @property
+    def prompt_reads(self):
+        return [(rows, tokens) for rows, tokens, continuing in self.calls if not continuing]
+
+    @property
+    def continuations(self):
+        return [(rows, tokens) for rows, tokens, continuing in self.calls if continuing]
+
+
+def counted_fusion(model, monkeypatch):
+    """Calls of the receiver's fusion strategy and of each fuser (the hooks go with ``monkeypatch``'s undo)."""
+    counts = {"fusions": 0, "fuser_calls": 0}
+    prepare = model.strategy.prepare
+
+    def counted_prepare(*args, **kwargs):
+        counts["fusions"] += 1
+        return prepare(*args, **kwargs)
+
+    def counted(forward):
+        def call(*args, **kwargs):
+            counts["fuser_calls"] += 1
+            return forward(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(model.strategy, "prepare", counted_prepare)
+    for fuser in model.fusers:
+        monkeypatch.setattr(fuser, "forward", counted(fuser.forward))
+    return counts
+
+
+@pytest.mark.parametrize("fuse_at", ["prompt", "last"])
+def test_a_cloze_question_reads_its_prompt_and_fuses_once_whatever_its_options(monkeypatch, receiver, llama_sender, qwen2_sender, fuse_at):
+    """Cloze scoring reads each prompt once (a fused one: the senders send once and the receiver fuses once) and
+    scores every option from that read: at most one more forward for all options' later tokens, whatever the
+    number of options."""
+    config = FuserConfig(hidden_size=8, fuse_at=fuse_at)
+    fusers = [Fuser(s.identity, receiver.identity, config) for s in (llama_sender, qwen2_sender)]
+    model = FusedReceiver(receiver, [llama_sender, qwen2_sender], fusers, sender_names=["llama", "qwen2"]).eval()
+    settings = EvaluationConfig(answer_mode="cloze", prefill_answer=fuse_at == "last", t2t=T2TConfig(budget=3))
+    questions = QuestionDataset(ITEMS)
+    for route, reader in (("receiver", receiver), ("c2c", receiver), ("sender:llama", llama_sender), ("t2t:llama", receiver)):
+        evaluator = Evaluator(model, parse_routes([route], model.sender_names), settings)
+        batch = evaluator.encode([questions[i] for i in range(len(ITEMS))])
+        with monkeypatch.context() as patched:
+            reads, fusion = Reads(reader.model, patched), counted_fusion(model, patched)
+            try:
+                evaluator.answer(batch, EvaluationReport(evaluator.routes))
+            finally:
+                reads._hook.remove()
+        assert len(reads.continuations) <= 1, route  # every option of every question in one forward
+        if route == "t2t:llama":
+            assert len(reads.prompt_reads) == 1  # the receiver reads the hinted prompts once (one T2T batch)
+        else:  # every prompt token of every question read exactly once
+            alone = route.startswith("sender")
+            prompt = batch.alone["llama"].input_ids if alone else batch.fusion[Variant("item", "original")].receiver_input_ids
+            assert sum(rows * tokens for rows, tokens in reads.prompt_reads) == prompt.numel(), route
+            assert all(rows == len(ITEMS) for rows, _ in reads.prompt_reads), route
+        fused = route == "c2c"
+        assert fusion["fusions"] == int(fused), route
+        layers = receiver.identity.num_layers if fuse_at == "last" else 1  # last-token fusion fuses as layers are written
+        assert fusion["fuser_calls"] == (2 * layers if fused else 0), route
