@@ -93,17 +93,19 @@ class ResidualFusion(FusionStrategy):
         inputs: Sequence[FusionInput],
         start: int = 0,
         reads: Sequence[KVStack] | None = None,
+        frame: RotaryFrame | None = None,
     ) -> dict[int, LayerKV]:
         """Fused K/V of the given receiver layers (index -> rotated K, V, each (B, H_t, n, D_t)) over the
         prompt columns ``start ... start + n``, whose receiver positions are ``positions`` (B, n).
 
-        ``reads``: each input's :meth:`sender_reads` over those columns, when already gathered.
+        ``reads``: each input's :meth:`sender_reads` over those columns, and ``frame``: the receiver's rotary frame
+        at ``positions``, when already made (a layer-by-layer fusion makes them once).
         """
         length = next(iter(receiver_layers.values()))[0].shape[2]
         columns = slice(start, start + length)
         dtype = next(inputs[0].fuser.parameters()).dtype
         reads = self.sender_reads(inputs, columns, dtype) if reads is None else reads
-        frame = RotaryFrame(receiver.rotary_embedding, positions)
+        frame = RotaryFrame(receiver.rotary_embedding, positions) if frame is None else frame
         fused: dict[int, LayerKV] = {}
         for chunk in layer_chunks(receiver_layers, FUSE_CHUNK_BYTES):
             fused |= self._fuse_layers(frame, chunk, columns, attention_mask, inputs, reads, dtype)
@@ -162,15 +164,18 @@ class ResidualFusion(FusionStrategy):
         self, receiver: Participant, input_ids: Tensor, attention_mask: Tensor, inputs: Sequence[FusionInput], consumed: int
     ) -> LayerHook:
         """Fuses the last prompt token's K/V as the receiver writes them, layer by layer, in the first write after
-        the ``consumed`` tokens already cached (the senders' columns are gathered once, not once per layer)."""
+        the ``consumed`` tokens already cached (the senders' columns and the rotary frame are made once, not once
+        per layer)."""
         last = input_ids.shape[1] - 1
         column = last - consumed  # where the last prompt token sits in that write
         position = positions_from_mask(attention_mask)[:, last:]  # (B, 1)
         reads = self.sender_reads(inputs, slice(last, last + 1), next(inputs[0].fuser.parameters()).dtype)
+        frame = RotaryFrame(receiver.rotary_embedding, position)
 
         def hook(layer: int, keys: Tensor, values: Tensor) -> LayerKV:
             head = {layer: (keys[:, :, column : column + 1], values[:, :, column : column + 1])}  # (B, H_t, 1, D_t)
-            fused_keys, fused_values = self.fuse(receiver, head, position, attention_mask, inputs, start=last, reads=reads)[layer]
+            fused = self.fuse(receiver, head, position, attention_mask, inputs, start=last, reads=reads, frame=frame)
+            fused_keys, fused_values = fused[layer]
             before, after = slice(None, column), slice(column + 1, None)
             return (
                 torch.cat((keys[:, :, before], fused_keys, keys[:, :, after]), dim=2),

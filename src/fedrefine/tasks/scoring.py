@@ -116,9 +116,8 @@ def continuation_scores(model: nn.Module, state: PromptState, options: Sequence[
             logits = continuation_logits(model, state, prompts, ids[:, :-1], mask[:, :-1])  # (C, R - 1, V)
             later = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (C, R - 1)
             log_probs = torch.cat((log_probs, later), dim=1)  # (C, R)
-        summed = (log_probs * mask).sum(1).cpu()  # (C,)
-        for (i, k, _), value in zip(scored, summed):
-            total[i, k] = value
+        rows, slots = torch.tensor([i for i, _, _ in scored]), torch.tensor([k for _, k, _ in scored])
+        total[rows, slots] = (log_probs * mask).sum(1).cpu()  # (C,)
     return OptionScores(total, tokens, chars)
 
 
