@@ -26,12 +26,11 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
+from fedrefine.bench.records import commit_checkout, git_commit, markdown_table, script_command, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/toyworld.yaml"
@@ -150,17 +149,12 @@ def main() -> None:
     parser.add_argument("--fuser", help="a trained toy-world fuser directory (default: train one with the config)")
     parser.add_argument("--out", default="benchmarks/results/eval_speed")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="fedrefine-eval-speed-"))
-    base_tree = work / "base-tree"
-    subprocess.run(["git", "worktree", "add", "--detach", str(base_tree), args.base], cwd=REPO, check=True, capture_output=True)
-    try:
+    with commit_checkout(REPO, args.base, "fedrefine-eval-speed-") as (base_tree, work):
         fuser = Path(args.fuser) if args.fuser else train_fuser(work)
         runs = {"base": [], "head": []}
         for round_ in range(args.rounds):
             runs["base"].append(probe(base_tree, fuser, args.routes, work, f"base{round_}"))
             runs["head"].append(probe(REPO, fuser, args.routes, work, f"head{round_}"))
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, capture_output=True)
     rows = compare(best(runs["base"]), best(runs["head"]))
     command, commit = script_command(), git_commit()
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"

@@ -15,13 +15,11 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
+from fedrefine.bench.records import commit_checkout, git_commit, markdown_table, script_command, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_TABLE_ROUTES = ("receiver", "sender", "c2c", "c2c_mismatched", "c2c_random_kv", "c2c_reordered")
@@ -60,15 +58,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", default=["0"])
     parser.add_argument("--out", default="benchmarks/results/reproduce")
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="fedrefine-reproduce-"))
-    base_tree = scratch / "base-tree"
-    subprocess.run(["git", "worktree", "add", "--detach", str(base_tree), args.base], cwd=REPO, check=True, capture_output=True)
-    try:
+    with commit_checkout(REPO, args.base, "fedrefine-reproduce-") as (base_tree, scratch):
         base = run_at(base_tree, args.seeds, scratch / "base")
         head = run_at(REPO, args.seeds, scratch / "head")
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=REPO, capture_output=True)
-        shutil.rmtree(scratch, ignore_errors=True)
     same = {
         "toyworld rows": base["toyworld_rows"] == head["toyworld_rows"],
         "main command accuracies": base["main_command"] == head["main_command"],

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +49,17 @@ def write_results(out: str | Path, payload: dict[str, Any], markdown: str) -> No
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown)
     print(markdown)
+
+
+@contextmanager
+def commit_checkout(repo: Path, commit: str, prefix: str = "fedrefine-") -> Iterator[tuple[Path, Path]]:
+    """``(checkout, scratch)``: a detached git worktree of ``commit`` (to run an earlier commit's code beside the
+    working tree's), and a scratch directory beside it; both are removed afterwards."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    checkout = scratch / "base-tree"
+    subprocess.run(["git", "worktree", "add", "--detach", str(checkout), commit], cwd=repo, check=True, capture_output=True)
+    try:
+        yield checkout, scratch
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(checkout)], cwd=repo, capture_output=True)
+        shutil.rmtree(scratch, ignore_errors=True)
