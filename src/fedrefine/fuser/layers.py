@@ -19,6 +19,9 @@ from fedrefine.fuser.config import FuserConfig
 from fedrefine.kv.cache import LayerKV
 from fedrefine.participants import ParticipantIdentity
 
+#: One layer's (K, V) where the keys may be absent (values-only fusion).
+KVPair = tuple[Tensor | None, Tensor]
+
 
 class FeedForwardBlock(nn.Module):
     """Pre-norm residual MLP: x + Dropout(W2 GELU(W1 RMSNorm(x)))."""
@@ -119,10 +122,6 @@ class ConcatLayerFuser(LayerFuser):
     def forward(self, sender: KVPair, receiver: None, temperature: Tensor, scale: None = None) -> LayerKV:
         g = self.gate(temperature)
         return self.key(sender[0]), g * self.value(sender[1])  # (B, H_t, N_s, D_t) each
-
-
-#: One layer's (K, V) where the keys may be absent (values-only fusion).
-KVPair = tuple[Tensor | None, Tensor]
 
 
 LAYER_FUSERS: dict[str, type[LayerFuser]] = {"residual": ResidualLayerFuser, "concat": ConcatLayerFuser}
