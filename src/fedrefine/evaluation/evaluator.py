@@ -98,7 +98,7 @@ class Evaluator:
         self, questions: Sequence[QuestionWithControls], plans: dict[PlanKey, list[QueryPlan]] | None = None
     ) -> QuestionBatch:
         """Stage 2: every route's prompts for the questions as ``plans`` say (rephrased here when not given)."""
-        return self.encoder.encode(questions, self.rephrase(questions) if plans is None else plans)
+        return self.encoder.encode(questions, plans)
 
     @torch.no_grad()
     def answer(self, batch: QuestionBatch, report: EvaluationReport) -> None:

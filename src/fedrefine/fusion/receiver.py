@@ -34,8 +34,8 @@ from fedrefine.fusion.sender_gate import SenderStateGate
 from fedrefine.fusion.sender_kv import SenderKV
 from fedrefine.fusion.sending import Sending, SendOutcome
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, ReceiverContext, prefill_all_but_last
-from fedrefine.kv.cache import positions_from_mask, returned_cache, with_cache
-from fedrefine.kv.prompt import PromptState, read_prompt
+from fedrefine.kv.cache import returned_cache, with_cache
+from fedrefine.kv.prompt import PromptState, read_prompt, run_over
 from fedrefine.participants import Participant
 from fedrefine.participants.generation import trim_at_eos
 from fedrefine.wire import LinkConfig, RemoteSender
@@ -215,19 +215,15 @@ class FusedReceiver(nn.Module):
         over the prompt fused with ``messages`` (see :meth:`fuse`)."""
         fused = self.fuse(batch, messages, own, gated)
         context = fused.context
-        prompt_ids = batch.receiver_input_ids  # (B, N)
-        full_ids, full_mask = prompt_ids, batch.receiver_attention_mask
+        prompt_ids, prompt_mask = batch.receiver_input_ids, batch.receiver_attention_mask  # (B, N)
+        full_ids, full_mask = prompt_ids, prompt_mask
         if batch.response_ids is not None:
             full_ids = torch.cat((prompt_ids, batch.response_ids), dim=1)  # (B, N + R)
             full_mask = torch.cat((full_mask, batch.response_mask), dim=1)
-        attention = full_mask if context.prefix_mask is None else torch.cat((context.prefix_mask, full_mask), dim=1)
-        output = self.receiver_model(
-            input_ids=full_ids[:, context.consumed :],
-            attention_mask=attention,  # (B, P + N + R): cached entries and the tokens run now
-            position_ids=positions_from_mask(attention)[:, context.prefix_length + context.consumed :],
-            **with_cache(self.receiver_model, context.cache),
-            use_cache=False,
-            logits_to_keep=full_ids.shape[1] - (prompt_ids.shape[1] - 1),
+        keep = full_ids.shape[1] - (prompt_ids.shape[1] - 1)  # the last prompt token and every response token
+        output, _ = run_over(
+            self.receiver_model, context.cache, context.cached_mask(prompt_mask), full_ids[:, context.consumed :],
+            full_mask[:, context.consumed :], use_cache=False, logits_to_keep=keep,
         )
         return ReceiverOutput(output.logits, fused.gate_weights)
 
@@ -242,14 +238,9 @@ class FusedReceiver(nn.Module):
         if not messages and own is None:
             return read_prompt(self.receiver_model, ids, mask)
         context = self.fuse(batch, messages, own, whole_prompt=True).context
-        attention = mask if context.prefix_mask is None else torch.cat((context.prefix_mask, mask), dim=1)  # (B, P + N)
-        output = self.receiver_model(
-            input_ids=ids[:, context.consumed :],
-            attention_mask=attention,
-            position_ids=positions_from_mask(attention)[:, context.prefix_length + context.consumed :],
-            **with_cache(self.receiver_model, context.cache),
-            use_cache=True,
-            logits_to_keep=1,
+        output, attention = run_over(  # attention: (B, P + N), the entries ahead of the prompt and the prompt
+            self.receiver_model, context.cache, context.cached_mask(mask), ids[:, context.consumed :],
+            mask[:, context.consumed :], use_cache=True, logits_to_keep=1,
         )
         return PromptState(returned_cache(output), attention, output.logits[:, -1])
 

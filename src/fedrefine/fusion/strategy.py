@@ -53,6 +53,12 @@ class ReceiverContext:
     def prefix_length(self) -> int:
         return 0 if self.prefix_mask is None else self.prefix_mask.shape[1]
 
+    def cached_mask(self, attention_mask: Tensor) -> Tensor:
+        """(B, P + consumed) the mask over what the cache holds, from the prompt's ``attention_mask`` (B, N): the
+        entries placed ahead of the prompt, then the prompt tokens already consumed."""
+        consumed = attention_mask[:, : self.consumed]
+        return consumed if self.prefix_mask is None else torch.cat((self.prefix_mask, consumed), dim=1)
+
 
 def prefill_all_but_last(receiver: Participant, input_ids: Tensor, attention_mask: Tensor) -> ReceiverContext:
     """The receiver's own cache over its prompt (B, N) but the last token, which it then runs itself."""

@@ -12,6 +12,7 @@ from that state, instead of reading the prompt again for each option.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +51,30 @@ def read_prompt(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> 
     return PromptState(returned_cache(output), attention_mask, output.logits[:, -1])
 
 
+def run_over(
+    model: nn.Module,
+    cache: Cache,
+    cached_mask: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    use_cache: bool,
+    logits_to_keep: int,
+) -> tuple[Any, Tensor]:
+    """One forward of new tokens ``input_ids``/``attention_mask`` (B, T) over ``cache``, which holds entries under
+    ``cached_mask`` (B, C): positions continue from the real entries. Returns the model's output and the mask over
+    the cache and the new tokens (B, C + T). The cache takes the new tokens' K/V."""
+    attention = torch.cat((cached_mask, attention_mask.to(cached_mask.dtype)), dim=1)  # (B, C + T)
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=positions_from_mask(attention)[:, cached_mask.shape[1] :],
+        **with_cache(model, cache),
+        use_cache=use_cache,
+        logits_to_keep=logits_to_keep,
+    )
+    return output, attention
+
+
 @torch.no_grad()
 def continuation_logits(
     model: nn.Module, state: PromptState, prompts: Tensor, input_ids: Tensor, attention_mask: Tensor
@@ -57,14 +82,7 @@ def continuation_logits(
     """Logits (C, R, V) of right-padded continuations ``input_ids``/``attention_mask`` (C, R), continuation ``c``
     continuing prompt ``prompts[c]`` of ``state``, all in one forward over copies of those prompts' cache rows
     (the state itself is left as it is)."""
-    prefix = state.attention_mask.index_select(0, prompts)  # (C, P + N)
-    attention = torch.cat((prefix, attention_mask.to(prefix.dtype)), dim=1)  # (C, P + N + R)
-    output = model(
-        input_ids=input_ids,
-        attention_mask=attention,
-        position_ids=positions_from_mask(attention)[:, prefix.shape[1] :],
-        **with_cache(model, select_rows(state.cache, prompts)),
-        use_cache=False,
-        logits_to_keep=input_ids.shape[1],
-    )
+    cached = state.attention_mask.index_select(0, prompts)  # (C, P + N)
+    cache = select_rows(state.cache, prompts)
+    output, _ = run_over(model, cache, cached, input_ids, attention_mask, use_cache=False, logits_to_keep=input_ids.shape[1])
     return output.logits

@@ -105,20 +105,28 @@ def continuation_scores(model: nn.Module, state: PromptState, options: Sequence[
         tokens[i, : len(o.continuations)] = torch.tensor([len(c) for c in o.continuations], dtype=total.dtype)
         chars[i, : len(o.chars)] = torch.tensor(o.chars, dtype=total.dtype)
     first = state.last_logits.float().log_softmax(-1)  # (B, V): predicts each continuation's first token
-    for start in (True, False):  # single-token continuations, then the longer ones (a forward for their later tokens)
-        scored = [(i, k, c) for i, o in enumerate(options) for k, c in enumerate(o.continuations) if (len(c) == 1) == start]
-        if not scored:
-            continue
-        ids, mask = (t.to(first.device) for t in right_pad([c for _, _, c in scored], pad_id))  # (C, R) each
-        prompts = torch.tensor([i for i, _, _ in scored], device=first.device)  # (C,): the prompt each continues
-        log_probs = first.index_select(0, prompts).gather(1, ids[:, :1])  # (C, 1)
-        if not start:
-            logits = continuation_logits(model, state, prompts, ids[:, :-1], mask[:, :-1])  # (C, R - 1, V)
-            later = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (C, R - 1)
-            log_probs = torch.cat((log_probs, later), dim=1)  # (C, R)
-        rows, slots = torch.tensor([i for i, _, _ in scored]), torch.tensor([k for _, k, _ in scored])
-        total[rows, slots] = (log_probs * mask).sum(1).cpu()  # (C,)
+    scored = [(i, k, c) for i, o in enumerate(options) for k, c in enumerate(o.continuations)]
+    for group in ([s for s in scored if len(s[2]) == 1], [s for s in scored if len(s[2]) > 1]):  # only these run a forward
+        if group:
+            rows, slots = torch.tensor([i for i, _, _ in group]), torch.tensor([k for _, k, _ in group])
+            total[rows, slots] = _summed_log_probs(model, state, first, rows, [c for _, _, c in group], pad_id)
     return OptionScores(total, tokens, chars)
+
+
+def _summed_log_probs(
+    model: nn.Module, state: PromptState, first: Tensor, prompts: Tensor, continuations: Sequence[Sequence[int]], pad_id: int
+) -> Tensor:
+    """(C,) each continuation's summed log-probability after its prompt ``prompts[c]``: the first token from the
+    prompts' next-token log-probabilities ``first`` (B, V), later tokens (when any continuation has them) from one
+    forward over copies of the prompts' cache rows."""
+    ids, mask = (t.to(first.device) for t in right_pad(continuations, pad_id))  # (C, R) each
+    prompts = prompts.to(first.device)
+    log_probs = first.index_select(0, prompts).gather(1, ids[:, :1])  # (C, 1)
+    if ids.shape[1] > 1:  # token r is predicted after tokens 0 .. r - 1: the last token is never read
+        logits = continuation_logits(model, state, prompts, ids[:, :-1], mask[:, :-1])  # (C, R - 1, V)
+        later = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (C, R - 1)
+        log_probs = torch.cat((log_probs, later), dim=1)  # (C, R)
+    return (log_probs * mask).sum(1).cpu()
 
 
 def score_options(
