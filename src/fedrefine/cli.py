@@ -151,8 +151,10 @@ def toy_main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     if not Path(args.config).is_file():
         raise SystemExit(f"fedrefine-toy: error: {args.config} not found; run from the repository root or pass --config.")
-    model = yaml.safe_load(Path(args.config).read_text())["model"]["init_args"]
-    fuser_dir = next((v for k, v in zip(overrides, overrides[1:]) if k == "--model.export_dir"), model["export_dir"])
+    config = yaml.safe_load(Path(args.config).read_text())
+    given = dict(zip(overrides, overrides[1:]))
+    root = Path(given.get("--trainer.default_root_dir", config["trainer"].get("default_root_dir") or "."))
+    fuser_dir = given.get("--model.export_dir", config["model"]["init_args"].get("export_dir") or str(root / "fuser"))
     with user_errors_exit("fedrefine-toy"):
         build_cli(["fit", "--config", args.config, *overrides])
         build_cli(["test", "--config", args.config, "--model.fuser_path", fuser_dir, *overrides])

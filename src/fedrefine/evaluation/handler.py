@@ -28,7 +28,6 @@ from fedrefine.tasks.t2t import T2TConfig
 from fedrefine.wire import LinkConfig
 from fedrefine.wire.message import KVMessage
 
-
 #: Errors of one question on one route (a template that changes the text, a hint that cannot be encoded, a
 #: generation that fails): recorded as that question's failure, never the end of the run.
 QUESTION_ERRORS = (ValueError, KeyError, IndexError, RuntimeError)

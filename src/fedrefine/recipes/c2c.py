@@ -29,7 +29,7 @@ class C2CModule(FusionModule):
         fuser: fuser size, fusion mode and gate settings.
         fuser_path: start from (or evaluate) a saved fuser directory for exactly this pair.
         export_dir: where to write the trained fuser (safetensors + JSON) at the end of ``fit``;
-            default ``<log_dir>/fuser``.
+            default ``<default_root_dir>/fuser``.
         learning_rate: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
         warmup_fraction: share of the optimizer steps spent in linear warm-up (then linear decay to 0).
@@ -81,5 +81,6 @@ class C2CModule(FusionModule):
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
             directory = self.export_directory()
+            self.fuser.trained_with = {**self.fuser.trained_with, "precision": str(self.trainer.precision)}
             self.fuser.save(directory)
             self.report_data_counts(directory)
