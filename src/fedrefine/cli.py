@@ -133,6 +133,8 @@ def main() -> None:
                 from fedrefine.runtime.serve_cli import main as serve_main
 
                 return serve_main(sys.argv[2:])
+            if any(arg.startswith("-h") or "help" in arg for arg in sys.argv[2:]):
+                import fedrefine.runtime.participant_client  # noqa: F401 -- RemoteParticipant among the classes --help lists
             build_cli()
     except SIGTERMException:  # Lightning stops a SIGTERM'd fit as a plain SystemExit (status 0): say it was killed
         raise SystemExit(128 + signal.SIGTERM) from None
