@@ -18,6 +18,7 @@ from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver, FusionBatch
 from fedrefine.participants.sources import ParticipantSource
 from fedrefine.recipes.base import FusionModule, load_or_create_fuser, mark_frozen, response_loss
+from fedrefine.wire.remote import RemoteSource
 
 
 class C2CModule(FusionModule):
@@ -59,7 +60,8 @@ class C2CModule(FusionModule):
         mark_frozen(receiver_participant, sender_participant)
         fuser_module = load_or_create_fuser(sender_participant, receiver_participant, fuser, fuser_path)
         self.save_plain_hyperparameters({"receiver": receiver, "sender": sender}, {"fuser": fuser_module.config})
-        self.fused = FusedReceiver(receiver_participant, [sender_participant], [fuser_module])
+        remotes = {sender_participant.name: sender.client()} if isinstance(sender, RemoteSource) else None  # served elsewhere
+        self.fused = FusedReceiver(receiver_participant, [sender_participant], [fuser_module], remotes=remotes)
         self.gate_log_every = gate_log_every
 
     @property
