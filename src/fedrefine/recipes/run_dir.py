@@ -31,7 +31,7 @@ from fedrefine.settings import SettingsError
 
 #: Where runs go when only ``--run_name`` is given.
 RUNS_DIR = "runs"
-#: Loggers whose files go under the run root when the config names no ``save_dir``.
+#: Loggers whose files go under the run root when their ``save_dir`` is left ``.`` (or unset).
 SAVE_DIR_LOGGERS = ("WandbLogger", "CSVLogger", "TensorBoardLogger")
 #: Callbacks that need a logger (left out of logger-free runs, with a note).
 NEEDS_LOGGER = ("LearningRateMonitor",)

@@ -53,8 +53,10 @@ class FedRefineCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
-        for note in prepare_run(config, self.subcommand, config.get("run_name")):
+        run_name = config.get("run_name")
+        for note in prepare_run(config, self.subcommand, run_name):
             Console(stderr=True).print(f"[dim]{note}[/]")
+        config["run_name"] = None  # now in trainer.default_root_dir: a saved config passed back may move the root
         callbacks = self.trainer_defaults.setdefault("callbacks", [])
         callbacks += [OutputGuard(bool(config.get("overwrite"))), DropFailedRun()]
         logger = config.get("trainer", {}).get("logger")
@@ -63,7 +65,7 @@ class FedRefineCLI(LightningCLI):
                 continue
             init_args = entry.get("init_args")
             if init_args is not None and not init_args.get("name"):
-                name = config.get("run_name") or _run_name(config["model"])
+                name = run_name or _run_name(config["model"])
                 init_args["name"] = f"{self.subcommand}:{name}"
 
 
