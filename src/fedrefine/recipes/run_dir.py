@@ -182,7 +182,7 @@ class DropFailedRun(Callback):
             if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
                 run = logger.experiment
                 directory = Path(run.dir).parent  # .../wandb/offline-run-<time>-<id>
-                run.finish(exit_code=1, quiet=True)
+                run.finish(exit_code=1)
                 logger._experiment = None
                 if directory.name.startswith("offline-run-"):
                     shutil.rmtree(directory, ignore_errors=True)
