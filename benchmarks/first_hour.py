@@ -4,7 +4,7 @@
 
 In a scratch directory: two tiny models of the real classes are saved with ``save_pretrained`` (a Qwen3-class
 receiver, a Llama-class sender with its own tokenizer and chat template), and the shipped configs are used with
-only their paths edited (``configs/local_pair.yaml``, ``configs/local_sweep.yaml``, ``configs/serve/local_model.yaml``).
+only their paths edited (``configs/local_pair.yaml``, ``configs/bench/local_sweep.yaml``, ``configs/serve/local_model.yaml``).
 Steps, each a shell command whose wall seconds and exit status are recorded: fit, test through every route
 (T2T with shared and private queries too), bench, serve the sender + test remotely, a five-line Python API script.
 
@@ -83,7 +83,7 @@ def workflow(scratch: Path, env: dict[str, str]) -> list[dict]:
              "/path/to/conversations.jsonl": str(REPO / "data/tiny/chat.jsonl"),
              "/path/to/questions_{split}.jsonl": str(REPO / "data/tiny/openbookqa_{split}.jsonl")}
     edited("configs/local_pair.yaml", scratch / "local_pair.yaml", paths)
-    edited("configs/local_sweep.yaml", scratch / "local_sweep.yaml", paths)
+    edited("configs/bench/local_sweep.yaml", scratch / "local_sweep.yaml", paths)
     edited("configs/serve/local_model.yaml", scratch / "serve.yaml", {"/path/to/sender": "models/sender"})
     (scratch / "api.py").write_text(API_SCRIPT)
     train_args = shlex.quote(json.dumps(["--trainer.logger", "false", *QUICK.split()]))

@@ -6,7 +6,7 @@ import yaml
 
 from fedrefine.recipes.trainer_cli import build_cli
 
-CONFIGS = sorted(p for p in Path(__file__).parent.parent.glob("configs/**/*.yaml") if p.parent.name != "serve")
+CONFIGS = sorted(p for p in Path(__file__).parent.parent.glob("configs/**/*.yaml") if p.parent.name not in ("serve", "bench"))
 SERVE_CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/serve/*.yaml"))
 
 

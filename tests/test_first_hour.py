@@ -146,7 +146,7 @@ def test_the_first_hour_with_your_own_models(tmp_path, monkeypatch, capsys):
         assert record["prediction"] == tested[key]["prediction"] and record["senders"] == ["my-sender"]
 
     # bench a sweep of the pair: the missing fuser is trained for the sweep's participants, logger-free
-    sweep = edited("configs/local_sweep.yaml", tmp_path / "local_sweep.yaml", paths)
+    sweep = edited("configs/bench/local_sweep.yaml", tmp_path / "local_sweep.yaml", paths)
     train_args = json.dumps(["--trainer.logger", "false", *QUICK])
     code, err = run(monkeypatch, capsys, "bench", "--config", str(sweep), "--train_missing.config", str(pair_config),
                           "--train_missing.args", train_args, "--num_questions", "4", "--batch_size", "4",
