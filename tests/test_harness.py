@@ -208,3 +208,15 @@ def test_registering_keeps_lm_evals_own_models():
     from lm_eval.api.registry import get_model
 
     assert register() is get_model("fedrefine") and get_model("hf").__name__ == "HFLM"
+
+
+def test_t2t_reads_the_senders_hints_in_its_prompt(models):
+    lm, question = models["t2t"], toy_rows(limit=1)[0]["prompt"]
+    prompt = chat_prompt(lm, question)
+    (hinted,) = lm.answering.hinted([lm.contexts.context(prompt)])
+    user, prefix = hinted.messages
+    assert user["content"].startswith(T2TConfig().hint_header) and user["content"].endswith(question)
+    assert prefix == {"role": "assistant", "content": ANSWER_PREFIX}
+    ((with_hints, _),) = lm.loglikelihood([request(prompt, " Ana")], disable_tqdm=True)
+    ((alone, _),) = models["receiver"].loglikelihood([request(prompt, " Ana")], disable_tqdm=True)
+    assert with_hints != pytest.approx(alone, abs=1e-4)

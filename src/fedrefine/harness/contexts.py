@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedrefine.participants import Participant
-from fedrefine.participants.chat import EncodedChat, Message, encode_chat
+from fedrefine.participants.chat import EncodedChat, Message, encode_chat, render_chat
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ChatContexts:
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The conversation rendered as the receiver's prompt (a final assistant message is continued)."""
         messages = tuple({"role": str(m["role"]), "content": str(m["content"])} for m in messages)
-        text = encode_chat(self.receiver, messages, add_generation_prompt).text
+        text = render_chat(self.receiver, messages, add_generation_prompt)[0]
         self._rendered[text] = Context(text, messages, add_generation_prompt)
         return text
 

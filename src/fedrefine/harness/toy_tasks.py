@@ -24,7 +24,9 @@ SPLITS = ("held_out", "public")
 
 
 def toy_rows(split: str = "held_out", limit: int | None = None) -> list[dict]:
-    """OpenBookQA rows of the toy world's ``split``, each with FedRefine's prompt (``prompt``) and answer text."""
+    """OpenBookQA rows of the toy world's ``split``, each with FedRefine's prompt (``prompt``), the option texts
+    (``options``), the correct one's index (``gold``) and text (``answer``): fields the task YAMLs name directly, so
+    that lm-eval renders no template per document."""
     if split not in SPLITS:
         raise ValueError(f"Unknown toy split {split!r}; choose one of {list(SPLITS)}.")
     world = ToyWorld()
@@ -32,7 +34,8 @@ def toy_rows(split: str = "held_out", limit: int | None = None) -> list[dict]:
     out = []
     for row in rows[:limit]:
         item = MultipleChoiceItem.from_row(row)
-        out.append({**row, "prompt": question_text(item, "text"), "answer": item.choices[item.answer_index]})
+        out.append({**row, "prompt": question_text(item, "text"), "options": list(item.choices),
+                    "gold": item.answer_index, "answer": item.choices[item.answer_index]})
     return out
 
 
@@ -42,7 +45,7 @@ def _task_yaml(task: str, data_file: Path, body: list[str]) -> str:
         "dataset_path: json",
         f"dataset_kwargs:\n  data_files:\n    test: {data_file}\n  cache_dir: {data_file.parent / 'datasets'}",
         "test_split: test",
-        'doc_to_text: "{{prompt}}"',
+        "doc_to_text: prompt",
         f"gen_prefix: {ANSWER_PREFIX}",
         *body,
         "",
@@ -58,14 +61,14 @@ def write_toy_tasks(directory: str | Path, split: str = "held_out", limit: int |
     bodies = {
         MC_TASK: [
             "output_type: multiple_choice",
-            'doc_to_choice: "{{choices.text}}"',
-            'doc_to_target: "{{choices.label.index(answerKey)}}"',
+            "doc_to_choice: options",
+            "doc_to_target: gold",
             "metric_list:",
             *(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true" for m in ("acc", "acc_norm")),
         ],
         GEN_TASK: [
             "output_type: generate_until",
-            'doc_to_target: "{{answer}}"',
+            "doc_to_target: answer",
             "generation_kwargs:\n  until: [\".\", \"\\n\"]\n  max_gen_toks: 8\n  do_sample: false",
             "filter_list:\n  - name: strip\n    filter:\n      - function: remove_whitespace\n      - function: take_first",
             "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
