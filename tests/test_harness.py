@@ -16,7 +16,7 @@ from fedrefine.harness.cli import lm_eval_argv, main  # noqa: E402
 from fedrefine.harness.contexts import Context, split_trailing_space  # noqa: E402
 from fedrefine.harness.loading import load_module, with_overrides  # noqa: E402
 from fedrefine.harness.model import FedRefineLM, batch_size_of, cut_at  # noqa: E402
-from fedrefine.harness.routes import FormatError, hinted_messages  # noqa: E402
+from fedrefine.harness.routes import FormatError, hinted_messages, with_last_user_message  # noqa: E402
 from fedrefine.harness.toy_tasks import GEN_TASK, MC_TASK, toy_rows, write_toy_tasks  # noqa: E402
 from fedrefine.settings import SettingsError  # noqa: E402
 from fedrefine.tasks.multiple_choice import ANSWER_PREFIX  # noqa: E402
@@ -125,7 +125,7 @@ def test_fused_routes_refuse_formats_they_were_not_trained_on(config, models):
 
 
 def test_routes_that_need_multiple_choice_items_are_refused(config):
-    for route in ("c2c@private", "c2c_mismatched", "t2t@shared"):
+    for route in ("c2c@shared", "c2c_mismatched", "t2t@shared", "c2c:auto"):
         with pytest.raises(RouteError, match="text only"):
             FedRefineLM(config=config, route=route)
     with pytest.raises(RouteError, match="Unknown sender"):
@@ -198,9 +198,9 @@ def test_command_line(tmp_path, config, capsys):
     main(["toy-tasks", str(tmp_path), "--limit", "2"])
     assert MC_TASK in capsys.readouterr().out and (tmp_path / f"{GEN_TASK}.yaml").is_file()
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model_args", f"config={config},route=c2c@private", "--tasks", MC_TASK, "--include_path", str(tmp_path)])
+        main(["--model_args", f"config={config},route=c2c@shared", "--tasks", MC_TASK, "--include_path", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "error: Route 'c2c@private'" in capsys.readouterr().err
+    assert "error: Route 'c2c@shared'" in capsys.readouterr().err
     assert Context("x").messages is None and Path(config).is_file()
 
 
@@ -220,3 +220,20 @@ def test_t2t_reads_the_senders_hints_in_its_prompt(models):
     ((with_hints, _),) = lm.loglikelihood([request(prompt, " Ana")], disable_tqdm=True)
     ((alone, _),) = models["receiver"].loglikelihood([request(prompt, " Ana")], disable_tqdm=True)
     assert with_hints != pytest.approx(alone, abs=1e-4)
+
+
+def test_private_senders_read_only_a_rephrasing(config, models):
+    lm = FedRefineLM(config=config, route="c2c@private")
+    question = toy_rows(limit=1)[0]["prompt"]
+    context = lm.contexts.context(chat_prompt(lm, question))
+    ((rephrased,),) = lm.answering.queries.texts([context]).values()
+    assert rephrased != question
+    messages = ({"role": "system", "content": "S"}, {"role": "user", "content": question}, {"role": "assistant", "content": "P"})
+    assert with_last_user_message(messages, "R", private=True) == ({"role": "user", "content": "R"}, messages[2])
+    assert with_last_user_message(messages, "R", private=False)[0] == messages[0]
+    ((private, _),) = lm.loglikelihood([request(context.text, " Ana")], disable_tqdm=True)
+    assert isinstance(private, float)
+    multiturn = lm.apply_chat_template([{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                                        {"role": "user", "content": question}, {"role": "assistant", "content": ANSWER_PREFIX}], False)
+    with pytest.raises(FormatError, match="fewshot_as_multiturn"):
+        lm.loglikelihood([request(multiturn, " Ana")], disable_tqdm=True)

@@ -9,9 +9,12 @@ once), and every continuation is scored, or an answer generated, from that read.
                                conversation with the hints placed as ``evaluation.t2t`` says
     adaptive[:A+B]             the route the adaptive profile picks for the configured link and budget
 
+``@private`` (c2c, t2t): the receiver keeps the user's text; each sender reads the receiver's rephrasing of the last
+user message (``evaluation.rephrase``) and, for C2C, the answer prefix.
+
 Refused, each with one line naming the setting: fused and hinted routes on plain-text contexts (fusers are trained
-on chat prompts: ``--apply_chat_template``), rephrased query modes and the controls that need a question's options
-(lm-eval requests carry text only), ``c2c:auto`` (needs a question's category), senders served elsewhere alone.
+on chat prompts: ``--apply_chat_template``), ``@shared`` and the controls that need a question's options (lm-eval
+requests carry text only), ``c2c:auto`` (needs a question's category), senders served elsewhere alone.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from fedrefine.participants import Participant
 from fedrefine.participants.chat import EncodedChat, Message, encode_chat
 from fedrefine.participants.generation import generate_replies, trim_at_eos
 from fedrefine.participants.padding import left_pad
+from fedrefine.privacy.rephrase import Rephraser
 from fedrefine.tasks.routes import Route, RouteError, parse_routes
 from fedrefine.tasks.t2t import T2TConfig
 from fedrefine.wire import LinkConfig
@@ -49,6 +53,43 @@ def refuse_plain(route: Route, context: Context) -> None:
             f"Route {route.label!r} fuses or hints a chat prompt (its fusers were trained on chat prompts), but this "
             f"request's context is plain text: pass --apply_chat_template (or route=receiver / route=sender:<name>)."
         )
+
+
+class SenderQueries:
+    """What each sender reads of a context's last user message: the message itself (``@original``), or its own
+    rephrasing by the receiver (``@private``: the receiver keeps the user's text; the rephrasing of the whole
+    message, few-shot examples and options included, since lm-eval requests do not say which part is the stem).
+
+    Args:
+        route: the route (its query mode and senders).
+        rephraser: writes the rephrasings (``@private``).
+    """
+
+    def __init__(self, route: Route, rephraser: Rephraser | None = None) -> None:
+        self.route, self.rephraser = route, rephraser
+
+    def texts(self, contexts: Sequence[Context]) -> dict[str, list[str]]:
+        """Sender name -> the text it reads in place of each context's last user message."""
+        for context in contexts:
+            refuse_plain(self.route, context)
+            if self.route.query_mode == "private" and sum(m["role"] == "user" for m in context.messages) != 1:
+                raise FormatError(
+                    f"Route {self.route.label!r} keeps the user's text from the senders, but this conversation has several "
+                    f"user turns that would reach them verbatim: drop --fewshot_as_multiturn (few-shot examples then sit "
+                    f"in the one user message that is rephrased)."
+                )
+        originals = [c.last_user_content() for c in contexts]
+        if self.route.query_mode != "private":
+            return {name: originals for name in self.route.senders}
+        return {name: [r.text for r in self.rephraser.rephrase(originals, variant=name)] for name in self.route.senders}
+
+
+def with_last_user_message(messages: Sequence[Message], text: str, private: bool) -> tuple[Message, ...]:
+    """The conversation with its last user message's content replaced by ``text``; ``private``: only that message
+    and what follows it (the answer prefix), so that nothing else the user wrote reaches a sender."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    replaced = (*messages[:last], {"role": "user", "content": text}, *messages[last + 1 :])
+    return replaced[last:] if private else replaced
 
 
 @dataclass
@@ -145,16 +186,15 @@ class Hinted(Alone):
     """``t2t[:A+B]``: every sender writes a hint about each context's last user message (the communication prompt of
     ``evaluation.t2t``); the receiver reads the conversation with the hints in it."""
 
-    def __init__(self, model: FusedReceiver, route: Route, config: T2TConfig) -> None:
+    def __init__(self, model: FusedReceiver, route: Route, config: T2TConfig, queries: SenderQueries) -> None:
         super().__init__(model.receiver)
-        self.model, self.route, self.config = model, route, config
+        self.model, self.route, self.config, self.queries = model, route, config, queries
 
     def hinted(self, contexts: Sequence[Context]) -> list[Context]:
-        for context in contexts:
-            refuse_plain(self.route, context)
-        prompts = [self.config.prompt_template.format(question=c.last_user_content()) for c in contexts]
+        texts = self.queries.texts(contexts)
         hints = []
         for name in self.route.senders:
+            prompts = [self.config.prompt_template.format(question=text) for text in texts[name]]
             if name in self.model.remotes:
                 replies = self.model.remotes[name].hints(prompts, self.config.budget, self.config.batch_size).replies
             else:
@@ -184,12 +224,14 @@ class Fused(HarnessRoute):
         prefill_answer: senders read the assistant prefix (lm-eval's ``gen_prefix``) too.
     """
 
-    def __init__(self, model: FusedReceiver, route: Route, link: LinkConfig | None, prefill_answer: bool) -> None:
+    def __init__(
+        self, model: FusedReceiver, route: Route, link: LinkConfig | None, prefill_answer: bool, queries: SenderQueries
+    ) -> None:
         super().__init__(model.receiver)
-        self.model, self.route, self.link, self.prefill_answer = model, route, link, prefill_answer
+        self.model, self.route, self.link, self.prefill_answer, self.queries = model, route, link, prefill_answer, queries
 
     def sender_messages(self, context: Context) -> tuple[Message, ...]:
-        refuse_plain(self.route, context)
+        """The conversation the senders read (their last user message as :class:`SenderQueries` says)."""
         if not self.prefill_answer:
             return context.messages[:-1] if context.prefilled else context.messages
         if not context.prefilled:
@@ -202,10 +244,12 @@ class Fused(HarnessRoute):
 
     def batch(self, contexts: Sequence[Context]) -> tuple[list[EncodedChat], FusionBatch]:
         model, prompts, examples = self.model, [], []
-        for context in contexts:
+        texts, private = self.queries.texts(contexts), self.route.query_mode == "private"
+        for row, context in enumerate(contexts):
             for_senders = self.sender_messages(context)
             prompt = encode_context(model.receiver, context, False)
-            chats = {n: encode_chat(model.senders[n], for_senders) for n in self.route.senders}
+            chats = {n: encode_chat(model.senders[n], with_last_user_message(for_senders, texts[n][row], private))
+                     for n in self.route.senders}
             prompts.append(prompt)
             examples.append(model.encoder.encode_chats(prompt, chats, strict=True))
         return prompts, model.encoder.collate(examples).to(model.receiver.device)
@@ -238,11 +282,11 @@ def build_route(
     if route.kind == "adaptive":
         choice = AdaptiveChoice(evaluation.adaptive)
         route, link = choice.route_for(choice.option, route.senders), choice.link_for(choice.option, link) if choice.option.route == "c2c" else link
-    if route.query_mode != "original" or route.control in ("mismatched", "reordered") or route.auto:
+    if route.query_mode == "shared" or route.control in ("mismatched", "reordered") or route.auto:
         raise RouteError(
-            f"Route {route.label!r} needs multiple-choice items (rephrasings, mismatched or reordered questions, a "
-            f"question's category), but lm-eval requests carry text only: use it with `fedrefine test`, or drop the "
-            f"'@{route.query_mode}' / control / auto part here."
+            f"Route {route.label!r} needs multiple-choice items (a shared rephrasing the receiver answers, mismatched or "
+            f"reordered questions, a question's category), but lm-eval requests carry text only: use it with "
+            f"`fedrefine test`, or drop the '@shared' / control / auto part here (@private runs)."
         )
     if route.kind == "receiver":
         return route, Alone(model.receiver)
@@ -251,9 +295,11 @@ def build_route(
         if name in model.remotes:
             raise RouteError(f"Route {route.label!r} runs the sender's own model, which is served elsewhere: evaluate it where it runs.")
         return route, Alone(model.senders[name])
+    rephraser = Rephraser(model.receiver, evaluation.rephrase, evaluation.rephrase_cache_dir)
+    queries = SenderQueries(route, rephraser if route.query_mode == "private" else None)
     if route.kind == "t2t":
-        return route, Hinted(model, route, evaluation.t2t)
-    route.check("verbatim", model.mode, model.strategy.aligned_messages)
+        return route, Hinted(model, route, evaluation.t2t, queries)
+    route.check("rephrase" if route.query_mode == "private" else "verbatim", model.mode, model.strategy.aligned_messages)
     model.sending.check(link)
     prefill = evaluation.prefill_answer if prefill_answer is None else prefill_answer
-    return route, Fused(model, route, link, prefill)
+    return route, Fused(model, route, link, prefill, queries)
