@@ -111,7 +111,7 @@ SUBCOMMANDS = {
 def overview() -> str:
     lines = ["usage: fedrefine <subcommand> [options]   (fedrefine <subcommand> --help for its options)", "",
              "subcommands:"]
-    lines += [f"  {name:<9} {text}" for name, text in SUBCOMMANDS.items()]
+    lines += [f"  {name:<12} {text}" for name, text in SUBCOMMANDS.items()]
     lines += ["", "fedrefine-toy runs the offline toy-world job (fit, then test with controls)."]
     return "\n".join(lines)
 
