@@ -25,13 +25,15 @@ and the toy world is exported as lm-eval tasks (``fedrefine.harness.toy_tasks``:
 - ``generate_until``: ``fedrefine_toy_gen`` (the answer generated after the prefix, exact match) through
   ``receiver``, ``c2c`` and ``t2t``.
 
-Writes benchmarks/results/lm_eval_adapter.json.
+Writes benchmarks/results/lm_eval_adapter.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -43,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from toyworld_federation import SENDERS, train_fuser  # noqa: E402
 
-from fedrefine.bench.records import git_commit, script_command  # noqa: E402
+from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results  # noqa: E402
 from fedrefine.data.question_dataset import QuestionDataset  # noqa: E402
 from fedrefine.evaluation import Evaluator  # noqa: E402
 from fedrefine.fuser import Fuser  # noqa: E402
@@ -224,7 +226,7 @@ def main() -> None:
     parser.add_argument("--gate-steps", type=int, default=300)
     parser.add_argument("--root", default="runs/lm_eval_adapter")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", default="benchmarks/results/lm_eval_adapter.json")
+    parser.add_argument("--out", default="benchmarks/results/lm_eval_adapter", help="writes OUT.json and OUT.md")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -252,6 +254,8 @@ def main() -> None:
     exact = {row["route"]: row["exact_match"] for row in generation}
     payload = {
         "command": command, "commit": commit, "lm_eval_version": lm_eval.__version__,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__},
         "torch_threads": torch.get_num_threads(), "federation": FEDERATION, "overrides": overrides,
         "fuser_steps": args.fuser_steps, "gate_steps": args.gate_steps,
         "receiver_vs_hf": receiver_rows, "c2c_vs_fedrefine_test": c2c_row, "generate_until": generation,
@@ -263,9 +267,35 @@ def main() -> None:
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
-    print(json.dumps(payload["bars"]), f"wrote {args.out} in {payload['seconds']} s")
+    write_results(args.out, payload, summary(payload))
+
+
+def summary(payload: dict) -> str:
+    """The results as Markdown tables."""
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    c2c = payload["c2c_vs_fedrefine_test"]
+    receiver = [[r["apply_chat_template"], r["questions"], r["disagreements"]["acc"], r["disagreements"]["acc_norm"],
+                 pct(r["adapter_acc"]), pct(r["hf_acc"]), pct(r["adapter_acc_norm"]), pct(r["hf_acc_norm"])]
+                for r in payload["receiver_vs_hf"]]
+    fused = [[c2c["senders"], c2c["gated"], c2c["questions"], c2c["disagreements"]["acc"], c2c["disagreements"]["acc_norm"],
+              pct(c2c["adapter_acc"]), pct(c2c["fedrefine_test_acc"]), pct(c2c["fedrefine_test_command"]["acc"]),
+              c2c["adapter_questions_per_s"], c2c["fedrefine_test_questions_per_s"], c2c["throughput_ratio"]]]
+    generation = [[r["route"], r["questions"], pct(r["exact_match"])] for r in payload["generate_until"]]
+    return "\n".join([
+        "# FedRefine's routes through lm-evaluation-harness", "",
+        f"Command: `{payload['command']}` at commit `{payload['commit']}`, lm-eval {payload['lm_eval_version']}, "
+        f"{payload['torch_threads']} torch threads on {payload['machine']['processor']} ({payload['machine']['cpus']} CPUs). "
+        f"Toy federation {payload['federation']} trained short ({payload['fuser_steps']} steps per pairwise fuser, "
+        f"{payload['gate_steps']} gate steps). Bars: {payload['bars']}.", "",
+        "## Route `receiver` through the adapter against lm-eval's `hf` model (`fedrefine_toy_mc`)", "",
+        *markdown_table(["chat template", "questions", "acc disagreements", "acc_norm disagreements", "adapter acc",
+                         "hf acc", "adapter acc_norm", "hf acc_norm"], receiver), "",
+        "## C2C through the adapter against `fedrefine test` (same questions, chat prompt with the answer prefix)", "",
+        *markdown_table(["senders", "gated", "questions", "acc disagreements", "acc_norm disagreements", "adapter acc",
+                         "loop acc", "`fedrefine test` acc", "adapter q/s", "loop q/s", "throughput ratio"], fused), "",
+        "## `fedrefine_toy_gen` (generate_until, exact match)", "",
+        *markdown_table(["route", "questions", "exact match"], generation), "",
+    ])
 
 
 if __name__ == "__main__":

@@ -237,3 +237,17 @@ def test_private_senders_read_only_a_rephrasing(config, models):
                                         {"role": "user", "content": question}, {"role": "assistant", "content": ANSWER_PREFIX}], False)
     with pytest.raises(FormatError, match="fewshot_as_multiturn"):
         lm.loglikelihood([request(multiturn, " Ana")], disable_tqdm=True)
+
+
+def test_a_template_that_cannot_render_the_conversation_is_one_line():
+    from jinja2.exceptions import TemplateError
+
+    from fedrefine.harness.contexts import ChatContexts
+
+    def refuse(*args, **kwargs):
+        raise TemplateError("System role not supported")
+
+    tokenizer = SimpleNamespace(chat_template="{{ x }}", apply_chat_template=refuse)
+    contexts = ChatContexts(SimpleNamespace(name="r", tokenizer=tokenizer, chat_template_kwargs={}))
+    with pytest.raises(FormatError, match="System role not supported.*drop --system_instruction"):
+        contexts.render([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}])

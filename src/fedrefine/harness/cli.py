@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from fedrefine.harness import register
-from fedrefine.harness.routes import FormatError
+from fedrefine.harness.contexts import FormatError
 from fedrefine.harness.toy_tasks import SPLITS, write_toy_tasks
 from fedrefine.settings import SettingsError
 from fedrefine.tasks.routes import RouteError

@@ -15,8 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from jinja2.exceptions import TemplateError
+
 from fedrefine.participants import Participant
 from fedrefine.participants.chat import EncodedChat, Message, encode_chat, render_chat
+
+
+class FormatError(ValueError):
+    """A task format that a route cannot answer as its fusers were trained; the message names the setting."""
 
 
 @dataclass(frozen=True)
@@ -55,15 +61,19 @@ class ChatContexts:
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The conversation rendered as the receiver's prompt (a final assistant message is continued)."""
         messages = tuple({"role": str(m["role"]), "content": str(m["content"])} for m in messages)
-        text = render_chat(self.receiver, messages, add_generation_prompt)[0]
+        try:
+            text = render_chat(self.receiver, messages, add_generation_prompt)[0]
+        except (ValueError, TemplateError) as err:  # e.g. a template without a system role, or one that edits content
+            raise FormatError(
+                f"The receiver's chat template cannot render lm-eval's conversation ({err}); drop --system_instruction "
+                f"or --fewshot_as_multiturn, or use another template."
+            ) from err
         self._rendered[text] = Context(text, messages, add_generation_prompt)
         return text
 
     def context(self, text: str) -> Context:
-        """The request context ``text``: a conversation rendered here (also when lm-eval moved whitespace off its
-        end), else plain text."""
-        found = self._rendered.get(text) or self._rendered.get(text + " ")
-        return found if found is not None else Context(text)
+        """The request context ``text``: a conversation rendered here, else plain text."""
+        return self._rendered.get(text) or Context(text)
 
 
 def split_trailing_space(text: str) -> tuple[str, str]:

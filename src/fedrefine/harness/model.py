@@ -23,9 +23,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from fedrefine.harness.contexts import ChatContexts, adds_special_tokens, split_trailing_space
+from fedrefine.harness.contexts import ChatContexts, FormatError, adds_special_tokens, split_trailing_space
 from fedrefine.harness.loading import load_module
-from fedrefine.harness.routes import Alone, FormatError, Read, build_route
+from fedrefine.harness.routes import Alone, Read, build_route
 from fedrefine.tasks.scoring import token_log_probs
 
 #: Contexts per batch for ``batch_size=auto`` without ``max_batch_size``.

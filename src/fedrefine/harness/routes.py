@@ -30,7 +30,7 @@ from torch import nn
 from fedrefine.evaluation.adaptive_choice import AdaptiveChoice
 from fedrefine.evaluation.config import EvaluationConfig
 from fedrefine.fusion import FusedReceiver, FusionBatch
-from fedrefine.harness.contexts import Context, adds_special_tokens, encode_context
+from fedrefine.harness.contexts import Context, FormatError, adds_special_tokens, encode_context
 from fedrefine.kv.prompt import PromptState, read_prompt
 from fedrefine.participants import Participant
 from fedrefine.participants.chat import EncodedChat, Message, encode_chat
@@ -41,10 +41,6 @@ from fedrefine.tasks.routes import Route, RouteError, parse_routes
 from fedrefine.tasks.t2t import T2TConfig
 from fedrefine.wire import LinkConfig
 from fedrefine.wire.message import KVMessage, random_message_like
-
-
-class FormatError(ValueError):
-    """A task format that a route cannot answer as its fusers were trained; the message names the setting."""
 
 
 def refuse_plain(route: Route, context: Context) -> None:
