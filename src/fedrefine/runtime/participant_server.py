@@ -27,6 +27,7 @@ from fedrefine.participants.generation import generate_replies
 from fedrefine.participants.padding import left_pad
 from fedrefine.participants.sources import ParticipantSource
 from fedrefine.privacy.rephrase import RephraseConfig, Rephraser
+from fedrefine.runtime.drills import TAMPERINGS
 from fedrefine.runtime.identities import identity_json
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
@@ -66,6 +67,14 @@ class FaultDrill:
 
     delay_s: float = field(default=0.0, metadata={"help": "Sleep this long before answering each Prefill."})
     truncate: bool = field(default=False, metadata={"help": "Send only the first half of every KV message."})
+    tamper: str | None = field(
+        default=None,
+        metadata={"help": f"Send every KV message tampered this way (a hostile sender): one of {', '.join(TAMPERINGS)}."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.tamper is not None and self.tamper not in TAMPERINGS:
+            raise ValueError(f"Unknown drill.tamper {self.tamper!r}; choose one of {list(TAMPERINGS)}.")
 
 
 class ParticipantServicer(pb_grpc.ParticipantServicer):
@@ -127,6 +136,8 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         start = time.perf_counter()
         data = serialize_message(message, codec)
         encode_seconds = time.perf_counter() - start
+        if self.drill.tamper:
+            data = TAMPERINGS[self.drill.tamper](data)
         if self.drill.truncate:
             data = data[: len(data) // 2]
         yield from chunks(data, prefill_seconds, encode_seconds)

@@ -11,7 +11,13 @@ import torch
 
 from fedrefine.settings import documented
 from fedrefine.wire.codecs import CODEC_NAMES, codec_by_name
-from fedrefine.wire.format import MAX_MESSAGE_BYTES, deserialize_message, serialize_message
+from fedrefine.wire.format import (
+    MAX_DECODED_BYTES,
+    MAX_MESSAGE_BYTES,
+    MessageRequest,
+    deserialize_message,
+    serialize_message,
+)
 from fedrefine.wire.message import KVMessage
 
 
@@ -39,6 +45,11 @@ class LinkConfig:
     )
     max_message_bytes: int = field(
         default=MAX_MESSAGE_BYTES, metadata={"help": "A message above this size is refused by the receiver."}
+    )
+    max_decoded_bytes: int = field(
+        default=MAX_DECODED_BYTES,
+        metadata={"help": "A message whose header declares K/V above this size once decoded (fp32, full batch) is "
+                          "refused before anything is allocated."},
     )
     in_training: bool = field(
         default=False,
@@ -72,4 +83,6 @@ def transmit(
     """Send ``message`` through the wire format and decode it as the receiver does (validated)."""
     data = serialize_message(message, codec_by_name(codec, config.group_size))
     device = next(iter(message.layers.values()))[0].device if message.layers else torch.device("cpu")
-    return deserialize_message(data, message.sender, trained_for, config.max_message_bytes, device)
+    request = MessageRequest.of(list(message.layers), message.attention_mask, message.sent)
+    return deserialize_message(data, message.sender, trained_for, config.max_message_bytes, device, request,
+                               config.max_decoded_bytes)
