@@ -22,7 +22,7 @@ from fedrefine.runtime.identities import identity_from_json
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
 from fedrefine.runtime.security import ClientSecurity, logger, split_endpoint
-from fedrefine.settings import documented
+from fedrefine.settings import SettingsError, documented
 from fedrefine.wire.format import MAX_MESSAGE_BYTES, MessageRequest, WireFormatError, deserialize_message
 from fedrefine.wire.remote import Delivery, HintDelivery, RemoteSender, RemoteSource, SenderUnavailable
 
@@ -58,7 +58,7 @@ class CallSettings:
 
     def __post_init__(self) -> None:
         if min(self.deadline_s, self.connect_timeout_s) <= 0 or self.connect_retries < 1 or self.retry_after_s < 0:
-            raise ValueError(f"Call settings must be positive (at least one connection attempt), got {self}.")
+            raise SettingsError(f"Call settings must be positive (at least one connection attempt), got {self}.")
 
 
 class ParticipantClient(RemoteSender):

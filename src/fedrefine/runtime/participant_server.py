@@ -43,7 +43,7 @@ from fedrefine.runtime.serving import (
     security_from,
     serve_forever,
 )
-from fedrefine.settings import documented
+from fedrefine.settings import SettingsError, documented
 from fedrefine.wire.codecs import CODEC_NAMES
 from fedrefine.wire.format import FORMAT_NAME, FORMAT_VERSION, serialize_message
 from fedrefine.wire.message import prefill_message
@@ -67,7 +67,7 @@ class FaultDrill:
 
     def __post_init__(self) -> None:
         if self.tamper is not None and self.tamper not in TAMPERINGS:
-            raise ValueError(f"Unknown drill.tamper {self.tamper!r}; choose one of {list(TAMPERINGS)}.")
+            raise SettingsError(f"Unknown drill.tamper {self.tamper!r}; choose one of {list(TAMPERINGS)}.")
 
 
 class ParticipantServicer(pb_grpc.ParticipantServicer):

@@ -17,7 +17,7 @@ from fedrefine.participants import Participant
 from fedrefine.participants.padding import left_pad
 from fedrefine.runtime.admission import RequestError
 from fedrefine.runtime.protos import participant_pb2 as pb
-from fedrefine.settings import documented
+from fedrefine.settings import SettingsError, documented
 from fedrefine.wire.codecs import CODEC_NAMES, Codec, codec_by_name
 from fedrefine.wire.format import MAX_GROUP_SIZE
 
@@ -54,7 +54,7 @@ class ServeLimits:
         counts = {k: v for k, v in vars(self).items() if k != "send_timeout_s"}
         bad = [k for k, v in counts.items() if not isinstance(v, int) or v < 1]
         if bad or not self.send_timeout_s > 0:
-            raise ValueError(f"Serve limits must be positive integers (send_timeout_s a positive number); check "
+            raise SettingsError(f"Serve limits must be positive integers (send_timeout_s a positive number); check "
                              f"{', '.join(bad) or 'send_timeout_s'}.")
 
 

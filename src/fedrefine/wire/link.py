@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedrefine.settings import documented
+from fedrefine.settings import SettingsError, documented
 from fedrefine.wire.codecs import CODEC_NAMES, codec_by_name
 from fedrefine.wire.format import (
     MAX_DECODED_BYTES,
@@ -60,9 +60,9 @@ class LinkConfig:
     def __post_init__(self) -> None:
         for name in [self.codec, *self.per_sender.values()]:
             if name is not None and name not in CODEC_NAMES:
-                raise ValueError(f"Unknown link codec {name!r}; choose one of {list(CODEC_NAMES)} (or None).")
+                raise SettingsError(f"Unknown link codec {name!r}; choose one of {list(CODEC_NAMES)} (or None).")
         if self.layer_budget is not None and not 0 < self.layer_budget <= 1:
-            raise ValueError(f"link.layer_budget must be in (0, 1], got {self.layer_budget}.")
+            raise SettingsError(f"link.layer_budget must be in (0, 1], got {self.layer_budget}.")
 
     def codec_for(self, sender: str) -> str | None:
         return self.per_sender.get(sender, self.codec)
