@@ -5,10 +5,11 @@
 Everything runs in this process on 127.0.0.1 (free ports), every loop bounded in count and time:
 
     slow readers   N clients (a connection each) open a large Prefill (4 x 256 tokens, ~32 MB in fp32) and never
-                   read it, re-opening it whenever the server ends it, for ``--window-s`` seconds; meanwhile a
-                   well-behaved client calls health, Identity and a small Prefill in turn (retrying a refused
-                   Prefill after 50 ms). Their latencies (p50, p99) are recorded; the small Prefill's includes
-                   its retries. The server runs with the default ServeLimits.
+                   read it, re-opening it as soon as the server ends it, for ``--window-s`` seconds; meanwhile a
+                   well-behaved client calls health and Identity every 50 ms, and on another connection small
+                   Prefills one after another (retrying a refused one after 50 ms). Their latencies (p50, p99)
+                   are recorded; the small Prefill's includes its retries. The server runs with the default
+                   ServeLimits.
     bad requests   oversized and malformed Prefill, Hint and registry Download requests: each must be refused
                    INVALID_ARGUMENT or RESOURCE_EXHAUSTED before any model runs.
     hostile sender the toy world's Llama-style sender served with each tampering of ``fedrefine.runtime.drills``
@@ -99,35 +100,48 @@ def slow_readers(participant, readers: int, window_s: float) -> dict:
     time.sleep(1.0)  # the readers hold their calls
     latency: dict[str, list[float]] = {"health": [], "identity": [], "small_prefill": []}
     failures: dict[str, int] = {"health": 0, "identity": 0, "small_prefill": 0}
-    small_refusals = 0
-    with channel(port) as good:
-        health, stub = health_pb2_grpc.HealthStub(good), pb_grpc.ParticipantStub(good)
-        for _ in range(10_000):
-            if time.monotonic() >= stop:
-                break
-            for name, call in (("health", lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5)),
-                               ("identity", lambda: stub.Identity(pb.IdentityRequest(), timeout=5))):
+    refusals = Counter()
+
+    def probe() -> None:  # health and Identity every 50 ms, on their own connection
+        with channel(port) as good:
+            health, stub = health_pb2_grpc.HealthStub(good), pb_grpc.ParticipantStub(good)
+            while time.monotonic() < stop:
+                for name, call in (("health", lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5)),
+                                   ("identity", lambda: stub.Identity(pb.IdentityRequest(), timeout=5))):
+                    start = time.perf_counter()
+                    try:
+                        call()
+                        latency[name].append(time.perf_counter() - start)
+                    except grpc.RpcError:
+                        failures[name] += 1
+                time.sleep(0.05)
+
+    def prefills() -> None:  # small Prefills one after another, a refused one retried after 50 ms
+        with channel(port) as good:
+            stub = pb_grpc.ParticipantStub(good)
+            while time.monotonic() < stop:
                 start = time.perf_counter()
-                try:
-                    call()
-                    latency[name].append(time.perf_counter() - start)
-                except grpc.RpcError:
-                    failures[name] += 1
-            start = time.perf_counter()
-            for _attempt in range(200):  # a refused small Prefill is retried (bounded)
-                try:
-                    list(stub.Prefill(small, timeout=10))
-                    latency["small_prefill"].append(time.perf_counter() - start)
-                    break
-                except grpc.RpcError as err:
-                    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        failures["small_prefill"] += 1
+                for _attempt in range(400):
+                    try:
+                        list(stub.Prefill(small, timeout=10))
+                        latency["small_prefill"].append(time.perf_counter() - start)
                         break
-                    small_refusals += 1
-                    time.sleep(0.05)
-            else:
-                failures["small_prefill"] += 1
-            time.sleep(0.02)
+                    except grpc.RpcError as err:
+                        if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            failures["small_prefill"] += 1
+                            break
+                        refusals.add()
+                        time.sleep(0.05)
+                else:
+                    failures["small_prefill"] += 1
+                time.sleep(0.05)
+
+    good_clients = [threading.Thread(target=probe, daemon=True), threading.Thread(target=prefills, daemon=True)]
+    for thread in good_clients:
+        thread.start()
+    for thread in good_clients:
+        thread.join(timeout=window_s + 30)
+    small_refusals = refusals.value
     for thread in threads:
         thread.join(timeout=window_s + 10)
     server.stop(None).wait(5)
