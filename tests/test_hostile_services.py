@@ -103,6 +103,20 @@ def test_slow_readers_cannot_freeze_health_identity_or_the_other_clients(wide):
         assert list(served.stub().Prefill(small, timeout=20))  # the slots are free again
 
 
+def test_a_send_its_reader_never_takes_is_cancelled_after_the_send_timeout(wide, caplog):
+    with Served(wide, ServeLimits(max_calls=1, send_timeout_s=0.5)) as served, caplog.at_level(logging.WARNING):
+        reader = served.stub().Prefill(big_request(wide), timeout=30)  # never read: alone, it is never evicted
+        start = time.monotonic()
+
+        def cancelled() -> bool:
+            return any("took nothing for 0.5 s (send_timeout_s)" in r.getMessage() for r in caplog.records)
+
+        while not cancelled() and time.monotonic() - start < 10:
+            time.sleep(0.05)
+        assert cancelled() and time.monotonic() - start < 5  # the server gave up on it (and freed its thread)
+        assert code_of(reader) == grpc.StatusCode.CANCELLED
+
+
 # --- defect 6: every request field bounded, refusals coded, short and logged ---------------------------
 @pytest.mark.parametrize("request_, code, says", [
     (pb.PrefillRequest(prompts=[pb.TokenRow(ids=[5])], codec="fp32", width=16384),
