@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fedrefine.bench.results_file import StaleResultsError
+from fedrefine.bench.results_file import ResultsFileError, StaleResultsError
 from fedrefine.data.conversations import TrainingDataError
 from fedrefine.data.loading import DataFileError
 from fedrefine.fuser import FuserFileError, FuserPairMismatchError
@@ -31,8 +31,10 @@ from fedrefine.tasks.routes import RouteError
 USER_ERRORS = (
     ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, FuserFileError, MissingFuserError, RouteError,
     TrainingDataError, DataFileError, SettingsError, StaleResultsError, ConnectionError, FileNotFoundError,
-    RegistryDownloadError, SecurityConfigError,
+    RegistryDownloadError, SecurityConfigError, ResultsFileError,
 )
+#: The exit status of a command stopped with Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
 
 
 @contextmanager
@@ -141,6 +143,9 @@ def main() -> None:
             build_cli()
     except SIGTERMException:  # Lightning stops a SIGTERM'd fit as a plain SystemExit (status 0): say it was killed
         raise SystemExit(128 + signal.SIGTERM) from None
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (a sweep resumes from its results file)
+        print(f"fedrefine {command}: interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
 
 
 def toy_main(argv: list[str] | None = None) -> None:
