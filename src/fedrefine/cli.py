@@ -103,6 +103,7 @@ SUBCOMMANDS = {
     "predict": "answer free-text prompts with C2C",
     "bench": "run or resume a benchmark sweep (routes x query modes x sender subsets) with tables and plots",
     "kv-bytes": "bytes per prompt token each sender transmits, from model configs (no weights)",
+    "import-c2c": "import a C2C reference checkpoint folder (thu-nics/C2C) as a FedRefine fuser",
     "serve": "run a participant (`serve participant`) or the fuser registry (`serve registry`) as a gRPC service",
 }
 
@@ -110,7 +111,7 @@ SUBCOMMANDS = {
 def overview() -> str:
     lines = ["usage: fedrefine <subcommand> [options]   (fedrefine <subcommand> --help for its options)", "",
              "subcommands:"]
-    lines += [f"  {name:<9} {text}" for name, text in SUBCOMMANDS.items()]
+    lines += [f"  {name:<10} {text}" for name, text in SUBCOMMANDS.items()]
     lines += ["", "fedrefine-toy runs the offline toy-world job (fit, then test with controls)."]
     return "\n".join(lines)
 
@@ -129,6 +130,10 @@ def main() -> None:
                 from fedrefine.bench.kv_bytes import main as kv_bytes_main
 
                 return kv_bytes_main(sys.argv[2:])
+            if command == "import-c2c":
+                from fedrefine.fuser.c2c_import import main as import_c2c_main
+
+                return import_c2c_main(sys.argv[2:])
             if command == "serve":
                 from fedrefine.runtime.serve_cli import main as serve_main
 

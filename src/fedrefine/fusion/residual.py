@@ -121,20 +121,32 @@ class ResidualFusion(FusionStrategy):
         reads: Sequence[KVStack],
         dtype: torch.dtype,
     ) -> dict[int, LayerKV]:
-        """:meth:`fuse` over some receiver layers, stacked."""
+        """:meth:`fuse` over some receiver layers, stacked. Fusers of the ``position_free`` key frame read and write
+        un-rotated keys; those of the ``cache`` frame (the C2C reference's) the keys as the cache holds them."""
         own = KVStack.of(receiver_layers)  # rotated, the model's dtype: (L, B, H_t, n, D_t)
-        unrotate = (lambda k: frame.unrotate(k).to(dtype)) if any(i.fuser.reads_receiver_keys for i in inputs) else None
-        base = own.map(unrotate, lambda v: v.to(dtype))  # what the fusers read
-        totals = _Totals(own.layers)
-        for item, gathered in zip(inputs, reads):
-            current = base if self.combine == "parallel" else totals.added_to(base)
+        in_cache = [item.fuser.key_frame == "cache" for item in inputs]
+        if self.combine == "sequential" and 0 < sum(in_cache) < len(inputs):
+            raise ValueError(
+                "Sequential fusion reads each fuser's output in the next one's key frame; these senders' fusers mix "
+                "the position-free and the cache (C2C reference) frame: set combine to 'parallel'."
+            )
+        reads_free = any(i.fuser.reads_receiver_keys and not cached for i, cached in zip(inputs, in_cache))
+        unrotate = (lambda k: frame.unrotate(k).to(dtype)) if reads_free else None
+        base = own.map(unrotate, lambda v: v.to(dtype))  # what position-free fusers read
+        cached_base = own.map(lambda k: k.to(dtype), lambda v: v.to(dtype)) if any(in_cache) else None
+        totals, cached_totals = _Totals(own.layers), _Totals(own.layers)
+        for item, gathered, cached in zip(inputs, reads, in_cache):
+            view, sums = (cached_base, cached_totals) if cached else (base, totals)
+            current = view if self.combine == "parallel" else sums.added_to(view)
             deltas = item.fuser(gathered, current, self._scale(item, columns, attention_mask, dtype))
             if deltas is not None:  # (R, B, H_t, n, D_t) over the fused layers
-                totals.add(deltas)
-        if totals.empty:
+                sums.add(deltas)
+        if totals.empty and cached_totals.empty:
             return dict(receiver_layers)
         keys = own.keys if totals.keys is None else _plus(own.keys, frame.rotate(totals.keys))
+        keys = keys if cached_totals.keys is None else _plus(keys, cached_totals.keys)
         values = own.values if totals.values is None else _plus(own.values, totals.values)
+        values = values if cached_totals.values is None else _plus(values, cached_totals.values)
         return KVStack(own.layers, keys, values).unbind()
 
     @staticmethod
@@ -148,8 +160,8 @@ class ResidualFusion(FusionStrategy):
 
     @staticmethod
     def sender_reads(inputs: Sequence[FusionInput], columns: slice, dtype: torch.dtype) -> list[KVStack]:
-        """Each sender's carried layers at the columns its alignment reads for receiver ``columns``, unrotated:
-        (J, B, H_s, n, D_s)."""
+        """Each sender's carried layers at the columns its alignment reads for receiver ``columns``, in its fuser's
+        key frame (unrotated, or as cached): (J, B, H_s, n, D_s)."""
         reads = []
         for item in inputs:
             if item.alignment is None:
@@ -157,7 +169,8 @@ class ResidualFusion(FusionStrategy):
                     f"Residual fusion needs an alignment for sender {item.kv.sender.name}; encode in residual mode."
                 )
             index = item.alignment[:, columns].clamp(min=0)  # (B, n): sender column each receiver column reads
-            reads.append(item.kv.unrotated(dtype, index=index, keys=item.fuser.fuses_keys))
+            read = item.kv.as_cached if item.fuser.key_frame == "cache" else item.kv.unrotated
+            reads.append(read(dtype, index=index, keys=item.fuser.fuses_keys))
         return reads
 
     def _last_token_hook(
