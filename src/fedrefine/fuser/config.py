@@ -13,6 +13,10 @@ FusionMode = Literal["residual", "concat"]
 LayerMapKind = Literal["bottom_up", "top_down", "uniform"]
 #: Which function a layer fuser computes (see :class:`FuserConfig`'s ``variant``).
 FuserVariant = Literal["fedrefine", "c2c_reference"]
+#: How a residual sender's tokens are matched to the receiver's: ``spans`` (each model reads its own tokens; a
+#: receiver token reads the sender token covering its last character) or the C2C reference's re-encoding
+#: (``reference``: a receiver token's first piece in the sender's tokenizer; ``reference_longest``: its longest).
+TokenAlignment = Literal["spans", "reference", "reference_longest"]
 #: The noise a gate draws in training: ``logistic`` (binary concrete, P(open) = sigmoid(logit)) or ``gumbel``
 #: (what the C2C reference draws: one Gumbel sample, per element of the deltas).
 GateNoise = Literal["logistic", "gumbel"]
@@ -72,6 +76,14 @@ class FuserConfig:
                        "sigmoid(logit), as at inference) or gumbel (the C2C reference's draw: open with "
                        "probability 0.63 at logit 0 while inference opens only above 0)."),
     )
+    token_alignment: TokenAlignment = field(
+        default="spans",
+        metadata=_help("Residual mode: spans (each model reads the text in its own tokens and template; receiver "
+                       "tokens read the sender token covering their last character; template tokens are not fused) "
+                       "or the C2C reference's: reference / reference_longest (same vocabulary: the sender reads "
+                       "the receiver's own ids, template included, all fused; another tokenizer: each receiver "
+                       "content token re-encoded into the sender's first / longest piece)."),
+    )
     temperature_start: float = field(default=1.0, metadata=_help("Gate temperature at the start of training."))
     temperature_end: float = field(default=0.001, metadata=_help("Gate temperature at the end (geometric schedule)."))
 
@@ -88,6 +100,13 @@ class FuserConfig:
             raise ValueError(f"Unknown fuser variant {self.variant!r}; choose 'fedrefine' or 'c2c_reference'.")
         if self.gate_noise not in get_args(GateNoise):
             raise ValueError(f"Unknown gate_noise {self.gate_noise!r}; choose 'logistic' or 'gumbel'.")
+        if self.token_alignment not in get_args(TokenAlignment):
+            raise ValueError(f"Unknown token_alignment {self.token_alignment!r}; choose one of {list(get_args(TokenAlignment))}.")
+        if self.token_alignment != "spans" and (self.mode, self.fuse_at) != ("residual", "prompt"):
+            raise ValueError(
+                f"token_alignment {self.token_alignment!r} is the C2C reference's, for residual fusion of the prompt; "
+                f"got mode {self.mode!r}, fuse_at {self.fuse_at!r}: set token_alignment 'spans' or fuse_at 'prompt'."
+            )
         if self.variant == "c2c_reference":
             self._check_reference()
         if self.fuse_at != "prompt" and self.mode != "residual":

@@ -73,7 +73,8 @@ class ResidualFusion(FusionStrategy):
         if self.fuse_at == "last" and own is None and whole_prompt:  # the last prompt token is fused as it is read
             hook = self._last_token_hook(receiver, input_ids, attention_mask, inputs, consumed=0)
             return ReceiverContext(WriteHookCache([], hook), None, consumed=0)
-        context = own or prefill_all_but_last(receiver, input_ids, attention_mask)
+        cut = self.prefill_cut(inputs, input_ids.shape[1])
+        context = own if own is not None and own.consumed == cut else prefill_all_but_last(receiver, input_ids, attention_mask, cut)
         layers = cache_to_layers(context.cache)
         if self.fuse_at != "last":
             positions = positions_from_mask(attention_mask[:, : context.consumed])  # (B, N - 1)
@@ -83,6 +84,20 @@ class ResidualFusion(FusionStrategy):
             return ReceiverContext(layers_to_cache(layers), None, context.consumed)
         hook = self._last_token_hook(receiver, input_ids, attention_mask, inputs, context.consumed)
         return ReceiverContext(WriteHookCache(layers, hook), None, context.consumed)
+
+    @staticmethod
+    def prefill_cut(inputs: Sequence[FusionInput], length: int) -> int:
+        """How many prompt columns the receiver prefills before fusion: all but the last, or, with a sender aligned
+        the C2C reference's way, up to its last aligned column (the reference runs the text after it, e.g. the
+        answer prefix, over the fused cache)."""
+        ends = []
+        for item in inputs:
+            aligned = None if item.alignment is None else item.alignment.ge(0)  # (B, N)
+            if item.fuser.config.token_alignment == "spans" or aligned is None or not aligned.any():
+                ends.append(length - 1)
+            else:  # one past the last aligned column of any sample
+                ends.append(int(aligned.cumsum(1).argmax(1).max()) + 1)
+        return min(max(ends, default=length - 1), length - 1)
 
     def fuse(
         self,
