@@ -97,7 +97,7 @@ def _config(args: dict[str, Any], path: Path) -> FuserConfig:
     hidden, inner = int(args["hidden_dim"]), int(args["intermediate_dim"])
     config = FuserConfig(
         variant="c2c_reference", hidden_size=hidden, num_blocks=int(args["num_layers"]), ffn_multiplier=inner / hidden,
-        dropout=float(args["dropout"]), gate_init=0.0, gate_noise="gumbel", layer_map="top_down",
+        dropout=float(args["dropout"]), gate_init=0.0, gate_noise="gumbel", layer_map="top_down", token_alignment="reference",
         temperature_start=float(args["initial_temperature"]), temperature_end=float(args["final_temperature"]),
     )
     if round(hidden * config.ffn_multiplier) != inner:
