@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from fedrefine.fuser import Fuser
 from fedrefine.fuser.c2c_import import export_c2c, import_c2c
 from fedrefine.fuser.reference import reference_names
 from fedrefine.fusion import FusedReceiver
+from fedrefine.kv.cache import with_cache
 from fedrefine.participants import ParticipantIdentity, TinySpec, build_tiny_participant, real_model_config
 from fedrefine.tasks.multiple_choice import MultipleChoiceItem, encode_question
 
@@ -172,7 +174,7 @@ def restated_logits(receiver, sender, states, layer_map, blocks, receiver_ids: l
         new_v = projector(state, "value", source_v, layer.values[:, :, a:b], blocks)
         layer.keys[:, :, a:b], layer.values[:, :, a:b] = new_k, new_v
     positions = torch.arange(b, len(receiver_ids))[None]
-    return receiver.model(ids[:, b:], past_key_values=cache, position_ids=positions).logits[0, -1]
+    return receiver.model(ids[:, b:], **with_cache(receiver.model, cache), position_ids=positions).logits[0, -1]
 
 
 # --- one pair ----------------------------------------------------------------------------------------------------
@@ -203,7 +205,7 @@ def run_pair(name: str, receiver, sender, tmp: Path) -> dict:
         if sender.tokenizer.get_vocab() == receiver.tokenizer.get_vocab():
             assert theirs_ids == example.receiver_ids, "same vocabulary: the sender reads the receiver's ids"
             suffix = len(receiver.tokenizer("The correct answer is", add_special_tokens=False)["input_ids"])
-            assert (a, b) == (0, len(example.receiver_ids) - suffix), ((a, b), len(example.receiver_ids), suffix)
+            assert (a, b) == (0, len(example.receiver_ids) - suffix), "the reference fuses all but the answer prefix"
         start = example.senders[sender.name].alignment[a]
         restated = restated_logits(receiver, sender, written, fuser.layer_map, blocks, example.receiver_ids,
                                    theirs_ids, (a, b), start)
@@ -245,6 +247,7 @@ def full_size(tmp: Path) -> dict:
         "parameters": report.parameters, "checkpoint_bytes": size,
         "fedrefine_fuser_bytes": sum(f.stat().st_size for f in saved.iterdir()),
         "import_seconds": round(report.seconds, 2), "write_seconds": round(written_s, 2),
+        "peak_rss_mb_of_the_whole_run": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
 
 

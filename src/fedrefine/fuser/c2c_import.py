@@ -164,7 +164,7 @@ def _load_state(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dty
     problems += [f"{n} is not finite" for n in shapes if n in state and not torch.isfinite(state[n]).all()]
     if problems:
         raise C2CImportError(
-            f"{path} does not hold the C2CProjector its JSON describes ({'; '.join(problems[:3])}); copy the .pt and "
+            f"{path} does not hold the C2CProjector its JSON describes ({'; '.join(problems[:3])}); re-export the projector, or copy the .pt and "
             f".json of the same checkpoint."
         )
     return state
