@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import QWEN2_SPEC, RECEIVER_SPEC
 from fedrefine.fuser import Fuser, FuserConfig, FuserRegistry
 from fedrefine.fuser.c2c_import import C2CImportError, export_c2c, import_c2c
 from fedrefine.fuser.c2c_import import main as import_main
@@ -18,8 +19,6 @@ from fedrefine.kv.stack import KVStack
 from fedrefine.participants import ParticipantIdentity, build_tiny_participant
 from fedrefine.participants.reference_align import Reencoder, reference_alignment
 from fedrefine.tasks.multiple_choice import encode_question
-
-from conftest import QWEN2_SPEC, RECEIVER_SPEC
 
 REPO = Path(__file__).parent.parent
 SENDER = ParticipantIdentity("tiny:s", "r1", "Qwen2ForCausalLM", 3, 2, 8, 16, 100)
