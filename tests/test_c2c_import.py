@@ -272,3 +272,48 @@ def test_the_command_shows_a_refusal_as_one_line(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("fedrefine: error:") and "\n" not in error
+
+
+# --- the reference's multiple-choice protocol ---------------------------------------------------------------------
+def test_the_reference_prompt_letters_options_by_position_and_reads_letter_logits(receiver):
+    from fedrefine.tasks.multiple_choice import MultipleChoiceItem, question_text
+
+    item = MultipleChoiceItem("q", "What is 1 + 1?", ("one", "two", "three"), ("1", "2", "3"), "2")
+    text = question_text(item, prompt_style="c2c_reference")
+    assert text.startswith("Accurately answer the following question:\n\nWhat is 1 + 1?\n\nChoices:\nA. one\nB. two\n")
+    assert text.endswith('"The correct answer is A/B/C/D".\n- Do not include any explanations, additional text, or '
+                         "punctuation besides the answer.\n\nThe correct answer is")
+    encoded = encode_question(receiver, item, prompt_style="c2c_reference")
+    letters = [receiver.tokenizer.encode(f" {letter}", add_special_tokens=False)[0] for letter in "ABC"]
+    assert list(encoded.option_token_ids) == letters  # the reference's option ids: the first token of " A", " B", ...
+    assert encoded.chat.text.endswith("<|im_start|>assistant\nThe correct answer is A")
+    assert receiver.tokenizer.decode(encoded.chat.input_ids).endswith("assistant\nThe correct answer is")
+
+
+@pytest.mark.parametrize("mode", ["logits", "generate"])
+def test_an_imported_fuser_is_evaluated_with_the_reference_protocol(mode, tmp_path, receiver):
+    from fedrefine.data.question_dataset import QuestionDataset
+    from fedrefine.evaluation import EvaluationConfig, Evaluator
+    from fedrefine.tasks.routes import parse_routes
+
+    bench = _benchmark()
+    sender = build_tiny_participant(QWEN2_SPEC, tokenizer=receiver.tokenizer)
+    bench.write_reference_checkpoint(tmp_path, sender.identity, receiver.identity, 16, 16, 3, torch.float32, 0, {})
+    model = FusedReceiver(receiver, [sender], [import_c2c(tmp_path, sender.identity, receiver.identity).fuser]).eval()
+    config = EvaluationConfig(answer_mode=mode, prompt_style="c2c_reference", max_new_tokens=4)
+    routes = parse_routes(["receiver", "c2c"], model.sender_names)
+    rows = {r["route"]: r for r in Evaluator(model, routes, config).run(QuestionDataset(bench.QUESTIONS), batch_size=2).rows()}
+    assert set(rows) == {"receiver", "c2c"}
+    assert all(r["questions"] == 2 and r["failed"] == 0 and 0 <= r["accuracy"] <= 1 for r in rows.values())
+
+
+def test_the_reference_protocol_refuses_what_the_reference_does_not_do(receiver, qwen2_sender):
+    from fedrefine.evaluation import EvaluationConfig
+    from fedrefine.evaluation.question_batch import QuestionEncoder
+    from fedrefine.tasks.routes import RouteError, parse_routes
+
+    with pytest.raises(ValueError, match="answer_mode logits or generate"):
+        EvaluationConfig(answer_mode="cloze", prompt_style="c2c_reference")
+    model = FusedReceiver(receiver, [qwen2_sender], [Fuser(qwen2_sender.identity, receiver.identity, FuserConfig(hidden_size=8))])
+    with pytest.raises(RouteError, match="drop \\['t2t'\\]"):
+        QuestionEncoder(model, parse_routes(["c2c", "t2t"], model.sender_names), prompt_style="c2c_reference")
