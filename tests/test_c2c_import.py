@@ -186,6 +186,17 @@ def test_a_checkpoint_for_another_pair_is_refused(checkpoint):
         import_c2c(checkpoint, narrow, RECEIVER)
 
 
+def test_a_layer_map_fedrefine_cannot_hold_or_of_several_senders_is_refused(checkpoint):
+    path = checkpoint / "projector_config.json"
+    path.write_text(json.dumps({"0": {"1": {"0": [[2, 0]], "1": [[0, 1]], "2": [[1, 2]], "3": [[2, 3]]}}}))
+    with pytest.raises(C2CImportError, match=r"layer map \[2, 0, 1, 2\] is none of top_down, bottom_up, uniform"):
+        import_c2c(checkpoint, SENDER, RECEIVER)
+    path.write_text(json.dumps({"0": {"1": {"0": [[0, 0]]}, "2": {"0": [[0, 0]]}}}))
+    with pytest.raises(C2CImportError, match="import one sender's checkpoint at a time") as err:
+        import_c2c(checkpoint, SENDER, RECEIVER)
+    _one_line(err)
+
+
 def test_an_unknown_projector_class_is_refused(checkpoint):
     path = checkpoint / "projector_2.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | {"class": "AllInOneProjector"}))
