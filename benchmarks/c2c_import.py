@@ -15,7 +15,8 @@ reference's parameter names, ``projector_config.json`` with the layer map), impo
   plain-torch restatement of the reference's forward written below from the math: both models prefill the fused
   section; each receiver layer's projector computes ``t + [k > 0] sigmoid(W_w FFN(h)) * (W_p FFN(h))`` with
   ``h = FFN(W_in [s ; t] + b)`` on the keys as the caches hold them (rotated) and on the values; the result is
-  written over the receiver's cache there; the receiver runs the rest of the prompt over it.
+  written over the receiver's cache there; the receiver runs the rest of the prompt over it. FedRefine's logits
+  are taken both ways it reads a prompt: ``FusedReceiver.forward`` (training) and ``read_prompt`` (evaluation).
 
 The restatement takes the sender's token ids and where its columns sit from the encoding (the same vocabulary:
 the receiver's own ids, asserted; another tokenizer: FedRefine's re-encoding of the reference's alignment,
@@ -197,6 +198,7 @@ def run_pair(name: str, receiver, sender, tmp: Path) -> dict:
         with torch.no_grad():
             sent = model.send(batch)
             ours = model(batch, sent.messages, sent.own).logits[0, 0]
+            read = model.read_prompt(batch, sent.messages).last_logits[0]  # the evaluation's path
             alone = model(batch, {}).logits[0, 0]
         theirs_ids = example.senders[sender.name].input_ids
         aligned = [i for i, j in enumerate(example.senders[sender.name].alignment) if j >= 0]
@@ -211,7 +213,8 @@ def run_pair(name: str, receiver, sender, tmp: Path) -> dict:
                                    theirs_ids, (a, b), start)
         questions.append({
             "id": item.id, "receiver_tokens": len(example.receiver_ids), "sender_tokens": len(theirs_ids),
-            "fused_columns": [a, b], "logits_max_abs_diff": (ours - restated).abs().max().item(),
+            "fused_columns": [a, b],
+            "logits_max_abs_diff": max((ours - restated).abs().max().item(), (read - restated).abs().max().item()),
             "fusion_changes_logits_by": (ours - alone).abs().max().item(),
             "same_argmax": int(ours.argmax()) == int(restated.argmax()),
         })
