@@ -105,7 +105,8 @@ SUBCOMMANDS = {
     "predict": "answer free-text prompts with C2C",
     "bench": "run or resume a benchmark sweep (routes x query modes x sender subsets) with tables and plots",
     "kv-bytes": "bytes per prompt token each sender transmits, from model configs (no weights)",
-    "eval-harness": "any lm-evaluation-harness task through any route (lm-eval's own arguments; extra lm_eval)",
+    "eval-harness": "any lm-evaluation-harness task through any route (lm-eval's own arguments; extra lm-eval)",
+    "import-c2c": "import a C2C reference checkpoint folder (thu-nics/C2C) as a FedRefine fuser",
     "serve": "run a participant (`serve participant`) or the fuser registry (`serve registry`) as a gRPC service",
 }
 
@@ -136,6 +137,10 @@ def main() -> None:
                 from fedrefine.harness.cli import main as harness_main
 
                 return harness_main(sys.argv[2:])
+            if command == "import-c2c":
+                from fedrefine.fuser.c2c_import import main as import_c2c_main
+
+                return import_c2c_main(sys.argv[2:])
             if command == "serve":
                 from fedrefine.runtime.serve_cli import main as serve_main
 
