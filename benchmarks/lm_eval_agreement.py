@@ -1,6 +1,6 @@
 """FedRefine's cloze scoring against lm-evaluation-harness, question by question.
 
-    pip install -e ".[lm_eval]"
+    pip install -e ".[lm-eval]"
     python benchmarks/lm_eval_agreement.py [--questions 100] [--threads 2]
 
 Each model is exported with ``save_pretrained`` (model and tokenizer) into a temporary directory;

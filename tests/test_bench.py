@@ -255,7 +255,7 @@ def test_changed_rephrasing_settings_rerun_only_the_rephrased_cells(tmp_path, to
     assert calls == ["receiver@private", "t2t:llama@private"]  # the original-query rows are kept
     assert [r for r in again if r["query_mode"] == "original"] == [r for r in first if r["query_mode"] == "original"]
     other = dataclasses.replace(retried, t2t=T2TConfig(budget=5))  # any other evaluation setting still starts over
-    with pytest.raises(StaleResultsError, match="the fingerprint differs"):
+    with pytest.raises(StaleResultsError, match=r"same header, but other evaluation\.t2t\)"):  # named exactly
         toy_sweep(tmp_path, toy_registries, evaluation=other, **settings).run(command="test")
 
 

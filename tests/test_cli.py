@@ -103,7 +103,7 @@ def test_help_lists_every_subcommand(monkeypatch, capsys):
 
     assert run_main(monkeypatch, "--help") == 0
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
-    assert listed == set(LightningCLI.subcommands()) | {"bench", "kv-bytes", "serve"}
+    assert listed == set(LightningCLI.subcommands()) | {"bench", "kv-bytes", "serve", "eval-harness", "import-c2c"}
     assert run_main(monkeypatch) == 2  # no subcommand: the same overview, as an error
 
 

@@ -265,3 +265,27 @@ def test_an_empty_rephrasing_is_unfaithful_and_t2t_still_answers(world, monkeypa
     rows = run(federated(receiver, senders, "concat"), ["t2t@shared", "t2t@private"], planner)
     for row in rows.values():
         assert row["rephrasings_unfaithful"] == 1.0 and row["questions"] == 2 and row["failed"] == 0
+
+
+def test_the_printed_table_fits_an_80_column_terminal(monkeypatch):
+    from rich.console import Console
+
+    from fedrefine.evaluation.report import EvaluationReport, compact_bytes
+    from fedrefine.tasks.routes import parse_routes
+
+    report = EvaluationReport(parse_routes(["receiver"], []))
+    row = {"accuracy": 1.0, "ci_low": 0.99, "ci_high": 1.0, "acc": 1.0, "acc_norm": 1.0, "latency_ms": 12345.6,
+           "bytes_per_token": 86016, "bytes_per_question": 11616256, "leakage_overlap": 1.0, "senders_dropped": {}}
+    routes = ["receiver", "c2c_reordered@private", "t2t:llama+qwen2+deep@shared"]
+    monkeypatch.setattr(report, "rows", lambda: [{**row, "route": route} for route in routes])
+    console = Console(record=True, width=80)
+    report.print_table("FedRefine test: a -> b", console)
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80
+    table = "\n".join(lines)
+    assert "…" not in table  # nothing cut
+    for route in routes:  # a long route wraps within its column; everything else stays on one line
+        assert route[:12] in table
+    assert [compact_bytes(n) for n in (1152, 86016, 999_999, 3_096_576)] == ["1,152", "86.0 kB", "1.0 MB", "3.1 MB"]
+    for header in ("accuracy", "95% CI", "acc_norm", "ms/q", "B/q", "leakage", "11.6 MB"):
+        assert header in table

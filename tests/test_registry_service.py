@@ -126,12 +126,15 @@ def test_a_downloaded_fuser_is_bit_for_bit_the_saved_one_and_is_then_served_from
         assert repaired.downloaded == [weights]  # only the damaged file came again
 
 
-def test_a_file_that_fails_its_checksum_is_refused_and_not_kept(root, endpoint, tmp_path):
+def test_a_file_rewritten_with_the_same_size_and_time_is_hashed_again_never_served_with_a_stale_digest(
+    root, endpoint, tmp_path
+):
     cache = tmp_path / "cache"
     with RemoteFuserRegistry(endpoint, cache, timeout_s=TIMEOUT_S) as remote:
         listed = {f.name: f.sha256 for f in remote.remote_fusers()[(C.key, B.key)].files}  # the server hashes now
-        # Change the served bytes behind the server's back: same size, same modification time, so its
-        # cached digest (and the listing) stay those of the old bytes, and only the client's check can tell.
+        # Change the served bytes behind the server's back: same size, same modification time. The server
+        # notices (the change time moved) and sends the new digest: the client refuses a file that changed
+        # since it was listed, keeps nothing of it, and gets it whole after a refresh.
         weights = FuserRegistry(root).directory_for(C, B) / WEIGHTS_FILE
         before = weights.stat()
         data = bytearray(weights.read_bytes())
@@ -139,13 +142,16 @@ def test_a_file_that_fails_its_checksum_is_refused_and_not_kept(root, endpoint, 
         weights.write_bytes(bytes(data))
         os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
         actual = hashlib.sha256(data).hexdigest()
-        with pytest.raises(RegistryDownloadError, match="failed its checksum") as refused:
+        with pytest.raises(RegistryDownloadError, match="changed on the registry .* since it was listed") as refused:
             remote.get(C, B)
         message = str(refused.value)
         assert WEIGHTS_FILE in message and listed[WEIGHTS_FILE] in message and actual in message
         kept = sorted(path.name for path in remote.directory_for(C, B).iterdir())
-        assert kept == ["fuser.json"]  # the verified file stays; the bad one and its partial file are gone
-        assert remote.downloaded == [remote.directory_for(C, B) / "fuser.json"]
+        assert kept == ["fuser.json"]  # the verified file stays; the changed one and its partial file are gone
+        remote.refresh()
+        assert {f.name: f.sha256 for f in remote.remote_fusers()[(C.key, B.key)].files}[WEIGHTS_FILE] == actual
+        remote.get(C, B)
+        assert hashlib.sha256((remote.directory_for(C, B) / WEIGHTS_FILE).read_bytes()).hexdigest() == actual
 
 
 def test_pairs_the_registry_does_not_hold_are_refused_by_name(endpoint, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from fedrefine.bench.results_file import StaleResultsError
+from fedrefine.bench.results_file import ResultsFileError, StaleResultsError
 from fedrefine.data.conversations import TrainingDataError
 from fedrefine.data.loading import DataFileError
 from fedrefine.fuser import FuserFileError, FuserPairMismatchError
@@ -31,8 +31,10 @@ from fedrefine.tasks.routes import RouteError
 USER_ERRORS = (
     ParticipantLoadError, DatasetSchemaError, FuserPairMismatchError, FuserFileError, MissingFuserError, RouteError,
     TrainingDataError, DataFileError, SettingsError, StaleResultsError, ConnectionError, FileNotFoundError,
-    RegistryDownloadError, SecurityConfigError,
+    RegistryDownloadError, SecurityConfigError, ResultsFileError,
 )
+#: The exit status of a command stopped with Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
 
 
 @contextmanager
@@ -103,6 +105,8 @@ SUBCOMMANDS = {
     "predict": "answer free-text prompts with C2C",
     "bench": "run or resume a benchmark sweep (routes x query modes x sender subsets) with tables and plots",
     "kv-bytes": "bytes per prompt token each sender transmits, from model configs (no weights)",
+    "eval-harness": "any lm-evaluation-harness task through any route (lm-eval's own arguments; extra lm-eval)",
+    "import-c2c": "import a C2C reference checkpoint folder (thu-nics/C2C) as a FedRefine fuser",
     "serve": "run a participant (`serve participant`) or the fuser registry (`serve registry`) as a gRPC service",
 }
 
@@ -110,7 +114,7 @@ SUBCOMMANDS = {
 def overview() -> str:
     lines = ["usage: fedrefine <subcommand> [options]   (fedrefine <subcommand> --help for its options)", "",
              "subcommands:"]
-    lines += [f"  {name:<9} {text}" for name, text in SUBCOMMANDS.items()]
+    lines += [f"  {name:<12} {text}" for name, text in SUBCOMMANDS.items()]
     lines += ["", "fedrefine-toy runs the offline toy-world job (fit, then test with controls)."]
     return "\n".join(lines)
 
@@ -129,6 +133,14 @@ def main() -> None:
                 from fedrefine.bench.kv_bytes import main as kv_bytes_main
 
                 return kv_bytes_main(sys.argv[2:])
+            if command == "eval-harness":
+                from fedrefine.harness.cli import main as harness_main
+
+                return harness_main(sys.argv[2:])
+            if command == "import-c2c":
+                from fedrefine.fuser.c2c_import import main as import_c2c_main
+
+                return import_c2c_main(sys.argv[2:])
             if command == "serve":
                 from fedrefine.runtime.serve_cli import main as serve_main
 
@@ -138,6 +150,9 @@ def main() -> None:
             build_cli()
     except SIGTERMException:  # Lightning stops a SIGTERM'd fit as a plain SystemExit (status 0): say it was killed
         raise SystemExit(128 + signal.SIGTERM) from None
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (a sweep resumes from its results file)
+        print(f"fedrefine {command}: interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
 
 
 def toy_main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,9 @@ from typing import TypeVar
 
 ConfigClass = TypeVar("ConfigClass", bound=type)
 
+#: Every ``@documented`` config class, in definition order: the docs' configuration reference lists their fields.
+DOCUMENTED: list[type] = []
+
 
 class SettingsError(ValueError):
     """Settings that contradict each other (the message names both and the fix)."""
@@ -27,4 +30,5 @@ def documented(cls: ConfigClass) -> ConfigClass:
         text = " ".join(f.metadata["help"].split())
         lines += textwrap.wrap(f"{f.name}: {text}", width=96, initial_indent="    ", subsequent_indent="        ")
     cls.__doc__ = "\n".join(lines) + "\n"
+    DOCUMENTED.append(cls)
     return cls

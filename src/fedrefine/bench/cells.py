@@ -15,6 +15,7 @@ from typing import Literal
 
 from fedrefine.evaluation.question_batch import T2T_OPTIONS
 from fedrefine.participants.align import AlignedMessages
+from fedrefine.settings import SettingsError
 from fedrefine.tasks.routes import QUERY_MODES, OptionsPolicy, Route, RouteError
 
 #: The route families a sweep compares.
@@ -23,6 +24,24 @@ ROUTES: tuple[str, ...] = ("c2c.residual", "c2c.concat", "t2t")
 SWEEP_ROUTES: tuple[str, ...] = (*ROUTES, "adaptive")
 #: ``prefixes``: the first k senders for k = 1..N (the paper's Fig. 3a); ``all``: every non-empty subset.
 SubsetPolicy = Literal["prefixes", "all"]
+
+
+def check_sweep(
+    participants: Sequence[str], receiver: str, senders: Sequence[str], link_mbit_per_s: float,
+    num_questions: int | None, batch_size: int,
+) -> None:
+    """Refuse a sweep's settings that cannot run (each refusal names the setting and the fix)."""
+    missing = [n for n in (receiver, *senders) if n not in participants]
+    if missing:
+        raise SettingsError(f"Sweep names participants {missing} that are not in `participants` ({sorted(participants)}).")
+    if receiver in senders:
+        raise SettingsError(f"The receiver {receiver!r} cannot also be a sender.")
+    if not link_mbit_per_s > 0:
+        raise SettingsError(f"link_mbit_per_s must be positive, got {link_mbit_per_s}.")
+    if num_questions is not None and num_questions < 1:
+        raise SettingsError(f"num_questions must be at least 1 (or null for all), got {num_questions}.")
+    if batch_size < 1:
+        raise SettingsError(f"batch_size must be at least 1, got {batch_size}.")
 
 
 def unsupported_reason(cell: Route, options: OptionsPolicy = "verbatim", aligned: AlignedMessages = "all") -> str | None:
@@ -44,21 +63,21 @@ def sender_subsets(
     sender (point-to-point comparisons, Fig. 3b) when the policy does not already include it.
     """
     if not senders:
-        raise ValueError("A sweep needs at least one sender.")
+        raise SettingsError("A sweep needs at least one sender.")
     if len(set(senders)) != len(senders):
-        raise ValueError(f"Sender names must be unique, got {list(senders)}.")
+        raise SettingsError(f"Sender names must be unique, got {list(senders)}.")
     if policy == "prefixes":
         subsets = [tuple(senders[:k]) for k in range(1, len(senders) + 1)]
     elif policy == "all":
         subsets = [c for k in range(1, len(senders) + 1) for c in combinations(senders, k)]
     elif isinstance(policy, str):
-        raise ValueError(f"Unknown subset policy {policy!r}; use 'prefixes', 'all' or a list of sender lists.")
+        raise SettingsError(f"Unknown subset policy {policy!r}; use 'prefixes', 'all' or a list of sender lists.")
     else:
         subsets = []
         for subset in policy:
             unknown = [s for s in subset if s not in senders]
             if not subset or unknown or len(set(subset)) != len(subset):
-                raise ValueError(
+                raise SettingsError(
                     f"Invalid sender subset {list(subset)}: it must be non-empty, without repeats, and use only "
                     f"the sweep's senders {list(senders)}."
                 )
@@ -80,7 +99,7 @@ def expand_cells(
     unknown_routes = [r for r in routes if r not in SWEEP_ROUTES]
     unknown_modes = [m for m in query_modes if m not in QUERY_MODES]
     if unknown_routes or unknown_modes or not routes or not query_modes:
-        raise ValueError(
+        raise SettingsError(
             f"Sweep routes must be a non-empty subset of {list(SWEEP_ROUTES)} (got {list(routes)}) and query modes of "
             f"{list(QUERY_MODES)} (got {list(query_modes)})."
         )

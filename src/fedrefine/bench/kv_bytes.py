@@ -100,6 +100,10 @@ def format_table(rows: Sequence[SenderBytes], receiver: str, dtype: torch.dtype,
     return "\n".join(lines)
 
 
+#: Bounds on what ``fedrefine kv-bytes --codec`` allocates to measure a message.
+MAX_PROMPT_TOKENS, MAX_MEASURED_BYTES = 65536, 2**30
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedrefine kv-bytes", description=__doc__.splitlines()[0])
     parser.add_argument("--receiver", default=PAPER_RECEIVER, help="hub id with a shipped config, or a local model dir")
@@ -107,10 +111,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--layer-map", default="bottom_up", choices=["bottom_up", "top_down", "uniform"])
     parser.add_argument("--codec", choices=CODEC_NAMES, help="measure serialised messages with this codec instead")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length the header is spread over")
+    parser.add_argument("--prompt-tokens", type=int, default=128,
+                        help=f"prompt length the header is spread over (1..{MAX_PROMPT_TOKENS:,})")
     args = parser.parse_args(argv)
+    if not 1 <= args.prompt_tokens <= MAX_PROMPT_TOKENS:
+        parser.error(f"--prompt-tokens must be in 1..{MAX_PROMPT_TOKENS:,}, got {args.prompt_tokens:,}")
     dtype = getattr(torch, args.dtype)
     rows = bytes_table(args.receiver, args.senders, dtype, args.layer_map)
+    for row in rows if args.codec else []:  # the measured message is allocated: bound it first
+        sender = identity_of(row.sender)
+        size = row.layers_sent * 2 * sender.num_kv_heads * sender.head_dim * args.prompt_tokens * dtype.itemsize
+        if size > MAX_MEASURED_BYTES:
+            parser.error(f"--prompt-tokens {args.prompt_tokens:,} makes {row.sender}'s measured message {size:,} bytes, "
+                         f"over {MAX_MEASURED_BYTES:,}; bytes per token hardly change past a few hundred tokens: use fewer")
     if args.codec:
         rows = [dataclasses.replace(r, kv_bytes=round(wire_bytes_per_token(
             identity_of(r.sender), r.layers_sent, args.codec, args.prompt_tokens, dtype))) for r in rows]

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import Logger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedrefine.bench.cells import ROUTES, SubsetPolicy, expand_cells, unsupported_reason
+from fedrefine.bench.cells import ROUTES, SubsetPolicy, check_sweep, expand_cells, unsupported_reason
 from fedrefine.bench.fuser_training import FuserTraining, GateTraining
 from fedrefine.bench.records import git_commit
 from fedrefine.bench.results_file import (
@@ -46,6 +46,7 @@ from fedrefine.participants import Participant
 from fedrefine.participants.align import AlignedMessages
 from fedrefine.participants.sources import ParticipantSource
 from fedrefine.privacy.rephrase import Rephraser
+from fedrefine.settings import SettingsError
 from fedrefine.tasks.routes import QUERY_MODES, Route
 
 
@@ -104,13 +105,7 @@ class BenchSweep:
         logger: Logger | None = None,
         device: str = "cpu",
     ) -> None:
-        missing = [n for n in (receiver, *senders) if n not in participants]
-        if missing:
-            raise ValueError(f"Sweep names participants {missing} that are not in `participants` ({sorted(participants)}).")
-        if receiver in senders:
-            raise ValueError(f"The receiver {receiver!r} cannot also be a sender.")
-        if link_mbit_per_s <= 0:
-            raise ValueError(f"link_mbit_per_s must be positive, got {link_mbit_per_s}.")
+        check_sweep(list(participants), receiver, senders, link_mbit_per_s, num_questions, batch_size)
         self.receiver_name, self.sender_names = receiver, list(senders)
         self.data, self.split, self.num_questions, self.batch_size = data, split, num_questions, batch_size
         self.federation = Federation(participants, registry=None)  # each fusion mode has its own registry
@@ -214,7 +209,7 @@ class BenchSweep:
         (``*@private``) of finished cells to evaluate again, e.g. after a fix that no setting records."""
         unmatched = [p for p in rerun if not _matching([str(c) for c in self.cells], [p])]
         if unmatched:
-            raise ValueError(f"--rerun {unmatched} names no cell of this sweep; cells are named like {str(self.cells[-1])!r}.")
+            raise SettingsError(f"--rerun {unmatched} names no cell of this sweep; cells are named like {str(self.cells[-1])!r}.")
         command = command or " ".join(["fedrefine", *sys.argv[1:]])
         results = SweepResultsFile(self.output_dir / f"{self.name}.json", self.console)
         if not fresh:  # before training missing fusers: settings that differ are known already
@@ -222,7 +217,7 @@ class BenchSweep:
         self.prepare_fusers()
         questions = self.questions()
         if not len(questions):
-            raise ValueError(f"The evaluation split {self.split or self.data.test_split!r} has no questions.")
+            raise SettingsError(f"The evaluation split {self.split or self.data.test_split!r} has no questions.")
         header = self.header(self.fingerprint(questions), command, self.fusion.fingerprints(self.fusion_modes))
         rows = results.load(header, fresh=fresh)
         if again := _matching(list(rows), rerun):

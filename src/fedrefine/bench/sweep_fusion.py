@@ -14,6 +14,7 @@ from fedrefine.federation import Federation
 from fedrefine.fuser import WEIGHTS_FILE, Fuser
 from fedrefine.fuser.registry import FuserRegistry
 from fedrefine.fusion import FusedReceiver, gate_saved_in, load_gate
+from fedrefine.settings import SettingsError
 
 FUSION_MODES = ("residual", "concat")
 
@@ -46,18 +47,18 @@ class SweepFusion:
         self.registries = {mode: FuserRegistry(path) for mode, path in (registries or {}).items()}
         unknown_modes = sorted(set(self.registries) - set(FUSION_MODES))
         if unknown_modes:
-            raise ValueError(f"Registries are keyed by fusion mode 'residual' or 'concat', got {unknown_modes}.")
+            raise SettingsError(f"Registries are keyed by fusion mode 'residual' or 'concat', got {unknown_modes}.")
         self.gates = {mode: Path(path) for mode, path in (gates or {}).items()}
         without_registry = sorted(set(self.gates) - set(self.registries))
         if without_registry:
-            raise ValueError(f"gates names fusion modes {without_registry} without a registry; set registries.<mode> too.")
+            raise SettingsError(f"gates names fusion modes {without_registry} without a registry; set registries.<mode> too.")
         self.federation, self.receiver_name, self.sender_names = federation, receiver, list(senders)
         self.train_missing, self.train_missing_gate = train_missing, train_missing_gate
         self.console = console or Console()
 
     def registry(self, mode: str) -> FuserRegistry:
         if mode not in self.registries:
-            raise ValueError(f"Route c2c.{mode} needs a fuser registry: set registries.{mode} to a directory.")
+            raise SettingsError(f"Route c2c.{mode} needs a fuser registry: set registries.{mode} to a directory.")
         return self.registries[mode]
 
     def prepare(self, modes: Sequence[str]) -> None:

@@ -28,6 +28,12 @@ def check_prompt_style(prompt_style: PromptStyle, mode: AnswerMode, prefill: boo
     """``lm_eval`` prompts (the bare stem) are scored by cloze and have no answer prefix to prefill."""
     if prompt_style not in PROMPT_STYLES:
         raise ValueError(f"Unknown evaluation.prompt_style {prompt_style!r}; choose one of {list(PROMPT_STYLES)}.")
+    if prompt_style == "c2c_reference" and (mode == "cloze" or prefill):
+        raise ValueError(
+            f"evaluation.prompt_style 'c2c_reference' (the C2C reference's multiple-choice protocol) reads letter logits "
+            f"or generates: set evaluation.answer_mode logits or generate (got {mode!r}) and evaluation.prefill_answer "
+            f"false (got {prefill})."
+        )
     if prompt_style == "lm_eval" and (mode != "cloze" or prefill):
         raise ValueError(
             f"evaluation.prompt_style 'lm_eval' (the bare question stem) scores option texts and has no answer "
@@ -79,7 +85,10 @@ class EvaluationConfig:
                           "prefix 'The correct answer is'); lm_eval: lm-eval-harness's stock OpenBookQA prompt (the "
                           "bare question stem, each option scored as ' ' + text), for comparing a model alone "
                           "with published figures: needs answer_mode cloze and runs the receiver and sender "
-                          "routes only (fusers are trained on chat prompts)."},
+                          "routes only (fusers are trained on chat prompts); c2c_reference: the C2C reference's "
+                          "multiple-choice protocol (its instructions, options 'A. ...', the prompt ending 'The "
+                          "correct answer is', letter logits or greedy generation), for imported fusers: receiver, "
+                          "sender and c2c routes on the original questions."},
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Generation budget in generate mode and for predict."})
     test_routes: list[str] | None = field(

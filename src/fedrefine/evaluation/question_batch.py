@@ -137,13 +137,22 @@ def encode_for_scoring(
 ) -> tuple[EncodedChat, OptionIds]:
     """The prompt and how options are scored: letter token ids (logits), cloze options (cloze), nothing (generate)."""
     if mode == "generate":
-        return encode_chat(participant, question_messages(item)), ()
+        return encode_chat(participant, question_messages(item, prompt_style=prompt_style)), ()
     encoded = encode_question(participant, item, answer_style(mode), prefill, prompt_style)
     return encoded.chat, encoded.option_token_ids if mode == "logits" else encoded.cloze
 
 
 def check_routes_for_prompt_style(routes: Sequence[Route], prompt_style: PromptStyle) -> None:
-    """``lm_eval`` prompts (the bare stem) run the receiver and senders alone, on the original question."""
+    """``lm_eval`` prompts (the bare stem) run the receiver and senders alone, on the original question;
+    ``c2c_reference`` prompts (the C2C reference's protocol) add the c2c routes."""
+    if prompt_style == "c2c_reference":
+        refused = [r.label for r in routes if r.kind not in ("receiver", "sender", "c2c") or r.query_mode != "original"]
+        if refused:
+            raise RouteError(
+                f"evaluation.prompt_style 'c2c_reference' mirrors the C2C reference's protocol: routes receiver, "
+                f"sender:<name> and c2c on the original questions; drop {refused} or use prompt_style chat."
+            )
+        return
     refused = [r.label for r in routes if r.kind not in ("receiver", "sender") or r.query_mode != "original"]
     if prompt_style != "chat" and refused:
         raise RouteError(
@@ -257,7 +266,9 @@ class QuestionEncoder:
                     model.senders[n],
                     with_answer_prefill(plan.sender_messages(n), self.prefill)
                     if plan
-                    else question_messages(getattr(question, variant.sender_text), answer_style(self.mode), self.prefill),
+                    else question_messages(
+                        getattr(question, variant.sender_text), answer_style(self.mode), self.prefill, self.prompt_style
+                    ),
                 )
                 for n in sorted(names)
             }

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from torchmetrics.classification import MulticlassAccuracy
@@ -22,7 +23,8 @@ from fedrefine.tasks.routes import Route
 
 #: Option slots of the accuracy metric (labels A-Z).
 MAX_OPTIONS = 26
-TABLE_COLUMNS = ("route", "accuracy", "95% CI", "latency ms/question", "bytes/token", "bytes/question", "leakage")
+#: Console columns (``ms/q``: latency per question, all stages; ``B/q``: bytes the senders sent per question).
+TABLE_COLUMNS = ("route", "accuracy", "95% CI", "ms/q", "B/q", "leakage")
 #: Extra columns of cloze evaluations: lm-eval's accuracies under the ``sum`` and ``chars`` normalisations.
 CLOZE_COLUMNS = ("acc", "acc_norm")
 
@@ -30,6 +32,16 @@ CLOZE_COLUMNS = ("acc", "acc_norm")
 #: Failed questions printed under the table; the results JSON lists every one.
 SHOWN_FAILURES = 10
 
+
+
+def compact_bytes(count: float) -> str:
+    """``1,152``, ``86.0 kB``, ``3.1 MB``: at most 7 characters, for the console table."""
+    if count < 10_000:
+        return f"{count:,.0f}"
+    for unit, size in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if round(count / size, 1) < 1000 or unit == "GB":
+            return f"{count / size:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 class EvaluationReport:
     """Accumulates every route's results over question batches.
@@ -102,14 +114,19 @@ class EvaluationReport:
         return rows
 
     def print_table(self, title: str, console: Console | None = None) -> None:
-        """The rows as a rich table, then the questions that could not be encoded (at most 10)."""
+        """The rows as one rich table that fits an 80-column terminal, then the questions that could not be
+        encoded (at most 10). Bytes per token and the stages' latencies are in the JSON and the loggers."""
         rows = self.rows()
         cloze = [c for c in CLOZE_COLUMNS if rows and c in rows[0]]
         leaks = any(row["leakage_overlap"] is not None for row in rows)  # only rephrased modes have leakage
         columns = [*TABLE_COLUMNS[:3], *cloze, *TABLE_COLUMNS[3:-1], *TABLE_COLUMNS[-1:] * leaks]
-        table = Table(title=f"{title} ({self.question_count} questions)")
+        table = Table(title=f"{title} ({self.question_count} questions)", box=box.SIMPLE_HEAD, pad_edge=False,
+                      collapse_padding=True)
         for column in columns:
-            table.add_column(column, justify="left" if column == "route" else "right", no_wrap=column in ("route", "accuracy", "95% CI"))
+            if column == "route":  # the one column that may wrap (long sender lists), folded at any character
+                table.add_column(column, overflow="fold", ratio=1)
+            else:
+                table.add_column(column, justify="right", no_wrap=True, min_width=len(column))
         for row in rows:
             cells = [
                 row["route"],
@@ -117,8 +134,7 @@ class EvaluationReport:
                 f"{100 * row['ci_low']:.0f}-{100 * row['ci_high']:.0f}%",
                 *(f"{100 * row[c]:.1f}%" for c in cloze),
                 f"{row['latency_ms']:.1f}",
-                f"{row['bytes_per_token']:.0f}",
-                f"{row['bytes_per_question']:.0f}",
+                compact_bytes(row["bytes_per_question"]),
             ]
             if leaks:
                 cells.append("" if row["leakage_overlap"] is None else f"{100 * row['leakage_overlap']:.0f}%")

@@ -11,6 +11,15 @@ from fedrefine.settings import documented
 FuseAt = Literal["prompt", "all", "last"]
 FusionMode = Literal["residual", "concat"]
 LayerMapKind = Literal["bottom_up", "top_down", "uniform"]
+#: Which function a layer fuser computes (see :class:`FuserConfig`'s ``variant``).
+FuserVariant = Literal["fedrefine", "c2c_reference"]
+#: How a residual sender's tokens are matched to the receiver's: ``spans`` (each model reads its own tokens; a
+#: receiver token reads the sender token covering its last character) or the C2C reference's re-encoding
+#: (``reference``: a receiver token's first piece in the sender's tokenizer; ``reference_longest``: its longest).
+TokenAlignment = Literal["spans", "reference", "reference_longest"]
+#: The noise a gate draws in training: ``logistic`` (binary concrete, P(open) = sigmoid(logit)) or ``gumbel``
+#: (what the C2C reference draws: one Gumbel sample, per element of the deltas).
+GateNoise = Literal["logistic", "gumbel"]
 
 
 def _help(text: str) -> dict[str, str]:
@@ -53,6 +62,28 @@ class FuserConfig:
                        "it. last: only the last prompt token; with an answer prefix every participant reads, that "
                        "is where the sender has worked out its answer."),
     )
+    variant: FuserVariant = field(
+        default="fedrefine",
+        metadata=_help("fedrefine: this project's layer fuser (normalised inputs, keys fused without rotary "
+                       "embedding, one gate per layer). c2c_reference: the function of the C2C reference's "
+                       "C2CProjector (raw concatenated inputs, bias-free blocks, a key gate and a value gate, keys "
+                       "fused as the cache holds them, rotated); residual mode only, what `fedrefine import-c2c` "
+                       "writes."),
+    )
+    gate_noise: GateNoise = field(
+        default="logistic",
+        metadata=_help("Training-time gate noise: logistic (binary concrete, open with probability "
+                       "sigmoid(logit), as at inference) or gumbel (the C2C reference's draw: open with "
+                       "probability 0.63 at logit 0 while inference opens only above 0)."),
+    )
+    token_alignment: TokenAlignment = field(
+        default="spans",
+        metadata=_help("Residual mode: spans (each model reads the text in its own tokens and template; receiver "
+                       "tokens read the sender token covering their last character; template tokens are not fused) "
+                       "or the C2C reference's: reference / reference_longest (same vocabulary: the sender reads "
+                       "the receiver's own ids, template included, all fused; another tokenizer: each receiver "
+                       "content token re-encoded into the sender's first / longest piece)."),
+    )
     temperature_start: float = field(default=1.0, metadata=_help("Gate temperature at the start of training."))
     temperature_end: float = field(default=0.001, metadata=_help("Gate temperature at the end (geometric schedule)."))
 
@@ -65,9 +96,35 @@ class FuserConfig:
             raise ValueError(f"hidden_size must be positive, got {self.hidden_size}.")
         if self.fuse_at not in get_args(FuseAt):
             raise ValueError(f"Unknown fuse_at {self.fuse_at!r}; choose 'prompt', 'all' or 'last'.")
+        if self.variant not in get_args(FuserVariant):
+            raise ValueError(f"Unknown fuser variant {self.variant!r}; choose 'fedrefine' or 'c2c_reference'.")
+        if self.gate_noise not in get_args(GateNoise):
+            raise ValueError(f"Unknown gate_noise {self.gate_noise!r}; choose 'logistic' or 'gumbel'.")
+        if self.token_alignment not in get_args(TokenAlignment):
+            raise ValueError(f"Unknown token_alignment {self.token_alignment!r}; choose one of {list(get_args(TokenAlignment))}.")
+        if self.token_alignment != "spans" and (self.mode, self.fuse_at) != ("residual", "prompt"):
+            raise ValueError(
+                f"token_alignment {self.token_alignment!r} is the C2C reference's, for residual fusion of the prompt; "
+                f"got mode {self.mode!r}, fuse_at {self.fuse_at!r}: set token_alignment 'spans' or fuse_at 'prompt'."
+            )
+        if self.variant == "c2c_reference":
+            self._check_reference()
         if self.fuse_at != "prompt" and self.mode != "residual":
             raise ValueError(
                 f"fuse_at={self.fuse_at!r} is for residual fusion; concat entries are read by every receiver token."
+            )
+
+    def _check_reference(self) -> None:
+        """The reference's projector adds to the receiver's cache from both caches, keys and values alike."""
+        conflicts = {"mode": (self.mode, "residual"), "fuse_keys": (self.fuse_keys, True),
+                     "reads_receiver": (self.reads_receiver, True)}
+        wrong = [f"{name}={got!r} (needs {needed!r})" for name, (got, needed) in conflicts.items() if got != needed]
+        if self.num_blocks < 3:
+            wrong.append(f"num_blocks={self.num_blocks} (needs >= 3)")
+        if wrong:
+            raise ValueError(
+                f"variant 'c2c_reference' computes the C2C reference's residual projector: {', '.join(wrong)}; "
+                f"change these settings or use variant 'fedrefine'."
             )
 
 

@@ -36,10 +36,17 @@ from fedrefine.fuser.files import (
     read_weights,
     write_weights,
 )
-from fedrefine.fuser.layers import LAYER_FUSERS
+from fedrefine.fuser.layers import LAYER_FUSERS, KeyFrame, LayerFuser
+from fedrefine.fuser.reference import ReferenceLayerFuser
 from fedrefine.fuser.stacked import StackedLayers
 from fedrefine.kv.stack import KVStack
 from fedrefine.participants import ParticipantIdentity
+
+#: The layer fuser of each (variant, mode): chosen once, when a fuser is built.
+VARIANTS: dict[tuple[str, str], type[LayerFuser]] = {
+    **{("fedrefine", mode): layer for mode, layer in LAYER_FUSERS.items()},
+    ("c2c_reference", "residual"): ReferenceLayerFuser,
+}
 
 
 def _slot(stack: Tensor | None, slot: int) -> Tensor | None:
@@ -57,11 +64,13 @@ class Fuser(nn.Module):
         self.sender = sender
         self.receiver = receiver
         self.layer_map = layer_map(self.config.layer_map, receiver.num_layers, sender.num_layers)
-        layer_class = LAYER_FUSERS[self.config.mode]  # the mode is resolved once, here
+        layer_class = VARIANTS[self.config.variant, self.config.mode]  # variant and mode are resolved once, here
         self.layers = nn.ModuleList(layer_class(sender, receiver, self.config) for _ in range(receiver.num_layers))
         self.register_buffer("temperature", torch.tensor(self.config.temperature_start), persistent=False)
         self._stack: StackedLayers | None = None  # every open layer's weights stacked for inference, rebuilt on change
         self.trained_with: dict[str, str] = {}  # the participants' dtypes and the trainer's precision, saved with it
+        #: Where the weights came from when they were not trained here (e.g. an imported C2C checkpoint).
+        self.source: dict[str, Any] | None = None
 
     def anneal(self, progress: float) -> None:
         """Set the gate temperature geometrically between start and end for ``progress`` in [0, 1]."""
@@ -70,7 +79,7 @@ class Fuser(nn.Module):
         self.temperature.fill_(start * (end / start) ** progress)
 
     def gate_logits(self) -> Tensor:
-        return torch.stack([layer.gate.logit.detach() for layer in self.layers])
+        return torch.stack([layer.gate_logit().detach() for layer in self.layers])
 
     def sender_layer_importance(self) -> dict[int, float]:
         """Per sender layer read, the largest gate logit among the receiver layers that read it."""
@@ -93,12 +102,17 @@ class Fuser(nn.Module):
         the prefix positions; a closed gate zeroes its values), those with ``logit > 0`` in residual eval."""
         if self.training or self.mode == "concat":
             return [True] * len(self.layers)
-        return torch.stack([layer.gate.logit for layer in self.layers]).gt(0).tolist()
+        return torch.stack([layer.gate_logit() for layer in self.layers]).gt(0).tolist()
 
     @property
     def fuses_keys(self) -> bool:
         """Whether this fuser writes (residual) or makes (concat) keys, hence reads the sender's keys."""
         return self.layers[0].key is not None
+
+    @property
+    def key_frame(self) -> KeyFrame:
+        """The frame of the keys this fuser reads and writes: ``position_free`` or ``cache`` (rotated)."""
+        return self.layers[0].key_frame
 
     @property
     def reads_receiver_keys(self) -> bool:
@@ -147,17 +161,29 @@ class Fuser(nn.Module):
             self._stack = StackedLayers.of(self.layers, opened, versions)  # every open layer, stacked once
         stacked = self._stack.select(runs)  # a chunk of consecutive layers: views
         if receiver is None:  # concat: entries of the sender alone; a closed gate zeroes its values
-            gates = torch.stack([self.layers[i].gate.logit for i in runs]).gt(0).to(sender.values.dtype)  # (R,)
+            gates = torch.stack([self.layers[i].gate_logit() for i in runs]).gt(0).to(sender.values.dtype)  # (R,)
             values = stacked.value(sender.values, None) * gates.view(-1, 1, 1, 1, 1)
             return KVStack(tuple(runs), stacked.key(sender.keys, None), values)
-        values = stacked.value(sender.values, receiver.values, scale)  # residual deltas; open gates are 1 in eval
-        keys = None if stacked.key is None else stacked.key(sender.keys, receiver.keys, scale)
+        key_scale, value_scale = self._stream_scales(runs, scale, receiver.values)
+        values = stacked.value(sender.values, receiver.values, value_scale)  # residual deltas; open gates are 1 in eval
+        keys = None if stacked.key is None else stacked.key(sender.keys, receiver.keys, key_scale)
         return KVStack(tuple(runs), keys, values)
+
+    def _stream_scales(self, runs: list[int], scale: Tensor | None, like: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """``scale`` (R, B, N) for the K and the V stream, a closed stream gate (layers whose streams are gated
+        apart, open because the other stream is) zeroing its stream."""
+        gates = [self.layers[i].stream_gates() for i in runs]
+        if gates[0] is None or bool(torch.stack(gates).all()):
+            return scale, scale
+        gates = torch.stack(gates).to(like.dtype)  # (R, 2)
+        base = like.new_ones((len(runs), like.shape[1], like.shape[3])) if scale is None else scale  # (R, B, N)
+        return base * gates[:, 0, None, None], base * gates[:, 1, None, None]
 
     # --- persistence -------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
-        """Pair identities, config, layer map, and (when known) ``trained_with``: the participants' dtypes and the
-        trainer's precision."""
+        """Pair identities, config, layer map, (when known) ``trained_with``: the participants' dtypes and the
+        trainer's precision, and ``source`` (where imported weights came from)."""
+        source = {} if self.source is None else {"source": self.source}
         metadata = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -165,6 +191,7 @@ class Fuser(nn.Module):
             "receiver": self.receiver.to_dict(),
             "config": asdict(self.config),
             "layer_map": self.layer_map,
+            **source,
         }
         if self.trained_with:
             metadata["trained_with"] = dict(self.trained_with)
@@ -217,6 +244,7 @@ class Fuser(nn.Module):
         if fuser.layer_map != metadata["layer_map"]:
             raise ValueError(f"Layer map in {directory} does not match its layer_map kind; the file was edited.")
         fuser.load_state_dict(read_weights(Path(directory) / WEIGHTS_FILE, fuser, map_location))
+        fuser.source = metadata.get("source")
         return fuser.to(map_location)
 
 

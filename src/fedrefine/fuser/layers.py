@@ -12,15 +12,20 @@ Residual mode returns the deltas; concat mode reads the sender alone and returns
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
-from fedrefine.fuser.config import FuserConfig
+from fedrefine.fuser.config import FuserConfig, GateNoise
 from fedrefine.kv.cache import LayerKV
 from fedrefine.participants import ParticipantIdentity
 
 #: One layer's (K, V) where the keys may be absent (values-only fusion).
 KVPair = tuple[Tensor | None, Tensor]
+#: The frame of the keys a layer fuser reads and writes: ``position_free`` (rotary embedding removed; the caller
+#: un-rotates and re-rotates) or ``cache`` (rotated, as the cache holds them: the C2C reference's frame).
+KeyFrame = Literal["position_free", "cache"]
 
 
 class FeedForwardBlock(nn.Module):
@@ -48,6 +53,7 @@ class StreamFuser(nn.Module):
         self.receiver_heads, self.receiver_head_dim = receiver_heads, receiver_head_dim
         self.sender_norm = nn.RMSNorm(sender_dim)
         self.receiver_norm = nn.RMSNorm(receiver_dim) if reads_receiver else None
+        self.sender_dim = sender_dim
         self.input = nn.Linear(sender_dim + (receiver_dim if reads_receiver else 0), hidden)
         self.trunk = FeedForwardBlock(hidden, inner, config.dropout)
         self.projection_blocks = nn.Sequential(
@@ -78,22 +84,31 @@ class StreamFuser(nn.Module):
 
 
 class ConcreteGate(nn.Module):
-    """Per-layer gate: binary-concrete sample with logistic noise in training, ``logit > 0`` in eval."""
+    """Per-layer gate: binary-concrete sample in training (logistic noise, or the C2C reference's Gumbel draw),
+    ``logit > 0`` in eval."""
 
-    def __init__(self, init: float) -> None:
+    def __init__(self, init: float, noise: GateNoise = "logistic") -> None:
         super().__init__()
         self.logit = nn.Parameter(torch.tensor(float(init)))
+        self.noise = noise
 
-    def forward(self, temperature: Tensor) -> Tensor:
+    def forward(self, temperature: Tensor, shape: tuple[int, ...] = ()) -> Tensor:
+        """The gate (eval: a 0-d hard gate); in training a sample of ``shape`` (one per element it multiplies)."""
         if not self.training:
             return (self.logit > 0).to(self.logit.dtype)
-        u = torch.rand((), device=self.logit.device).clamp(1e-6, 1 - 1e-6)
-        noise = torch.log(u) - torch.log1p(-u)  # logistic, so P(open) = sigmoid(logit)
+        if self.noise == "gumbel":  # the reference's draw: P(open) = 1 - exp(-exp(logit)), 0.63 at logit 0
+            u = torch.rand(shape, device=self.logit.device, dtype=self.logit.dtype)
+            noise = -torch.log(-torch.log(u + 1e-20) + 1e-20)
+        else:
+            u = torch.rand(shape, device=self.logit.device).clamp(1e-6, 1 - 1e-6)
+            noise = torch.log(u) - torch.log1p(-u)  # logistic, so P(open) = sigmoid(logit)
         return torch.sigmoid((self.logit + noise) / temperature)
 
 
 class LayerFuser(nn.Module):
     """Fuser for one receiver layer: K and V streams plus the layer's gate (see the two modes below)."""
+
+    key_frame: KeyFrame = "position_free"
 
     def __init__(self, sender: ParticipantIdentity, receiver: ParticipantIdentity, config: FuserConfig) -> None:
         super().__init__()
@@ -101,7 +116,15 @@ class LayerFuser(nn.Module):
         fuse_keys = config.fuse_keys or config.mode == "concat"  # concat entries need keys of their own
         self.key = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config) if fuse_keys else None
         self.value = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config)
-        self.gate = ConcreteGate(config.gate_init)
+        self.gate = ConcreteGate(config.gate_init, config.gate_noise)
+
+    def gate_logit(self) -> Tensor:
+        """The logit that opens this layer (0-d; the layer fuses in eval when it is > 0)."""
+        return self.gate.logit
+
+    def stream_gates(self) -> Tensor | None:
+        """(2,) the eval gates of the K and V streams when they can differ from the layer's (None: they cannot)."""
+        return None
 
 
 class ResidualLayerFuser(LayerFuser):

@@ -25,6 +25,8 @@ def _linear(layers: Sequence[nn.Linear], norms: Sequence[nn.RMSNorm] | None = No
     weight = torch.stack([m.weight[:, columns] for m in layers])  # (L, out, in)
     if norms is not None:
         weight = weight * torch.stack([n.weight for n in norms]).unsqueeze(1)
+    if layers[0].bias is None:  # a bias-free Linear (the C2C reference's blocks)
+        return weight.transpose(1, 2).contiguous(), weight.new_zeros((weight.shape[0], 1, weight.shape[1]))
     return weight.transpose(1, 2).contiguous(), torch.stack([m.bias for m in layers]).unsqueeze(1)
 
 
@@ -41,11 +43,12 @@ def inverse_rms(x: Tensor, eps: float | None) -> Tensor:
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
-def normalised_product(x: Tensor, eps: float | None, weight: Tensor) -> Tensor:
+def normalised_product(x: Tensor, eps: float | None, weight: Tensor, normalised: bool = True) -> Tensor:
     """``RMSNorm(x) @ weight`` (L, M, out) with the norm's scale folded into ``weight``: the row factor is
     applied to the product, so no normalised copy of ``x`` is made (the product is the narrower when the
-    input is the receiver's heads side by side)."""
-    return torch.bmm(x, weight).mul_(inverse_rms(x, eps))
+    input is the receiver's heads side by side). ``normalised=False``: plain ``x @ weight``."""
+    product = torch.bmm(x, weight)
+    return product.mul_(inverse_rms(x, eps)) if normalised else product
 
 
 def rows(states: Tensor) -> Tensor:
@@ -76,10 +79,12 @@ class StackedBlock:
 class StackedStream:
     """The K (or V) :class:`~fedrefine.fuser.StreamFuser` of every stacked layer.
 
-    The input Linear reads ``[RMSNorm(sender) ; RMSNorm(receiver)]``; it is kept as its two column
-    blocks, summed into one output, so the two halves are never concatenated.
+    The input Linear reads ``[RMSNorm(sender) ; RMSNorm(receiver)]`` (``[sender ; receiver]`` when
+    ``normalised`` is False: the C2C reference's streams); it is kept as its two column blocks, summed into one
+    output, so the two halves are never concatenated.
     """
 
+    normalised: bool
     sender_eps: float | None
     receiver_eps: float | None
     sender_input: Stacked  # the input Linear's sender columns (and its bias)
@@ -95,15 +100,17 @@ class StackedStream:
     @classmethod
     def of(cls, streams: Sequence[nn.Module]) -> StackedStream:
         first = streams[0]
-        sender_dim = first.sender_norm.normalized_shape[0]
+        sender_dim, normalised = first.sender_dim, first.sender_norm is not None
         inputs = [s.input for s in streams]
+        receiver_norms = [s.receiver_norm for s in streams] if normalised else None
         receiver_input = None
-        if first.receiver_norm is not None:
-            receiver_input = _linear(inputs, [s.receiver_norm for s in streams], slice(sender_dim, None))[0]
+        if first.input.in_features > sender_dim:  # the stream reads the receiver too
+            receiver_input = _linear(inputs, receiver_norms, slice(sender_dim, None))[0]
         return cls(
-            first.sender_norm.eps,
-            None if first.receiver_norm is None else first.receiver_norm.eps,
-            _linear(inputs, [s.sender_norm for s in streams], slice(0, sender_dim)),
+            normalised,
+            first.sender_norm.eps if normalised else None,
+            first.receiver_norm.eps if normalised and first.receiver_norm is not None else None,
+            _linear(inputs, [s.sender_norm for s in streams] if normalised else None, slice(0, sender_dim)),
             receiver_input,
             StackedBlock.of([s.trunk for s in streams]),
             tuple(StackedBlock.of(blocks) for blocks in zip(*(s.projection_blocks for s in streams))),
@@ -119,9 +126,9 @@ class StackedStream:
         ``scale`` (L, B, N) multiplies each token's weight ``w``."""
         layers, batch, _, length, _ = sender.shape
         weight, bias = self.sender_input
-        h = normalised_product(rows(sender), self.sender_eps, weight).add_(bias)  # (L, M, hidden)
+        h = normalised_product(rows(sender), self.sender_eps, weight, self.normalised).add_(bias)  # (L, M, hidden)
         if self.receiver_input is not None:
-            h = h.add_(normalised_product(rows(receiver), self.receiver_eps, self.receiver_input))
+            h = h.add_(normalised_product(rows(receiver), self.receiver_eps, self.receiver_input, self.normalised))
         h = self.trunk(h)
         p = h
         for block in self.projection_blocks:

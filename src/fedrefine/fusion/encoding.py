@@ -9,6 +9,7 @@ from fedrefine.fusion.batch import FusionBatch, FusionExample, SenderExample, co
 from fedrefine.participants import Participant
 from fedrefine.participants.align import AlignedMessages, align_tokens
 from fedrefine.participants.chat import EncodedChat, Message, encode_chat
+from fedrefine.participants.reference_align import Reencoder, reference_alignment, same_vocabulary
 
 
 def encode_response(participant: Participant, response: str) -> list[int]:
@@ -27,14 +28,25 @@ class PromptEncoder:
             tokens are aligned to the receiver's; concat fusion needs no alignment.
         aligned_messages: which messages' tokens are aligned (``last``: only the last one, which is then the
             only one that must be the same text; see :func:`~fedrefine.participants.align.align_tokens`).
+        alignments: sender name -> its fuser's ``token_alignment`` (absent: ``spans``); the C2C reference's
+            (``reference``, ``reference_longest``) builds the sender's tokens from the receiver's (see
+            :mod:`~fedrefine.participants.reference_align`).
     """
 
     def __init__(
         self, receiver: Participant, senders: Mapping[str, Participant], aligns: bool,
-        aligned_messages: AlignedMessages = "all",
+        aligned_messages: AlignedMessages = "all", alignments: Mapping[str, str] | None = None,
     ) -> None:
         self.receiver, self.senders, self.aligns = receiver, dict(senders), aligns
         self.aligned_messages = aligned_messages
+        #: sender name -> its re-encoder (None: it shares the receiver's vocabulary), for the reference's alignment
+        self.reference: dict[str, Reencoder | None] = {}
+        for name, kind in (alignments or {}).items():
+            if kind != "spans" and aligns:
+                tokenizer = self.senders[name].tokenizer
+                shared = same_vocabulary(receiver.tokenizer, tokenizer)
+                strategy = "longest" if kind == "reference_longest" else "first"
+                self.reference[name] = None if shared else Reencoder(receiver.tokenizer, tokenizer, strategy)
 
     def encode(
         self,
@@ -64,6 +76,9 @@ class PromptEncoder:
         """A :class:`FusionExample` from encodings made elsewhere (e.g. multiple-choice prompts)."""
         senders = {}
         for name, chat in sender_chats.items():
+            if name in self.reference:
+                senders[name] = SenderExample(*reference_alignment(receiver_chat, chat, self.reference[name]))
+                continue
             alignment = align_tokens(receiver_chat, chat, strict, self.aligned_messages) if self.aligns else None
             senders[name] = SenderExample(chat.input_ids, alignment)
         return FusionExample(receiver_chat.input_ids, senders, response_ids)

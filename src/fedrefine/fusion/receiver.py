@@ -125,7 +125,8 @@ class FusedReceiver(nn.Module):
         self.strategy = choose_strategy(fusers, combine)
         self.receiver = receiver
         self.senders = dict(zip(self.sender_names, senders))
-        self.encoder = PromptEncoder(receiver, self.senders, self.strategy.aligns, self.strategy.aligned_messages)
+        alignments = {name: fuser.config.token_alignment for name, fuser in zip(self.sender_names, fusers)}
+        self.encoder = PromptEncoder(receiver, self.senders, self.strategy.aligns, self.strategy.aligned_messages, alignments)
         self.receiver_model = receiver.model
         self.sender_models = nn.ModuleList(s.model for s in senders)
         self.fusers = nn.ModuleList(fusers)

@@ -73,7 +73,8 @@ class ResidualFusion(FusionStrategy):
         if self.fuse_at == "last" and own is None and whole_prompt:  # the last prompt token is fused as it is read
             hook = self._last_token_hook(receiver, input_ids, attention_mask, inputs, consumed=0)
             return ReceiverContext(WriteHookCache([], hook), None, consumed=0)
-        context = own or prefill_all_but_last(receiver, input_ids, attention_mask)
+        cut = self.prefill_cut(inputs, input_ids.shape[1])
+        context = own if own is not None and own.consumed == cut else prefill_all_but_last(receiver, input_ids, attention_mask, cut)
         layers = cache_to_layers(context.cache)
         if self.fuse_at != "last":
             positions = positions_from_mask(attention_mask[:, : context.consumed])  # (B, N - 1)
@@ -83,6 +84,20 @@ class ResidualFusion(FusionStrategy):
             return ReceiverContext(layers_to_cache(layers), None, context.consumed)
         hook = self._last_token_hook(receiver, input_ids, attention_mask, inputs, context.consumed)
         return ReceiverContext(WriteHookCache(layers, hook), None, context.consumed)
+
+    @staticmethod
+    def prefill_cut(inputs: Sequence[FusionInput], length: int) -> int:
+        """How many prompt columns the receiver prefills before fusion: all but the last, or, with a sender aligned
+        the C2C reference's way, up to its last aligned column (the reference runs the text after it, e.g. the
+        answer prefix, over the fused cache)."""
+        ends = []
+        for item in inputs:
+            aligned = None if item.alignment is None else item.alignment.ge(0)  # (B, N)
+            if item.fuser.config.token_alignment == "spans" or aligned is None or not aligned.any():
+                ends.append(length - 1)
+            else:  # one past the last aligned column of any sample
+                ends.append(int(aligned.cumsum(1).argmax(1).max()) + 1)
+        return min(max(ends, default=length - 1), length - 1)
 
     def fuse(
         self,
@@ -121,20 +136,32 @@ class ResidualFusion(FusionStrategy):
         reads: Sequence[KVStack],
         dtype: torch.dtype,
     ) -> dict[int, LayerKV]:
-        """:meth:`fuse` over some receiver layers, stacked."""
+        """:meth:`fuse` over some receiver layers, stacked. Fusers of the ``position_free`` key frame read and write
+        un-rotated keys; those of the ``cache`` frame (the C2C reference's) the keys as the cache holds them."""
         own = KVStack.of(receiver_layers)  # rotated, the model's dtype: (L, B, H_t, n, D_t)
-        unrotate = (lambda k: frame.unrotate(k).to(dtype)) if any(i.fuser.reads_receiver_keys for i in inputs) else None
-        base = own.map(unrotate, lambda v: v.to(dtype))  # what the fusers read
-        totals = _Totals(own.layers)
-        for item, gathered in zip(inputs, reads):
-            current = base if self.combine == "parallel" else totals.added_to(base)
+        in_cache = [item.fuser.key_frame == "cache" for item in inputs]
+        if self.combine == "sequential" and 0 < sum(in_cache) < len(inputs):
+            raise ValueError(
+                "Sequential fusion reads each fuser's output in the next one's key frame; these senders' fusers mix "
+                "the position-free and the cache (C2C reference) frame: set combine to 'parallel'."
+            )
+        reads_free = any(i.fuser.reads_receiver_keys and not cached for i, cached in zip(inputs, in_cache))
+        unrotate = (lambda k: frame.unrotate(k).to(dtype)) if reads_free else None
+        base = own.map(unrotate, lambda v: v.to(dtype))  # what position-free fusers read
+        cached_base = own.map(lambda k: k.to(dtype), lambda v: v.to(dtype)) if any(in_cache) else None
+        totals, cached_totals = _Totals(own.layers), _Totals(own.layers)
+        for item, gathered, cached in zip(inputs, reads, in_cache):
+            view, sums = (cached_base, cached_totals) if cached else (base, totals)
+            current = view if self.combine == "parallel" else sums.added_to(view)
             deltas = item.fuser(gathered, current, self._scale(item, columns, attention_mask, dtype))
             if deltas is not None:  # (R, B, H_t, n, D_t) over the fused layers
-                totals.add(deltas)
-        if totals.empty:
+                sums.add(deltas)
+        if totals.empty and cached_totals.empty:
             return dict(receiver_layers)
         keys = own.keys if totals.keys is None else _plus(own.keys, frame.rotate(totals.keys))
+        keys = keys if cached_totals.keys is None else _plus(keys, cached_totals.keys)
         values = own.values if totals.values is None else _plus(own.values, totals.values)
+        values = values if cached_totals.values is None else _plus(values, cached_totals.values)
         return KVStack(own.layers, keys, values).unbind()
 
     @staticmethod
@@ -148,8 +175,8 @@ class ResidualFusion(FusionStrategy):
 
     @staticmethod
     def sender_reads(inputs: Sequence[FusionInput], columns: slice, dtype: torch.dtype) -> list[KVStack]:
-        """Each sender's carried layers at the columns its alignment reads for receiver ``columns``, unrotated:
-        (J, B, H_s, n, D_s)."""
+        """Each sender's carried layers at the columns its alignment reads for receiver ``columns``, in its fuser's
+        key frame (unrotated, or as cached): (J, B, H_s, n, D_s)."""
         reads = []
         for item in inputs:
             if item.alignment is None:
@@ -157,7 +184,8 @@ class ResidualFusion(FusionStrategy):
                     f"Residual fusion needs an alignment for sender {item.kv.sender.name}; encode in residual mode."
                 )
             index = item.alignment[:, columns].clamp(min=0)  # (B, n): sender column each receiver column reads
-            reads.append(item.kv.unrotated(dtype, index=index, keys=item.fuser.fuses_keys))
+            read = item.kv.as_cached if item.fuser.key_frame == "cache" else item.kv.unrotated
+            reads.append(read(dtype, index=index, keys=item.fuser.fuses_keys))
         return reads
 
     def _last_token_hook(

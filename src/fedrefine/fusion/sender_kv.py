@@ -38,10 +38,19 @@ class SenderKV:
         """
         positions = self.message.positions if index is None else self.message.positions.gather(1, index)  # (B, M)
         frame = RotaryFrame(self.sender.rotary_embedding, positions)
-        carried = KVStack.of(self.message.layers, keys=keys)  # (J, B, H_s, N_s, D_s)
-        if index is not None:
-            def columns(t: Tensor) -> Tensor:  # (J, B, H_s, N_s, D_s) -> (J, B, H_s, M, D_s)
-                return t.gather(3, index[None, :, None, :, None].expand(t.shape[0], -1, t.shape[2], -1, t.shape[4]))
+        return self._carried(index, keys).map(lambda k: frame.unrotate(k).to(dtype), lambda v: v.to(dtype))
 
-            carried = carried.map(columns, columns)
-        return carried.map(lambda k: frame.unrotate(k).to(dtype), lambda v: v.to(dtype))
+    def as_cached(self, dtype: torch.dtype, index: Tensor | None = None, keys: bool = True) -> KVStack:
+        """:meth:`unrotated`'s layers and columns with the keys as the sender's cache holds them (rotated at the
+        sender's positions): what the C2C reference's projectors read."""
+        return self._carried(index, keys).map(lambda k: k.to(dtype), lambda v: v.to(dtype))
+
+    def _carried(self, index: Tensor | None, keys: bool) -> KVStack:
+        carried = KVStack.of(self.message.layers, keys=keys)  # (J, B, H_s, N_s, D_s)
+        if index is None:
+            return carried
+
+        def columns(t: Tensor) -> Tensor:  # (J, B, H_s, N_s, D_s) -> (J, B, H_s, M, D_s)
+            return t.gather(3, index[None, :, None, :, None].expand(t.shape[0], -1, t.shape[2], -1, t.shape[4]))
+
+        return carried.map(columns, columns)

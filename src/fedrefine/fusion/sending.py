@@ -25,7 +25,7 @@ from fedrefine.fusion.batch import FusionBatch, SenderBatch
 from fedrefine.fusion.strategy import FusionStrategy, ReceiverContext
 from fedrefine.participants import Participant
 from fedrefine.wire import Delivery, LinkConfig, RemoteSender, SenderUnavailable, budgeted_layers, transmit
-from fedrefine.wire.format import MAX_MESSAGE_BYTES
+from fedrefine.wire.format import MAX_MESSAGE_BYTES, WireFormatError
 from fedrefine.wire.message import KVMessage, prefill_message
 
 logger = logging.getLogger("fedrefine.fusion")
@@ -139,8 +139,9 @@ class Sending:
         meanwhile: Callable[[], T] | None = None,
     ) -> tuple[SendOutcome, T | None]:
         """Every selected sender's message over ``link``, and the result of ``meanwhile`` run while they work. A
-        remote sender that fails is dropped (logged, and named in the outcome); a local sender's failure is an
-        error."""
+        remote sender that fails in any way, and any sender whose message the wire format refuses (malformed,
+        missing layers, non-finite values), is dropped (logged, and named with the reason in the outcome); a
+        local sender's other failures are errors."""
         self.check(link)
         for name in senders:
             if name not in batch.senders:
@@ -153,14 +154,21 @@ class Sending:
             calls = {n: self._pool.submit(self._one, n, batch.senders[n], link) for n in threaded}
         done = meanwhile() if meanwhile is not None else None
         for name in senders:
-            if name not in calls and (message := self.send(name, batch.senders[name], link)) is not None:
-                outcome.messages[name] = message
+            if name not in calls:
+                try:
+                    message = self.send(name, batch.senders[name], link)
+                except WireFormatError as err:
+                    outcome.dropped[name] = self._drop(name, SenderUnavailable(name, err.reason, str(err)))
+                    continue
+                if message is not None:
+                    outcome.messages[name] = message
         for name, call in calls.items():
             try:
                 sent = call.result()  # bounded: a remote client's connection attempts and deadline end every call
-            except SenderUnavailable as err:
-                logger.warning("%s; answering without it", err)
-                outcome.dropped[name] = err
+            except Exception as err:  # noqa: BLE001 - no sender's failure may end the receiver's run
+                if not isinstance(err, (SenderUnavailable, WireFormatError)) and name not in self.remotes:
+                    raise
+                outcome.dropped[name] = self._drop(name, as_unavailable(name, err))
                 continue
             if isinstance(sent, Delivery):
                 outcome.deliveries[name], sent = sent, sent.message
@@ -170,6 +178,21 @@ class Sending:
         outcome.seconds = time.perf_counter() - start
         return outcome, done
 
+    @staticmethod
+    def _drop(name: str, err: SenderUnavailable) -> SenderUnavailable:
+        logger.warning("%s; answering without it", err)
+        return err
+
     def _one(self, name: str, batch: SenderBatch, link: LinkConfig | None) -> Delivery | KVMessage | None:
         """One sender's work in a pool thread (a sender's prefill never needs gradients: no grad-mode to carry)."""
         return self.deliver(name, batch, link) if name in self.remotes else self.send(name, batch, link)
+
+
+def as_unavailable(name: str, err: Exception) -> SenderUnavailable:
+    """``err`` from sender ``name`` as the reason it is dropped: its own, the wire format's, or ``error``."""
+    if isinstance(err, SenderUnavailable):
+        return err
+    if isinstance(err, WireFormatError):
+        return SenderUnavailable(name, err.reason, str(err))
+    logger.exception("Sender %s failed unexpectedly", name, exc_info=err)
+    return SenderUnavailable(name, "error", f"{type(err).__name__}: {str(err)[:200]}")

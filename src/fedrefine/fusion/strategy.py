@@ -60,10 +60,13 @@ class ReceiverContext:
         return consumed if self.prefix_mask is None else torch.cat((self.prefix_mask, consumed), dim=1)
 
 
-def prefill_all_but_last(receiver: Participant, input_ids: Tensor, attention_mask: Tensor) -> ReceiverContext:
-    """The receiver's own cache over its prompt (B, N) but the last token, which it then runs itself."""
-    cut = input_ids.shape[1] - 1
-    mask = attention_mask[:, :cut]  # (B, N - 1)
+def prefill_all_but_last(
+    receiver: Participant, input_ids: Tensor, attention_mask: Tensor, cut: int | None = None
+) -> ReceiverContext:
+    """The receiver's own cache over its prompt (B, N) but the last token, which it then runs itself (``cut``:
+    over the first ``cut`` columns only, the rest run over the fused cache)."""
+    cut = input_ids.shape[1] - 1 if cut is None else cut
+    mask = attention_mask[:, :cut]  # (B, cut)
     with torch.no_grad():
         output = receiver.model(
             input_ids=input_ids[:, :cut], attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,

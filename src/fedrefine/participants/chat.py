@@ -17,13 +17,15 @@ CharSpan = tuple[int, int]
 
 @dataclass(frozen=True)
 class EncodedChat:
-    """A rendered prompt, its token ids and offsets, and the character span of every message's content."""
+    """A rendered prompt, its token ids and offsets, and the character span of every message's content;
+    ``rendered_length``: where text appended after the rendered chat (a suffix) starts (None: nothing appended)."""
 
     text: str
     input_ids: list[int]
     offsets: list[CharSpan]
     content_spans: list[CharSpan]
     contents: list[str]
+    rendered_length: int | None = None
 
 
 def _placeholder(index: int) -> str:
@@ -88,6 +90,7 @@ def encode_chat(
     is not message content and is never aligned.
     """
     text, spans = render_chat(participant, messages, add_generation_prompt)
+    rendered_length = len(text)
     text += suffix
     encoding = participant.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return EncodedChat(
@@ -96,6 +99,7 @@ def encode_chat(
         offsets=[tuple(o) for o in encoding["offset_mapping"]],
         content_spans=spans,
         contents=[m["content"] for m in messages],
+        rendered_length=rendered_length,
     )
 
 

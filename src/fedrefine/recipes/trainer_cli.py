@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -43,7 +44,16 @@ class LogConfigCallback(SaveConfigCallback):
 
 class FedRefineCLI(LightningCLI):
     """LightningCLI with one output root per run (:mod:`fedrefine.recipes.run_dir`), ``--overwrite`` and
-    ``--run_name``, and W&B run names derived from the pair when none is given."""
+    ``--run_name``, W&B run names derived from the pair when none is given, and one results table."""
+
+    #: ``validate`` / ``test`` print FedRefine's own results table; Lightning's metric table, which repeats it,
+    #: is printed only when ``--verbose`` is given (set by :func:`build_cli`).
+    lightning_table = False
+
+    def before_validate(self) -> None:
+        self.config_init[self.subcommand]["verbose"] &= self.lightning_table
+
+    before_test = before_validate
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--overwrite", type=bool, default=False,
@@ -108,6 +118,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FedRefineCLI:
     """Build (and by default run) the CLI; ``args`` default to ``sys.argv[1:]``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_lightning()
+    FedRefineCLI.lightning_table = any(a.startswith("--verbose") for a in (sys.argv[1:] if args is None else args))
     return FedRefineCLI(
         FusionModule,
         C2CDataModule,

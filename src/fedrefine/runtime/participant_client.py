@@ -22,8 +22,8 @@ from fedrefine.runtime.identities import identity_from_json
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
 from fedrefine.runtime.security import ClientSecurity, logger, split_endpoint
-from fedrefine.settings import documented
-from fedrefine.wire.format import MAX_MESSAGE_BYTES, WireFormatError, deserialize_message
+from fedrefine.settings import SettingsError, documented
+from fedrefine.wire.format import MAX_MESSAGE_BYTES, MessageRequest, WireFormatError, deserialize_message
 from fedrefine.wire.remote import Delivery, HintDelivery, RemoteSender, RemoteSource, SenderUnavailable
 
 #: gRPC's length-prefixed message framing: 1 byte compressed flag + 4 bytes length, per message.
@@ -58,7 +58,7 @@ class CallSettings:
 
     def __post_init__(self) -> None:
         if min(self.deadline_s, self.connect_timeout_s) <= 0 or self.connect_retries < 1 or self.retry_after_s < 0:
-            raise ValueError(f"Call settings must be positive (at least one connection attempt), got {self}.")
+            raise SettingsError(f"Call settings must be positive (at least one connection attempt), got {self}.")
 
 
 class ParticipantClient(RemoteSender):
@@ -197,10 +197,11 @@ class ParticipantClient(RemoteSender):
         data = b"".join(parts)
         if len(data) != total:
             raise SenderUnavailable(self.endpoint, "invalid_message", f"got {len(data):,} of the {total:,} bytes announced")
+        request = MessageRequest.of(layers, attention_mask, sent)
         try:
-            message = deserialize_message(data, self.expected, trained_for, max_message_bytes, input_ids.device)
+            message = deserialize_message(data, self.expected, trained_for, max_message_bytes, input_ids.device, request)
         except WireFormatError as err:
-            raise SenderUnavailable(self.endpoint, "invalid_message", str(err)) from None
+            raise SenderUnavailable(self.endpoint, err.reason, str(err)) from None
         if message.attention_mask.shape != attention_mask.shape or not (message.attention_mask.cpu() == mask).all():
             raise SenderUnavailable(self.endpoint, "invalid_message", "the message's positions are not the prompts sent")
         return Delivery(message, seconds, sender_seconds, carried)

@@ -6,8 +6,11 @@
     Rephrase  -> rewrites of queries (when the served config offers rephrasing)
     health    -> gRPC's standard health service
 
-Requests are validated before any model runs (batch size, tokens, token ids, layers, codec), and one
-model call runs at a time. A call whose client has gone (cancelled, or past its deadline) is not run.
+Requests are validated field by field before any model runs (:mod:`fedrefine.runtime.requests`), and one
+model call runs at a time. Calls that run a model or stream are admitted by a
+:class:`~fedrefine.runtime.admission.CallGate` (bounded per client and in total, each send with a deadline),
+so health and Identity stay answerable whatever other clients do. A call whose client has gone (cancelled,
+or past its deadline) is not run. Every refusal is INVALID_ARGUMENT or RESOURCE_EXHAUSTED, short, and logged.
 """
 
 from __future__ import annotations
@@ -20,16 +23,17 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
-from torch import Tensor
 
 from fedrefine.participants import Participant
 from fedrefine.participants.generation import generate_replies
-from fedrefine.participants.padding import left_pad
 from fedrefine.participants.sources import ParticipantSource
 from fedrefine.privacy.rephrase import RephraseConfig, Rephraser
+from fedrefine.runtime.admission import CallGate, checked, refuse
+from fedrefine.runtime.drills import TAMPERINGS
 from fedrefine.runtime.identities import identity_json
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
+from fedrefine.runtime.requests import ServeLimits, check_hint, check_prefill, check_rephrase
 from fedrefine.runtime.security import ServerSecurity, logger
 from fedrefine.runtime.serving import (
     add_address_arguments,
@@ -39,8 +43,8 @@ from fedrefine.runtime.serving import (
     security_from,
     serve_forever,
 )
-from fedrefine.settings import documented
-from fedrefine.wire.codecs import CODEC_NAMES, codec_by_name
+from fedrefine.settings import SettingsError, documented
+from fedrefine.wire.codecs import CODEC_NAMES
 from fedrefine.wire.format import FORMAT_NAME, FORMAT_VERSION, serialize_message
 from fedrefine.wire.message import prefill_message
 
@@ -51,21 +55,19 @@ CHUNK_BYTES = 1 << 20
 
 @documented
 @dataclass
-class ServeLimits:
-    """What one request may ask of a served participant."""
-
-    max_batch: int = field(default=64, metadata={"help": "Most prompts per request."})
-    max_tokens: int = field(default=65536, metadata={"help": "Most prompt tokens per request (all prompts)."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Longest Hint reply a request may ask for."})
-
-
-@documented
-@dataclass
 class FaultDrill:
     """Make this participant misbehave on purpose, to see how a federation copes (off by default)."""
 
     delay_s: float = field(default=0.0, metadata={"help": "Sleep this long before answering each Prefill."})
     truncate: bool = field(default=False, metadata={"help": "Send only the first half of every KV message."})
+    tamper: str | None = field(
+        default=None,
+        metadata={"help": f"Send every KV message tampered this way (a hostile sender): one of {', '.join(TAMPERINGS)}."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.tamper is not None and self.tamper not in TAMPERINGS:
+            raise SettingsError(f"Unknown drill.tamper {self.tamper!r}; choose one of {list(TAMPERINGS)}.")
 
 
 class ParticipantServicer(pb_grpc.ParticipantServicer):
@@ -87,6 +89,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
     ) -> None:
         self.participant, self.rephraser = participant, rephraser
         self.limits, self.drill = limits or ServeLimits(), drill or FaultDrill()
+        self.gate = CallGate(self.limits.max_calls, self.limits.max_calls_per_client, self.limits.send_timeout_s)
         self._model_lock = threading.Lock()  # one model call at a time: they share the CPU threads / the GPU
 
     def Identity(self, request: pb.IdentityRequest, context: grpc.ServicerContext) -> pb.IdentityReply:
@@ -100,95 +103,44 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
 
     # --- Prefill ---------------------------------------------------------------------------------
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> Iterator[pb.MessageChunk]:
-        rows = self._prompt_rows(request, context)
-        width = request.width or max(len(r) for r in rows)
-        if width < max(len(r) for r in rows):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"width {width} is shorter than the longest prompt")
-        identity = self.participant.identity
-        layers = list(request.layers) or list(range(identity.num_layers))
-        if any(not 0 <= j < identity.num_layers for j in layers) or len(set(layers)) != len(layers):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"layers {layers} are not distinct layers of a "
-                                                            f"{identity.num_layers}-layer model")
-        if request.codec not in CODEC_NAMES:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown codec {request.codec!r}; use one of {CODEC_NAMES}")
-        codec = codec_by_name(request.codec, request.group_size or 128)
-        input_ids, attention_mask = left_pad(rows, self.participant.tokenizer.pad_token_id, width)  # (B, width) each
-        sent = self._sent_mask(request, attention_mask, context)
-        if self.drill.delay_s:
-            time.sleep(self.drill.delay_s)
-        with self._model_lock:
-            if not context.is_active():  # the client left (deadline or cancel) while this call waited
-                return
+        plan = checked(check_prefill, context, "Prefill", request, self.participant, self.limits)
+        with self.gate.admit(context, "Prefill") as call:
+            if self.drill.delay_s:
+                time.sleep(self.drill.delay_s)
+            with self._model_lock:
+                if not context.is_active():  # the client left (deadline or cancel) while this call waited
+                    return
+                start = time.perf_counter()
+                device = self.participant.device
+                message = prefill_message(self.participant, plan.input_ids.to(device), plan.attention_mask.to(device),
+                                          plan.layers, None if plan.sent is None else plan.sent.to(device))
+                prefill_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            device = self.participant.device
-            message = prefill_message(self.participant, input_ids.to(device), attention_mask.to(device), layers,
-                                      None if sent is None else sent.to(device))
-            prefill_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        data = serialize_message(message, codec)
-        encode_seconds = time.perf_counter() - start
-        if self.drill.truncate:
-            data = data[: len(data) // 2]
-        yield from chunks(data, prefill_seconds, encode_seconds)
-
-    def _prompt_rows(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> list[list[int]]:
-        if bool(request.prompts) == bool(request.texts):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give exactly one of prompts (token ids) or texts")
-        if request.texts:
-            tokenizer = self.participant.tokenizer
-            rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in request.texts]
-        else:
-            rows = [list(p.ids) for p in request.prompts]
-        limits, vocab = self.limits, self.participant.identity.vocab_size
-        if len(rows) > limits.max_batch:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(rows)} prompts; this participant takes at most "
-                                                            f"{limits.max_batch} per request")
-        if any(not r for r in rows):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an empty prompt")
-        if sum(map(len, rows)) > limits.max_tokens:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{sum(map(len, rows))} prompt tokens; at most "
-                                                              f"{limits.max_tokens} per request")
-        if any(not 0 <= t < vocab for r in rows for t in r):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids outside this tokenizer's vocabulary (0..{vocab - 1}):"
-                                                            " tokenize with the participant's own tokenizer")
-        return rows
-
-    @staticmethod
-    def _sent_mask(request: pb.PrefillRequest, attention_mask: Tensor, context: grpc.ServicerContext) -> Tensor | None:
-        if not request.sent:
-            return None
-        if len(request.sent) != attention_mask.shape[0]:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sent has {len(request.sent)} rows for "
-                                                            f"{attention_mask.shape[0]} prompts")
-        sent = torch.zeros_like(attention_mask)  # (B, width)
-        for i, row in enumerate(request.sent):
-            columns = list(row.ids)
-            if any(not 0 <= c < attention_mask.shape[1] or not attention_mask[i, c] for c in columns):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sent row {i} names columns outside its prompt")
-            sent[i, columns] = 1
-        return sent
+            data = serialize_message(message, plan.codec)
+            del message
+            encode_seconds = time.perf_counter() - start
+            if self.drill.tamper:
+                data = TAMPERINGS[self.drill.tamper](data)
+            if self.drill.truncate:
+                data = data[: len(data) // 2]
+            yield from self.gate.stream(call, chunks(data, prefill_seconds, encode_seconds))
 
     # --- Hint / Rephrase -------------------------------------------------------------------------
     def Hint(self, request: pb.HintRequest, context: grpc.ServicerContext) -> pb.HintReply:
-        if len(request.prompts) > self.limits.max_batch:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {self.limits.max_batch} prompts per request")
-        if not 0 <= request.max_new_tokens <= self.limits.max_new_tokens:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens must be in 0..{self.limits.max_new_tokens}")
-        with self._model_lock:
+        prompts, max_new_tokens, batch_size = checked(check_hint, context, "Hint", request, self.participant, self.limits)
+        with self.gate.admit(context, "Hint"), self._model_lock:
             if not context.is_active():
                 return pb.HintReply()
-            replies = generate_replies(self.participant, list(request.prompts), request.max_new_tokens,
-                                       request.batch_size or 16)
+            replies = generate_replies(self.participant, prompts, max_new_tokens, batch_size)
         return pb.HintReply(replies=[pb.Reply(text=r.text, token_ids=list(r.token_ids), seconds=r.seconds) for r in replies])
 
     def Rephrase(self, request: pb.RephraseRequest, context: grpc.ServicerContext) -> pb.RephraseReply:
         if self.rephraser is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this participant does not offer rephrasing (serve it with "
-                                                         "a `rephrase:` section)")
-        if len(request.queries) > self.limits.max_batch:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {self.limits.max_batch} queries per request")
-        with self._model_lock:
-            found = self.rephraser.rephrase(list(request.queries), request.variant or None)
+            refuse(context, grpc.StatusCode.UNIMPLEMENTED, "this participant does not offer rephrasing (serve it with "
+                                                           "a `rephrase:` section)", "Rephrase")
+        queries, variant = checked(check_rephrase, context, "Rephrase", request, self.limits)
+        with self.gate.admit(context, "Rephrase"), self._model_lock:
+            found = self.rephraser.rephrase(queries, variant)
         return pb.RephraseReply(rephrasings=[
             pb.Rephrasing(original=r.original, text=r.text, num_tokens=r.num_tokens, seconds=r.seconds) for r in found
         ])
@@ -218,9 +170,10 @@ def serve_participant(
 ) -> tuple[grpc.Server, int]:
     """A (not yet started) server for ``participant`` and the port it is bound to."""
     security = security or ServerSecurity()
-    server = new_server(security)
     rephraser = None if rephrase is None else Rephraser(participant, rephrase, rephrase_cache_dir)
-    pb_grpc.add_ParticipantServicer_to_server(ParticipantServicer(participant, rephraser, limits, drill), server)
+    servicer = ParticipantServicer(participant, rephraser, limits, drill)
+    server = new_server(security, workers=servicer.gate.workers)
+    pb_grpc.add_ParticipantServicer_to_server(servicer, server)
     add_health(server, SERVICE_NAME)
     bound = security.add_port(server, f"{host}:{port}")
     return server, bound

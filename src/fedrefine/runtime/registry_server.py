@@ -7,8 +7,13 @@
 The root is laid out as :class:`FuserRegistry` writes it (one directory per fuser, ``fuser.json`` beside
 ``fuser.safetensors``) and is read afresh on every call, so fusers saved while the server runs are served.
 Fusers are keyed by the exact identities in their ``fuser.json``: a request for any other pair is
-``NOT_FOUND``, never a near match. Only the two files of a fuser directory are ever sent. Digests are
-computed when a file is first served and kept while its size and modification time stay the same.
+``NOT_FOUND``, never a near match. Only the two files of a fuser directory are ever sent, and only when
+they are regular files (no symlink) inside the root, in a directory that is no symlink either. Digests are
+kept while a file's inode, size, modification and change times stay the same (an edit that restores the
+modification time still changes the change time), and every file is hashed again as it is sent: a file that
+changed under the server is never served with a stale digest (the call is ``ABORTED``, its digest forgotten).
+Downloads are admitted by a :class:`~fedrefine.runtime.admission.CallGate` (bounded per client and in total,
+each send with a deadline), so List and health stay answerable.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ import grpc
 from fedrefine.fuser import METADATA_FILE, WEIGHTS_FILE, Fuser
 from fedrefine.fuser.registry import PairKey
 from fedrefine.participants import ParticipantIdentity
+from fedrefine.runtime.admission import CallGate, RequestError, checked, refuse
 from fedrefine.runtime.identities import identity_differences, identity_from_json, identity_json
 from fedrefine.runtime.protos import registry_pb2 as pb
 from fedrefine.runtime.protos import registry_pb2_grpc as pb_grpc
@@ -46,6 +53,7 @@ CHUNK_BYTES = 1 << 20
 #: The files of one fuser, in the order they are sent; nothing else is ever served.
 FUSER_FILES = (METADATA_FILE, WEIGHTS_FILE)
 _READ_BYTES = 8 << 20
+DEFAULT_MAX_CALLS, DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_SEND_TIMEOUT_S = 8, 4, 10.0
 
 
 def pair_text(pair: PairKey) -> str:
@@ -54,16 +62,25 @@ def pair_text(pair: PairKey) -> str:
 
 # --- the files served ----------------------------------------------------------------------------
 class FileDigests:
-    """sha256 of served files, cached by (path, size, modification time): a changed file is hashed again."""
+    """sha256 of served files, cached by (path, inode, size, modification and change time): a changed file is
+    hashed again."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, int, int], str] = {}
+        self._cache: dict[tuple, str] = {}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(path: Path, handle: BinaryIO) -> tuple:
+        info = os.fstat(handle.fileno())
+        return str(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != str(path)}
 
     def digest(self, path: Path, handle: BinaryIO) -> str:
         """The digest of the open file ``handle`` (of ``path``), from the cache when its stat still matches."""
-        stat = os.fstat(handle.fileno())
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        key = self._key(path, handle)
         with self._lock:
             known = self._cache.get(key)
         if known is not None:
@@ -87,15 +104,57 @@ class StoredFuser:
     directory: Path
 
 
+def open_served(root: Path, path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file (not a symlink) in a directory that is no symlink,
+    resolving inside ``root``; else :class:`PermissionError` naming why."""
+    if path.parent.is_symlink() or path.is_symlink():
+        raise PermissionError(f"{path} is a symlink; a registry serves only regular files inside its root")
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise PermissionError(f"{path} resolves outside the registry root {root}")
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    handle = os.fdopen(descriptor, "rb")
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        handle.close()
+        raise PermissionError(f"{path} is not a regular file")
+    return handle
+
+
+#: Longest identity JSON a Download request may carry (a real one is a few hundred characters).
+MAX_IDENTITY_CHARS = 16384
+
+
+def check_download(request: pb.DownloadRequest) -> tuple[ParticipantIdentity, ParticipantIdentity, list[str]]:
+    """(sender, receiver, file names) of a Download request, every field bounded; else :class:`RequestError`."""
+    longest = max(len(request.sender_identity_json), len(request.receiver_identity_json))
+    if longest > MAX_IDENTITY_CHARS:
+        raise RequestError(f"an identity of {longest:,} characters; at most {MAX_IDENTITY_CHARS:,}")
+    try:
+        sender = identity_from_json(request.sender_identity_json, "sender")
+        receiver = identity_from_json(request.receiver_identity_json, "receiver")
+    except (ValueError, TypeError, RecursionError) as err:
+        raise RequestError(str(err)[:200]) from None
+    if len(request.files) > len(FUSER_FILES):
+        raise RequestError(f"{len(request.files)} files asked for; a fuser has {len(FUSER_FILES)}")
+    names = list(request.files) or list(FUSER_FILES)
+    refused = [name[:40] for name in names if name not in FUSER_FILES]
+    if refused:
+        raise RequestError(f"a fuser's files are {list(FUSER_FILES)}; {refused} are not among them")
+    if len(set(names)) != len(names):
+        raise RequestError(f"files {names} name a file twice")
+    return sender, receiver, names
+
+
 class RegistryServicer(pb_grpc.FuserRegistryServicer):
     """The gRPC methods of the registry over the fuser directories under ``root``.
 
     Args:
         root: a registry directory as :class:`~fedrefine.fuser.registry.FuserRegistry` writes it.
+        gate: admits Downloads (default: :class:`CallGate` with the ``fedrefine serve registry`` defaults).
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, gate: CallGate | None = None) -> None:
         self.root = Path(root)
+        self.gate = gate or CallGate(DEFAULT_MAX_CALLS, DEFAULT_MAX_CALLS_PER_CLIENT, DEFAULT_SEND_TIMEOUT_S)
         self._digests = FileDigests()
         self._warned: set[str] = set()
 
@@ -115,14 +174,20 @@ class RegistryServicer(pb_grpc.FuserRegistryServicer):
         for metadata_file in sorted(self.root.glob(f"*/{METADATA_FILE}")):
             directory = metadata_file.parent
             try:
+                for name in FUSER_FILES:
+                    open_served(self.root, directory / name).close()
+            except FileNotFoundError:
+                self._warn_once(f"Not serving {directory}: {WEIGHTS_FILE} is missing beside {METADATA_FILE}.")
+                continue
+            except OSError as err:  # symlinks (ELOOP from O_NOFOLLOW), files outside the root, not regular files
+                self._warn_once(f"Not serving {directory}: {err}.")
+                continue
+            try:
                 metadata = Fuser.read_metadata(directory)
                 sender = ParticipantIdentity.from_dict(metadata["sender"])
                 receiver = ParticipantIdentity.from_dict(metadata["receiver"])
             except (OSError, ValueError, KeyError, TypeError) as err:
                 self._warn_once(f"Not serving {directory}: its {METADATA_FILE} cannot be read ({err}).")
-                continue
-            if not (directory / WEIGHTS_FILE).is_file():
-                self._warn_once(f"Not serving {directory}: {WEIGHTS_FILE} is missing beside {METADATA_FILE}.")
                 continue
             pair = (sender.key, receiver.key)
             if pair in found:
@@ -151,24 +216,17 @@ class RegistryServicer(pb_grpc.FuserRegistryServicer):
         return reply
 
     def _entry(self, path: Path) -> pb.FileEntry:
-        with path.open("rb") as handle:
+        with open_served(self.root, path) as handle:
             return pb.FileEntry(name=path.name, size=os.fstat(handle.fileno()).st_size,
                                 sha256=self._digests.digest(path, handle))
 
     # --- Download ----------------------------------------------------------------------------------
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
-        try:
-            sender = identity_from_json(request.sender_identity_json, "sender")
-            receiver = identity_from_json(request.receiver_identity_json, "receiver")
-        except ValueError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        names = list(request.files) or list(FUSER_FILES)
-        refused = [name for name in names if name not in FUSER_FILES]
-        if refused:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a fuser's files are {list(FUSER_FILES)}; "
-                                                            f"{refused} are not among them")
-        if len(set(names)) != len(names):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"files {names} name a file twice")
+        sender, receiver, names = checked(check_download, context, "Download", request)
+        with self.gate.admit(context, "Download") as call:
+            yield from self.gate.stream(call, self._download(sender, receiver, names, context))
+
+    def _download(self, sender, receiver, names: list[str], context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
         stored = self.scan()
         pair = (sender.key, receiver.key)
         fuser = stored.get(pair)
@@ -185,22 +243,31 @@ class RegistryServicer(pb_grpc.FuserRegistryServicer):
             yield from self._file_chunks(fuser.directory / name, context)
 
     def _file_chunks(self, path: Path, context: grpc.ServicerContext) -> Iterator[pb.FileChunk]:
-        """``path`` in :data:`CHUNK_BYTES` pieces, the first with its size and sha256 (at least one chunk)."""
+        """``path`` in :data:`CHUNK_BYTES` pieces, the first with its size and sha256 (at least one chunk); the bytes
+        sent are hashed again, and a file that no longer matches its digest ends the call ``ABORTED``."""
         try:
-            handle = path.open("rb")
+            handle = open_served(self.root, path)
         except FileNotFoundError:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"{path.name} of this fuser was removed while it was being sent")
+            refuse(context, grpc.StatusCode.NOT_FOUND, f"{path.name} of this fuser was removed while it was being sent")
+        except PermissionError as err:
+            refuse(context, grpc.StatusCode.NOT_FOUND, f"{path.name} of this fuser is not served ({err})")
         except OSError as err:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"{path.name} of this fuser cannot be read now ({err}); retry")
+            refuse(context, grpc.StatusCode.UNAVAILABLE, f"{path.name} of this fuser cannot be read now ({err}); retry")
         with handle:
             size = os.fstat(handle.fileno()).st_size
-            chunk = pb.FileChunk(name=path.name, offset=0, size=size, sha256=self._digests.digest(path, handle))
-            offset = 0
+            digest = self._digests.digest(path, handle)
+            chunk = pb.FileChunk(name=path.name, offset=0, size=size, sha256=digest)
+            offset, sent = 0, hashlib.sha256()
             while True:  # one chunk even for an empty file, so the client sees every file it asked for
                 want = min(CHUNK_BYTES, size - offset)
                 chunk.data = handle.read(want)
                 if len(chunk.data) < want:
-                    context.abort(grpc.StatusCode.ABORTED, f"{path.name} shrank while it was being sent; retry")
+                    self._digests.forget(path)
+                    refuse(context, grpc.StatusCode.ABORTED, f"{path.name} shrank while it was being sent; retry")
+                sent.update(chunk.data)
+                if offset + want >= size and sent.hexdigest() != digest:  # checked before the last piece leaves
+                    self._digests.forget(path)
+                    refuse(context, grpc.StatusCode.ABORTED, f"{path.name} changed while it was being sent; retry")
                 yield chunk
                 offset += want
                 if offset >= size or not context.is_active():
@@ -209,17 +276,18 @@ class RegistryServicer(pb_grpc.FuserRegistryServicer):
 
 
 def serve_registry(
-    root: str | Path, host: str = "127.0.0.1", port: int = 0, security: ServerSecurity | None = None
+    root: str | Path, host: str = "127.0.0.1", port: int = 0, security: ServerSecurity | None = None,
+    gate: CallGate | None = None,
 ) -> tuple[grpc.Server, int]:
     """A (not yet started) registry server over ``root`` and the port it is bound to."""
     security = security or ServerSecurity()
-    servicer = RegistryServicer(root)
+    servicer = RegistryServicer(root, gate)
     held = servicer.scan()
     if held:
         logger.info("serving %d fusers from %s", len(held), servicer.root)
     else:
         logger.warning("%s holds no fusers yet; List answers an empty registry until some are saved there.", root)
-    server = new_server(security)
+    server = new_server(security, workers=servicer.gate.workers)
     pb_grpc.add_FuserRegistryServicer_to_server(servicer, server)
     add_health(server, SERVICE_NAME)
     bound = security.add_port(server, f"{host}:{port}")
@@ -233,6 +301,15 @@ def config_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--root", required=True, type=Path, metavar="DIR",
                         help="the registry directory (one sub-directory per fuser, as FuserRegistry.save writes)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-calls", type=int, default=DEFAULT_MAX_CALLS,
+                        help=f"Downloads at once, over all clients (default {DEFAULT_MAX_CALLS}); more are refused "
+                             "RESOURCE_EXHAUSTED. List and health are never limited.")
+    limits.add_argument("--max-calls-per-client", type=int, default=DEFAULT_MAX_CALLS_PER_CLIENT,
+                        help=f"The same, per client connection (default {DEFAULT_MAX_CALLS_PER_CLIENT}).")
+    limits.add_argument("--send-timeout-s", type=float, default=DEFAULT_SEND_TIMEOUT_S,
+                        help=f"A chunk its client does not take within this long cancels the call "
+                             f"(default {DEFAULT_SEND_TIMEOUT_S:g}).")
     add_address_arguments(parser)
     add_security_arguments(parser)
     return parser
@@ -244,5 +321,9 @@ def main(argv: list[str]) -> None:
     if not args.root.is_dir():
         parser.error(f"--root {args.root} is not a directory; point it at a registry directory "
                      f"(FuserRegistry(root).save(fuser) writes one).")
-    server, port = serve_registry(args.root, args.host, args.port, security_from(args))
+    try:
+        gate = CallGate(args.max_calls, args.max_calls_per_client, args.send_timeout_s)
+    except ValueError as err:
+        parser.error(str(err))
+    server, port = serve_registry(args.root, args.host, args.port, security_from(args), gate)
     serve_forever(server, port, "fuser registry", args.ready_file)

@@ -24,6 +24,10 @@ TOKEN_HEADER = "authorization"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
+class PortUnavailableError(ConnectionError):
+    """A server's address cannot be bound (the port is taken, or the host is not this machine's)."""
+
+
 class SecurityConfigError(ValueError):
     """TLS or token settings that cannot work (missing file, a key without its certificate, ...)."""
 
@@ -95,15 +99,20 @@ class ServerSecurity(BearerToken):
 
     def add_port(self, server: grpc.Server, address: str) -> int:
         """Bind ``address`` (``host:port``; port 0 picks a free one) securely when TLS is set; the bound port."""
-        if not self.tls:
-            port = server.add_insecure_port(address)
-        else:
-            pair = (_read(self.key_file, "Key file"), _read(self.cert_file, "Certificate file"))
-            client_ca = _read(self.client_ca_file, "Client CA file")
-            credentials = grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
-            port = server.add_secure_port(address, credentials)
+        try:
+            if not self.tls:
+                port = server.add_insecure_port(address)
+            else:
+                pair = (_read(self.key_file, "Key file"), _read(self.cert_file, "Certificate file"))
+                client_ca = _read(self.client_ca_file, "Client CA file")
+                credentials = grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                                          require_client_auth=client_ca is not None)
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            port = 0
         if port == 0:
-            raise OSError(f"Cannot bind {address}: the port is taken or the host is not local.")
+            raise PortUnavailableError(f"Cannot bind {address}: the port is taken or the host is not local. Choose "
+                                       f"another --port (0: a free one) or --host.")
         return port
 
 

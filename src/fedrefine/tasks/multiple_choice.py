@@ -1,12 +1,15 @@
 """Multiple-choice questions in the OpenBookQA schema: validation, the zero-shot prompt, how options are named.
 
-Two prompt styles (:data:`PromptStyle`):
+Three prompt styles (:data:`PromptStyle`):
 
 - ``chat``: one user message (question, lettered options, instruction) in the participant's chat
   template; the assistant's answer starts with :data:`ANSWER_PREFIX`. The toy world trains its tiny
   models on exactly this rendering.
 - ``lm_eval``: lm-evaluation-harness's stock OpenBookQA prompt: the bare question stem as the
   context (no chat template, options or instruction), each option scored as ``" " + text``.
+- ``c2c_reference``: the C2C reference's multiple-choice user message (its instructions, options "A. ..."
+  lettered by position, ending "The correct answer is") in the chat template, thinking disabled; scored by the
+  letter logits after a further "The correct answer is", or answered by greedy generation.
 
 :mod:`fedrefine.tasks.scoring` scores the options (letter logits or cloze); :func:`extract_choice`
 reads the choice out of generated text.
@@ -30,9 +33,18 @@ INSTRUCTIONS: dict[str, str] = {
     "text": "Answer with the correct option.",
 }
 REQUIRED_FIELDS = ("id", "question_stem", "choices", "answerKey")
-#: ``chat``: the project's chat prompt; ``lm_eval``: lm-eval-harness's stock OpenBookQA prompt (bare stem).
-PromptStyle = Literal["chat", "lm_eval"]
-PROMPT_STYLES: tuple[str, ...] = ("chat", "lm_eval")
+#: ``chat``: the project's chat prompt; ``lm_eval``: lm-eval-harness's stock OpenBookQA prompt (bare stem);
+#: ``c2c_reference``: the C2C reference's multiple-choice prompt.
+PromptStyle = Literal["chat", "lm_eval", "c2c_reference"]
+PROMPT_STYLES: tuple[str, ...] = ("chat", "lm_eval", "c2c_reference")
+#: The C2C reference's user message for a multiple-choice question (its template without chain of thought).
+C2C_REFERENCE_PROMPT = (
+    "Accurately answer the following question:\n\n{question}\n\nChoices:\n{choices}\n\nInstructions:\n"
+    "- Carefully read the question and all options.\n- Select the single most correct answer.\n"
+    '- Respond ONLY in the following format: "The correct answer is A/B/C/D".\n'
+    "- Do not include any explanations, additional text, or punctuation besides the answer.\n\n"
+    "The correct answer is"
+)
 #: What separates the context from an option's text in a cloze continuation (lm-eval's default
 #: ``target_delimiter``): every option is scored as ``" " + text``.
 OPTION_DELIMITER = " "
@@ -95,15 +107,26 @@ class MultipleChoiceItem:
         )
 
 
-def question_text(item: MultipleChoiceItem, style: AnswerStyle = "letter") -> str:
-    """The user message: question, lettered options, instruction."""
+def question_text(item: MultipleChoiceItem, style: AnswerStyle = "letter", prompt_style: PromptStyle = "chat") -> str:
+    """The user message: question, lettered options, instruction (``c2c_reference``: the reference's, see
+    :data:`C2C_REFERENCE_PROMPT`; options lettered A, B, ... by position, each line "A. text")."""
+    if prompt_style == "c2c_reference":
+        choices = "".join(f"{letter}. {text}\n" for letter, text in zip(position_letters(item), item.choices))
+        return C2C_REFERENCE_PROMPT.replace("{question}", item.question_stem, 1).replace("{choices}", choices, 1)
     options = "\n".join(f"{label}. {text}" for label, text in zip(item.labels, item.choices))
     return f"Question: {item.question_stem}\n{options}\n{INSTRUCTIONS[style]}"
 
 
-def question_messages(item: MultipleChoiceItem, style: AnswerStyle = "letter", prefill: bool = False) -> list[Message]:
+def position_letters(item: MultipleChoiceItem) -> tuple[str, ...]:
+    """A, B, C, ... one per option: how the C2C reference letters options, whatever the dataset's labels."""
+    return tuple(chr(ord("A") + i) for i in range(len(item.choices)))
+
+
+def question_messages(
+    item: MultipleChoiceItem, style: AnswerStyle = "letter", prefill: bool = False, prompt_style: PromptStyle = "chat"
+) -> list[Message]:
     """The question as a user message; with ``prefill``, followed by :data:`ANSWER_PREFILL`."""
-    return with_answer_prefill([{"role": "user", "content": question_text(item, style)}], prefill)
+    return with_answer_prefill([{"role": "user", "content": question_text(item, style, prompt_style)}], prefill)
 
 
 #: The start of the answer as an assistant prefill: participants that read it (senders included)
@@ -174,7 +197,11 @@ def encode_question(
                 "evaluation.answer_mode cloze) and has no answer prefix to prefill (evaluation.prefill_answer false)."
             )
         return encode_lm_eval_question(participant, item)
-    messages = question_messages(item, style, prefill)
+    messages = question_messages(item, style, prefill, prompt_style)
+    if prompt_style == "c2c_reference":
+        if style != "letter":
+            raise ValueError("prompt_style 'c2c_reference' names the answer by its letter (answer_mode logits or generate).")
+        return encode_options_prompt(participant, messages, position_letters(item))
     if style == "letter":
         return encode_options_prompt(participant, messages, item.labels)
     return encode_cloze_prompt(participant, messages, item)

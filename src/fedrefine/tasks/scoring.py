@@ -116,17 +116,29 @@ def continuation_scores(model: nn.Module, state: PromptState, options: Sequence[
 def _summed_log_probs(
     model: nn.Module, state: PromptState, first: Tensor, prompts: Tensor, continuations: Sequence[Sequence[int]], pad_id: int
 ) -> Tensor:
-    """(C,) each continuation's summed log-probability after its prompt ``prompts[c]``: the first token from the
-    prompts' next-token log-probabilities ``first`` (B, V), later tokens (when any continuation has them) from one
-    forward over copies of the prompts' cache rows."""
+    """(C,) each continuation's summed log-probability after its prompt ``prompts[c]`` (see :func:`token_log_probs`)."""
+    log_probs, _, mask = token_log_probs(model, state, first, prompts, continuations, pad_id)
+    return (log_probs * mask).sum(1).cpu()
+
+
+def token_log_probs(
+    model: nn.Module, state: PromptState, first: Tensor, prompts: Tensor, continuations: Sequence[Sequence[int]], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each continuation token's log-probability after its prompt ``prompts[c]``, whether it was the greedy choice
+    there, and the mask of real tokens, each (C, R): the first token from the prompts' next-token log-probabilities
+    ``first`` (B, V), later tokens (when any continuation has them) from one forward over copies of the prompts'
+    cache rows."""
     ids, mask = (t.to(first.device) for t in right_pad(continuations, pad_id))  # (C, R) each
     prompts = prompts.to(first.device)
-    log_probs = first.index_select(0, prompts).gather(1, ids[:, :1])  # (C, 1)
+    first_rows = first.index_select(0, prompts)  # (C, V)
+    log_probs = first_rows.gather(1, ids[:, :1])  # (C, 1)
+    greedy = first_rows.argmax(-1, keepdim=True) == ids[:, :1]  # (C, 1)
     if ids.shape[1] > 1:  # token r is predicted after tokens 0 .. r - 1: the last token is never read
-        logits = continuation_logits(model, state, prompts, ids[:, :-1], mask[:, :-1])  # (C, R - 1, V)
-        later = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (C, R - 1)
+        logits = continuation_logits(model, state, prompts, ids[:, :-1], mask[:, :-1]).float()  # (C, R - 1, V)
+        later = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (C, R - 1)
         log_probs = torch.cat((log_probs, later), dim=1)  # (C, R)
-    return (log_probs * mask).sum(1).cpu()
+        greedy = torch.cat((greedy, logits.argmax(-1) == ids[:, 1:]), dim=1)
+    return log_probs, greedy, mask
 
 
 def score_options(

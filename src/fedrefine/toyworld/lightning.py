@@ -11,6 +11,7 @@ from pathlib import Path
 from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.participants import Participant
 from fedrefine.participants.sources import ParticipantSource
+from fedrefine.settings import SettingsError
 from fedrefine.toyworld.pretrain import DEFAULT_PARTICIPANTS, PretrainConfig, load_toy_participants
 from fedrefine.toyworld.world import ToyWorld, WorldConfig, conversation_row, export_world, write_jsonl
 
@@ -36,7 +37,7 @@ class ToyParticipant(ParticipantSource):
     ) -> None:
         known = [p.name for p in DEFAULT_PARTICIPANTS]
         if name not in known:
-            raise ValueError(f"Unknown toy participant {name!r}; choose one of {known}.")
+            raise SettingsError(f"Unknown toy participant {name!r}; choose one of {known}.")
         self.name, self.world, self.pretrain, self.cache_dir = name, world or WorldConfig(), pretrain or PretrainConfig(), cache_dir
 
     def load(self) -> Participant:
@@ -83,7 +84,7 @@ class ToyWorldDataModule(C2CDataModule):
         preamble_fraction: float = 0.0,
     ) -> None:
         if not 0.0 <= preamble_fraction <= 1.0:
-            raise ValueError(f"preamble_fraction must be in [0, 1], got {preamble_fraction}.")
+            raise SettingsError(f"preamble_fraction must be in [0, 1], got {preamble_fraction}.")
         self.world_config = world or WorldConfig()
         self.group, self.val_entities, self.include_public = group, val_entities, include_public
         self.train_groups = list(train_groups) if train_groups else [group]

@@ -34,6 +34,11 @@ class Codec(ABC):
     def decompress(self, parts: dict[str, Tensor], shape: tuple[int, int, int], role: Role) -> Tensor:
         """The (H, T, D) float tensor the parts stand for."""
 
+    @abstractmethod
+    def part_shapes(self, shape: tuple[int, int, int], role: Role) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Each part's exact (shape, dtype) for an (H, T, D) tensor: a received message is checked against them
+        before anything is decoded (no surplus bytes, no declared size beyond what was asked)."""
+
     @property
     def lossless(self) -> bool:
         return False
@@ -59,6 +64,9 @@ class CastCodec(Codec):
 
     def decompress(self, parts: dict[str, Tensor], shape: tuple[int, int, int], role: Role) -> Tensor:
         return parts["data"].reshape(shape).float()
+
+    def part_shapes(self, shape: tuple[int, int, int], role: Role) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"data": (tuple(shape), self.dtype)}
 
     @property
     def lossless(self) -> bool:
@@ -88,6 +96,14 @@ class GroupedQuantCodec(Codec):
         """Group length along a row: ``group_size``, or the whole row when it is shorter."""
         heads, tokens, dim = shape
         return max(1, min(self.group_size, tokens if role == "key" else heads * dim))
+
+    def part_shapes(self, shape: tuple[int, int, int], role: Role) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        heads, tokens, dim = shape
+        rows, row_length = (heads * dim, tokens) if role == "key" else (tokens, heads * dim)
+        group = self.group(shape, role)
+        groups = -(-row_length // group)
+        codes = rows * groups * group  # (R, G, S) codes, packed
+        return {"codes": ((-(-codes * self.bits // 8),), torch.uint8), "scale": ((rows, groups), torch.float16)}
 
     def _grouped(self, states: Tensor, role: Role) -> Tensor:
         """(rows, groups, group) view to scale over, zero-padded to whole groups."""

@@ -9,9 +9,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedrefine.settings import documented
+from fedrefine.settings import SettingsError, documented
 from fedrefine.wire.codecs import CODEC_NAMES, codec_by_name
-from fedrefine.wire.format import MAX_MESSAGE_BYTES, deserialize_message, serialize_message
+from fedrefine.wire.format import (
+    MAX_DECODED_BYTES,
+    MAX_MESSAGE_BYTES,
+    MessageRequest,
+    deserialize_message,
+    serialize_message,
+)
 from fedrefine.wire.message import KVMessage
 
 
@@ -40,6 +46,11 @@ class LinkConfig:
     max_message_bytes: int = field(
         default=MAX_MESSAGE_BYTES, metadata={"help": "A message above this size is refused by the receiver."}
     )
+    max_decoded_bytes: int = field(
+        default=MAX_DECODED_BYTES,
+        metadata={"help": "A message whose header declares K/V above this size once decoded (fp32, full batch) is "
+                          "refused before anything is allocated."},
+    )
     in_training: bool = field(
         default=False,
         metadata={"help": "Apply the codec and layer budget while training too, so the fuser learns on the K/V it "
@@ -49,9 +60,9 @@ class LinkConfig:
     def __post_init__(self) -> None:
         for name in [self.codec, *self.per_sender.values()]:
             if name is not None and name not in CODEC_NAMES:
-                raise ValueError(f"Unknown link codec {name!r}; choose one of {list(CODEC_NAMES)} (or None).")
+                raise SettingsError(f"Unknown link codec {name!r}; choose one of {list(CODEC_NAMES)} (or None).")
         if self.layer_budget is not None and not 0 < self.layer_budget <= 1:
-            raise ValueError(f"link.layer_budget must be in (0, 1], got {self.layer_budget}.")
+            raise SettingsError(f"link.layer_budget must be in (0, 1], got {self.layer_budget}.")
 
     def codec_for(self, sender: str) -> str | None:
         return self.per_sender.get(sender, self.codec)
@@ -72,4 +83,6 @@ def transmit(
     """Send ``message`` through the wire format and decode it as the receiver does (validated)."""
     data = serialize_message(message, codec_by_name(codec, config.group_size))
     device = next(iter(message.layers.values()))[0].device if message.layers else torch.device("cpu")
-    return deserialize_message(data, message.sender, trained_for, config.max_message_bytes, device)
+    request = MessageRequest.of(list(message.layers), message.attention_mask, message.sent)
+    return deserialize_message(data, message.sender, trained_for, config.max_message_bytes, device, request,
+                               config.max_decoded_bytes)

@@ -20,7 +20,9 @@ from fedrefine.participants.sources import ParticipantSource
 from fedrefine.wire.message import KVMessage
 
 #: Why a sender did not contribute to a query (the result rows count them by these names).
-DROP_REASONS: tuple[str, ...] = ("unreachable", "deadline", "refused", "invalid_message", "identity", "error")
+DROP_REASONS: tuple[str, ...] = (
+    "unreachable", "deadline", "refused", "invalid_message", "missing_layers", "non_finite", "identity", "error",
+)
 
 
 class SenderUnavailable(RuntimeError):
