@@ -6,7 +6,7 @@ import yaml
 
 from fedrefine.recipes.trainer_cli import build_cli
 
-CONFIGS = sorted(p for p in Path(__file__).parent.parent.glob("configs/**/*.yaml") if p.parent.name != "serve")
+CONFIGS = sorted(p for p in Path(__file__).parent.parent.glob("configs/**/*.yaml") if p.parent.name not in ("serve", "bench"))
 SERVE_CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/serve/*.yaml"))
 
 
@@ -131,3 +131,29 @@ def test_runs_print_no_product_tips_or_lightning_deprecations(tmp_path, capfd, r
     assert "Tip:" not in out + err and "litlogger" not in out + err
     assert "/-2" not in out + err  # the progress bar of a step-bounded run
     assert not [w for w in recwarn if "LeafSpec" in str(w.message)]
+
+
+def test_a_test_that_fails_mid_run_leaves_no_wandb_run_and_refuses_to_overwrite_results(tmp_path, monkeypatch, capsys):
+    from fedrefine.recipes import FusionModule
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = tmp_path / "run"
+    quick = ["--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(root), "--trainer.callbacks", "[]",
+             "--trainer.enable_progress_bar", "false", "--data.num_questions", "4"]
+    build_cli(["fit", *quick, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.logger", "false"])
+    wandb = ["--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.WandbLogger",
+                                             "init_args": {"offline": True, "project": "fedrefine-test"}})]
+
+    def broken(self, batch, batch_idx):
+        raise RuntimeError("a broken step")
+
+    monkeypatch.setattr(FusionModule, "test_step", broken)
+    with pytest.raises(RuntimeError, match="a broken step"):
+        build_cli(["test", "--config", str(root / "config.yaml"), *wandb])
+    assert not list(root.glob("wandb/offline-run-*")) and (root / "test_config.yaml").is_file()
+    monkeypatch.undo()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    build_cli(["test", "--config", str(root / "config.yaml"), *wandb])
+    assert len(list(root.glob("wandb/offline-run-*"))) == 1 and (root / "test_results.json").is_file()
+    assert run_main(monkeypatch, "test", "--config", str(root / "config.yaml")) == 2
+    assert "holds an earlier test's results; pass --overwrite true" in capsys.readouterr().err

@@ -228,6 +228,45 @@ def test_the_printed_failure_list_says_how_many_more_there_are():
     assert "and 3 more (all of them in the results JSON)" in text
 
 
+def test_a_route_failing_on_one_question_fails_that_question_only_and_the_run_finishes(world, monkeypatch):
+    from fedrefine.tasks import t2t
+
+    real = t2t.generate_replies
+
+    def refuse_the_zorblax(participant, prompts, *args, **kwargs):  # as a template that changes one hint prompt
+        if any("zorblax" in p for p in prompts):
+            raise ValueError("The chat template of llama changes the content of message 0 (user)")
+        return real(participant, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(t2t, "generate_replies", refuse_the_zorblax)
+    receiver, senders = world
+    questions = QuestionDataset(ITEMS)
+    model = federated(receiver, senders, "concat")
+    evaluator = Evaluator(model, parse_routes(["receiver", "t2t"], model.sender_names), EvaluationConfig(t2t=T2TConfig(budget=3)))
+    report = evaluator.run(questions, batch_size=2)
+    rows = {row["route"]: row for row in report.rows()}
+    assert rows["t2t"]["questions"] == 2 and rows["t2t"]["failed"] == 1 and rows["receiver"]["failed"] == 0
+    assert report.route_failures == [{"question": "q0", "route": "t2t",
+                                      "why": "ValueError: The chat template of llama changes the content of message 0 (user)"}]
+    records = {(r["route"], r["question"]): r for r in report.records}
+    assert records[("t2t", "q0")]["failure"].startswith("ValueError") and records[("t2t", "q0")]["prediction"] is None
+    assert records[("t2t", "q1")]["failure"] is None and records[("t2t", "q1")]["prediction"] in "ABCD"
+    assert len(records[("t2t", "q1")]["scores"]["logits"]) == 4 and records[("receiver", "q0")]["senders"] == []
+    assert records[("t2t", "q1")]["senders"] == ["llama", "qwen2"]
+
+
+def test_an_empty_rephrasing_is_unfaithful_and_t2t_still_answers(world, monkeypatch):
+    from fedrefine.participants.generation import Reply
+    from fedrefine.privacy import rephrase
+
+    monkeypatch.setattr(rephrase, "generate_replies", lambda participant, prompts, **kwargs: [Reply("\n", (1,), 0.1) for _ in prompts])
+    receiver, senders = world
+    planner = QueryPlanner(Rephraser(receiver, RephraseConfig(max_new_tokens=6, candidates=1, check="off")))
+    rows = run(federated(receiver, senders, "concat"), ["t2t@shared", "t2t@private"], planner)
+    for row in rows.values():
+        assert row["rephrasings_unfaithful"] == 1.0 and row["questions"] == 2 and row["failed"] == 0
+
+
 def test_the_printed_table_fits_an_80_column_terminal(monkeypatch):
     from rich.console import Console
 

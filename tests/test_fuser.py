@@ -232,3 +232,15 @@ def test_scale_multiplies_each_layers_sample_and_token_deltas(receiver, qwen2_se
     concat = Fuser(qwen2_sender.identity, receiver.identity, FuserConfig(hidden_size=16, mode="concat")).eval()
     with pytest.raises(ValueError, match="scale is for residual fusion"):
         concat(sender, None, scale)
+
+
+def test_a_registry_refuses_a_fuser_in_a_misnamed_folder_naming_the_expected_one(receiver, llama_sender, tmp_path):
+    from fedrefine.fuser import FuserFileError
+    from fedrefine.fuser.registry import FuserRegistry
+
+    registry = FuserRegistry(tmp_path / "registry")
+    saved = registry.save(Fuser(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=8)))
+    assert FuserRegistry(tmp_path / "registry").has(llama_sender.identity, receiver.identity)
+    saved.rename(saved.parent / "llama__to__qwen3")
+    with pytest.raises(FuserFileError, match=f"rename the folder to {saved.name}"):
+        FuserRegistry(tmp_path / "registry").has(llama_sender.identity, receiver.identity)

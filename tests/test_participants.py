@@ -20,7 +20,7 @@ def test_load_from_local_directory_is_frozen_and_identified(receiver, tmp_path):
     assert all(not p.requires_grad for p in loaded.model.parameters())
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
     ident = loaded.identity
-    assert (ident.name_or_path, ident.revision) == ("tiny/receiver", "local")
+    assert ident.name_or_path == "tiny/receiver" and ident.revision.startswith("local-")
     assert ident.architecture == "Qwen3ForCausalLM"
     assert (ident.num_layers, ident.num_kv_heads, ident.head_dim) == (3, 2, 16)
     ids = torch.tensor([[1, 2, 3]])
@@ -28,6 +28,33 @@ def test_load_from_local_directory_is_frozen_and_identified(receiver, tmp_path):
         expected = receiver.model(ids).logits
         got = loaded.model(ids).logits.float()
     assert torch.allclose(expected, got, atol=0.1)  # bf16 copy of the same weights
+
+
+def test_a_local_model_is_known_by_its_files_not_by_the_path_string(receiver, llama_sender, tmp_path, monkeypatch):
+    from fedrefine.fuser import Fuser, FuserPairMismatchError
+
+    model_dir = tmp_path / "models" / "my-receiver"
+    receiver.model.save_pretrained(model_dir)
+    receiver.tokenizer.save_pretrained(model_dir)
+    monkeypatch.chdir(tmp_path)
+    by_relative = load_participant("models/my-receiver").identity
+    assert load_participant(str(model_dir) + "/").identity == by_relative == load_participant("./models/../models/my-receiver").identity
+    assert by_relative.name_or_path == "my-receiver" and by_relative.revision.startswith("local-")
+    Fuser(llama_sender.identity, by_relative).save(tmp_path / "fuser")
+
+    moved = tmp_path / "elsewhere" / "copy"  # the same files under another directory name: `name:` keeps the identity
+    moved.parent.mkdir()
+    model_dir.rename(moved)
+    with pytest.raises(FuserPairMismatchError, match=r"Same model at another path\? set `name:`.*`name: my-receiver`"):
+        Fuser.load(tmp_path / "fuser", llama_sender.identity, load_participant(str(moved)).identity)
+    assert load_participant(str(moved), name="my-receiver").identity == by_relative
+
+    llama_sender.model.save_pretrained(model_dir)  # another model at the first path
+    llama_sender.tokenizer.save_pretrained(model_dir)
+    other = load_participant("models/my-receiver").identity
+    assert other.name_or_path == "my-receiver" and other.revision != by_relative.revision
+    with pytest.raises(FuserPairMismatchError, match="another model"):
+        Fuser.load(tmp_path / "fuser", llama_sender.identity, other)
 
 
 def test_unreachable_hub_id_fails_fast_and_names_local_path(monkeypatch):

@@ -145,6 +145,8 @@ def main() -> None:
                 from fedrefine.runtime.serve_cli import main as serve_main
 
                 return serve_main(sys.argv[2:])
+            if any(arg.startswith("-h") or "help" in arg for arg in sys.argv[2:]):
+                import fedrefine.runtime.participant_client  # noqa: F401 -- RemoteParticipant among the classes --help lists
             build_cli()
     except SIGTERMException:  # Lightning stops a SIGTERM'd fit as a plain SystemExit (status 0): say it was killed
         raise SystemExit(128 + signal.SIGTERM) from None
@@ -166,8 +168,10 @@ def toy_main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     if not Path(args.config).is_file():
         raise SystemExit(f"fedrefine-toy: error: {args.config} not found; run from the repository root or pass --config.")
-    model = yaml.safe_load(Path(args.config).read_text())["model"]["init_args"]
-    fuser_dir = next((v for k, v in zip(overrides, overrides[1:]) if k == "--model.export_dir"), model["export_dir"])
+    config = yaml.safe_load(Path(args.config).read_text())
+    given = dict(zip(overrides, overrides[1:]))
+    root = Path(given.get("--trainer.default_root_dir", config["trainer"].get("default_root_dir") or "."))
+    fuser_dir = given.get("--model.export_dir", config["model"]["init_args"].get("export_dir") or str(root / "fuser"))
     with user_errors_exit("fedrefine-toy"):
         build_cli(["fit", "--config", args.config, *overrides])
         build_cli(["test", "--config", args.config, "--model.fuser_path", fuser_dir, *overrides])

@@ -3,8 +3,10 @@ with a config, in-process."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedrefine.recipes.trainer_cli import build_cli
 
@@ -19,7 +21,7 @@ class FuserTraining:
         args: overrides for every run.
         mode_args: extra overrides per fusion mode (e.g. the steps of residual fusers, concat's ``fuse_at``).
         mode_arg: the override that sets the fusion mode.
-        root: where training runs are written.
+        root: where training runs are written (one root per fusion mode and sender).
     """
 
     config: str
@@ -29,12 +31,17 @@ class FuserTraining:
     mode_arg: str = "--model.fuser.mode"
     root: str = "runs/bench/fusers"
 
-    def fit(self, sender: str, mode: str) -> Path:
-        """Train F[sender -> receiver] in ``mode``; returns the exported fuser directory."""
+    def fit(self, sender: str, mode: str, pair: dict[str, dict[str, Any]] | None = None) -> Path:
+        """Train F[sender -> receiver] in ``mode`` in its own run root (``<root>/<mode>-<sender>``); returns the
+        exported fuser directory. ``pair``: the sweep's ``receiver`` and ``sender`` sources (``class_path`` and
+        ``init_args``), passed as overrides ahead of ``args``, so the fuser is trained for exactly the sweep's
+        participants without repeating them here."""
         directory = Path(self.root) / f"{mode}-{sender}"
+        inherited = [arg for role, source in (pair or {}).items() for arg in (f"--model.{role}", json.dumps(source))]
         build_cli([
-            "fit", "--config", self.config, *self.args, *self.sender_args.get(sender, []), *self.mode_args.get(mode, []),
-            self.mode_arg, mode, "--trainer.default_root_dir", str(directory), "--model.export_dir", str(directory / "fuser"),
+            "fit", "--config", self.config, *inherited, *self.args, *self.sender_args.get(sender, []),
+            *self.mode_args.get(mode, []), self.mode_arg, mode, "--trainer.default_root_dir", str(directory),
+            "--model.export_dir", str(directory / "fuser"), "--overwrite", "true",  # a rerun replaces its own run
         ])
         return directory / "fuser"
 

@@ -79,7 +79,10 @@ class SweepFusion:
             if self.train_missing is None:
                 registry.get(sender.identity, receiver.identity)  # raises MissingFuserError with the fix
             self.console.print(f"[bold]Training the missing fuser[/] {name} -> {self.receiver_name} ({mode})")
-            path = self.train_missing.fit(name, mode)
+            sources = self.federation.sources
+            path = self.train_missing.fit(
+                name, mode, {"receiver": sources[self.receiver_name].describe(), "sender": sources[name].describe()}
+            )
             registry.save(Fuser.load(path, sender.identity, receiver.identity))
 
     def _prepare_gate(self, mode: str) -> None:

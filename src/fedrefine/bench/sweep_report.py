@@ -65,7 +65,7 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, command: str, commit: s
     n_questions = max((r.get("n_questions", 0) for r in rows), default=0)
     lines = [
         f"# {title}", "",
-        f"Command: `{command}` at commit `{commit}` (cells computed at {_commits(rows)}). {n_questions} questions "
+        f"Command: `{command}` at {_commit_text(commit)} (cells computed at {_commits(rows)}). {n_questions} questions "
         "per cell; accuracy in %, 95% Wilson interval; latency in seconds per question (transfer modelled from the "
         "bytes sent); bytes per prompt token summed over senders (C2C: exact K/V bytes of the carried layers; T2T: "
         "token-id bytes).", "",
@@ -99,9 +99,13 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, command: str, commit: s
     return "\n".join(lines) + "\n"
 
 
+def _commit_text(commit: str | None) -> str:
+    return f"commit `{commit}`" if commit else "no commit (not a git checkout)"
+
+
 def _commits(rows: Sequence[dict[str, Any]]) -> str:
-    commits = sorted({str(r.get("commit")) for r in rows if r["status"] == "ok"})
-    return ", ".join(f"`{c}`" for c in commits) or "none"
+    commits = sorted({f"`{r['commit']}`" if r.get("commit") else "no commit" for r in rows if r["status"] == "ok"})
+    return ", ".join(commits) or "none"
 
 
 def _ok(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ from fedrefine.evaluation.question_batch import QueryPlanner, QuestionBatch, Var
 from fedrefine.federation.selection import SenderSelection
 from fedrefine.fusion import FusedReceiver, FusionBatch
 from fedrefine.tasks.routes import Route
-from fedrefine.tasks.scoring import NORMALIZATIONS
 from fedrefine.timing import stopwatch, time_inside
 from fedrefine.wire.message import KVMessage, random_message_like
 
@@ -96,16 +95,14 @@ class AutoRoute(RouteHandler):
     def answer(self, batch: QuestionBatch, route: Route, result: RouteResult) -> Choices:
         result.selected = [tuple(self.selection.select(item)) for item in batch.items]
         fusion, options = batch.fusion[Variant("item", "original")], batch.receiver_options["original"]
-        empty = torch.empty(len(result.selected), dtype=torch.long)
-        chosen = Choices(empty, {n: empty.clone() for n in NORMALIZATIONS} if self.answering.mode == "cloze" else {})
+        parts, where = [], []
         with stopwatch(fusion.receiver_input_ids.device) as elapsed:
             for subset in sorted(set(result.selected)):
                 rows = [i for i, s in enumerate(result.selected) if s == subset]
                 part_fusion = fusion.select(rows)
                 sent = self.model.send(part_fusion, list(subset), self.answering.link)
-                part = self.choose(part_fusion, sent.messages, [options[i] for i in rows], batch, sent.own)
-                chosen.chosen[rows] = part.chosen
-                for normalization, picks in part.cloze.items():
-                    chosen.cloze[normalization][rows] = picks
+                parts.append(self.choose(part_fusion, sent.messages, [options[i] for i in rows], batch, sent.own))
+                where.append(rows)
+        chosen = Choices.concat(parts, where, len(result.selected))
         result.stages["receiver"] = elapsed.seconds
         return chosen

@@ -28,7 +28,7 @@ from fedrefine.evaluation.text_routes import SenderAlone, TextRoute
 from fedrefine.federation.selection import SenderSelection
 from fedrefine.fusion import FusedReceiver
 from fedrefine.privacy.plans import QueryPlan
-from fedrefine.tasks.routes import Route
+from fedrefine.tasks.routes import Route, RouteError
 
 #: The handler of each route kind that needs nothing but the model, how routes answer and the planner.
 HANDLERS: dict[str, type[RouteHandler]] = {"receiver": ReceiverAlone, "sender": SenderAlone, "t2t": TextRoute}
@@ -52,6 +52,20 @@ def handler_for(
     if route.kind == "c2c":
         return AutoRoute(model, answering, planner, selection) if route.auto else CacheRoute(model, answering, planner, generator)
     return HANDLERS[route.kind](model, answering, planner)
+
+
+def check_routes_can_run(model: FusedReceiver, routes: Sequence[Route]) -> None:
+    """Refuse before the run what cannot run at all: a sender-alone route over a sender served elsewhere (its
+    options are scored with the sender's own model, which is not here)."""
+    alone = [r for r in routes if r.kind == "sender" and r.senders[0] in model.remotes]
+    remote = [r.label for r in alone]
+    if remote:
+        where = ", ".join(f"{r.senders[0]} at {model.remotes[r.senders[0]].endpoint}" for r in alone)
+        raise RouteError(
+            f"Route(s) {remote} score options with a sender's own model, which is served elsewhere ({where}); "
+            f"leave them out of the routes here (e.g. test_routes: [receiver, c2c, t2t]) and evaluate them where "
+            f"the sender runs."
+        )
 
 
 class Evaluator:
@@ -78,6 +92,7 @@ class Evaluator:
     ) -> None:
         config = config or EvaluationConfig()
         model.sending.check(config.link)  # a link this receiver cannot use is refused now, not at the first batch
+        check_routes_can_run(model, routes)
         self.routes, self.planner = list(routes), planner or QueryPlanner()
         adaptive = AdaptiveChoice(config.adaptive) if any(r.kind == "adaptive" for r in self.routes) else None
         encoded = [r for r in self.routes if r.kind != "adaptive"]

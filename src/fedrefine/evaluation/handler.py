@@ -28,6 +28,15 @@ from fedrefine.tasks.t2t import T2TConfig
 from fedrefine.wire import LinkConfig
 from fedrefine.wire.message import KVMessage
 
+#: Errors of one question on one route (a template that changes the text, a hint that cannot be encoded, a
+#: generation that fails): recorded as that question's failure, never the end of the run.
+QUESTION_ERRORS = (ValueError, KeyError, IndexError, RuntimeError)
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line: the error's type and the first line of its message."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+
 
 @dataclass(frozen=True)
 class Answering:
@@ -71,13 +80,37 @@ class RouteHandler(ABC):
             reading = route_reading(plans, route.senders)
             result.stages["rephrase"] = reading.rephrase_seconds
             result.unfaithful, result.leakage, result.private_tokens = reading.unfaithful, reading.leakage, reading.private_tokens
-        chosen = self.answer(batch, route, result)
+        try:
+            chosen = self.answer(batch, route, result)
+        except QUESTION_ERRORS as err:  # one question's failure must not end the run: answer them one by one
+            chosen = self._answer_one_by_one(batch, route, result, err)
         rows = torch.tensor(batch.encoded_rows, device=device)
         predictions[rows] = chosen.chosen.to(device)
         for normalization, picks in chosen.cloze.items():
             result.cloze_predictions[normalization][rows] = picks.to(device)
+        result.option_scores = [{} for _ in range(len(batch))]
+        for row, scores in zip(batch.encoded_rows, chosen.scores):
+            result.option_scores[row] = scores
+        for row in result.failures:  # a failed question is wrong under every normalisation
+            predictions[row] = -1
+            for picks in result.cloze_predictions.values():
+                picks[row] = -1
         result.seconds = sum(result.stages.values())
         return result
+
+    def _answer_one_by_one(self, batch: QuestionBatch, route: Route, result: RouteResult, first: Exception) -> Choices:
+        """Each encoded question alone; those that fail again are ``result.failures`` (with the reason), wrong."""
+        if len(batch.encoded_rows) == 1:
+            result.failures[batch.encoded_rows[0]] = failure_reason(first)
+            return Choices(torch.full((1,), -1, dtype=torch.long), scores=[{}])
+        parts, where = [], []
+        for position, row in enumerate(batch.encoded_rows):
+            try:
+                parts.append(self.answer(batch.single(row), route, result))
+                where.append([position])
+            except QUESTION_ERRORS as err:
+                result.failures[row] = failure_reason(err)
+        return Choices.concat(parts, where, len(batch.encoded_rows))
 
     @abstractmethod
     def answer(self, batch: QuestionBatch, route: Route, result: RouteResult) -> Choices:

@@ -29,7 +29,9 @@ class RouteResult:
     question under each normalisation (``sum``, ``chars``, ``token_mean``), -1 where unanswered.
     With remote senders: ``transport_bytes`` is what the transport carried (payload and framing),
     ``contributed`` the senders whose message was fused, ``dropped`` sender -> why it was left out
-    (``reason: detail``) for the batch's questions.
+    (``reason: detail``) for the batch's questions. ``failures``: batch row -> why this route could not answer
+    that question (counted wrong); ``option_scores``: per batch row, every option's score under each
+    normalisation (empty where none was scored).
     """
 
     predictions: Tensor
@@ -46,6 +48,8 @@ class RouteResult:
     transport_bytes: int = 0
     contributed: tuple[str, ...] = ()
     dropped: dict[str, str] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+    option_scores: list[dict[str, list[float]]] = field(default_factory=list)
 
 
 #: lm-eval-harness's names of the accuracies under the ``sum`` and ``chars`` normalisations.

@@ -83,6 +83,21 @@ class QuestionBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def single(self, row: int) -> QuestionBatch:
+        """A batch of the one encoded question at batch row ``row`` (to answer it alone)."""
+        k = self.encoded_rows.index(row)
+        return QuestionBatch(
+            ids=[self.ids[row]],
+            labels=self.labels[row : row + 1],
+            option_labels=[self.option_labels[row]],
+            encoded_rows=[0],
+            items=[self.items[k]],
+            receiver_options={mode: [options[k]] for mode, options in self.receiver_options.items()},
+            fusion={variant: batch.select([k]) for variant, batch in self.fusion.items()},
+            alone={name: AloneBatch(a.input_ids[k : k + 1], a.attention_mask[k : k + 1], [a.options[k]]) for name, a in self.alone.items()},
+            plans={key: [plans[k]] for key, plans in self.plans.items()},
+        )
+
     def to(self, device: torch.device | str) -> QuestionBatch:
         self.labels = self.labels.to(device)
         self.fusion = {variant: batch.to(device) for variant, batch in self.fusion.items()}

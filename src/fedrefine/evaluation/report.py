@@ -59,6 +59,8 @@ class EvaluationReport:
         self.selections: list[tuple[str, tuple[str, ...]]] = []
         self.failures: list[tuple[str, str]] = []
         self.dropped: list[dict[str, str]] = []  # per question and route: a sender left out, and why
+        self.route_failures: list[dict[str, str]] = []  # per question and route: why the route could not answer it
+        self.records: list[dict[str, Any]] = []  # per question and route: see :meth:`add`
         self.question_count = 0
 
     def add_batch(self, batch: QuestionBatch) -> None:
@@ -76,6 +78,10 @@ class EvaluationReport:
             self.dropped.extend(
                 {"question": batch.ids[row], "route": route.label, "sender": sender, "why": why} for row in batch.encoded_rows
             )
+        self.route_failures.extend(
+            {"question": batch.ids[row], "route": route.label, "why": why} for row, why in sorted(result.failures.items())
+        )
+        self.records.extend(question_records(route, batch, result))
         # -1 (unanswerable) never equals a label: counted wrong, never skipped.
         predictions = torch.where(result.predictions < 0, (batch.labels + 1) % MAX_OPTIONS, result.predictions)
         self.metrics[route.label].update(predictions, batch.labels)
@@ -102,7 +108,7 @@ class EvaluationReport:
                     **self.tallies[route.label].row(),
                     "accuracy": float(self.metrics[route.label].compute()),
                     "questions": self.question_count,
-                    "failed": len(self.failures),
+                    "failed": len(self.failures) + sum(f["route"] == route.label for f in self.route_failures),
                 }
             )
         return rows
@@ -141,6 +147,10 @@ class EvaluationReport:
                 console.print(f"  {question_id}: {reason}")
             if len(self.failures) > SHOWN_FAILURES:
                 console.print(f"  and {len(self.failures) - SHOWN_FAILURES} more (all of them in the results JSON)")
+        for failure in self.route_failures[:SHOWN_FAILURES]:
+            console.print(f"[red]{failure['route']} could not answer {failure['question']} (counted wrong): {failure['why']}[/]")
+        if len(self.route_failures) > SHOWN_FAILURES:
+            console.print(f"[red]and {len(self.route_failures) - SHOWN_FAILURES} more route failures (all in the results JSON)[/]")
         for row in rows:
             for sender, reasons in row["senders_dropped"].items():
                 counts = ", ".join(f"{reason} on {n}" for reason, n in reasons.items())
@@ -148,16 +158,63 @@ class EvaluationReport:
                               f"the others answered them.[/]")
 
     def save_json(self, path: str | Path, title: str) -> Path:
-        """``{"title", "rows", "failures"[, "selected_senders"][, "dropped_senders"]}`` at ``path``."""
+        """``{"title", "rows", "failures"[, "route_failures"][, "selected_senders"][, "dropped_senders"]}`` at ``path``,
+        and every question's record per route (:meth:`save_records`) beside it."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload: dict[str, Any] = {"title": title, "rows": self.rows(), "failures": self.failures}
+        if self.route_failures:
+            payload["route_failures"] = self.route_failures
         if self.selections:
             payload["selected_senders"] = {question: list(senders) for question, senders in self.selections}
         if self.dropped:
             payload["dropped_senders"] = self.dropped
         path.write_text(json.dumps(payload, indent=2) + "\n")
+        self.save_records(records_path(path))
         return path
+
+    def save_records(self, path: str | Path) -> Path:
+        """One JSON line per question and route (as lm-eval's ``--log_samples``): see :func:`question_records`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(record) + "\n" for record in self.records))
+        return path
+
+
+def records_path(results: str | Path) -> Path:
+    """Where the per-question records of a results file go: ``test_results.json`` -> ``test_samples.jsonl``."""
+    results = Path(results)
+    return results.with_name(results.stem.removesuffix("_results") + "_samples.jsonl")
+
+
+def question_records(route: Route, batch: QuestionBatch, result: RouteResult) -> list[dict[str, Any]]:
+    """Per question of ``batch``: its id, the route, the gold and predicted labels, whether it was right, every
+    option's score under each normalisation, the senders whose message or hint it read, and why it failed
+    (could not be encoded, or the route could not answer it), if it did."""
+    selected = dict(zip(batch.encoded_rows, result.selected or []))
+    dropped = set(result.dropped)
+    records = []
+    for row, question in enumerate(batch.ids):
+        labels = batch.option_labels[row]
+        gold, predicted = int(batch.labels[row]), int(result.predictions[row])
+        if route.kind in ("c2c", "t2t"):
+            senders = selected.get(row, result.contributed or tuple(s for s in route.senders if s not in dropped))
+        else:
+            senders = route.senders if route.kind == "sender" else ()
+        failure = batch.failures.get(row) or result.failures.get(row)
+        records.append({
+            "question": question,
+            "route": route.label,
+            "gold": labels[gold] if 0 <= gold < len(labels) else None,
+            "prediction": labels[predicted] if 0 <= predicted < len(labels) else None,
+            "correct": predicted == gold,
+            "option_labels": list(labels),
+            "scores": result.option_scores[row] if row < len(result.option_scores) else {},
+            **({"cloze_predictions": {n: int(p[row]) for n, p in result.cloze_predictions.items()}} if result.cloze_predictions else {}),
+            "senders": list(senders),
+            "failure": failure,
+        })
+    return records
 
 
 def log_table(loggers: Iterable[Any], key: str, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:

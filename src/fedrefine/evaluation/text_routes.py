@@ -80,7 +80,8 @@ class TextRoute(RouteHandler):
         cloze = {}
         if self.answering.mode == "cloze":
             cloze = {n: torch.tensor([a.cloze_predictions[n] for a in answers]) for n in NORMALIZATIONS}
-        return Choices(torch.tensor([a.prediction for a in answers]), cloze)
+        scored_as = self.answering.normalization if self.answering.mode == "cloze" else "logits"
+        return Choices(torch.tensor([a.prediction for a in answers]), cloze, [{scored_as: a.option_scores} for a in answers])
 
     def _remote_writer(self, name: str, result: RouteResult):
         """Hints from a remote sender; one that fails writes empty hints (left out of the prompt), recorded."""

@@ -68,6 +68,7 @@ class Fuser(nn.Module):
         self.layers = nn.ModuleList(layer_class(sender, receiver, self.config) for _ in range(receiver.num_layers))
         self.register_buffer("temperature", torch.tensor(self.config.temperature_start), persistent=False)
         self._stack: StackedLayers | None = None  # every open layer's weights stacked for inference, rebuilt on change
+        self.trained_with: dict[str, str] = {}  # the participants' dtypes and the trainer's precision, saved with it
         #: Where the weights came from when they were not trained here (e.g. an imported C2C checkpoint).
         self.source: dict[str, Any] | None = None
 
@@ -180,8 +181,10 @@ class Fuser(nn.Module):
 
     # --- persistence -------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
+        """Pair identities, config, layer map, (when known) ``trained_with``: the participants' dtypes and the
+        trainer's precision, and ``source`` (where imported weights came from)."""
         source = {} if self.source is None else {"source": self.source}
-        return {
+        metadata = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "sender": self.sender.to_dict(),
@@ -190,6 +193,9 @@ class Fuser(nn.Module):
             "layer_map": self.layer_map,
             **source,
         }
+        if self.trained_with:
+            metadata["trained_with"] = dict(self.trained_with)
+        return metadata
 
     def save(self, directory: str | Path) -> Path:
         """Write ``fuser.safetensors`` (weights) and ``fuser.json`` (pair identity, config, layer map)."""
@@ -231,16 +237,32 @@ class Fuser(nn.Module):
         if (saved_sender, saved_receiver) != (sender, receiver):
             raise FuserPairMismatchError(
                 f"The fuser in {directory} was trained for {saved_sender.key} -> {saved_receiver.key}, "
-                f"but this pair is {sender.key} -> {receiver.key}. Load the fuser trained for this pair, "
-                f"or train one with `fedrefine fit`."
+                f"but this pair is {sender.key} -> {receiver.key}{identity_hint((saved_sender, saved_receiver), (sender, receiver))}"
             )
         fuser = cls(sender, receiver, FuserConfig(**metadata["config"]))
+        fuser.trained_with = dict(metadata.get("trained_with") or {})
         if fuser.layer_map != metadata["layer_map"]:
             raise ValueError(f"Layer map in {directory} does not match its layer_map kind; the file was edited.")
         fuser.load_state_dict(read_weights(Path(directory) / WEIGHTS_FILE, fuser, map_location))
         fuser.source = metadata.get("source")
         return fuser.to(map_location)
 
+
+
+def identity_hint(saved: tuple[ParticipantIdentity, ...], given: tuple[ParticipantIdentity, ...]) -> str:
+    """What to do about a pair mismatch: a model known under another name (the same weights, e.g. at another
+    path) needs ``name:``; other weights under the same name need their own fuser."""
+    hints = []
+    for role, old, new in zip(("sender", "receiver"), saved, given):
+        if old == new:
+            continue
+        if old.name_or_path != new.name_or_path and old.revision == new.revision:
+            hints.append(f"the {role} is the same model under another name: set `name: {old.name_or_path}` on it")
+        elif old.name_or_path == new.name_or_path and old.revision != new.revision:
+            hints.append(f"the {role} {new.name_or_path} is another model (its config or weights differ: revision "
+                         f"{new.revision}, trained on {old.revision}): train a fuser for it with `fedrefine fit`")
+    hint = "; ".join(hints) or "load the fuser trained for this pair, or train one with `fedrefine fit`"
+    return f". Same model at another path? set `name:` in its participant config. Here: {hint}."
 
 
 def fuser_parameter_count(sender: ParticipantIdentity, receiver: ParticipantIdentity, config: FuserConfig) -> int:

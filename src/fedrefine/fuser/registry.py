@@ -1,8 +1,13 @@
 """The server's store of fusers F[i->j] for the ordered pairs of a federation.
 
 On disk: one directory per fuser under the registry root (``fuser.safetensors`` +
-``fuser.json``), named after both identities; the JSON's exact identities are the keys.
-Fusers are loaded lazily on first use and kept.
+``fuser.json``), named after both identities; the JSON's exact identities are the keys::
+
+    <root>/<sender name>-<revision>__to__<receiver name>-<revision>/fuser.json, fuser.safetensors
+
+(each identity's ``name@revision`` with characters other than letters, digits, ``.``, ``_`` and ``-`` made
+``-``; :meth:`FuserRegistry.directory_for` gives the name). A fuser in a folder of another name is refused
+when the registry is read, naming the folder it belongs in. Fusers are loaded lazily on first use and kept.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fedrefine.fuser.files import METADATA_FILE
+from fedrefine.fuser.files import METADATA_FILE, FuserFileError
 from fedrefine.fuser.fuser import Fuser
 from fedrefine.participants import ParticipantIdentity
 
@@ -56,6 +61,12 @@ class FuserRegistry:
                 metadata = Fuser.read_metadata(metadata_file.parent)
                 sender = ParticipantIdentity.from_dict(metadata["sender"])
                 receiver = ParticipantIdentity.from_dict(metadata["receiver"])
+                expected = self.directory_for(sender, receiver)
+                if metadata_file.parent.name != expected.name:
+                    raise FuserFileError(
+                        f"{metadata_file.parent} holds the fuser {sender.key} -> {receiver.key}, which the registry "
+                        f"keeps in {expected}: rename the folder to {expected.name}."
+                    )
                 self._index[(sender.key, receiver.key)] = metadata_file.parent
         return self._index
 

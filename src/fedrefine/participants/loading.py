@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,47 @@ def locate_model(name_or_path: str, revision: str | None = None, weights: bool =
     return {"revision": revision}
 
 
+#: Files whose names and sizes stand for a local model's weights in its identity.
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+#: config.json fields that say where or with what a model was saved, not what it is.
+UNSTABLE_CONFIG_FIELDS = ("_name_or_path", "transformers_version")
+
+
+def identity_name(name_or_path: str) -> str:
+    """The name a participant is known by: a hub id as given; a local directory by its own name (so that a
+    relative or absolute path, with or without a trailing slash, names the same model)."""
+    local = Path(name_or_path).expanduser()
+    return local.resolve().name if local.is_dir() else name_or_path
+
+
+def local_revision(directory: str | Path) -> str:
+    """A local model's revision in its identity: ``local-`` and a digest of its config (less where and with
+    which library version it was saved) and of its weight files' names, sizes and 16 sampled blocks of each. The
+    same files anywhere give the same revision; other weights at the same path give another."""
+    directory = Path(directory).expanduser()
+    config = json.loads((directory / "config.json").read_text())
+    for field in UNSTABLE_CONFIG_FIELDS:
+        config.pop(field, None)
+    files = sorted({p for pattern in WEIGHT_PATTERNS for p in directory.glob(pattern)})
+    weights = [(p.name, p.stat().st_size, _sampled_digest(p)) for p in files]
+    text = json.dumps({"config": config, "weights": weights}, sort_keys=True)
+    return "local-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+#: Blocks of a weight file read into its identity: retrained weights of the same shape differ in every block,
+#: and reading 16 x 64 KiB stays instant for multi-gigabyte files.
+SAMPLED_BLOCKS, BLOCK_BYTES = 16, 1 << 16
+
+
+def _sampled_digest(path: Path) -> str:
+    size, digest = path.stat().st_size, hashlib.sha256()
+    with path.open("rb") as file:
+        for k in range(SAMPLED_BLOCKS):
+            file.seek(max(0, size - BLOCK_BYTES) * k // max(1, SAMPLED_BLOCKS - 1))
+            digest.update(file.read(BLOCK_BYTES))
+    return digest.hexdigest()[:16]
+
+
 def load_model_config(name_or_path: str, revision: str | None = None) -> PreTrainedConfig:
     """The transformers config of a local directory or hub id (no weights or tokenizer needed), with clear errors."""
     kwargs = locate_model(name_or_path, revision, weights=False, tokenizer=False)
@@ -137,7 +179,9 @@ def load_participant(
         revision: hub revision (branch, tag or commit); recorded in the identity.
         dtype: weights' dtype.
         device: where the model lives.
-        name: identity name to record instead of ``name_or_path`` (e.g. the hub id of a local copy).
+        name: identity name to record instead of ``name_or_path`` (e.g. the hub id of a local copy); a local
+            directory is otherwise known by its directory name, and its revision is a digest of its config and
+            weight files (:func:`local_revision`), whatever the path it is given by.
         chat_template_kwargs: extra arguments for the chat template; defaults pin Qwen3's
             thinking off and Llama's date.
     """
@@ -157,7 +201,7 @@ def load_participant(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     identity = ParticipantIdentity.from_config(
-        config, name_or_path=name or name_or_path, revision=revision or ("local" if is_local else "main")
+        config, name_or_path=name or identity_name(name_or_path), revision=revision or (local_revision(name_or_path) if is_local else "main")
     )
     kwargs = chat_kwargs_for(config) | dict(chat_template_kwargs or {})
     return Participant(freeze(model), tokenizer, identity, kwargs)

@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
+import torch
+
 from fedrefine.participants.loading import load_participant
 from fedrefine.participants.participant import Participant
 from fedrefine.participants.random_weights import (
@@ -35,8 +37,10 @@ class HubParticipant(ParticipantSource):
     Args:
         name_or_path: hub id (e.g. ``Qwen/Qwen3-0.6B``) or a local directory.
         revision: hub revision (branch, tag or commit).
-        dtype: weight dtype, e.g. ``bfloat16`` on GPU, ``float32`` on CPU.
-        name: identity name to record for a local copy (e.g. its hub id).
+        dtype: weight dtype, e.g. ``bfloat16`` on GPU, ``float32`` on CPU; ``auto`` follows ``trainer.precision``
+            under ``fedrefine`` (elsewhere: ``bfloat16`` when a GPU is there, else ``float32``).
+        name: the name the model is known by (fusers are trained for it): set it to keep the same identity when
+            the model moves to another directory name (default: the hub id, or the local directory's name).
         chat_template_kwargs: extra chat-template arguments.
     """
 
@@ -44,7 +48,7 @@ class HubParticipant(ParticipantSource):
         self,
         name_or_path: str,
         revision: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         name: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -52,8 +56,11 @@ class HubParticipant(ParticipantSource):
         self.name, self.chat_template_kwargs = name, chat_template_kwargs
 
     def load(self) -> Participant:
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.cuda.is_available() else "float32"
         return load_participant(
-            self.name_or_path, self.revision, self.dtype, name=self.name, chat_template_kwargs=self.chat_template_kwargs
+            self.name_or_path, self.revision, dtype, name=self.name, chat_template_kwargs=self.chat_template_kwargs
         )
 
 

@@ -37,7 +37,10 @@ def invented_names(query: str, rephrasing: str) -> list[str]:
 
 
 def is_faithful(check: FaithfulnessCheck, query: str, rephrasing: str) -> bool:
-    """Whether ``rephrasing`` passes ``check`` for ``query``."""
+    """Whether ``rephrasing`` passes ``check`` for ``query``; an empty (or blank) rephrasing never does: the sender
+    would read nothing of the question."""
+    if not rephrasing.strip():
+        return False
     if check == "off":
         return True
     if check == "names":

@@ -214,7 +214,7 @@ class Rephraser:
             results.append(
                 Rephrasing(
                     query, record["text"], variant, seed, record["num_tokens"], record["seconds"], key not in fresh,
-                    record["faithful"], record["candidate"],
+                    record["faithful"] and bool(record["text"].strip()), record["candidate"],  # cached before blanks counted
                 )
             )
         return results

@@ -32,7 +32,7 @@ from fedrefine.participants import Participant
 from fedrefine.privacy.rephrase import Rephraser
 from fedrefine.recipes.callbacks import step_seed
 from fedrefine.recipes.chat_batches import ChatBatchEncoder
-from fedrefine.recipes.settings import check_last_token_settings, check_saved_fuser_settings
+from fedrefine.recipes.settings import check_last_token_settings, check_saved_fuser_settings, check_trained_dtypes
 from fedrefine.recipes.trainable import TrainableOnly
 from fedrefine.tasks.routes import parse_routes
 from fedrefine.wire import LinkConfig
@@ -155,7 +155,8 @@ class FusionModule(TrainableOnly, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def export_directory(self) -> Path:
-        return Path(self.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "fuser")
+        """``export_dir``, else ``<default_root_dir>/fuser`` (the run's root, whatever the logger)."""
+        return Path(self.export_dir or Path(self.trainer.default_root_dir) / "fuser")
 
     def report_data_counts(self, directory: Path) -> None:
         """Print where the result went and what the data held: rows per pass over this rank's training rows
@@ -221,10 +222,10 @@ class FusionModule(TrainableOnly, L.LightningModule):
                     self.log(f"{stage}/{row['route']}/{name}", row[name])
             self.log(f"{stage}/{row['route']}/latency_ms", row["latency_ms"])
             self.log(f"{stage}/{row['route']}/bytes_per_token", float(row["bytes_per_token"]))
-        self.log(f"{stage}/failed_questions", float(len(self.report.failures)))
+        self.log(f"{stage}/failed_questions", float(len(self.report.failures) + len(self.report.route_failures)))
         if show and self.trainer.is_global_zero:
             self.report.print_table(f"FedRefine {stage}: {self.title()}")
-            directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            directory = Path(self.trainer.default_root_dir)  # the run's root, whatever the logger
             self.report.save_json(directory / f"{stage}_results.json", self.title())
             log_table(self.loggers, f"{stage}/results", rows)
 
@@ -264,11 +265,20 @@ def load_or_create_fuser(
     A saved fuser keeps the settings it was trained with; a ``config`` that says otherwise is refused
     rather than silently ignored (see :func:`check_saved_fuser_settings`).
     """
+    dtypes = {"sender_dtype": dtype_name(sender), "receiver_dtype": dtype_name(receiver)}
     if path is None:
-        return Fuser(sender.identity, receiver.identity, config or FuserConfig())
+        fuser = Fuser(sender.identity, receiver.identity, config or FuserConfig())
+        fuser.trained_with = dtypes
+        return fuser
     fuser = Fuser.load(path, sender.identity, receiver.identity)
     check_saved_fuser_settings(fuser.config, config, path)
+    check_trained_dtypes(fuser, dtypes, path)
     return fuser
+
+
+def dtype_name(participant: Participant) -> str:
+    """``float32``, ``bfloat16``, ...: the dtype a participant's weights were loaded in."""
+    return str(participant.model.dtype).removeprefix("torch.")
 
 
 def mark_frozen(*participants: Participant) -> None:

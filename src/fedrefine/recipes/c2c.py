@@ -18,6 +18,7 @@ from fedrefine.fuser import Fuser, FuserConfig
 from fedrefine.fusion import FusedReceiver, FusionBatch
 from fedrefine.participants.sources import ParticipantSource
 from fedrefine.recipes.base import FusionModule, load_or_create_fuser, mark_frozen, response_loss
+from fedrefine.wire.remote import RemoteSource
 
 
 class C2CModule(FusionModule):
@@ -29,7 +30,7 @@ class C2CModule(FusionModule):
         fuser: fuser size, fusion mode and gate settings.
         fuser_path: start from (or evaluate) a saved fuser directory for exactly this pair.
         export_dir: where to write the trained fuser (safetensors + JSON) at the end of ``fit``;
-            default ``<log_dir>/fuser``.
+            default ``<default_root_dir>/fuser``.
         learning_rate: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
         warmup_fraction: share of the optimizer steps spent in linear warm-up (then linear decay to 0).
@@ -59,7 +60,8 @@ class C2CModule(FusionModule):
         mark_frozen(receiver_participant, sender_participant)
         fuser_module = load_or_create_fuser(sender_participant, receiver_participant, fuser, fuser_path)
         self.save_plain_hyperparameters({"receiver": receiver, "sender": sender}, {"fuser": fuser_module.config})
-        self.fused = FusedReceiver(receiver_participant, [sender_participant], [fuser_module])
+        remotes = {sender_participant.name: sender.client()} if isinstance(sender, RemoteSource) else None  # served elsewhere
+        self.fused = FusedReceiver(receiver_participant, [sender_participant], [fuser_module], remotes=remotes)
         self.gate_log_every = gate_log_every
 
     @property
@@ -81,5 +83,6 @@ class C2CModule(FusionModule):
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
             directory = self.export_directory()
+            self.fuser.trained_with = {**self.fuser.trained_with, "precision": str(self.trainer.precision)}
             self.fuser.save(directory)
             self.report_data_counts(directory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -40,4 +41,19 @@ def check_last_token_settings(fusers: Sequence[Fuser], evaluation: EvaluationCon
             f"model.fuser.fuse_at=last fuses only the last prompt token, which every participant reads only with "
             f"the answer prefix; without it no sender token is aligned there and nothing is fused. Set "
             f"{' and '.join(missing)}, or use model.fuser.fuse_at=prompt."
+        )
+
+
+def check_trained_dtypes(fuser: Fuser, loaded: dict[str, str], path: str) -> None:
+    """A fuser used with participants in other dtypes than it was trained with works, but its caches differ
+    slightly: warn, naming both (a fuser saved before dtypes were recorded is not checked)."""
+    trained = fuser.trained_with
+    differ = [f"{key.removesuffix('_dtype')} {loaded[key]} (trained: {trained[key]})"
+              for key in loaded if key in trained and trained[key] != loaded[key]]
+    if differ:
+        warnings.warn(
+            f"model.fuser_path={path} was trained with other participant dtypes: {', '.join(differ)}. Its scores "
+            f"may differ from those measured in training; load the participants with the dtypes it was trained with "
+            f"(dtype: ..., or trainer.precision), or retrain.",
+            stacklevel=2,
         )

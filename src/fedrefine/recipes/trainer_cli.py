@@ -13,14 +13,28 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from rich.console import Console
 
 from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.recipes import FusionModule
 from fedrefine.recipes.callbacks import InterruptCheckpoint
+from fedrefine.recipes.run_dir import DropFailedRun, OutputGuard, prepare_run, run_config_path
 
 
 class LogConfigCallback(SaveConfigCallback):
-    """Saves the resolved config next to the logs and hands it to W&B, so runs can be compared."""
+    """Saves the resolved config in the run's root (``config.yaml`` for fit, ``<stage>_config.yaml`` for the others,
+    so fit's is never rewritten and can be passed back to ``test``/``predict``) and hands it to W&B."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            path = run_config_path(trainer.default_root_dir, getattr(stage, "value", stage))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(path), skip_unset=False, overwrite=True, multifile=False)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if isinstance(trainer.logger, WandbLogger):
@@ -29,7 +43,8 @@ class LogConfigCallback(SaveConfigCallback):
 
 
 class FedRefineCLI(LightningCLI):
-    """LightningCLI with W&B run names derived from the pair when none is given, and one results table."""
+    """LightningCLI with one output root per run (:mod:`fedrefine.recipes.run_dir`), ``--overwrite`` and
+    ``--run_name``, W&B run names derived from the pair when none is given, and one results table."""
 
     #: ``validate`` / ``test`` print FedRefine's own results table; Lightning's metric table, which repeats it,
     #: is printed only when ``--verbose`` is given (set by :func:`build_cli`).
@@ -40,15 +55,28 @@ class FedRefineCLI(LightningCLI):
 
     before_test = before_validate
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="replace an earlier run's fuser, checkpoints or test results in the run's root")
+        parser.add_argument("--run_name", type=str | None, default=None,
+                            help="write everything under runs/<run_name> (sets trainer.default_root_dir)")
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
+        run_name = config.get("run_name")
+        for note in prepare_run(config, self.subcommand, run_name):
+            Console(stderr=True).print(f"[dim]{note}[/]")
+        config["run_name"] = None  # now in trainer.default_root_dir: a saved config passed back may move the root
+        callbacks = self.trainer_defaults.setdefault("callbacks", [])
+        callbacks += [OutputGuard(bool(config.get("overwrite"))), DropFailedRun()]
         logger = config.get("trainer", {}).get("logger")
         for entry in logger if isinstance(logger, list) else [logger]:
             if not hasattr(entry, "get") or not str(entry.get("class_path", "")).endswith("WandbLogger"):
                 continue
             init_args = entry.get("init_args")
             if init_args is not None and not init_args.get("name"):
-                init_args["name"] = f"{self.subcommand}:{_run_name(config['model'])}"
+                name = run_name or _run_name(config["model"])
+                init_args["name"] = f"{self.subcommand}:{name}"
 
 
 def _run_name(model_config) -> str:

@@ -216,7 +216,8 @@ def t2t_predict(
     questions = _sender_questions(senders, items, sender_questions)
     hints: dict[str, list[Reply]] = {}
     for sender in senders:
-        prompts = [config.prompt_template.format(question=q) for q in questions[sender.name]]
+        # stripped: a chat template trims a message's surrounding blanks (an empty question leaves the prompt's "\n\n")
+        prompts = [config.prompt_template.format(question=q).strip() for q in questions[sender.name]]
         write = (writers or {}).get(sender.name)
         if write is None:
             hints[sender.name] = generate_replies(sender, prompts, config.budget, config.batch_size)
