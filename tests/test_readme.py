@@ -52,7 +52,7 @@ def test_every_command_in_the_readme_exists_and_its_files_parse():
                 assert words[1] in SUBCOMMANDS, command
             checked += 1
         for flag, value in zip(words, words[1:]):
-            if flag == "--config":
+            if flag == "--config" and not value.startswith("runs/"):  # runs/...: written by the command before it
                 assert yaml.safe_load((ROOT / value).read_text()), value
     assert checked >= 8
 

@@ -171,6 +171,8 @@ def toy_main(argv: list[str] | None = None) -> None:
     config = yaml.safe_load(Path(args.config).read_text())
     given = dict(zip(overrides, overrides[1:]))
     root = Path(given.get("--trainer.default_root_dir", config["trainer"].get("default_root_dir") or "."))
+    if "--run_name" in given:  # the run's root is runs/<name> (fedrefine.recipes.run_dir)
+        root = Path("runs") / given["--run_name"]
     fuser_dir = given.get("--model.export_dir", config["model"]["init_args"].get("export_dir") or str(root / "fuser"))
     with user_errors_exit("fedrefine-toy"):
         build_cli(["fit", "--config", args.config, *overrides])
