@@ -38,7 +38,7 @@ from fedrefine.fuser.files import (
 )
 from fedrefine.fuser.layers import LAYER_FUSERS, KeyFrame, LayerFuser
 from fedrefine.fuser.reference import ReferenceLayerFuser
-from fedrefine.fuser.stacked import StackedLayers
+from fedrefine.fuser.stacked import StackedLayers, StackedStream
 from fedrefine.kv.stack import KVStack
 from fedrefine.participants import ParticipantIdentity
 
@@ -68,8 +68,14 @@ class Fuser(nn.Module):
         self.layers = nn.ModuleList(layer_class(sender, receiver, self.config) for _ in range(receiver.num_layers))
         self.register_buffer("temperature", torch.tensor(self.config.temperature_start), persistent=False)
         self._stack: StackedLayers | None = None  # every open layer's weights stacked for inference, rebuilt on change
+        self._layer_streams: dict[int, StackedStream] = {}  # each open layer's K and V streams, stacked
+        self._parameters_seen: list[nn.Parameter] | None = None
         #: Where the weights came from when they were not trained here (e.g. an imported C2C checkpoint).
         self.source: dict[str, Any] | None = None
+
+    def _apply(self, fn, recurse: bool = True):
+        self._parameters_seen, self._stack = None, None  # moved or converted: the stacks are made again
+        return super()._apply(fn, recurse)
 
     def anneal(self, progress: float) -> None:
         """Set the gate temperature geometrically between start and end for ``progress`` in [0, 1]."""
@@ -152,13 +158,34 @@ class Fuser(nn.Module):
         keys = None if outputs[0][0] is None else torch.stack([k for k, _ in outputs])  # (R, B, H_t, N, D_t)
         return KVStack(tuple(runs), keys, torch.stack([v for _, v in outputs]))
 
-    def _stacked_forward(self, runs: list[int], sender: KVStack, receiver: KVStack | None, scale: Tensor | None) -> KVStack:
-        """Inference over the layers ``runs`` at once (see :mod:`fedrefine.fuser.stacked`); same outputs as the loop."""
-        versions = tuple((p.data_ptr(), p._version) for p in self.parameters())  # moved or updated: re-stack
+    def inference_stack(self) -> StackedLayers:
+        """Every open layer's weights stacked for inference (see :mod:`fedrefine.fuser.stacked`), stacked once and
+        again only when a parameter moved or changed."""
+        if self._parameters_seen is None:  # the parameter objects (``to`` / ``_apply`` forgets them)
+            self._parameters_seen = list(self.parameters())
+        versions = tuple((p.data_ptr(), p._version) for p in self._parameters_seen)  # moved or updated: re-stack
         opened = tuple(i for i, is_open in enumerate(self.open_layers()) if is_open)
         if self._stack is None or self._stack.indices != opened or self._stack.versions != versions:
             self._stack = StackedLayers.of(self.layers, opened, versions)  # every open layer, stacked once
-        stacked = self._stack.select(runs)  # a chunk of consecutive layers: views
+            self._layer_streams = {}
+        return self._stack
+
+    def layer_streams(self) -> dict[int, StackedStream]:
+        """Open layer -> its K and V streams stacked as two slots (the V stream alone when keys are not fused), for
+        inference; made once per :meth:`inference_stack`: what a layer-by-layer fusion (the last prompt token as
+        the receiver writes it) runs per layer, both streams in one pass."""
+        stack = self.inference_stack()
+        if not self._layer_streams:
+            with torch.no_grad():
+                self._layer_streams = {
+                    i: StackedStream.of([s for s in (self.layers[i].key, self.layers[i].value) if s is not None])
+                    for i in stack.indices
+                }
+        return self._layer_streams
+
+    def _stacked_forward(self, runs: list[int], sender: KVStack, receiver: KVStack | None, scale: Tensor | None) -> KVStack:
+        """Inference over the layers ``runs`` at once (see :mod:`fedrefine.fuser.stacked`); same outputs as the loop."""
+        stacked = self.inference_stack().select(runs)  # a chunk of consecutive layers: views
         if receiver is None:  # concat: entries of the sender alone; a closed gate zeroes its values
             gates = torch.stack([self.layers[i].gate_logit() for i in runs]).gt(0).to(sender.values.dtype)  # (R,)
             values = stacked.value(sender.values, None) * gates.view(-1, 1, 1, 1, 1)
