@@ -38,7 +38,7 @@ from fedrefine.fuser.files import (
 )
 from fedrefine.fuser.layers import LAYER_FUSERS, KeyFrame, LayerFuser
 from fedrefine.fuser.reference import ReferenceLayerFuser
-from fedrefine.fuser.stacked import StackedLayers, StackedStream
+from fedrefine.fuser.stacked import InferenceStacks, StackedLayers, StackedStream
 from fedrefine.kv.stack import KVStack
 from fedrefine.participants import ParticipantIdentity
 
@@ -67,14 +67,12 @@ class Fuser(nn.Module):
         layer_class = VARIANTS[self.config.variant, self.config.mode]  # variant and mode are resolved once, here
         self.layers = nn.ModuleList(layer_class(sender, receiver, self.config) for _ in range(receiver.num_layers))
         self.register_buffer("temperature", torch.tensor(self.config.temperature_start), persistent=False)
-        self._stack: StackedLayers | None = None  # every open layer's weights stacked for inference, rebuilt on change
-        self._layer_streams: dict[int, StackedStream] = {}  # each open layer's K and V streams, stacked
-        self._parameters_seen: list[nn.Parameter] | None = None
+        self._stacks = InferenceStacks()  # every open layer's weights stacked for inference, rebuilt on change
         #: Where the weights came from when they were not trained here (e.g. an imported C2C checkpoint).
         self.source: dict[str, Any] | None = None
 
     def _apply(self, fn, recurse: bool = True):
-        self._parameters_seen, self._stack = None, None  # moved or converted: the stacks are made again
+        self._stacks.forget()  # moved or converted: stacked again
         return super()._apply(fn, recurse)
 
     def anneal(self, progress: float) -> None:
@@ -159,29 +157,13 @@ class Fuser(nn.Module):
         return KVStack(tuple(runs), keys, torch.stack([v for _, v in outputs]))
 
     def inference_stack(self) -> StackedLayers:
-        """Every open layer's weights stacked for inference (see :mod:`fedrefine.fuser.stacked`), stacked once and
-        again only when a parameter moved or changed."""
-        if self._parameters_seen is None:  # the parameter objects (``to`` / ``_apply`` forgets them)
-            self._parameters_seen = list(self.parameters())
-        versions = tuple((p.data_ptr(), p._version) for p in self._parameters_seen)  # moved or updated: re-stack
-        opened = tuple(i for i, is_open in enumerate(self.open_layers()) if is_open)
-        if self._stack is None or self._stack.indices != opened or self._stack.versions != versions:
-            self._stack = StackedLayers.of(self.layers, opened, versions)  # every open layer, stacked once
-            self._layer_streams = {}
-        return self._stack
+        """Every open layer's weights stacked for inference (see :mod:`fedrefine.fuser.stacked`)."""
+        return self._stacks.of(self, self.layers, tuple(i for i, is_open in enumerate(self.open_layers()) if is_open))
 
     def layer_streams(self) -> dict[int, StackedStream]:
-        """Open layer -> its K and V streams stacked as two slots (the V stream alone when keys are not fused), for
-        inference; made once per :meth:`inference_stack`: what a layer-by-layer fusion (the last prompt token as
-        the receiver writes it) runs per layer, both streams in one pass."""
-        stack = self.inference_stack()
-        if not self._layer_streams:
-            with torch.no_grad():
-                self._layer_streams = {
-                    i: StackedStream.of([s for s in (self.layers[i].key, self.layers[i].value) if s is not None])
-                    for i in stack.indices
-                }
-        return self._layer_streams
+        """Open layer -> its [K ;] V streams as one stack (what the last prompt token's fusion runs per layer)."""
+        self.inference_stack()
+        return self._stacks.layer_streams(self.layers)
 
     def _stacked_forward(self, runs: list[int], sender: KVStack, receiver: KVStack | None, scale: Tensor | None) -> KVStack:
         """Inference over the layers ``runs`` at once (see :mod:`fedrefine.fuser.stacked`); same outputs as the loop."""

@@ -190,3 +190,34 @@ def _map_tensors(stack, take):
     if is_dataclass(stack):
         return replace(stack, **{f.name: _map_tensors(getattr(stack, f.name), take) for f in fields(stack)})
     return stack
+
+
+class InferenceStacks:
+    """A fuser's stacked inference weights, made once and again only when a parameter moved or changed: every open
+    layer (:class:`StackedLayers`) and, when asked, each open layer's K and V streams as one two-slot
+    :class:`StackedStream` (the V stream alone without keys)."""
+
+    def __init__(self) -> None:
+        self.stack: StackedLayers | None = None
+        self.streams: dict[int, StackedStream] = {}
+        self.parameters: list[nn.Parameter] | None = None  # the module's, listed once (``forget`` lists them again)
+
+    def forget(self) -> None:
+        self.stack, self.streams, self.parameters = None, {}, None
+
+    def of(self, module: nn.Module, layers: Sequence[nn.Module], opened: tuple[int, ...]) -> StackedLayers:
+        """The stack of ``layers``' ``opened`` ones, made again when ``module``'s parameters moved or were updated."""
+        if self.parameters is None:
+            self.parameters = list(module.parameters())
+        versions = tuple((p.data_ptr(), p._version) for p in self.parameters)
+        if self.stack is None or self.stack.indices != opened or self.stack.versions != versions:
+            self.stack, self.streams = StackedLayers.of(layers, opened, versions), {}
+        return self.stack
+
+    def layer_streams(self, layers: Sequence[nn.Module]) -> dict[int, StackedStream]:
+        """Open layer -> its [K ;] V streams stacked (after :meth:`of`)."""
+        if not self.streams and self.stack is not None:
+            with torch.no_grad():
+                self.streams = {i: StackedStream.of([s for s in (layers[i].key, layers[i].value) if s is not None])
+                                for i in self.stack.indices}
+        return self.streams
