@@ -176,7 +176,7 @@ def fuser_matmul_floor(fuser: Fuser, receiver: Participant, tokens: int, repeats
     the part of the fuse step that no change to the code around them removes. With the multiply-accumulates
     of those products and of the receiver's own over its prompt (its decoder layers' weight matrices per
     token, the output head for one; attention scores left out), the floor as a ratio, by time and by count."""
-    stack = fuser._stack
+    stack = fuser._stacks.stack
     if stack is None:
         raise RuntimeError("Run the fuser once in inference before timing its products (it stacks its weights then).")
     weights = []
@@ -241,13 +241,17 @@ class Bench:
         last, concat = batch_for(models["last"], prefilled, size), batch_for(models["concat"], messages, size)
 
         def alone() -> dict[str, float]:
-            return {"receiver": seconds(lambda: models["prompt"](batch, fuse=False), self.device)}
+            return {"receiver": seconds(lambda: models["prompt"](batch), self.device)}  # no messages: the receiver alone
 
         def c2c(key: str, data: FusionBatch, senders: list[str]) -> Callable[[], dict[str, float]]:
             return lambda: c2c_stages(models[key], data, senders)
 
         def threads(senders: list[str]) -> Callable[[], dict[str, float]]:
-            return lambda: {"wall": seconds(lambda: models["prompt_threads"](batch, senders=senders), self.device)}
+            def run() -> None:  # the senders in threads, the receiver's prefill meanwhile
+                sent = models["prompt_threads"].send(batch, senders)
+                models["prompt_threads"](batch, sent.messages, sent.own)
+
+            return lambda: {"wall": seconds(run, self.device)}
 
         def t2t(private: bool) -> dict[str, float]:
             stages, question = {}, QUESTION.question_stem
@@ -286,7 +290,8 @@ class Bench:
         return routes
 
     def measure(self, size: int, repeats: int) -> dict[str, dict]:
-        routes = self.routes(size)
+        chosen = {"receiver", *filter(None, self.args.routes.split(","))}
+        routes = {n: r for n, r in self.routes(size).items() if not self.args.routes or n in chosen}
         runs: dict[str, list[dict]] = {name: [] for name in routes}
         with torch.no_grad():
             for run in routes.values():  # warm-up
@@ -396,7 +401,24 @@ def measured_critical_path(bench: Bench, repeats: int, workdir: Path) -> dict[st
 
 
 # --- report ------------------------------------------------------------------------------------------
+def fuse_ratios(results: dict) -> dict[str, float]:
+    """The fuse step against its matmul floor (prompt positions, batch 1 and 16) and what last-token fusion adds to
+    the receiver alone on its prompt (batch 1)."""
+    out = {}
+    for size in (1, 16):
+        batch = results.get(f"batch_{size}", {})
+        if "fuser_floor" in batch and "c2c:1" in batch:
+            suffix = "" if size == 1 else "_batch16"
+            out[f"fuse_over_fuser_matmul_floor{suffix}"] = batch["c2c:1"]["stages"]["fuse"] / batch["fuser_floor"]["fuser_matmuls_s"]
+    if "c2c.last:1" in results.get("batch_1", {}):
+        last = results["batch_1"]["c2c.last:1"]["stages"]
+        out["last_token_added_over_receiver_alone"] = last["added_to_receiver"] / last["receiver"]
+    return out
+
+
 def ratios(results: dict) -> dict[str, float]:
+    if not {"batch_1", "training"} <= set(results):  # a partial run (--phases): the fuse ratios only
+        return fuse_ratios(results)
     b1 = results["batch_1"]
     alone = b1["receiver"]["stages"]["receiver"]
     c2c, t2t = b1["c2c:1"], b1["t2t:1"]
@@ -416,7 +438,7 @@ def ratios(results: dict) -> dict[str, float]:
     if "critical_path_measured" in results:
         m = results["critical_path_measured"]
         out["c2c_critical_path_over_receiver_alone"] = m["c2c_remote"] / m["receiver_alone"]
-    return out
+    return out | fuse_ratios(results)
 
 
 def markdown(payload: dict) -> str:
@@ -430,7 +452,7 @@ def markdown(payload: dict) -> str:
              f"GLIBC_TUNABLES=`{payload['glibc_tunables'] or 'unset'}`.", ""]
     header = ["route", "rephrase s", "sender s", "fuse s", "added s", "receiver s", "bytes", "serial s (1 Gbit/s)",
               "critical path s (1 Gbit/s)", "critical path s (10 Mbit/s)"]
-    for size in (1, 16):
+    for size in (s for s in (1, 16) if f"batch_{s}" in payload["results"]):
         rows = []
         for name, r in payload["results"][f"batch_{size}"].items():
             if not isinstance(r, dict) or name == "fuser_floor":
@@ -446,15 +468,17 @@ def markdown(payload: dict) -> str:
                          f"{r['critical_path_10mbit_s']:.3f}"])
         lines += [f"## Batch {size}", ""] + markdown_table(header, rows) + [""]
     results = payload["results"]
-    floor = results["batch_1"]["fuser_floor"]
-    lines += [f"The fuser's matrix products alone (c2c:1, batch 1, its own weights): {floor['fuser_matmuls_s']:.3f} s; "
-              f"{floor['fuser_macs'] / 1e9:.2f} G multiply-accumulates against the receiver's {floor['receiver_macs'] / 1e9:.1f} G.", ""]
+    for size in (1, 16):
+        floor = results.get(f"batch_{size}", {}).get("fuser_floor")
+        if floor is not None:
+            lines += [f"The fuser's matrix products alone (c2c:1, batch {size}, its own weights): {floor['fuser_matmuls_s']:.3f} s; "
+                      f"{floor['fuser_macs'] / 1e9:.2f} G multiply-accumulates against the receiver's {floor['receiver_macs'] / 1e9:.1f} G.", ""]
     if "critical_path_measured" in results:
         m = results["critical_path_measured"]
         lines += ["## Critical path with the sender in its own process (1 sender, each on its own core, 1 thread)", "",
                   f"receiver alone {m['receiver_alone']:.3f} s, C2C serial in one process {m['c2c_serial']:.3f} s, "
                   f"C2C with the sender in its own process {m['c2c_remote']:.3f} s.", ""]
-    t = results["training"]
+    t = results.get("training", {"fuser_step": float("nan"), "receiver_step": float("nan")})
     lines += [f"Fuser training step {t['fuser_step']:.3f} s vs receiver forward + backward {t['receiver_step']:.3f} s. "
               f"Peak RSS of this process: {payload['peak_rss_gib']:.1f} GiB.", "", "## Ratios", ""]
     lines += markdown_table(["ratio", "value"], [[k, f"{v:.3f}"] for k, v in payload["ratios"].items()]) + [""]
@@ -474,6 +498,9 @@ def run_phase(args, device: torch.device, dtype: torch.dtype) -> dict:
         result["fuser_floor"] = fuser_matmul_floor(fuser, bench.receiver, result["receiver_tokens"] - 1, args.repeats)
     elif args.phase == "batch_16":
         result = bench.measure(16, args.batch16_repeats)
+        tokens = int(batch_for(bench.models["prompt"], bench.messages, 1).receiver_attention_mask.sum()) - 1
+        result["fuser_floor"] = fuser_matmul_floor(bench.models["prompt"].fuser_for("s0"), bench.receiver, 16 * tokens,
+                                                   args.batch16_repeats)
     elif args.phase == "training":
         result = bench.training_step(args.repeats)
     else:
@@ -493,6 +520,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default benchmarks/results/latency (gpu/latency on CUDA)")
     parser.add_argument("--heap-tunables", default=HEAP_TUNABLES,
                         help="GLIBC_TUNABLES for every phase's process ('' leaves glibc's defaults)")
+    parser.add_argument("--phases", default="", help=f"comma-separated subset of {','.join(PHASES)} (default: all; "
+                        "a partial run reports the fuse ratios only: give --out another path)")
+    parser.add_argument("--routes", default="", help="comma-separated route names to time (default: all); "
+                        "'receiver' is always timed")
     parser.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)  # one phase, in a child process
     parser.add_argument("--phase-out", help=argparse.SUPPRESS)
     args, argv = parser.parse_args(), sys.argv[1:]
@@ -503,6 +534,7 @@ def main() -> None:
         Path(args.phase_out).write_text(json.dumps(run_phase(args, device, dtype)))
         return
     phases = [p for p in PHASES if p != "critical_path_measured" or (device.type == "cpu" and os.cpu_count() >= 2)]
+    phases = [p for p in phases if not args.phases or p in args.phases.split(",")]
     results = {}
     env = os.environ | ({"GLIBC_TUNABLES": args.heap_tunables} if args.heap_tunables else {})
     with tempfile.TemporaryDirectory() as tmp:
@@ -517,7 +549,8 @@ def main() -> None:
         "threads": args.threads, "dtype": str(dtype).removeprefix("torch."), "repeats": args.repeats,
         "batch16_repeats": args.batch16_repeats, "torch": torch.__version__,
         "fuser": shipped_fuser_config() | {"dropout": 0.0, "from": SHIPPED_CONFIG}, "glibc_tunables": args.heap_tunables,
-        "receiver_tokens": results["batch_1"].pop("receiver_tokens"),
+        "phases": phases, "routes": args.routes or "all",
+        "receiver_tokens": results.get("batch_1", {}).pop("receiver_tokens", None),
         "peak_rss_gib": max(r.pop("peak_rss_gib") for r in results.values()),
         "results": results,
     }

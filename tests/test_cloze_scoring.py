@@ -220,6 +220,8 @@ def counted_fusion(model, monkeypatch):
     monkeypatch.setattr(model.strategy, "prepare", counted_prepare)
     for fuser in model.fusers:
         monkeypatch.setattr(fuser, "forward", counted(fuser.forward))
+        streams = fuser.layer_streams  # last-token fusion in inference runs each layer's streams (a call per layer)
+        monkeypatch.setattr(fuser, "layer_streams", lambda streams=streams: {i: counted(s) for i, s in streams().items()})
     return counts
 
 

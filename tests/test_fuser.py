@@ -181,7 +181,7 @@ def test_inference_over_stacked_layers_equals_the_per_layer_loop(receiver, qwen2
     looped = fuser(sender, theirs)  # gradients on: the per-layer loop
     with torch.no_grad():
         stacked = fuser(sender, theirs)
-        assert fuser._stack is not None and len(fuser._stack.indices) > 1  # the stacked path ran
+        assert fuser._stacks.stack is not None and len(fuser._stacks.stack.indices) > 1  # the stacked path ran
     assert stacked.layers == looped.layers == ((0, 1, 2) if mode == "concat" else (0, 2))
     assert (stacked.keys is None) == (looped.keys is None) == (not fuse_keys)
     if fuse_keys:
@@ -203,9 +203,9 @@ def test_inference_over_some_layers_reuses_the_stack_of_every_open_layer(receive
     looped = fuser(sender, theirs)  # gradients on: the per-layer loop
     with torch.no_grad():
         fuser(sender, random_layers(receiver.identity))  # stacks every open layer
-        whole = fuser._stack
+        whole = fuser._stacks.stack
         stacked = fuser(sender, theirs)
-    assert fuser._stack is whole and whole.indices == (0, 1, 2)  # not re-stacked for the subset
+    assert fuser._stacks.stack is whole and whole.indices == (0, 1, 2)  # not re-stacked for the subset
     assert stacked.layers == looped.layers == given
     torch.testing.assert_close(stacked.values, looped.values.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stacked.keys, looped.keys.detach(), rtol=1e-5, atol=1e-6)

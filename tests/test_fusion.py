@@ -215,3 +215,35 @@ def test_last_only_sends_one_position_per_prompt(receiver, llama_sender):
     pair.strategy.fuse_at = "prompt"
     everything = pair.sending.send(llama_sender.name, batch.senders[llama_sender.name])
     assert everything.nbytes == everything.bytes_per_token * int(batch.senders[llama_sender.name].attention_mask.sum())
+
+
+def _last_token_pair(receiver, llama_sender, qwen2_sender, case):
+    if case in ("parallel", "sequential", "mixed"):  # mixed: the second fuser fuses values only, in sequence
+        keys = [True, case != "mixed"]
+        fusers = [make_pair(receiver, s, fuse_at="last", fuse_keys=k).fusers[0] for s, k in zip((llama_sender, qwen2_sender), keys)]
+        return FusedReceiver(receiver, [llama_sender, qwen2_sender], fusers, combine="parallel" if case == "parallel" else "sequential").eval()
+    config = {"keys": {}, "values_only": {"fuse_keys": False}, "reference": {"variant": "c2c_reference"}}[case]
+    pair = make_pair(receiver, llama_sender, fuse_at="last", **config).eval()
+    for name, parameter in pair.fusers[0].named_parameters():  # the reference's blocks start at zero too
+        if "projection" in name or "gate" in name:
+            torch.nn.init.normal_(parameter, std=0.3) if parameter.dim() > 1 else parameter.data.fill_(1.0)
+    return pair
+
+
+@pytest.mark.parametrize("case", ["keys", "values_only", "reference", "parallel", "sequential", "mixed"])
+def test_last_token_inference_fusion_equals_the_general_fusion(receiver, llama_sender, qwen2_sender, case):
+    from fedrefine.fusion.last_token import LastTokenFusion
+
+    pair = _last_token_pair(receiver, llama_sender, qwen2_sender, case)
+    batch = prefilled(pair)
+    messages = pair.send(batch).messages
+    with torch.no_grad():
+        alone = pair(batch).logits
+        fast = pair(batch, messages).logits
+        read = pair.read_prompt(batch, messages)  # the whole prompt in one forward, its last token fused as written
+        assert isinstance(pair.fuse(batch, messages).context.cache.hook, LastTokenFusion)
+    with torch.enable_grad():  # autograd: the general per-layer fusion
+        general = pair(batch, messages).logits.detach()
+    assert not torch.allclose(fast[:, 0], alone[:, 0], atol=1e-3)
+    torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(read.last_logits, general[:, 0], atol=2e-5, rtol=1e-4)

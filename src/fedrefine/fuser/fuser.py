@@ -38,7 +38,7 @@ from fedrefine.fuser.files import (
 )
 from fedrefine.fuser.layers import LAYER_FUSERS, KeyFrame, LayerFuser
 from fedrefine.fuser.reference import ReferenceLayerFuser
-from fedrefine.fuser.stacked import StackedLayers
+from fedrefine.fuser.stacked import InferenceStacks, StackedLayers, StackedStream
 from fedrefine.kv.stack import KVStack
 from fedrefine.participants import ParticipantIdentity
 
@@ -67,10 +67,14 @@ class Fuser(nn.Module):
         layer_class = VARIANTS[self.config.variant, self.config.mode]  # variant and mode are resolved once, here
         self.layers = nn.ModuleList(layer_class(sender, receiver, self.config) for _ in range(receiver.num_layers))
         self.register_buffer("temperature", torch.tensor(self.config.temperature_start), persistent=False)
-        self._stack: StackedLayers | None = None  # every open layer's weights stacked for inference, rebuilt on change
+        self._stacks = InferenceStacks()  # every open layer's weights stacked for inference, rebuilt on change
         self.trained_with: dict[str, str] = {}  # the participants' dtypes and the trainer's precision, saved with it
         #: Where the weights came from when they were not trained here (e.g. an imported C2C checkpoint).
         self.source: dict[str, Any] | None = None
+
+    def _apply(self, fn, recurse: bool = True):
+        self._stacks.forget()  # moved or converted: stacked again
+        return super()._apply(fn, recurse)
 
     def anneal(self, progress: float) -> None:
         """Set the gate temperature geometrically between start and end for ``progress`` in [0, 1]."""
@@ -153,13 +157,18 @@ class Fuser(nn.Module):
         keys = None if outputs[0][0] is None else torch.stack([k for k, _ in outputs])  # (R, B, H_t, N, D_t)
         return KVStack(tuple(runs), keys, torch.stack([v for _, v in outputs]))
 
+    def inference_stack(self) -> StackedLayers:
+        """Every open layer's weights stacked for inference (see :mod:`fedrefine.fuser.stacked`)."""
+        return self._stacks.of(self, self.layers, tuple(i for i, is_open in enumerate(self.open_layers()) if is_open))
+
+    def layer_streams(self) -> dict[int, StackedStream]:
+        """Open layer -> its [K ;] V streams as one stack (what the last prompt token's fusion runs per layer)."""
+        self.inference_stack()
+        return self._stacks.layer_streams(self.layers)
+
     def _stacked_forward(self, runs: list[int], sender: KVStack, receiver: KVStack | None, scale: Tensor | None) -> KVStack:
         """Inference over the layers ``runs`` at once (see :mod:`fedrefine.fuser.stacked`); same outputs as the loop."""
-        versions = tuple((p.data_ptr(), p._version) for p in self.parameters())  # moved or updated: re-stack
-        opened = tuple(i for i, is_open in enumerate(self.open_layers()) if is_open)
-        if self._stack is None or self._stack.indices != opened or self._stack.versions != versions:
-            self._stack = StackedLayers.of(self.layers, opened, versions)  # every open layer, stacked once
-        stacked = self._stack.select(runs)  # a chunk of consecutive layers: views
+        stacked = self.inference_stack().select(runs)  # a chunk of consecutive layers: views
         if receiver is None:  # concat: entries of the sender alone; a closed gate zeroes its values
             gates = torch.stack([self.layers[i].gate_logit() for i in runs]).gt(0).to(sender.values.dtype)  # (R,)
             values = stacked.value(sender.values, None) * gates.view(-1, 1, 1, 1, 1)
@@ -184,18 +193,12 @@ class Fuser(nn.Module):
         """Pair identities, config, layer map, (when known) ``trained_with``: the participants' dtypes and the
         trainer's precision, and ``source`` (where imported weights came from)."""
         source = {} if self.source is None else {"source": self.source}
-        metadata = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "sender": self.sender.to_dict(),
-            "receiver": self.receiver.to_dict(),
-            "config": asdict(self.config),
-            "layer_map": self.layer_map,
-            **source,
+        trained_with = {"trained_with": dict(self.trained_with)} if self.trained_with else {}
+        return {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "sender": self.sender.to_dict(),
+            "receiver": self.receiver.to_dict(), "config": asdict(self.config), "layer_map": self.layer_map,
+            **source, **trained_with,
         }
-        if self.trained_with:
-            metadata["trained_with"] = dict(self.trained_with)
-        return metadata
 
     def save(self, directory: str | Path) -> Path:
         """Write ``fuser.safetensors`` (weights) and ``fuser.json`` (pair identity, config, layer map)."""

@@ -43,12 +43,22 @@ def inverse_rms(x: Tensor, eps: float | None) -> Tensor:
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
-def normalised_product(x: Tensor, eps: float | None, weight: Tensor, normalised: bool = True) -> Tensor:
-    """``RMSNorm(x) @ weight`` (L, M, out) with the norm's scale folded into ``weight``: the row factor is
+#: At most this many rows per layer (one fused token), the RMSNorm runs first, as one kernel: fewer, not larger
+#: kernels matter there (the copy it makes is a row).
+FEW_ROWS = 8
+
+
+def normalised_product(x: Tensor, eps: float | None, weight: Tensor, normalised: bool = True, bias: Tensor | None = None) -> Tensor:
+    """``RMSNorm(x) @ weight (+ bias)`` (L, M, out) with the norm's scale folded into ``weight``: the row factor is
     applied to the product, so no normalised copy of ``x`` is made (the product is the narrower when the
-    input is the receiver's heads side by side). ``normalised=False``: plain ``x @ weight``."""
-    product = torch.bmm(x, weight)
-    return product.mul_(inverse_rms(x, eps)) if normalised else product
+    input is the receiver's heads side by side). ``normalised=False``: plain ``x @ weight``. ``bias`` (L, 1, out)
+    or (L, M, out) is added."""
+    if normalised and x.shape[-2] <= FEW_ROWS:
+        x, normalised = F.rms_norm(x, (x.shape[-1],), eps=eps), False
+    if not normalised:
+        return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
+    product = torch.bmm(x, weight).mul_(inverse_rms(x, eps))
+    return product if bias is None else product.add_(bias)
 
 
 def rows(states: Tensor) -> Tensor:
@@ -72,7 +82,7 @@ class StackedBlock:
 
     def __call__(self, x: Tensor) -> Tensor:
         weight, bias = self.up
-        return linear(F.gelu(normalised_product(x, self.eps, weight).add_(bias)), self.down).add_(x)
+        return linear(F.gelu(normalised_product(x, self.eps, weight, bias=bias)), self.down).add_(x)
 
 
 @dataclass(frozen=True)
@@ -126,9 +136,9 @@ class StackedStream:
         ``scale`` (L, B, N) multiplies each token's weight ``w``."""
         layers, batch, _, length, _ = sender.shape
         weight, bias = self.sender_input
-        h = normalised_product(rows(sender), self.sender_eps, weight, self.normalised).add_(bias)  # (L, M, hidden)
+        h = normalised_product(rows(sender), self.sender_eps, weight, self.normalised, bias)  # (L, M, hidden)
         if self.receiver_input is not None:
-            h = h.add_(normalised_product(rows(receiver), self.receiver_eps, self.receiver_input, self.normalised))
+            h = normalised_product(rows(receiver), self.receiver_eps, self.receiver_input, self.normalised, h)
         h = self.trunk(h)
         p = h
         for block in self.projection_blocks:
@@ -180,3 +190,34 @@ def _map_tensors(stack, take):
     if is_dataclass(stack):
         return replace(stack, **{f.name: _map_tensors(getattr(stack, f.name), take) for f in fields(stack)})
     return stack
+
+
+class InferenceStacks:
+    """A fuser's stacked inference weights, made once and again only when a parameter moved or changed: every open
+    layer (:class:`StackedLayers`) and, when asked, each open layer's K and V streams as one two-slot
+    :class:`StackedStream` (the V stream alone without keys)."""
+
+    def __init__(self) -> None:
+        self.stack: StackedLayers | None = None
+        self.streams: dict[int, StackedStream] = {}
+        self.parameters: list[nn.Parameter] | None = None  # the module's, listed once (``forget`` lists them again)
+
+    def forget(self) -> None:
+        self.stack, self.streams, self.parameters = None, {}, None
+
+    def of(self, module: nn.Module, layers: Sequence[nn.Module], opened: tuple[int, ...]) -> StackedLayers:
+        """The stack of ``layers``' ``opened`` ones, made again when ``module``'s parameters moved or were updated."""
+        if self.parameters is None:
+            self.parameters = list(module.parameters())
+        versions = tuple((p.data_ptr(), p._version) for p in self.parameters)
+        if self.stack is None or self.stack.indices != opened or self.stack.versions != versions:
+            self.stack, self.streams = StackedLayers.of(layers, opened, versions), {}
+        return self.stack
+
+    def layer_streams(self, layers: Sequence[nn.Module]) -> dict[int, StackedStream]:
+        """Open layer -> its [K ;] V streams stacked (after :meth:`of`)."""
+        if not self.streams and self.stack is not None:
+            with torch.no_grad():
+                self.streams = {i: StackedStream.of([s for s in (layers[i].key, layers[i].value) if s is not None])
+                                for i in self.stack.indices}
+        return self.streams

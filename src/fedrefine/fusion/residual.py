@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fedrefine.fuser import FuseAt
 from fedrefine.fusion.batch import SenderBatch
+from fedrefine.fusion.last_token import LastTokenFusion, sequential_frames_checked
 from fedrefine.fusion.strategy import FusionInput, FusionStrategy, ReceiverContext, prefill_all_but_last
 from fedrefine.kv.cache import LayerKV, WriteHookCache, cache_to_layers, layers_to_cache, positions_from_mask
 from fedrefine.kv.rope import RotaryFrame
@@ -140,11 +141,7 @@ class ResidualFusion(FusionStrategy):
         un-rotated keys; those of the ``cache`` frame (the C2C reference's) the keys as the cache holds them."""
         own = KVStack.of(receiver_layers)  # rotated, the model's dtype: (L, B, H_t, n, D_t)
         in_cache = [item.fuser.key_frame == "cache" for item in inputs]
-        if self.combine == "sequential" and 0 < sum(in_cache) < len(inputs):
-            raise ValueError(
-                "Sequential fusion reads each fuser's output in the next one's key frame; these senders' fusers mix "
-                "the position-free and the cache (C2C reference) frame: set combine to 'parallel'."
-            )
+        sequential_frames_checked(self.combine, in_cache)
         reads_free = any(i.fuser.reads_receiver_keys and not cached for i, cached in zip(inputs, in_cache))
         unrotate = (lambda k: frame.unrotate(k).to(dtype)) if reads_free else None
         base = own.map(unrotate, lambda v: v.to(dtype))  # what position-free fusers read
@@ -193,11 +190,16 @@ class ResidualFusion(FusionStrategy):
     ) -> LayerHook:
         """Fuses the last prompt token's K/V as the receiver writes them, layer by layer, in the first write after
         the ``consumed`` tokens already cached (the senders' columns and the rotary frame are made once, not once
-        per layer)."""
+        per layer). In inference the hook is a :class:`~fedrefine.fusion.last_token.LastTokenFusion` (the same math
+        on the one column, everything but the fuser's products made before the forward)."""
         last = input_ids.shape[1] - 1
         column = last - consumed  # where the last prompt token sits in that write
         position = positions_from_mask(attention_mask)[:, last:]  # (B, 1)
-        reads = self.sender_reads(inputs, slice(last, last + 1), next(inputs[0].fuser.parameters()).dtype)
+        dtype = next(inputs[0].fuser.parameters()).dtype
+        reads = self.sender_reads(inputs, slice(last, last + 1), dtype)
+        if not torch.is_grad_enabled() and not any(item.fuser.training for item in inputs):
+            scales = [self._scale(item, slice(last, last + 1), attention_mask, dtype) for item in inputs]
+            return LastTokenFusion(receiver, input_ids, attention_mask, inputs, consumed, self.combine, reads, scales)
         frame = RotaryFrame(receiver.rotary_embedding, position)
 
         def hook(layer: int, keys: Tensor, values: Tensor) -> LayerKV:
