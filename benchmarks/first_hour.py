@@ -66,10 +66,11 @@ def edited(config: str, target: Path, paths: dict[str, str]) -> Path:
     return target
 
 
-def timed(command: str, cwd: Path, env: dict[str, str]) -> dict:
+def timed(command: str, cwd: Path, env: dict[str, str], shown: str | None = None) -> dict:
+    """Run ``command`` in ``cwd``; the record shows ``shown`` (a command free of this machine's paths) if given."""
     start = time.perf_counter()
     done = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
-    step = {"command": command, "seconds": round(time.perf_counter() - start, 2), "status": done.returncode}
+    step = {"command": shown or command, "seconds": round(time.perf_counter() - start, 2), "status": done.returncode}
     if done.returncode:
         step["stderr_tail"] = done.stderr[-2000:]
     return step
@@ -96,7 +97,7 @@ def workflow(scratch: Path, env: dict[str, str]) -> list[dict]:
               f"--evaluation.rephrase.max_new_tokens 8 --evaluation.rephrase.candidates 1 --device cpu", scratch, env),
     ]
     ready = scratch / "sender.port"
-    serve = f"fedrefine serve participant --config serve.yaml --port 0 --ready-file {ready}"
+    serve = f"fedrefine serve participant --config serve.yaml --port 0 --ready-file {ready.name}"  # cwd: scratch
     start = time.perf_counter()
     server = subprocess.Popen(shlex.split(serve), cwd=scratch, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -116,7 +117,7 @@ def workflow(scratch: Path, env: dict[str, str]) -> list[dict]:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    steps.append(timed(f"{shlex.quote(sys.executable)} api.py", scratch, env))
+    steps.append(timed(f"{shlex.quote(sys.executable)} api.py", scratch, env, shown="python api.py"))
     return steps
 
 
