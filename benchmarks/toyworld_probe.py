@@ -65,13 +65,16 @@ def sender_features(sender, world: ToyWorld, names) -> tuple[dict[tuple[int, str
 
 
 def probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-                   classes: int, steps: int) -> tuple[float, float, torch.Tensor]:
-    """Fit a standardised linear softmax probe on ``train``; its accuracy on ``train`` and ``test``, and whether
-    it was right on each ``test`` row."""
+                   classes: int, steps: int, hidden: int = 0) -> tuple[float, float, torch.Tensor]:
+    """Fit a standardised softmax probe on ``train`` (linear, or an MLP with ``hidden`` units); its accuracy on
+    ``train`` and ``test``, and whether it was right on each ``test`` row."""
     mean, std = train.mean(0), train.std(0) + 1e-4
     train, test = (train - mean) / std, (test - mean) / std
-    probe = torch.nn.Linear(train.shape[1], classes)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-3)
+    if hidden:  # a one-hidden-layer MLP: does a non-linear reader find more than a linear one?
+        probe = torch.nn.Sequential(torch.nn.Linear(train.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, classes))
+    else:
+        probe = torch.nn.Linear(train.shape[1], classes)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=3e-3 if hidden else 1e-2, weight_decay=1e-3)
     for _ in range(steps):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(probe(train), train_labels).backward()
@@ -89,6 +92,8 @@ def main() -> None:
                         help="held_out: train on every fuser-train entity, score the held-out ones; dev: train on the "
                              "fuser-train entities fusers fit on, score the development entities")
     parser.add_argument("--val-entities", type=int, default=16, help="development entities per group (--split dev)")
+    parser.add_argument("--mlp", type=int, default=0, metavar="HIDDEN", help="probe with a one-hidden-layer MLP of this width")
+    parser.add_argument("--positions", nargs="+", choices=POSITIONS, default=list(POSITIONS))
     parser.add_argument("--out", default="benchmarks/results/toyworld_probe")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -106,8 +111,8 @@ def main() -> None:
     attributes = world.config.attributes
     of_attribute = test_labels // world.config.values_per_attribute
     rows = []
-    for key in sorted(train, key=lambda k: (POSITIONS.index(k[2]), k[0], k[1])):
-        fit, scored, right = probe_accuracy(train[key], train_labels, test[key], test_labels, classes, args.steps)
+    for key in sorted((k for k in train if k[2] in args.positions), key=lambda k: (POSITIONS.index(k[2]), k[0], k[1])):
+        fit, scored, right = probe_accuracy(train[key], train_labels, test[key], test_labels, classes, args.steps, args.mlp)
         per_attribute = {a: float(right[of_attribute == i].float().mean()) for i, a in enumerate(attributes)}
         rows.append({"position": key[2], "layer": key[0], "stream": key[1], "fuser_train": fit, args.split: scored,
                      "per_attribute": per_attribute})
@@ -119,12 +124,13 @@ def main() -> None:
           *(f"{100 * r['per_attribute'][a]:.0f}%" for a in attributes)] for r in rows],
     ))
     text = (
-        f"# Where the {args.sender}'s cache holds the answer (linear probes)\n\nCommand: `{command}` at commit `{commit}`.\n"
+        f"# Where the {args.sender}'s cache holds the answer ({f'MLP probes, {args.mlp} hidden units' if args.mlp else 'linear probes'})\n\nCommand: `{command}` at commit `{commit}`.\n"
         f"{len(train_labels)} facts trained on and {len(test_labels)} {scored_name} facts; {classes} classes (attribute x "
         f"value), chance {100 / classes:.1f}% overall, 12.5% within an attribute. Stream H: the residual stream after "
         f"the layer (not in the cache for the top layer).\n\n{table}\n"
     )
-    write_results(args.out, {"command": command, "commit": commit, "sender": args.sender, "split": args.split, "rows": rows}, text)
+    write_results(args.out, {"command": command, "commit": commit, "sender": args.sender, "split": args.split,
+                             "probe": f"mlp{args.mlp}" if args.mlp else "linear", "rows": rows}, text)
 
 
 if __name__ == "__main__":
