@@ -4,6 +4,8 @@
     python benchmarks/toyworld.py --config configs/toyworld_reference.yaml --out benchmarks/results/toyworld_reference
     python benchmarks/toyworld.py --config configs/toyworld_reference.yaml --set model.fuser.fuse_keys=false \
         --out benchmarks/results/toyworld_reference_values_only
+    python benchmarks/toyworld.py --config configs/toyworld_fidelity.yaml --steps 600 --senders llama-sender --workers 2 \
+        --merge --out benchmarks/results/toyworld_fidelity   # one sender per call, rows merged
 
 For each sender and seed: ``fedrefine fit`` trains the receiver's fuser on the sender's
 fuser-train entities (``--config``, default configs/toyworld.yaml), then ``fedrefine test``
@@ -107,7 +109,8 @@ def markdown(rows: list[dict], checks: dict[str, bool], command: str, commit: st
     lines = [
         "# Toy world: knowledge transfer on held-out entities",
         "",
-        f"Command: `{command}` at commit `{commit}` (CPU, {threads} threads per fit).",
+        f"Command: `{command}` at commit `{commit}` (CPU, {threads} threads per fit)."
+        + "".join(sorted({f" Rows merged from `{r['command']}` at `{r['commit']}`." for r in rows if r.get("command", command) != command})),
         "Accuracies are on the held-out entities of the sender's private group (cloze scoring, 4 options, "
         "every fact asked with its answer at each of A-D); dev c2c: the fit's last validation, on the development "
         "split of fuser-train entities.",
@@ -134,6 +137,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field in fit and test, e.g. model.fuser.fuse_keys=false")
     parser.add_argument("--workers", type=int, default=1, help="fits run at once, one process each")
+    parser.add_argument("--merge", action="store_true",
+                        help="add to <out>.json's rows (runs of other senders or seeds kept; each row names its command)")
     args = parser.parse_args()
     root = Path(args.root or f"runs/benchmarks/{Path(args.out).name}")
     jobs = [(sender, seed, args.steps, root, args.config, args.overrides) for sender in args.senders for seed in args.seeds]
@@ -143,8 +148,14 @@ def main() -> None:
     else:
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             rows = list(pool.map(run_in_worker, [threads] * len(jobs), *zip(*jobs)))
-    checks = bars(rows)
     command, commit = script_command(), git_commit()
+    for row in rows:
+        row["command"], row["commit"] = command, commit
+    out = Path(args.out).with_suffix(".json")
+    if args.merge and out.exists():  # keep the rows of earlier calls for the senders and seeds not re-run here
+        done = {(r["sender"], r["seed"]) for r in rows}
+        rows = [r for r in json.loads(out.read_text())["runs"] if (r["sender"], r["seed"]) not in done] + rows
+    checks = bars(rows)
     payload = {"command": command, "commit": commit, "torch_threads_per_fit": threads, "runs": rows, "bars": checks}
     write_results(args.out, payload, markdown(rows, checks, command, commit, threads))
 

@@ -266,6 +266,25 @@ def test_data_module_trains_on_one_or_several_private_groups(tmp_path):
     )
 
 
+def test_data_module_tests_on_the_development_or_the_trained_entities(tmp_path):
+    """``test_split: val`` asks about the group's development entities, ``fit`` about exactly the entities the fuser
+    trains on (the train/development gap of benchmarks/toyworld_fidelity.py); neither touches held-out ones."""
+    from fedrefine.toyworld.lightning import ToyWorldDataModule
+
+    world = ToyWorld()
+    entities = {}
+    for split in ("val", "fit", "held_out"):
+        datamodule = ToyWorldDataModule(group=2, include_public=False, test_split=split, data_dir=str(tmp_path))
+        datamodule.prepare_data()
+        rows = read_jsonl(tmp_path / "seed0" / f"{datamodule.test_split}.jsonl")
+        entities[split] = {row["id"].split("-")[0] for row in rows}
+        assert len(rows) == 4 * len(world.config.attributes) * len(entities[split])  # every fact, answer at A-D
+    assert entities["val"] == set(world.fuser_train(2)[:16])
+    assert entities["fit"] == _trained_entities(datamodule) == set(world.fuser_train(2)[16:])
+    assert entities["held_out"] == set(world.held_out(2))
+    assert not (entities["val"] | entities["fit"]) & entities["held_out"]
+
+
 def test_co_c2c_on_the_toy_world_trains_both_directions_and_tests_the_smaller_model_as_receiver(tmp_path):
     """A few steps of Co-C2C between the receiver (the smallest model) and the llama sender; the
     accuracy claim lives in benchmarks/results/toyworld_co_c2c.md."""

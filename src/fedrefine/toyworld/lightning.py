@@ -51,7 +51,9 @@ class ToyWorldDataModule(C2CDataModule):
     ``include_public``), except ``val_entities`` of them kept apart as a development split that
     validation asks about (tune on these); ``test`` asks about the group's held-out entities, which
     no fuser ever sees (``test_split: all_held_out``: every group's held-out entities; ``all_val``:
-    every group's development entities, to tune a federation on; ``public``: the public entities).
+    every group's development entities, to tune a federation on; ``val``: this group's development
+    entities; ``fit``: the entities the fuser trains on, to measure the train/development gap;
+    ``public``: the public entities).
 
     Args:
         group: the private group the sender knows (validated and tested on).
@@ -96,7 +98,8 @@ class ToyWorldDataModule(C2CDataModule):
             eval_path=str(directory / "{split}.jsonl"),
             eval_config=None,
             val_split=f"val_group{group}",
-            test_split={"public": "public", "all_held_out": "eval_held_out", "all_val": "val_all"}.get(test_split, f"eval_group{group}"),
+            test_split={"public": "public", "all_held_out": "eval_held_out", "all_val": "val_all", "val": f"val_group{group}",
+                        "fit": f"fit_questions_group{group}"}.get(test_split, f"eval_group{group}"),
             num_questions=num_questions,
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
@@ -116,6 +119,7 @@ class ToyWorldDataModule(C2CDataModule):
             private = world.fuser_train(group)
             dev, fit = private[: self.val_entities], private[self.val_entities :]
             names.extend(fit if group in self.train_groups else ())
+            write_jsonl(world.question_rows(fit), self.directory / f"fit_questions_group{group}.jsonl")
             write_jsonl(world.question_rows(dev, self.preamble_fraction), self.directory / f"val_group{group}.jsonl")
             every_dev.extend(dev)
         write_jsonl(world.question_rows(every_dev, self.preamble_fraction), self.directory / "val_all.jsonl")
