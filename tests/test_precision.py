@@ -1,0 +1,188 @@
+"""The one ``precision`` setting: its vocabulary, what it casts, fusers saved in one dtype loaded into another, senders
+and receivers in different dtypes, and the setting reaching every entry point (a tiny model's parameter dtypes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import LLAMA_SPEC, QWEN2_SPEC, RECEIVER_SPEC
+from fedrefine.fuser import Fuser, FuserConfig
+from fedrefine.fusion import FusedReceiver
+from fedrefine.participants import build_tiny_participant
+from fedrefine.participants.precision import (
+    PrecisionError,
+    cast_for_precision,
+    cast_model,
+    fuser_dtype,
+    load_dtype,
+    precision_context,
+    resolve_precision,
+    weight_dtype,
+)
+from fedrefine.participants.sources import RandomRealParticipant, TinyParticipant
+from fedrefine.recipes.run_dir import prepare_run
+from fedrefine.wire import LinkConfig
+
+BF16 = torch.bfloat16
+#: Logits of a tiny model in bf16 against fp32: bf16 keeps 8 bits of mantissa (relative 2^-8 per rounding).
+BF16_LOGIT_TOLERANCE = 0.1
+
+
+def dtypes(module: torch.nn.Module) -> set[torch.dtype]:
+    return {p.dtype for p in module.parameters()}
+
+
+def fused_pair(sender_spec=LLAMA_SPEC, seed: int = 0, fuse_at: str = "prompt") -> FusedReceiver:
+    """A fresh receiver and sender (never the session's shared ones: these are cast in place) and a fuser whose
+    weights write something (an untrained fuser adds nothing)."""
+    receiver, sender = build_tiny_participant(RECEIVER_SPEC), build_tiny_participant(sender_spec)
+    fuser = Fuser(sender.identity, receiver.identity, FuserConfig(hidden_size=32, num_blocks=2, fuse_at=fuse_at))
+    generator = torch.Generator().manual_seed(seed)
+    for parameter in fuser.parameters():
+        parameter.data.normal_(0.0, 0.3, generator=generator)
+    return FusedReceiver(receiver, [sender], [fuser]).eval()
+
+
+def prompts(model: FusedReceiver, texts=("Which gas do plants take in?", "Name a planet with rings.")):
+    encoder = model.encoder
+    return encoder.collate([encoder.encode([{"role": "user", "content": t}]) for t in texts])
+
+
+@torch.no_grad()
+def last_logits(model: FusedReceiver, batch, link: LinkConfig | None = None, precision: str = "32-true"):
+    with precision_context(precision, "cpu"):
+        sent = model.send(batch, link=link)
+        assert sent.messages, "the sender sent nothing"
+        return model(batch, sent.messages, sent.own).logits[:, -1].float()  # (B, V)
+
+
+# --- the vocabulary -------------------------------------------------------------------------------
+def test_precision_values_dtypes_and_refusals():
+    assert resolve_precision(None, "cpu") == "32-true" and resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("bf16", "cpu") == "bf16-mixed" and resolve_precision(32) == "32-true"
+    table = {p: (weight_dtype(p), fuser_dtype(p)) for p in ("32-true", "bf16-true", "bf16-mixed", "16-true")}
+    assert table == {"32-true": (torch.float32,) * 2, "bf16-true": (BF16, BF16), "bf16-mixed": (BF16, torch.float32),
+                     "16-true": (torch.float16,) * 2}
+    with pytest.raises(PrecisionError, match=r"precision='bf17'.*32-true.*bf16-true"):
+        resolve_precision("bf17")
+    with pytest.raises(PrecisionError, match="dtype='int8'"):
+        load_dtype("int8")
+    assert isinstance(precision_context("bf16-mixed", "cpu"), torch.autocast)
+    with precision_context("bf16-mixed", "cpu"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == BF16
+    with precision_context("bf16-true", "cpu"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_casts_keep_rotary_tables_in_float32():
+    participant = build_tiny_participant(RECEIVER_SPEC)
+    before = {n: b.clone() for n, b in participant.model.named_buffers() if n.endswith("inv_freq")}
+    assert before, "the tiny Qwen3 has rotary tables"
+    cast_model(participant.model, BF16)
+    assert dtypes(participant.model) == {BF16}
+    after = dict(participant.model.named_buffers())
+    for name, table in before.items():
+        assert after[name].dtype == torch.float32 and torch.equal(after[name], table)
+
+
+@pytest.mark.parametrize("precision, fusers", [("bf16-true", BF16), ("bf16-mixed", torch.float32), ("32-true", torch.float32)])
+def test_cast_for_precision_sets_participants_and_fusers(precision, fusers):
+    model = cast_for_precision(fused_pair(), precision)
+    assert dtypes(model.receiver.model) == dtypes(model.senders[model.sender_names[0]].model) == {weight_dtype(precision)}
+    assert dtypes(model.fusers) == {fusers}
+
+
+# --- fusers across dtypes ------------------------------------------------------------------------
+def test_fp32_trained_fuser_loads_into_bf16_receiver_and_answers_close_to_fp32(tmp_path):
+    reference = fused_pair()
+    reference.fusers[0].save(tmp_path / "fuser")
+    batch = prompts(reference)
+    fp32 = last_logits(reference, batch)
+
+    for precision in ("bf16-true", "bf16-mixed"):
+        model = fused_pair(seed=99)  # other weights, replaced by the saved ones
+        receiver, sender = model.receiver, model.senders[model.sender_names[0]]
+        loaded = Fuser.load(tmp_path / "fuser", sender.identity, receiver.identity)
+        model = cast_for_precision(FusedReceiver(receiver, [sender], [loaded]).eval(), precision)
+        assert dtypes(model.fusers) == {fuser_dtype(precision)}
+        logits = last_logits(model, batch, precision=precision)
+        assert torch.isfinite(logits).all()
+        assert (logits - fp32).abs().max() < BF16_LOGIT_TOLERANCE, precision
+        assert torch.equal(logits.argmax(-1), fp32.argmax(-1))
+    other = last_logits(fused_pair(seed=5), batch)  # another fuser moves the logits far more than bf16 does
+    assert (other - fp32).abs().max() > 2 * BF16_LOGIT_TOLERANCE
+
+
+def test_bf16_saved_fuser_loads_into_fp32_exactly_upcast(tmp_path):
+    model = fused_pair()
+    fuser = model.fusers[0]
+    fuser.to(BF16).save(tmp_path / "fuser")
+    loaded = Fuser.load(tmp_path / "fuser", fuser.sender, fuser.receiver)
+    assert dtypes(loaded) == {torch.float32}
+    for (name, mine), (_, theirs) in zip(fuser.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(mine.float(), theirs), name
+
+
+# --- senders and receivers in different dtypes ---------------------------------------------------
+@pytest.mark.parametrize("codec", [None, "fp32", "bf16", "int8"])
+@pytest.mark.parametrize("sender_dtype, receiver_precision", [(BF16, "32-true"), (torch.float32, "bf16-true")])
+def test_sender_and_receiver_in_other_dtypes_are_converted(codec, sender_dtype, receiver_precision):
+    """A bf16 sender's cache read by an fp32 receiver (and an fp32 sender's by a bf16 receiver), in process or over
+    a link's codec: converted to the fuser's dtype, finite, close to the all-fp32 answer."""
+    reference = fused_pair(QWEN2_SPEC)
+    batch = prompts(reference)
+    link = None if codec is None else LinkConfig(codec=codec)
+    fp32 = last_logits(reference, batch, link)
+    model = cast_for_precision(fused_pair(QWEN2_SPEC), receiver_precision)
+    cast_model(model.senders[model.sender_names[0]].model, sender_dtype)
+    sent = model.send(batch, link=link)
+    assert {t.dtype for kv in sent.messages[model.sender_names[0]].layers.values() for t in kv} == {sender_dtype}
+    logits = last_logits(model, batch, link)
+    assert torch.isfinite(logits).all()
+    assert (logits - fp32).abs().max() < BF16_LOGIT_TOLERANCE * (3 if codec == "int8" else 1)
+
+
+# --- the setting reaches every entry point -------------------------------------------------------
+def test_trainer_precision_sets_every_auto_participant_dtype():
+    sources = {"class_path": "fedrefine.participants.sources.TinyParticipant", "init_args": {"dtype": "auto"}}
+    config = {"trainer": {"precision": "bf16-mixed"},
+              "model": {"class_path": "fedrefine.recipes.C2CModule", "init_args": {
+                  "receiver": dict(sources, init_args={"dtype": "auto"}),
+                  "sender": {"class_path": "fedrefine.toyworld.lightning.ToyParticipant", "init_args": {"dtype": "auto"}},
+                  "extra": {"class_path": "x.RandomRealParticipant", "init_args": {"dtype": "float32"}}}}}
+    prepare_run(config, "test")
+    init = config["model"]["init_args"]
+    assert init["receiver"]["init_args"]["dtype"] == init["sender"]["init_args"]["dtype"] == "bfloat16"
+    assert init["extra"]["init_args"]["dtype"] == "float32"  # spelled out: kept
+    assert dtypes(TinyParticipant(RECEIVER_SPEC, dtype="bfloat16").load().model) == {BF16}
+    assert dtypes(TinyParticipant(RECEIVER_SPEC).load().model) == {torch.float32}  # auto on CPU
+    random = RandomRealParticipant("Qwen/Qwen3-0.6B", num_hidden_layers=1, dtype="bfloat16").load()
+    assert dtypes(random.model) == {BF16}
+
+
+def tiny_run_args(root) -> list[str]:
+    return ["--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
+            "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false", "--overwrite", "true"]
+
+
+def test_fedrefine_test_runs_an_fp32_trained_fuser_at_each_precision(tmp_path):
+    """``fedrefine test --trainer.precision P``: participants and fusers in P's dtypes (Lightning casts for
+    ``bf16-true``; ``dtype: auto`` participants load in bf16 for ``bf16-mixed``), every question answered."""
+    from fedrefine.recipes.trainer_cli import build_cli
+
+    fuser = tmp_path / "fuser"
+    build_cli(["fit", *tiny_run_args(tmp_path / "fit"), "--trainer.max_steps", "2", "--model.export_dir", str(fuser)])
+    assert Fuser.read_metadata(fuser)["trained_with"]["precision"] == "32-true"
+    for precision in ("bf16-true", "bf16-mixed"):
+        root = tmp_path / precision
+        cli = build_cli(["test", *tiny_run_args(root), "--trainer.precision", precision, "--model.fuser_path", str(fuser)])
+        fused = cli.model.fused
+        assert (precision, dtypes(fused.receiver.model), dtypes(fused.sender_models)) == (precision, {BF16}, {BF16})
+        assert dtypes(fused.fusers) == {fuser_dtype(precision)}
+        assert {b.dtype for n, b in fused.receiver.model.named_buffers() if n.endswith("inv_freq")} == {torch.float32}
+        results = json.loads((root / "test_results.json").read_text())
+        assert not results["failures"] and not results.get("route_failures"), results
+        assert all(row["questions"] == 12 and row["failed"] == 0 for row in results["rows"]), results["rows"]
