@@ -186,3 +186,112 @@ def test_fedrefine_test_runs_an_fp32_trained_fuser_at_each_precision(tmp_path):
         results = json.loads((root / "test_results.json").read_text())
         assert not results["failures"] and not results.get("route_failures"), results
         assert all(row["questions"] == 12 and row["failed"] == 0 for row in results["rows"]), results["rows"]
+
+
+TINY_CONFIG = """
+seed_everything: 0
+trainer: {precision: bf16-true}
+model:
+  class_path: fedrefine.recipes.C2CModule
+  init_args:
+    receiver:
+      class_path: fedrefine.participants.sources.TinyParticipant
+      init_args: {spec: {name: qwen3-receiver, architecture: qwen3, num_layers: 3, hidden_size: 64, num_heads: 4,
+                         num_kv_heads: 2, head_dim: 16}}
+    sender:
+      class_path: fedrefine.participants.sources.TinyParticipant
+      init_args: {spec: {name: llama-sender, architecture: llama, num_layers: 2, hidden_size: 48, num_heads: 6,
+                         num_kv_heads: 3, head_dim: 8, rope_theta: 500000.0, tokenizer_kind: metaspace_bpe,
+                         chat_style: llama3, seed: 1}}
+    fuser: {hidden_size: 16, num_blocks: 2}
+"""
+
+
+def test_lm_eval_adapter_takes_the_configs_precision_or_its_own(tmp_path):
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from fedrefine.harness.model import FedRefineLM
+
+    config = tmp_path / "c2c.yaml"
+    config.write_text(TINY_CONFIG)
+    totals = {}
+    for given, fusers in ((None, BF16), ("bf16-mixed", torch.float32), ("32-true", torch.float32)):
+        lm = FedRefineLM(config=str(config), route="c2c", precision=given)
+        context = lm.apply_chat_template([{"role": "user", "content": "Which gas do plants take in?"}])
+        asked = [SimpleNamespace(args=(context, " carbon dioxide"))]
+        assert lm.precision == given or (given is None and lm.precision == "bf16-true")  # the config's trainer.precision
+        assert dtypes(lm.fused.receiver.model) == {weight_dtype(lm.precision)} and dtypes(lm.fused.fusers) == {fusers}
+        totals[lm.precision] = lm.loglikelihood(asked, disable_tqdm=True)[0][0]
+    assert all(torch.isfinite(torch.tensor(t)) for t in totals.values())
+    assert abs(totals["bf16-true"] - totals["32-true"]) < 0.5 and abs(totals["bf16-mixed"] - totals["32-true"]) < 0.5
+    with pytest.raises(PrecisionError, match="precision='fp8'"):
+        FedRefineLM(config=str(config), precision="fp8")
+
+
+def test_python_api_loads_in_the_precision_asked_for():
+    import fedrefine
+
+    for precision, fusers in (("bf16-true", BF16), ("bf16-mixed", torch.float32), (None, torch.float32)):
+        pair = fedrefine.load(receiver=TinyParticipant(RECEIVER_SPEC), sender=TinyParticipant(LLAMA_SPEC),
+                              precision=precision, device="cpu")
+        assert pair.precision == (precision or "32-true")  # None: by the device (CPU)
+        fused = pair.module.fused
+        assert dtypes(fused.receiver.model) == dtypes(fused.sender_models) == {weight_dtype(pair.precision)}
+        assert dtypes(fused.fusers) == {fusers}
+        answer = pair.answer("Which gas do plants take in?", ["oxygen", "carbon dioxide"], route="c2c")
+        assert answer.failure is None and answer.prediction in ("A", "B")
+
+
+def test_bench_sweeps_take_precision_and_keep_it_apart_in_their_results(tmp_path):
+    from fedrefine.bench.results_file import settings_fingerprint
+    from fedrefine.bench.runner import BenchSweep
+    from fedrefine.cli import load_sweep
+    from fedrefine.evaluation import EvaluationConfig
+    from fedrefine.toyworld.lightning import ToyWorldDataModule
+
+    sweep, _ = load_sweep(["--config", "benchmarks/fig3_toy.yaml", "--precision", "bf16-mixed"])
+    assert sweep.precision == "bf16-mixed"
+    sweep = BenchSweep({"receiver": TinyParticipant(RECEIVER_SPEC), "llama": TinyParticipant(LLAMA_SPEC)}, "receiver",
+                       ["llama"], ToyWorldDataModule(data_dir=str(tmp_path)), routes=["t2t"], precision="bf16-true")
+    model = sweep.model(None)
+    assert dtypes(model.receiver.model) == dtypes(model.fusers) == {BF16}
+    assert sweep.header(None, "x")["precision"] == "bf16-true"
+    identity = {"receiver": model.receiver.identity}
+    fp32 = settings_fingerprint(identity, [], EvaluationConfig(), 4, 100.0)
+    assert "precision" not in fp32.parts  # fp32 results from before the setting keep their fingerprint
+    assert settings_fingerprint(identity, [], EvaluationConfig(), 4, 100.0, "bf16-true") != fp32
+
+
+def test_a_bf16_served_sender_feeds_an_fp32_receiver_over_grpc():
+    """``fedrefine serve participant --precision bf16-true``: the served model is bf16; its K/V reach an fp32 receiver
+    (the fp32 wire codec its local view asks for) and are converted, close to the all-fp32 answer."""
+    from fedrefine.runtime.participant_client import CallSettings, ParticipantClient
+    from fedrefine.runtime.participant_server import config_parser, load_served, serve_participant
+
+    args = config_parser().parse_args(["--config", "configs/serve/toy_llama.yaml", "--precision", "bf16-true"])
+    assert args.precision == "bf16-true"
+
+    class Unloadable(TinyParticipant):
+        def load(self):
+            raise AssertionError("a wrong precision is refused before anything loads")
+
+    with pytest.raises(PrecisionError, match="precision='bf15'"):
+        load_served(Unloadable(LLAMA_SPEC), "bf15")
+    served = load_served(TinyParticipant(LLAMA_SPEC), "bf16-true")
+    assert dtypes(served.model) == {BF16}
+    reference = fused_pair(fuse_at="prompt")
+    batch = prompts(reference)
+    fp32 = last_logits(reference, batch)
+    server, port = serve_participant(served)
+    server.start()
+    try:
+        name = reference.sender_names[0]
+        client = ParticipantClient(f"grpc://127.0.0.1:{port}", served.identity, calls=CallSettings(deadline_s=30))
+        remote = FusedReceiver(reference.receiver, [reference.senders[name]], list(reference.fusers),
+                               remotes={name: client}).eval()
+        logits = last_logits(remote, batch)
+    finally:
+        server.stop(None).wait(5)
+    assert torch.isfinite(logits).all() and (logits - fp32).abs().max() < BF16_LOGIT_TOLERANCE
+    assert (logits - fp32).abs().max() > 0  # it really was the bf16 sender that answered
