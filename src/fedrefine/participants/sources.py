@@ -56,7 +56,8 @@ class HubParticipant(ParticipantSource):
 
     def load(self) -> Participant:
         return load_participant(
-            self.name_or_path, self.revision, load_dtype(self.dtype), name=self.name, chat_template_kwargs=self.chat_template_kwargs
+            self.name_or_path, self.revision, load_dtype(self.dtype), name=self.name,
+            chat_template_kwargs=self.chat_template_kwargs,
         )
 
 
