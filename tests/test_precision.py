@@ -178,7 +178,9 @@ def test_fedrefine_test_runs_an_fp32_trained_fuser_at_each_precision(tmp_path):
     assert Fuser.read_metadata(fuser)["trained_with"]["precision"] == "32-true"
     for precision in ("bf16-true", "bf16-mixed"):
         root = tmp_path / precision
-        cli = build_cli(["test", *tiny_run_args(root), "--trainer.precision", precision, "--model.fuser_path", str(fuser)])
+        with pytest.warns(UserWarning, match=r"other participant dtypes: sender bfloat16 \(trained: float32\)"):
+            cli = build_cli(["test", *tiny_run_args(root), "--trainer.precision", precision, "--model.fuser_path",
+                             str(fuser)])
         fused = cli.model.fused
         assert (precision, dtypes(fused.receiver.model), dtypes(fused.sender_models)) == (precision, {BF16}, {BF16})
         assert dtypes(fused.fusers) == {fuser_dtype(precision)}
