@@ -24,6 +24,7 @@ from fedrefine.data.question_dataset import QuestionDataset
 from fedrefine.evaluation import EvaluationConfig, Evaluator
 from fedrefine.evaluation.question_batch import Variant
 from fedrefine.evaluation.report import EvaluationReport
+from fedrefine.participants.precision import cast_for_precision, precision_context, resolve_precision
 from fedrefine.participants.sources import HubParticipant, ParticipantSource
 from fedrefine.recipes import C2CModule, FusionModule
 from fedrefine.recipes.trainer_cli import build_cli
@@ -89,14 +90,17 @@ class Pair:
         data: the config's data module (for :meth:`questions`), if any.
         batch_size: questions per batch (default: the data's ``eval_batch_size``, as ``fedrefine test``).
         device: where the models run (default: CUDA when available).
+        precision: ``32-true``, ``bf16-true``, ``bf16-mixed`` (see :mod:`fedrefine.participants.precision`) for the
+            receiver, senders and fusers; None: by the device (``bf16-mixed`` on a GPU, ``32-true`` on CPU).
     """
 
     def __init__(self, module: FusionModule, data: Any = None, batch_size: int | None = None,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, precision: str | None = None) -> None:
         self.module, self.data = module, data
         self.batch_size = batch_size or getattr(data, "eval_batch_size", None) or 16
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.module.to(self.device).eval()
+        self.precision = resolve_precision(precision, self.device)
+        cast_for_precision(self.module, self.precision).to(self.device).eval()
 
     @property
     def evaluation(self) -> EvaluationConfig:
@@ -131,8 +135,9 @@ class Pair:
         for start in range(0, len(items), self.batch_size):
             questions_batch = [dataset[i] for i in range(start, min(start + self.batch_size, len(items)))]
             report = EvaluationReport(routes, self.device)
-            evaluator.evaluate(questions_batch, report, self.device)
-            gates = self._gate_weights(evaluator, questions_batch, routes[0])
+            with precision_context(self.precision, self.device):
+                evaluator.evaluate(questions_batch, report, self.device)
+                gates = self._gate_weights(evaluator, questions_batch, routes[0])
             answers += [self._answer(record, report.rows()[0], known, gates.get(record["question"], {}))
                         for record in report.records]
         return answers
@@ -164,18 +169,23 @@ class Pair:
 
 def load(config: str | Path | None = None, *, receiver: str | ParticipantSource | None = None,
          sender: str | ParticipantSource | None = None, fuser: str | Path | None = None,
-         overrides: Sequence[str] = (), batch_size: int | None = None, device: str | None = None) -> Pair:
+         overrides: Sequence[str] = (), batch_size: int | None = None, device: str | None = None,
+         precision: str | None = None) -> Pair:
     """A pair (or federation) ready to answer: from a ``fedrefine`` config (e.g. fit's resolved
     ``<run>/config.yaml``, whose exported fuser is found), or from a receiver, a sender and a fuser given as paths
     (or hub ids, or participant sources).
 
-    ``overrides``: command-line style overrides of the config (``["--model.evaluation.answer_mode", "cloze"]``).
+    ``overrides``: command-line style overrides of the config (``["--model.evaluation.answer_mode", "cloze"]``);
+    ``precision``: ``32-true``, ``bf16-true`` or ``bf16-mixed`` for every model (default: the config's
+    ``trainer.precision``, else by the device).
     """
     if config is not None:
         text = yaml.safe_load(Path(config).read_text())
         sections = {key: text[key] for key in CONFIG_SECTIONS if key in text}
+        if precision is not None:  # the participants' dtype: auto follows it (fedrefine.recipes.run_dir)
+            overrides = [*overrides, "--trainer.precision", str(precision)]
         cli = build_cli(["--config", yaml.safe_dump(sections), *overrides], run=False)
-        return Pair(cli.model, cli.datamodule, batch_size, device)
+        return Pair(cli.model, cli.datamodule, batch_size, device, precision or cli.trainer.precision)
     if receiver is None or sender is None:
         raise ValueError("Give a config, or a receiver and a sender (paths or hub ids) with the fuser trained for them.")
 
@@ -183,4 +193,4 @@ def load(config: str | Path | None = None, *, receiver: str | ParticipantSource 
         return given if isinstance(given, ParticipantSource) else HubParticipant(str(given))
 
     module = C2CModule(source(receiver), source(sender), fuser_path=None if fuser is None else str(fuser))
-    return Pair(module, None, batch_size, device)
+    return Pair(module, None, batch_size, device, precision)

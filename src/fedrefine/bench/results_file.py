@@ -51,10 +51,12 @@ def settings_fingerprint(
     evaluation: EvaluationConfig,
     batch_size: int,
     link_mbit_per_s: float,
+    precision: str = "32-true",
 ) -> Fingerprint:
     """Hash of everything every cell's result depends on: the results format, participants, questions, evaluation
-    settings but the rephrasing's (:func:`rephrasing_fingerprint`; where its cache lives changes no result) and the
-    link speed. The batch size changes no result (each question is scored on its own) and is not part of it."""
+    settings but the rephrasing's (:func:`rephrasing_fingerprint`; where its cache lives changes no result), the
+    link speed and, other than ``32-true``, the precision. The batch size changes no result (each question is scored
+    on its own) and is not part of it."""
     settings = dataclasses.asdict(evaluation)
     del settings["rephrase"], settings["rephrase_cache_dir"]
     payload = {
@@ -69,6 +71,8 @@ def settings_fingerprint(
              "link_mbit_per_s": _digest(link_mbit_per_s)}
     parts |= {f"participants.{name}": _digest(value) for name, value in payload["participants"].items()}
     parts |= {f"evaluation.{name}": _digest(value) for name, value in settings.items()}
+    if precision != "32-true":  # fp32 results written before the setting existed stay valid
+        parts["precision"] = _digest(precision)
     return Fingerprint(parts, legacy)
 
 

@@ -44,6 +44,7 @@ from fedrefine.fuser.registry import FuserRegistry
 from fedrefine.fusion import FusedReceiver
 from fedrefine.participants import Participant
 from fedrefine.participants.align import AlignedMessages
+from fedrefine.participants.precision import cast_for_precision, precision_context, resolve_precision
 from fedrefine.participants.sources import ParticipantSource
 from fedrefine.privacy.rephrase import Rephraser
 from fedrefine.settings import SettingsError
@@ -78,6 +79,7 @@ class BenchSweep:
         plot_prefix: file stem of the plots (``<plot_prefix>a.png``, ``b``, ``c``).
         logger: a logger with ``log_table`` / ``log_image`` (e.g. ``WandbLogger``, offline).
         device: where the models run (``auto``: CUDA when available).
+        precision: ``32-true``, ``bf16-true``, ``bf16-mixed`` for receiver, senders and fusers (null: by the device).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class BenchSweep:
         plot_prefix: str = "fig3",
         logger: Logger | None = None,
         device: str = "cpu",
+        precision: str | None = None,
     ) -> None:
         check_sweep(list(participants), receiver, senders, link_mbit_per_s, num_questions, batch_size)
         self.receiver_name, self.sender_names = receiver, list(senders)
@@ -116,9 +119,9 @@ class BenchSweep:
         self.evaluation = evaluation or EvaluationConfig()
         self.link_mbit_per_s = link_mbit_per_s
         self.output_dir, self.name, self.plot_prefix = Path(output_dir), name, plot_prefix
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.logger, self.device = logger, torch.device(device)
+        self.logger, self.device = logger, torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                                        "cpu" if device == "auto" else device)
+        self.precision = resolve_precision(precision, self.device)
         self._models: dict[str | None, FusedReceiver] = {}
         self._planner: QueryPlanner | None = None
         self.commit = git_commit()  # the code this sweep runs, read once: the tree may change while it runs
@@ -151,7 +154,7 @@ class BenchSweep:
                 model = FusedReceiver(receiver, senders, fusers, sender_names=self.sender_names)
             else:
                 model = self.fusion.receiver(mode)
-            self._models[mode] = model.to(self.device).eval()
+            self._models[mode] = cast_for_precision(model, self.precision).to(self.device).eval()
         return self._models[mode]
 
     def questions(self) -> QuestionDataset:
@@ -172,7 +175,8 @@ class BenchSweep:
     def fingerprint(self, questions: QuestionDataset) -> str:
         """Hash of everything every cell's result depends on (see :func:`settings_fingerprint`)."""
         participants = {n: self.participant(n).identity for n in (self.receiver_name, *self.sender_names)}
-        return settings_fingerprint(participants, questions.items, self.evaluation, self.batch_size, self.link_mbit_per_s)
+        return settings_fingerprint(participants, questions.items, self.evaluation, self.batch_size, self.link_mbit_per_s,
+                                    self.precision)
 
     # --- cells ----------------------------------------------------------------------------------
     def aligned_messages(self, cell: Route) -> AlignedMessages:
@@ -185,7 +189,8 @@ class BenchSweep:
         """Run one cell on every question; returns its result row."""
         model = self.model(cell.fusion)
         evaluator = Evaluator(model, [cell.resolve(model.sender_names)], self.evaluation, self.planner)
-        return result_row(cell, evaluator.run(questions, self.batch_size, self.device), self.link_mbit_per_s, self.commit)
+        with precision_context(self.precision, self.device):
+            return result_row(cell, evaluator.run(questions, self.batch_size, self.device), self.link_mbit_per_s, self.commit)
 
     def header(self, fingerprint: str | None, command: str, fusion_fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
         """What the results file records besides its rows."""
@@ -200,7 +205,7 @@ class BenchSweep:
             "senders": self.sender_names,
             "answer_mode": self.evaluation.answer_mode,
             "link_mbit_per_s": self.link_mbit_per_s,
-            "device": str(self.device),
+            "device": str(self.device), **({} if self.precision == "32-true" else {"precision": self.precision}),
         }
 
     def run(self, fresh: bool = False, command: str | None = None, rerun: Sequence[str] = ()) -> list[dict[str, Any]]:

@@ -80,7 +80,7 @@ class SenderStateGate(nn.Module):
                 parts.append(values[rows, :, column].flatten(1).float())  # (B, H_s * D_s)
             else:  # not carried: its fuser's gate is closed
                 heads, width = message.layers[next(iter(message.layers))][1].shape[1::2]
-                parts.append(torch.zeros(batch, heads * width, device=column.device))
+                parts.append(torch.zeros(batch, heads * width, device=column.device, dtype=torch.float32))
         return torch.cat(parts, dim=-1)
 
     def logits(self, messages: Sequence[KVMessage], columns: Sequence[Tensor], available: Sequence[int]) -> Tensor:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import yaml
 
+from fedrefine.participants.precision import cast_for_precision, resolve_precision
 from fedrefine.recipes import FusionModule
 from fedrefine.settings import SettingsError
 
@@ -28,9 +29,19 @@ def with_overrides(init_args: dict[str, Any], overrides: Mapping[str, Any]) -> d
     return merged
 
 
-def load_module(config: str | Path, overrides: Mapping[str, Any] | None = None) -> FusionModule:
+def config_precision(config: str | Path, precision: str | None, device: torch.device) -> str:
+    """The precision the adapter runs in: ``precision`` when given, else the config's ``trainer.precision``, else by
+    the device (see :mod:`fedrefine.participants.precision`)."""
+    if precision is None:
+        data = (yaml.safe_load(Path(config).read_text()) if Path(config).is_file() else None) or {}
+        precision = (data.get("trainer") or {}).get("precision")
+    return resolve_precision(precision, device)
+
+
+def load_module(config: str | Path, overrides: Mapping[str, Any] | None = None, precision: str | None = None) -> FusionModule:
     """The ``model`` of the config at ``config`` (its ``class_path`` and ``init_args``, with ``overrides``), built
-    with the config's seed (``seed_everything``), in eval mode."""
+    with the config's seed (``seed_everything``), in eval mode; with ``precision``, its participants and fusers cast
+    to it (:func:`~fedrefine.participants.precision.cast_for_precision`)."""
     from jsonargparse import ArgumentParser
 
     path = Path(config)
@@ -47,4 +58,4 @@ def load_module(config: str | Path, overrides: Mapping[str, Any] | None = None) 
     parser.add_subclass_arguments(FusionModule, "model", required=True)
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
     module = instantiate(parser.parse_object({"model": model})).model
-    return module.eval()
+    return (module if precision is None else cast_for_precision(module, precision)).eval()

@@ -5,15 +5,17 @@ once, the receiver reads its fused prompt once, and every continuation is scored
 ``batch_size`` counts distinct contexts per batch (``auto``: ``max_batch_size``, default 64).
 
 Model arguments: ``config`` (a FedRefine fit/test config), ``route`` (default ``c2c``), ``prefill_answer`` (senders
-read the assistant prefix; default: the config's ``evaluation.prefill_answer``), ``device``, ``batch_size``,
-``max_batch_size``; any other ``key=value`` overrides the config's model argument of that name (a dotted key a nested
-one, e.g. ``gate_path=runs/x/gate``, ``registry=runs/x/registry``, ``gating=false``, ``evaluation.link.codec=int8``).
+read the assistant prefix; default: the config's ``evaluation.prefill_answer``), ``device``, ``precision``
+(``32-true``, ``bf16-true``, ``bf16-mixed`` for receiver, senders and fusers; default: the config's
+``trainer.precision``, else by the device), ``batch_size``, ``max_batch_size``; any other ``key=value`` overrides the
+config's model argument of that name (a dotted key a nested one, e.g. ``gate_path=runs/x/gate``, ``registry=runs/x/registry``, ``gating=false``, ``evaluation.link.codec=int8``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lm_eval.models  # noqa: F401 - lm-eval's own models first: its registry adds them only while it is empty
@@ -24,8 +26,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from fedrefine.harness.contexts import ChatContexts, FormatError, adds_special_tokens, split_trailing_space
-from fedrefine.harness.loading import load_module
+from fedrefine.harness.loading import config_precision, load_module
 from fedrefine.harness.routes import Alone, Read, build_route
+from fedrefine.participants.precision import precision_context
 from fedrefine.tasks.scoring import token_log_probs
 
 #: Contexts per batch for ``batch_size=auto`` without ``max_batch_size``.
@@ -47,6 +50,17 @@ def device_of(device: str | None) -> torch.device:
     return torch.device("cpu") if wanted.type == "cuda" and not torch.cuda.is_available() else wanted
 
 
+def under_precision(method: Callable) -> Callable:
+    """Run a request method under the adapter's precision (autocast for ``-mixed``)."""
+
+    @functools.wraps(method)
+    def run(self: FedRefineLM, *args: Any, **kwargs: Any) -> Any:
+        with precision_context(self.precision, self.device):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 @register_model("fedrefine")
 class FedRefineLM(LM):
     """Any FedRefine route answering lm-eval's ``loglikelihood``, ``loglikelihood_rolling`` and ``generate_until``
@@ -60,10 +74,13 @@ class FedRefineLM(LM):
         max_batch_size: int | None = None,
         device: str | None = None,
         prefill_answer: bool | None = None,
+        precision: str | None = None,
         **overrides: Any,
     ) -> None:
         super().__init__()
-        self.module = load_module(config, overrides).to(device_of(device))
+        self._device = device_of(device)
+        self.precision = config_precision(config, precision, self.device)
+        self.module = load_module(config, overrides, self.precision).to(self.device)
         self.fused = self.module.fused
         self.route, self.answering = build_route(str(route), self.fused, self.module.evaluation, prefill_answer)
         self.batch_size = batch_size_of(batch_size, max_batch_size)
@@ -83,6 +100,7 @@ class FedRefineLM(LM):
         return getattr(self.fused.receiver.tokenizer, "chat_template", None)
 
     # --- loglikelihood ----------------------------------------------------------------------------
+    @under_precision
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """Each (context, continuation)'s summed log-probability and whether it is the greedy continuation; the
         requests of one context are scored from one read of it."""
@@ -140,6 +158,7 @@ class FedRefineLM(LM):
                 out[i] = (float(total), bool(best))
         return out
 
+    @under_precision
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each text's log-likelihood in disjoint windows of the model's context (perplexity tasks), as lm-eval's
         ``hf`` model computes it; a participant alone only (a whole text has no prompt to fuse or hint)."""
@@ -168,6 +187,7 @@ class FedRefineLM(LM):
         return results
 
     # --- generation -------------------------------------------------------------------------------
+    @under_precision
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy answers up to the first of the request's ``until`` strings (or ``max_gen_toks`` tokens, or the end of
         the answering model's turn); the same context and settings are answered once."""

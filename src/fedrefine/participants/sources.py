@@ -6,10 +6,9 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
-import torch
-
 from fedrefine.participants.loading import load_participant
 from fedrefine.participants.participant import Participant
+from fedrefine.participants.precision import cast_model, load_dtype
 from fedrefine.participants.random_weights import (
     TinySpec,
     build_random_participant,
@@ -56,22 +55,27 @@ class HubParticipant(ParticipantSource):
         self.name, self.chat_template_kwargs = name, chat_template_kwargs
 
     def load(self) -> Participant:
-        dtype = self.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if torch.cuda.is_available() else "float32"
         return load_participant(
-            self.name_or_path, self.revision, dtype, name=self.name, chat_template_kwargs=self.chat_template_kwargs
+            self.name_or_path, self.revision, load_dtype(self.dtype), name=self.name,
+            chat_template_kwargs=self.chat_template_kwargs,
         )
 
 
 class TinyParticipant(ParticipantSource):
-    """A tiny random-weight model of a real architecture class with a locally trained tokenizer."""
+    """A tiny random-weight model of a real architecture class with a locally trained tokenizer.
 
-    def __init__(self, spec: TinySpec) -> None:
-        self.spec = spec
+    Args:
+        spec: the model's shape, tokenizer and chat style.
+        dtype: weight dtype (``auto``: as :class:`HubParticipant`'s).
+    """
+
+    def __init__(self, spec: TinySpec, dtype: str = "auto") -> None:
+        self.spec, self.dtype = spec, dtype
 
     def load(self) -> Participant:
-        return build_tiny_participant(self.spec)
+        participant = build_tiny_participant(self.spec)
+        cast_model(participant.model, load_dtype(self.dtype))
+        return participant
 
 
 class RandomRealParticipant(ParticipantSource):
@@ -83,16 +87,20 @@ class RandomRealParticipant(ParticipantSource):
         seed: the weights' seed.
         real_vocabulary: keep the model's real vocabulary size (timing at real shapes); otherwise it is cut to
             the small local tokenizer that makes the token ids.
+        dtype: weight dtype (``auto``: as :class:`HubParticipant`'s).
     """
 
     def __init__(
-        self, hub_id: str, num_hidden_layers: int | None = None, seed: int = 0, real_vocabulary: bool = False
+        self, hub_id: str, num_hidden_layers: int | None = None, seed: int = 0, real_vocabulary: bool = False,
+        dtype: str = "auto",
     ) -> None:
         self.hub_id, self.num_hidden_layers, self.seed = hub_id, num_hidden_layers, seed
-        self.real_vocabulary = real_vocabulary
+        self.real_vocabulary, self.dtype = real_vocabulary, dtype
 
     def load(self) -> Participant:
         overrides = {} if self.num_hidden_layers is None else {"num_hidden_layers": self.num_hidden_layers}
         if self.real_vocabulary:
             overrides["vocab_size"] = real_model_config(self.hub_id).vocab_size
-        return build_random_participant(self.hub_id, seed=self.seed, **overrides)
+        participant = build_random_participant(self.hub_id, seed=self.seed, **overrides)
+        cast_model(participant.model, load_dtype(self.dtype))
+        return participant

@@ -18,6 +18,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
+from fedrefine.participants.precision import restore_rotary_tables, rotary_tables
+
 
 def step_seed(global_step: int) -> int:
     """The seed of one optimizer step: a function of the run's seed (``seed_everything``) and the step only.
@@ -104,3 +106,31 @@ class StepRichProgressBar(RichProgressBar):
         if max_epochs is not None and max_epochs >= 0:
             return super()._get_train_description(current_epoch)
         return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+
+
+class PrecisionPolicy(Callback):
+    """What ``trainer.precision`` needs beyond Lightning's own casts (``fedrefine`` adds it to every run):
+
+    - the participants' rotary tables (``inv_freq``) stay float32 when ``bf16-true`` / ``16-true`` casts the module,
+      as :func:`~fedrefine.participants.precision.cast_model` keeps them: copied before Lightning casts (``setup``),
+      put back when the stage starts;
+    - batches reach the module as they are: they are questions, conversations or prompts (frozen dataclasses and
+      strings, which Lightning's ``-true`` input conversion refuses), encoded by the module into token ids; the
+      fusion code converts every K/V to the dtype of what reads it.
+    """
+
+    def __init__(self) -> None:
+        self.tables: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.tables = rotary_tables(pl_module)
+        trainer.precision_plugin.convert_input = _as_is
+
+    def restore(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        restore_rotary_tables(pl_module, self.tables)
+
+    on_fit_start = on_validation_start = on_test_start = on_predict_start = restore
+
+
+def _as_is(data: Any) -> Any:
+    return data

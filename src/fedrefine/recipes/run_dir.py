@@ -13,7 +13,7 @@ sets it to ``runs/NAME``)::
 A path the config spells out is kept. ``fit`` refuses a root that holds an earlier run's fuser or checkpoints, and
 ``test`` one that holds results, unless ``--overwrite true`` (or ``--ckpt_path`` resumes the run). The trainer's
 precision, when left ``null``, is chosen by the accelerator (``bf16-mixed`` on GPU, ``32-true`` on CPU), and every
-participant with ``dtype: auto`` follows it.
+participant with ``dtype: auto`` follows it (see :mod:`fedrefine.participants.precision`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
+from fedrefine.participants import precision as precisions
 from fedrefine.settings import SettingsError
 
 #: Where runs go when only ``--run_name`` is given.
@@ -46,9 +47,7 @@ def auto_precision(accelerator: Any) -> str:
     """``bf16-mixed`` on a GPU that has bf16 (``16-mixed`` on one without), ``32-true`` on CPU."""
     name = str(getattr(accelerator, "class_path", accelerator) or "auto").lower()
     gpu = torch.cuda.is_available() if name == "auto" else name in ("gpu", "cuda") or "cuda" in name
-    if not gpu:
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return precisions.auto_precision(gpu)
 
 
 def dtype_for_precision(precision: Any) -> str:
@@ -71,9 +70,10 @@ def _entries(value: Any):
         return
     if value.get("class_path") is not None:
         yield value
-    for key in list(value.keys() if hasattr(value, "keys") else []):
+    children = vars(value) if hasattr(value, "__dict__") else value  # a Namespace's keys() are flattened leaves
+    for key in list(children.keys() if hasattr(children, "keys") else []):
         if key != "class_path":
-            yield from _entries(value.get(key))
+            yield from _entries(children.get(key))
 
 
 def _class_name(entry: Any) -> str:

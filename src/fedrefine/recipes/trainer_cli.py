@@ -17,7 +17,7 @@ from rich.console import Console
 
 from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.recipes import FusionModule
-from fedrefine.recipes.callbacks import InterruptCheckpoint
+from fedrefine.recipes.callbacks import InterruptCheckpoint, PrecisionPolicy
 from fedrefine.recipes.run_dir import DropFailedRun, OutputGuard, prepare_run, run_config_path
 
 
@@ -68,7 +68,7 @@ class FedRefineCLI(LightningCLI):
             Console(stderr=True).print(f"[dim]{note}[/]")
         config["run_name"] = None  # now in trainer.default_root_dir: a saved config passed back may move the root
         callbacks = self.trainer_defaults.setdefault("callbacks", [])
-        callbacks += [OutputGuard(bool(config.get("overwrite"))), DropFailedRun()]
+        callbacks += [OutputGuard(bool(config.get("overwrite"))), DropFailedRun(), PrecisionPolicy()]
         logger = config.get("trainer", {}).get("logger")
         for entry in logger if isinstance(logger, list) else [logger]:
             if not hasattr(entry, "get") or not str(entry.get("class_path", "")).endswith("WandbLogger"):

@@ -26,6 +26,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from fedrefine.participants import Participant
 from fedrefine.participants.generation import generate_replies
+from fedrefine.participants.precision import cast_for_precision, resolve_precision
 from fedrefine.participants.sources import ParticipantSource
 from fedrefine.privacy.rephrase import RephraseConfig, Rephraser
 from fedrefine.runtime.admission import CallGate, checked, refuse
@@ -179,6 +180,14 @@ def serve_participant(
     return server, bound
 
 
+def load_served(source: ParticipantSource, precision: str | None = None) -> Participant:
+    """The participant ``source`` names, in ``precision``'s weight dtype (None: bf16 on a GPU, fp32 on CPU)."""
+    resolved = resolve_precision(precision)  # a wrong value is refused before anything loads
+    participant = source.load()
+    cast_for_precision(participant.model, resolved)
+    return participant
+
+
 def config_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="fedrefine serve participant", description="Serve one participant over gRPC.")
     parser.add_argument("--config", action=ActionConfigFile, help="participant config (YAML)")
@@ -188,6 +197,8 @@ def config_parser() -> ArgumentParser:
     parser.add_argument("--limits", type=ServeLimits, default=ServeLimits(), help="request limits")
     parser.add_argument("--drill", type=FaultDrill, default=FaultDrill(), help="deliberate faults (drills and tests)")
     parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--precision", type=str | None, default=None,
+                        help="32-true, bf16-true or bf16-mixed: the served model's dtype (null: bf16 on a GPU, fp32 on CPU)")
     add_address_arguments(parser)
     add_security_arguments(parser)
     return parser
@@ -204,7 +215,7 @@ def main(argv: list[str]) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     init = instantiate(parser, args)
-    participant = init.participant.load()
+    participant = load_served(init.participant, args.precision)
     server, port = serve_participant(
         participant, args.host, args.port, security_from(args), init.rephrase, args.rephrase_cache_dir,
         init.limits, init.drill,

@@ -99,7 +99,7 @@ def continuation_scores(model: nn.Module, state: PromptState, options: Sequence[
     than the widest report -inf there.
     """
     width = max(len(o.continuations) for o in options)
-    total = torch.full((len(options), width), float("-inf"))  # (B, K)
+    total = torch.full((len(options), width), float("-inf"), dtype=torch.float32)  # (B, K), fp32 in every precision
     tokens, chars = torch.ones_like(total), torch.ones_like(total)  # (B, K) each
     for i, o in enumerate(options):
         tokens[i, : len(o.continuations)] = torch.tensor([len(c) for c in o.continuations], dtype=total.dtype)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fedrefine.data.datamodule import C2CDataModule
 from fedrefine.participants import Participant
+from fedrefine.participants.precision import cast_model, load_dtype
 from fedrefine.participants.sources import ParticipantSource
 from fedrefine.settings import SettingsError
 from fedrefine.toyworld.pretrain import DEFAULT_PARTICIPANTS, PretrainConfig, load_toy_participants
@@ -26,6 +27,8 @@ class ToyParticipant(ParticipantSource):
         pretrain: the pretraining recipe.
         cache_dir: where pretrained participants are kept (default ``$FEDREFINE_CACHE/toyworld``
             or ``~/.cache/fedrefine/toyworld``).
+        dtype: weight dtype: ``auto`` follows ``trainer.precision`` under ``fedrefine`` (elsewhere: ``bfloat16`` when a
+            GPU is there, else ``float32``), or ``float32``, ``bfloat16``, ``float16``.
     """
 
     def __init__(
@@ -34,14 +37,18 @@ class ToyParticipant(ParticipantSource):
         world: WorldConfig | None = None,
         pretrain: PretrainConfig | None = None,
         cache_dir: str | None = None,
+        dtype: str = "auto",
     ) -> None:
         known = [p.name for p in DEFAULT_PARTICIPANTS]
         if name not in known:
             raise SettingsError(f"Unknown toy participant {name!r}; choose one of {known}.")
         self.name, self.world, self.pretrain, self.cache_dir = name, world or WorldConfig(), pretrain or PretrainConfig(), cache_dir
+        self.dtype = dtype
 
     def load(self) -> Participant:
-        return load_toy_participants(self.world, DEFAULT_PARTICIPANTS, self.pretrain, self.cache_dir)[self.name]
+        participant = load_toy_participants(self.world, DEFAULT_PARTICIPANTS, self.pretrain, self.cache_dir)[self.name]
+        cast_model(participant.model, load_dtype(self.dtype))
+        return participant
 
 
 class ToyWorldDataModule(C2CDataModule):
