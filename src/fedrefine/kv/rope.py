@@ -26,11 +26,33 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     first, second = x[..., :half], x[..., half:]  # (..., D/2) each
     if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):  # training
         return torch.addcmul(x * cos, torch.cat((-second, first), dim=-1), sin)
-    out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    out = _output_like(x, cos)
     out_first, out_second = out[..., :half], out[..., half:]
     torch.mul(first, cos[..., :half], out=out_first).addcmul_(second, sin[..., :half], value=-1)
     torch.mul(second, cos[..., half:], out=out_second).addcmul_(first, sin[..., half:])
     return out
+
+
+def _output_like(x: Tensor, cos: Tensor) -> Tensor:
+    """An empty rotation output: ``x``'s memory layout when the angles only broadcast into it (a stack of keys held
+    heads-last, as the fusers' rows read them, stays so: no layout copy, and every pass runs in memory order)."""
+    shape, dtype = torch.broadcast_shapes(x.shape, cos.shape), torch.promote_types(x.dtype, cos.dtype)
+    if shape == x.shape:
+        return torch.empty_like(x, dtype=dtype)  # strides of x when it is dense
+    return torch.empty(shape, dtype=dtype, device=x.device)
+
+
+def add_rotary(target: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``target + apply_rotary(x, cos, sin)`` in ``target``'s dtype. Without autograd, and when ``target`` holds the
+    rotation's dtype, it is written into ``target`` half by half (four in-place multiply-adds: no rotated copy)."""
+    if (torch.is_grad_enabled() and (target.requires_grad or x.requires_grad)) or target.dtype != torch.promote_types(x.dtype, cos.dtype):
+        rotated = apply_rotary(x, cos, sin).to(target.dtype)
+        return target + rotated if torch.is_grad_enabled() and (target.requires_grad or x.requires_grad) else target.add_(rotated)
+    half = x.shape[-1] // 2
+    first, second = x[..., :half], x[..., half:]
+    target[..., :half].addcmul_(first, cos[..., :half]).addcmul_(second, sin[..., :half], value=-1)
+    target[..., half:].addcmul_(second, cos[..., half:]).addcmul_(first, sin[..., half:])
+    return target
 
 
 def inverse_angles(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,3 +89,7 @@ class RotaryFrame:
     def rotate(self, keys: Tensor) -> Tensor:
         """fp32 keys (..., B, H, N, D) rotated to this frame's positions."""
         return apply_rotary(keys, self.cos, self.sin)
+
+    def add_rotated(self, target: Tensor, keys: Tensor) -> Tensor:
+        """``target + rotate(keys)`` (see :func:`add_rotary`: in place without autograd)."""
+        return add_rotary(target, keys, self.cos, self.sin)
