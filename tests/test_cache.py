@@ -152,3 +152,15 @@ def test_rotating_into_a_target_equals_adding_the_rotation_and_keeps_a_heads_las
     kept = target.clone()
     summed = add_rotary(target, leaf, cos, sin)
     assert summed.requires_grad and torch.equal(target, kept)
+
+
+def test_rotation_matrices_at_one_position_rotate_and_unrotate_like_the_frame(llama_sender):
+    from fedrefine.kv.rope import RotaryFrame
+
+    frame = RotaryFrame(llama_sender.rotary_embedding, torch.tensor([[3], [11]]))  # one position per sample
+    keys = torch.randn(2, 4, 1, llama_sender.identity.head_dim)
+    rotation, unrotation = frame.matrices()
+    torch.testing.assert_close(keys @ rotation, frame.rotate(keys), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(keys @ unrotation, frame.unrotate(keys), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="one position per sample"):
+        RotaryFrame(llama_sender.rotary_embedding, torch.arange(3)[None]).matrices()

@@ -140,12 +140,13 @@ class StackedStream:
             first.receiver_head_dim,
         )
 
-    def __call__(self, sender: Tensor, receiver: Tensor | None, scale: Tensor | None = None) -> Tensor:
+    def __call__(self, sender: Tensor | None, receiver: Tensor | None, scale: Tensor | None = None,
+                 sender_part: Tensor | None = None) -> Tensor:
         """(L, B, H_s, N, D_s) [and (L, B, H_t, N, D_t)] -> weighted projections ``w * p`` (L, B, H_t, N, D_t);
-        ``scale`` (L, B, N) multiplies each token's weight ``w``."""
-        layers, batch, _, length, _ = sender.shape
-        weight, bias = self.sender_input
-        h = normalised_product(rows(sender), self.sender_eps, weight, self.normalised, bias)  # (L, M, hidden)
+        ``scale`` (L, B, N) multiplies each token's weight ``w``. ``sender_part``: the input Linear over the sender
+        (:meth:`sender_product`, (L, M, hidden)) when made beforehand; ``sender`` is not read then."""
+        layers, batch, _, length, _ = (sender if sender_part is None else receiver).shape
+        h = self.sender_product(sender) if sender_part is None else sender_part  # (L, M, hidden)
         if self.receiver_input is not None:
             h = normalised_product(rows(receiver), self.receiver_eps, self.receiver_input, self.normalised, h)
         h = self.trunk(h)
@@ -155,6 +156,11 @@ class StackedStream:
             w = w * scale[..., None, None]
         return p.mul_(w).transpose(2, 3)  # (L, B, H_t, N, D_t)
 
+    def sender_product(self, sender: Tensor, weight: Stacked | None = None) -> Tensor:
+        """(L, B, H_s, N, D_s) -> (L, B * N, hidden): the input Linear over the sender's half (with its bias);
+        ``weight``: these layers' (weight, bias) when not :attr:`sender_input` (e.g. some of its layers)."""
+        weight, bias = self.sender_input if weight is None else weight
+        return normalised_product(rows(sender), self.sender_eps, weight, self.normalised, bias)
 
     def _projection(self, h: Tensor) -> Tensor:
         """(L, M, hidden) -> (L, M, H_t * D_t): the projection blocks and the projection. Over many rows the last block

@@ -55,6 +55,18 @@ def add_rotary(target: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return target
 
 
+def rotation_matrix(cos: Tensor, sin: Tensor) -> Tensor:
+    """(..., 1, D) angles of one position -> (..., D, D) ``A`` with ``x @ A == apply_rotary(x, cos, sin)`` for rows
+    ``x`` (..., D): ``cos`` on the diagonal, ``-sin`` / ``+sin`` where :func:`apply_rotary`'s halves meet."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., 0, :], sin[..., 0, :]  # (..., D)
+    matrix = torch.diag_embed(cos)
+    index = torch.arange(half, device=cos.device)
+    matrix[..., index + half, index] = -sin[..., :half]  # out_j = x_j cos_j - x_(j+half) sin_j  (j < half)
+    matrix[..., index, index + half] = sin[..., half:]  # out_(j+half) = x_(j+half) cos + x_j sin
+    return matrix
+
+
 def inverse_angles(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """The cos and sin that :func:`apply_rotary` undoes the rotation by ``cos``, ``sin`` with: the negative
     angles, divided by ``cos^2 + sin^2`` (which undoes any attention scaling folded into them)."""
@@ -89,6 +101,16 @@ class RotaryFrame:
     def rotate(self, keys: Tensor) -> Tensor:
         """fp32 keys (..., B, H, N, D) rotated to this frame's positions."""
         return apply_rotary(keys, self.cos, self.sin)
+
+    def matrices(self) -> tuple[Tensor, Tensor]:
+        """The rotation and its inverse at each sample's one position (a frame of (B, 1) positions) as matrices
+        (B, 1, D, D): ``x @ rotation`` is :meth:`rotate` of rows ``x`` (B, H, 1, D), one product instead of four
+        half-width passes (what a single fused token is rotated with, once per layer)."""
+        if self.cos.shape[-2] != 1:
+            raise ValueError(f"Rotation matrices are for one position per sample; this frame holds {self.cos.shape[-2]}.")
+        if self._inverse is None:
+            self._inverse = inverse_angles(self.cos, self.sin)
+        return rotation_matrix(self.cos, self.sin), rotation_matrix(*self._inverse)
 
     def add_rotated(self, target: Tensor, keys: Tensor) -> Tensor:
         """``target + rotate(keys)`` (see :func:`add_rotary`: in place without autograd)."""
