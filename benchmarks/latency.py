@@ -16,7 +16,10 @@ max(rephrase + sender + transfer, receiver alone) + added. ``fuse`` is the fusio
 (last-token fusion runs inside the receiver's last token: there it is ``added``); ``added`` is what the
 receiver with fusion takes beyond the receiver alone on the same prompt. Measured too:
 C2C with the senders in threads of this process, and (one sender) with the sender in its own process
-pinned to its own core, one thread each. Writes benchmarks/results/latency.{json,md}
+pinned to its own core, one thread each; and (batch 1) the receiver alone cast to bf16 (``receiver.bf16``, the same
+seeded weights and token ids: ``bf16_receiver_over_fp32_receiver``, reported without a bar). ``added`` of last-token
+fusion is the median of its paired differences (in each run the receiver alone, with fusion twice, alone again).
+The issue's bars are listed with each ratio and whether it is met. Writes benchmarks/results/latency.{json,md}
 (benchmarks/results/gpu/latency.* on CUDA).
 
 Fusers are the shipped real-pair config's (configs/qwen3_qwen25.yaml), random weights; ``c2c.values`` is the
@@ -151,15 +154,18 @@ def c2c_stages(model: FusedReceiver, batch: FusionBatch, senders: list[str], own
     """
     device = model.receiver.device
     stages, messages = {}, {}
-    if own_prompt:
-        stages["receiver_own_prompt"] = seconds(lambda: model(batch), device)
     for name in senders:
         with stopwatch(device) as elapsed:
             messages[name] = model.sending.send(name, batch.senders[name])
         stages[f"sender:{name}"] = elapsed.seconds
+    if own_prompt:  # alone, fused, fused, alone: the difference is what fusion adds, drift cancelled
+        alone = [seconds(lambda: model(batch), device)]
     with time_inside(list(model.fusers), device) as inside, stopwatch(device) as elapsed:
         model(batch, messages)
     stages["fuse_inside"], stages["receiver_with_fusion"] = inside.seconds, elapsed.seconds
+    if own_prompt:
+        stages["receiver_with_fusion"] = (elapsed.seconds + seconds(lambda: model(batch, messages), device)) / 2
+        stages["receiver_own_prompt"] = (alone[0] + seconds(lambda: model(batch), device)) / 2
     if not own_prompt:  # the fusion step itself, timed alone: prompt-position and concat fusion run it before the
         # receiver's last tokens (last-token fusion runs inside them: there only the difference measures it)
         ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
@@ -231,6 +237,7 @@ class Bench:
                                   [fuser_for(self.senders["s0"], self.receiver, hidden_size=SLIM_HIDDEN)], sender_names=["s0"]).eval(),
         }
         self.messages = question_messages()
+        self.bf16: tuple[FusedReceiver, FusionBatch] | None = None
 
     def routes(self, size: int) -> dict[str, Callable[[], dict[str, float]]]:
         """Route name -> a run returning its stages (seconds; bytes where there are any)."""
@@ -279,6 +286,7 @@ class Bench:
         }
         if size == 1:
             routes |= {
+                "receiver.bf16": self.receiver_bf16,
                 "c2c.values:1": c2c("values", batch, ["s0"]),
                 f"c2c.hidden{SLIM_HIDDEN}:1": c2c("slim", batch, ["s0"]),
                 "c2c:2": c2c("prompt", batch, ["s0", "s1"]),
@@ -288,6 +296,14 @@ class Bench:
                 "private t2t:1": lambda: t2t(True),
             }
         return routes
+
+    def receiver_bf16(self) -> dict[str, float]:
+        """The receiver alone in bf16 (the same seeded weights, cast; the same token ids), loaded when first run."""
+        if self.bf16 is None:
+            model = FusedReceiver(real_participant(RECEIVER, self.device, torch.bfloat16), [], [])
+            self.bf16 = model, batch_for(model, self.messages, 1)
+        model, batch = self.bf16
+        return {"receiver": seconds(lambda: model(batch), self.device)}
 
     def measure(self, size: int, repeats: int) -> dict[str, dict]:
         chosen = {"receiver", *filter(None, self.args.routes.split(","))}
@@ -350,6 +366,8 @@ def summarise(name: str, rows: list[dict], runs: dict[str, list[dict]]) -> dict:
     if "receiver_with_fusion" in median:
         alone = median.get("receiver_own_prompt", alone)  # the receiver alone on this route's prompt
         fuse = median["receiver_with_fusion"] - alone  # everything fusion adds on the receiver's side
+        if "receiver_own_prompt" in median:  # timed back to back in each run: the median of the paired differences
+            fuse = statistics.median(r["receiver_with_fusion"] - r["receiver_own_prompt"] for r in rows)
         out["stages"] = {"rephrase": rephrase, "sender": max(senders.values()), "fuse": median.get("fuse_step", fuse),
                          "fuse_inside": median["fuse_inside"], "added_to_receiver": fuse, "receiver": alone}
         share = {n: b / max(1.0, median["bytes"]) for n, b in rows[0]["sender_bytes"].items()}
@@ -410,6 +428,9 @@ def fuse_ratios(results: dict) -> dict[str, float]:
         if "fuser_floor" in batch and "c2c:1" in batch:
             suffix = "" if size == 1 else "_batch16"
             out[f"fuse_over_fuser_matmul_floor{suffix}"] = batch["c2c:1"]["stages"]["fuse"] / batch["fuser_floor"]["fuser_matmuls_s"]
+    if "receiver.bf16" in results.get("batch_1", {}):  # reported, no bar
+        b1 = results["batch_1"]
+        out["bf16_receiver_over_fp32_receiver"] = b1["receiver.bf16"]["stages"]["receiver"] / b1["receiver"]["stages"]["receiver"]
     if "c2c.last:1" in results.get("batch_1", {}):
         last = results["batch_1"]["c2c.last:1"]["stages"]
         out["last_token_added_over_receiver_alone"] = last["added_to_receiver"] / last["receiver"]
@@ -439,6 +460,23 @@ def ratios(results: dict) -> dict[str, float]:
         m = results["critical_path_measured"]
         out["c2c_critical_path_over_receiver_alone"] = m["c2c_remote"] / m["receiver_alone"]
     return out | fuse_ratios(results)
+
+
+#: The bars of issue 37 on :func:`ratios` (``bf16_receiver_over_fp32_receiver`` is reported, with no bar).
+BARS = {
+    "fuse_over_fuser_matmul_floor": ("<=", 1.3),
+    "fuse_over_fuser_matmul_floor_batch16": ("<=", 1.3),
+    "last_token_added_over_receiver_alone": ("<=", 0.03),
+    "c2c_critical_path_over_receiver_alone": ("<=", 1.2),
+    "c2c_over_t2t": ("<=", 0.25),
+    "fuser_step_over_receiver_step": ("<=", 1.0),
+}
+
+
+def bars(found: dict[str, float]) -> dict[str, dict]:
+    """Each bar whose ratio was measured: its value, the bar, and whether it is met."""
+    return {name: {"value": found[name], "bar": f"{op} {limit}", "met": found[name] <= limit}
+            for name, (op, limit) in BARS.items() if name in found}
 
 
 def markdown(payload: dict) -> str:
@@ -482,6 +520,8 @@ def markdown(payload: dict) -> str:
     lines += [f"Fuser training step {t['fuser_step']:.3f} s vs receiver forward + backward {t['receiver_step']:.3f} s. "
               f"Peak RSS of this process: {payload['peak_rss_gib']:.1f} GiB.", "", "## Ratios", ""]
     lines += markdown_table(["ratio", "value"], [[k, f"{v:.3f}"] for k, v in payload["ratios"].items()]) + [""]
+    lines += ["## Bars", ""] + markdown_table(["ratio", "value", "bar", "met"], [
+        [k, f"{b['value']:.3f}", b["bar"], "yes" if b["met"] else "no"] for k, b in payload["bars"].items()]) + [""]
     return "\n".join(lines)
 
 
@@ -495,7 +535,8 @@ def run_phase(args, device: torch.device, dtype: torch.dtype) -> dict:
         result = bench.measure(1, args.repeats)
         result["receiver_tokens"] = int(batch_for(bench.models["prompt"], bench.messages, 1).receiver_attention_mask.sum())
         fuser = bench.models["prompt"].fuser_for("s0")  # the prompt-position fusion fuses all but the last token
-        result["fuser_floor"] = fuser_matmul_floor(fuser, bench.receiver, result["receiver_tokens"] - 1, args.repeats)
+        if fuser._stacks.stack is not None:  # c2c:1 ran (not so in a partial run without it)
+            result["fuser_floor"] = fuser_matmul_floor(fuser, bench.receiver, result["receiver_tokens"] - 1, args.repeats)
     elif args.phase == "batch_16":
         result = bench.measure(16, args.batch16_repeats)
         tokens = int(batch_for(bench.models["prompt"], bench.messages, 1).receiver_attention_mask.sum()) - 1
@@ -555,6 +596,7 @@ def main() -> None:
         "results": results,
     }
     payload["ratios"] = ratios(results)
+    payload["bars"] = bars(payload["ratios"])
     write_results(out, payload, markdown(payload))
 
 

@@ -129,3 +129,38 @@ def test_rotary_frame_is_the_one_home_of_rotation(llama_sender):
     rotated = frame.rotate(x)  # the same states at the same position rotate alike, at other positions not
     assert torch.allclose(rotated[1, :, 0], RotaryFrame(llama_sender.rotary_embedding, positions[1:, 1:2]).rotate(x[1:, :, :1])[0, :, 0])
     assert not torch.allclose(rotated[0, :, 3], frame.rotate(x)[1, :, 3])
+
+
+def test_rotating_into_a_target_equals_adding_the_rotation_and_keeps_a_heads_last_layout():
+    from fedrefine.kv.rope import add_rotary
+
+    cos, sin = torch.randn(2, 1, 5, 8), torch.randn(2, 1, 5, 8)
+    heads_last = torch.randn(3, 2, 5, 4, 8).transpose(2, 3)  # (L, B, H, N, D) held heads-last
+    rotated = apply_rotary(heads_last, cos, sin)
+    assert rotated.stride() == heads_last.stride()  # no layout copy
+    torch.testing.assert_close(rotated, apply_rotary(heads_last.contiguous(), cos, sin))
+    target, x = torch.randn(3, 2, 4, 5, 8), torch.randn(3, 2, 4, 5, 8)
+    expected = target + apply_rotary(x, cos, sin)
+    with torch.no_grad():
+        written = add_rotary(target, x, cos, sin)
+    assert written is target  # in place
+    torch.testing.assert_close(written, expected)
+    low = target.bfloat16()  # a bf16 cache: rotated in fp32, added once
+    expected = (low.float() + apply_rotary(x, cos, sin).bfloat16().float()).bfloat16()
+    torch.testing.assert_close(add_rotary(low, x, cos, sin), expected)
+    leaf = x.clone().requires_grad_(True)  # autograd: out of place, the target untouched
+    kept = target.clone()
+    summed = add_rotary(target, leaf, cos, sin)
+    assert summed.requires_grad and torch.equal(target, kept)
+
+
+def test_rotation_matrices_at_one_position_rotate_and_unrotate_like_the_frame(llama_sender):
+    from fedrefine.kv.rope import RotaryFrame
+
+    frame = RotaryFrame(llama_sender.rotary_embedding, torch.tensor([[3], [11]]))  # one position per sample
+    keys = torch.randn(2, 4, 1, llama_sender.identity.head_dim)
+    rotation, unrotation = frame.matrices()
+    torch.testing.assert_close(keys @ rotation, frame.rotate(keys), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(keys @ unrotation, frame.unrotate(keys), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="one position per sample"):
+        RotaryFrame(llama_sender.rotary_embedding, torch.arange(3)[None]).matrices()

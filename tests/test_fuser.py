@@ -244,3 +244,20 @@ def test_a_registry_refuses_a_fuser_in_a_misnamed_folder_naming_the_expected_one
     saved.rename(saved.parent / "llama__to__qwen3")
     with pytest.raises(FuserFileError, match=f"rename the folder to {saved.name}"):
         FuserRegistry(tmp_path / "registry").has(llama_sender.identity, receiver.identity)
+
+
+@pytest.mark.parametrize("num_blocks", [2, 3, 4])
+@pytest.mark.parametrize("batch, length", [(1, 1), (2, 5)])  # a few rows (norm first) and many (bias as a weight row)
+def test_stacked_streams_equal_the_per_layer_loop_at_every_depth(receiver, qwen2_sender, num_blocks, batch, length):
+    torch.manual_seed(5)
+    fuser = Fuser(qwen2_sender.identity, receiver.identity, FuserConfig(hidden_size=16, num_blocks=num_blocks)).eval()
+    for layer in fuser.layers:
+        for stream in (layer.key, layer.value):
+            torch.nn.init.normal_(stream.projection.weight, std=0.5)
+            torch.nn.init.normal_(stream.projection.bias, std=0.5)
+    sender, theirs = random_layers(qwen2_sender.identity, length, batch), random_layers(receiver.identity, length, batch)
+    looped = fuser(sender, theirs)
+    with torch.no_grad():
+        stacked = fuser(sender, theirs)
+    torch.testing.assert_close(stacked.keys, looped.keys.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stacked.values, looped.values.detach(), rtol=1e-5, atol=1e-6)

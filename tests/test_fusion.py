@@ -217,13 +217,13 @@ def test_last_only_sends_one_position_per_prompt(receiver, llama_sender):
     assert everything.nbytes == everything.bytes_per_token * int(batch.senders[llama_sender.name].attention_mask.sum())
 
 
-def _last_token_pair(receiver, llama_sender, qwen2_sender, case):
+def _last_token_pair(receiver, llama_sender, qwen2_sender, case, fuse_at="last"):
     if case in ("parallel", "sequential", "mixed"):  # mixed: the second fuser fuses values only, in sequence
         keys = [True, case != "mixed"]
-        fusers = [make_pair(receiver, s, fuse_at="last", fuse_keys=k).fusers[0] for s, k in zip((llama_sender, qwen2_sender), keys)]
+        fusers = [make_pair(receiver, s, fuse_at=fuse_at, fuse_keys=k).fusers[0] for s, k in zip((llama_sender, qwen2_sender), keys)]
         return FusedReceiver(receiver, [llama_sender, qwen2_sender], fusers, combine="parallel" if case == "parallel" else "sequential").eval()
     config = {"keys": {}, "values_only": {"fuse_keys": False}, "reference": {"variant": "c2c_reference"}}[case]
-    pair = make_pair(receiver, llama_sender, fuse_at="last", **config).eval()
+    pair = make_pair(receiver, llama_sender, fuse_at=fuse_at, **config).eval()
     for name, parameter in pair.fusers[0].named_parameters():  # the reference's blocks start at zero too
         if "projection" in name or "gate" in name:
             torch.nn.init.normal_(parameter, std=0.3) if parameter.dim() > 1 else parameter.data.fill_(1.0)
@@ -247,3 +247,24 @@ def test_last_token_inference_fusion_equals_the_general_fusion(receiver, llama_s
     assert not torch.allclose(fast[:, 0], alone[:, 0], atol=1e-3)
     torch.testing.assert_close(fast, general, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(read.last_logits, general[:, 0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["keys", "values_only", "reference", "parallel", "sequential", "mixed"])
+def test_prompt_fusion_in_inference_equals_the_general_fusion(receiver, llama_sender, qwen2_sender, case):
+    """The inference path (stacked fusers, heads-last receiver stack, key deltas rotated into it in place) against
+    autograd's (the per-layer fusers, every sum out of place), at every aligned prompt position."""
+    pair = _last_token_pair(receiver, llama_sender, qwen2_sender, case, fuse_at="prompt")
+    batch = pair.encoder.collate([pair.encoder.encode(m, r) for m, r in PROMPTS])
+    messages = pair.send(batch).messages
+    with torch.no_grad():
+        alone = fused_cache(pair, batch, [])
+        fast = pair.fuse(batch, messages).context.cache
+    with torch.enable_grad():
+        general = pair.fuse(batch, messages).context.cache
+    assert pair.fusers[0]._stacks.stack is not None  # the stacked inference path ran
+    changed = False
+    for before, quick, slow in zip(alone.layers, fast.layers, general.layers):
+        torch.testing.assert_close(quick.keys, slow.keys.detach(), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(quick.values, slow.values.detach(), atol=2e-5, rtol=1e-4)
+        changed |= not torch.allclose(quick.values, before.values, atol=1e-4)
+    assert changed

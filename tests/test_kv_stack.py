@@ -44,3 +44,14 @@ def test_layer_chunks_keep_each_stack_under_the_budget_in_layer_order():
     assert [list(c) for c in layer_chunks(kv, 600)] == [[0, 1], [2, 3], [4]]
     assert [list(c) for c in layer_chunks(kv, 1)] == [[0], [1], [2], [3], [4]]  # at least one layer each
     assert [list(c) for c in layer_chunks(kv, 10**9)] == [[0, 1, 2, 3, 4]]
+
+
+def test_a_heads_last_stack_holds_the_same_states_and_its_rows_are_a_view():
+    from fedrefine.fuser.stacked import rows
+
+    per_layer = {i: (torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8)) for i in (0, 1)}
+    plain, heads_last = KVStack.of(per_layer), KVStack.of(per_layer, heads_last=True)
+    assert torch.equal(plain.keys, heads_last.keys) and torch.equal(plain.values, heads_last.values)
+    assert heads_last.values.transpose(2, 3).is_contiguous()  # (L, B, N, H, D) in memory
+    assert rows(heads_last.values).data_ptr() == heads_last.values.data_ptr()  # no copy
+    assert torch.equal(rows(heads_last.values), rows(plain.values))

@@ -67,6 +67,13 @@ def rows(states: Tensor) -> Tensor:
     return states.transpose(2, 3).reshape(layers, batch * length, -1)
 
 
+def _with_bias(stacked: Stacked) -> tuple[Stacked, Tensor]:
+    """A stacked Linear as (weight, bias) views of one (L, in + 1, out) tensor, the bias its last input row."""
+    weight, bias = stacked
+    both = torch.cat((weight, bias), dim=1)
+    return (both[:, :-1], both[:, -1:]), both
+
+
 @dataclass(frozen=True)
 class StackedBlock:
     """A :class:`~fedrefine.fuser.FeedForwardBlock` of every layer: x + W2 GELU(W1 RMSNorm(x))."""
@@ -80,9 +87,10 @@ class StackedBlock:
         norms = [b.norm for b in blocks]
         return cls(norms[0].eps, _linear([b.up for b in blocks], norms), _linear([b.down for b in blocks]))
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """(L, M, dim) -> (L, M, dim), into ``out`` when given."""
         weight, bias = self.up
-        return linear(F.gelu(normalised_product(x, self.eps, weight, bias=bias)), self.down).add_(x)
+        return torch.add(linear(F.gelu(normalised_product(x, self.eps, weight, bias=bias)), self.down), x, out=out)
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,8 @@ class StackedStream:
     receiver_input: Tensor | None  # its receiver columns (L, F_t, hidden); None: the fuser reads the sender alone
     trunk: StackedBlock
     projection_blocks: tuple[StackedBlock, ...]
-    projection: Stacked
+    projection: Stacked  # views of ``projection_with_bias``
+    projection_with_bias: Tensor  # (L, hidden + 1, out): the weight over its bias row, read by [p ; 1] (no bias pass)
     weight_block: StackedBlock
     weight_head: Stacked
     heads: int
@@ -124,30 +133,49 @@ class StackedStream:
             receiver_input,
             StackedBlock.of([s.trunk for s in streams]),
             tuple(StackedBlock.of(blocks) for blocks in zip(*(s.projection_blocks for s in streams))),
-            _linear([s.projection for s in streams]),
+            *_with_bias(_linear([s.projection for s in streams])),
             StackedBlock.of([s.weight_block for s in streams]),
             _linear([s.weight_head for s in streams]),
             first.receiver_heads,
             first.receiver_head_dim,
         )
 
-    def __call__(self, sender: Tensor, receiver: Tensor | None, scale: Tensor | None = None) -> Tensor:
+    def __call__(self, sender: Tensor | None, receiver: Tensor | None, scale: Tensor | None = None,
+                 sender_part: Tensor | None = None) -> Tensor:
         """(L, B, H_s, N, D_s) [and (L, B, H_t, N, D_t)] -> weighted projections ``w * p`` (L, B, H_t, N, D_t);
-        ``scale`` (L, B, N) multiplies each token's weight ``w``."""
-        layers, batch, _, length, _ = sender.shape
-        weight, bias = self.sender_input
-        h = normalised_product(rows(sender), self.sender_eps, weight, self.normalised, bias)  # (L, M, hidden)
+        ``scale`` (L, B, N) multiplies each token's weight ``w``. ``sender_part``: the input Linear over the sender
+        (:meth:`sender_product`, (L, M, hidden)) when made beforehand; ``sender`` is not read then."""
+        layers, batch, _, length, _ = (sender if sender_part is None else receiver).shape
+        h = self.sender_product(sender) if sender_part is None else sender_part  # (L, M, hidden)
         if self.receiver_input is not None:
             h = normalised_product(rows(receiver), self.receiver_eps, self.receiver_input, self.normalised, h)
         h = self.trunk(h)
-        p = h
-        for block in self.projection_blocks:
-            p = block(p)
-        p = linear(p, self.projection).view(layers, batch, length, self.heads, self.head_dim)
+        p = self._projection(h).view(layers, batch, length, self.heads, self.head_dim)
         w = torch.sigmoid(linear(self.weight_block(h), self.weight_head)).view(layers, batch, length, self.heads, 1)
         if scale is not None:
             w = w * scale[..., None, None]
         return p.mul_(w).transpose(2, 3)  # (L, B, H_t, N, D_t)
+
+    def sender_product(self, sender: Tensor, weight: Stacked | None = None) -> Tensor:
+        """(L, B, H_s, N, D_s) -> (L, B * N, hidden): the input Linear over the sender's half (with its bias);
+        ``weight``: these layers' (weight, bias) when not :attr:`sender_input` (e.g. some of its layers)."""
+        weight, bias = self.sender_input if weight is None else weight
+        return normalised_product(rows(sender), self.sender_eps, weight, self.normalised, bias)
+
+    def _projection(self, h: Tensor) -> Tensor:
+        """(L, M, hidden) -> (L, M, H_t * D_t): the projection blocks and the projection. Over many rows the last block
+        writes ``p`` beside a ones column, read by the weight over its bias row: the bias costs no pass of its own."""
+        if h.shape[-2] <= FEW_ROWS:
+            for block in self.projection_blocks:
+                h = block(h)
+            return linear(h, self.projection)
+        ones = h.new_empty((*h.shape[:-1], h.shape[-1] + 1))  # [p ; 1]
+        ones[..., -1] = 1
+        for i, block in enumerate(self.projection_blocks):
+            h = block(h, out=ones[..., :-1] if i == len(self.projection_blocks) - 1 else None)
+        if not self.projection_blocks:
+            ones[..., :-1].copy_(h)
+        return torch.bmm(ones, self.projection_with_bias)
 
 
 @dataclass(frozen=True)

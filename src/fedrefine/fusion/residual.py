@@ -139,7 +139,7 @@ class ResidualFusion(FusionStrategy):
     ) -> dict[int, LayerKV]:
         """:meth:`fuse` over some receiver layers, stacked. Fusers of the ``position_free`` key frame read and write
         un-rotated keys; those of the ``cache`` frame (the C2C reference's) the keys as the cache holds them."""
-        own = KVStack.of(receiver_layers)  # rotated, the model's dtype: (L, B, H_t, n, D_t)
+        own = KVStack.of(receiver_layers, heads_last=True)  # rotated, the model's dtype: (L, B, H_t, n, D_t), heads last
         in_cache = [item.fuser.key_frame == "cache" for item in inputs]
         sequential_frames_checked(self.combine, in_cache)
         reads_free = any(i.fuser.reads_receiver_keys and not cached for i, cached in zip(inputs, in_cache))
@@ -155,7 +155,7 @@ class ResidualFusion(FusionStrategy):
                 sums.add(deltas)
         if totals.empty and cached_totals.empty:
             return dict(receiver_layers)
-        keys = own.keys if totals.keys is None else _plus(own.keys, frame.rotate(totals.keys))
+        keys = own.keys if totals.keys is None else frame.add_rotated(own.keys, totals.keys)
         keys = keys if cached_totals.keys is None else _plus(keys, cached_totals.keys)
         values = own.values if totals.values is None else _plus(own.values, totals.values)
         values = values if cached_totals.values is None else _plus(values, cached_totals.values)

@@ -26,11 +26,45 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     first, second = x[..., :half], x[..., half:]  # (..., D/2) each
     if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):  # training
         return torch.addcmul(x * cos, torch.cat((-second, first), dim=-1), sin)
-    out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    out = _output_like(x, cos)
     out_first, out_second = out[..., :half], out[..., half:]
     torch.mul(first, cos[..., :half], out=out_first).addcmul_(second, sin[..., :half], value=-1)
     torch.mul(second, cos[..., half:], out=out_second).addcmul_(first, sin[..., half:])
     return out
+
+
+def _output_like(x: Tensor, cos: Tensor) -> Tensor:
+    """An empty rotation output: ``x``'s memory layout when the angles only broadcast into it (a stack of keys held
+    heads-last, as the fusers' rows read them, stays so: no layout copy, and every pass runs in memory order)."""
+    shape, dtype = torch.broadcast_shapes(x.shape, cos.shape), torch.promote_types(x.dtype, cos.dtype)
+    if shape == x.shape:
+        return torch.empty_like(x, dtype=dtype)  # strides of x when it is dense
+    return torch.empty(shape, dtype=dtype, device=x.device)
+
+
+def add_rotary(target: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``target + apply_rotary(x, cos, sin)`` in ``target``'s dtype. Without autograd, and when ``target`` holds the
+    rotation's dtype, it is written into ``target`` half by half (four in-place multiply-adds: no rotated copy)."""
+    if (torch.is_grad_enabled() and (target.requires_grad or x.requires_grad)) or target.dtype != torch.promote_types(x.dtype, cos.dtype):
+        rotated = apply_rotary(x, cos, sin).to(target.dtype)
+        return target + rotated if torch.is_grad_enabled() and (target.requires_grad or x.requires_grad) else target.add_(rotated)
+    half = x.shape[-1] // 2
+    first, second = x[..., :half], x[..., half:]
+    target[..., :half].addcmul_(first, cos[..., :half]).addcmul_(second, sin[..., :half], value=-1)
+    target[..., half:].addcmul_(second, cos[..., half:]).addcmul_(first, sin[..., half:])
+    return target
+
+
+def rotation_matrix(cos: Tensor, sin: Tensor) -> Tensor:
+    """(..., 1, D) angles of one position -> (..., D, D) ``A`` with ``x @ A == apply_rotary(x, cos, sin)`` for rows
+    ``x`` (..., D): ``cos`` on the diagonal, ``-sin`` / ``+sin`` where :func:`apply_rotary`'s halves meet."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., 0, :], sin[..., 0, :]  # (..., D)
+    matrix = torch.diag_embed(cos)
+    index = torch.arange(half, device=cos.device)
+    matrix[..., index + half, index] = -sin[..., :half]  # out_j = x_j cos_j - x_(j+half) sin_j  (j < half)
+    matrix[..., index, index + half] = sin[..., half:]  # out_(j+half) = x_(j+half) cos + x_j sin
+    return matrix
 
 
 def inverse_angles(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,3 +101,17 @@ class RotaryFrame:
     def rotate(self, keys: Tensor) -> Tensor:
         """fp32 keys (..., B, H, N, D) rotated to this frame's positions."""
         return apply_rotary(keys, self.cos, self.sin)
+
+    def matrices(self) -> tuple[Tensor, Tensor]:
+        """The rotation and its inverse at each sample's one position (a frame of (B, 1) positions) as matrices
+        (B, 1, D, D): ``x @ rotation`` is :meth:`rotate` of rows ``x`` (B, H, 1, D), one product instead of four
+        half-width passes (what a single fused token is rotated with, once per layer)."""
+        if self.cos.shape[-2] != 1:
+            raise ValueError(f"Rotation matrices are for one position per sample; this frame holds {self.cos.shape[-2]}.")
+        if self._inverse is None:
+            self._inverse = inverse_angles(self.cos, self.sin)
+        return rotation_matrix(self.cos, self.sin), rotation_matrix(*self._inverse)
+
+    def add_rotated(self, target: Tensor, keys: Tensor) -> Tensor:
+        """``target + rotate(keys)`` (see :func:`add_rotary`: in place without autograd)."""
+        return add_rotary(target, keys, self.cos, self.sin)

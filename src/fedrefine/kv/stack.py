@@ -49,13 +49,21 @@ class KVStack:
             )
 
     @classmethod
-    def of(cls, kv: Mapping[int, LayerKV], keys: bool = True) -> KVStack:
-        """Stack per-layer (K, V) (each (B, H, N, D)) in ascending layer order; ``keys=False`` drops the keys."""
+    def of(cls, kv: Mapping[int, LayerKV], keys: bool = True, heads_last: bool = False) -> KVStack:
+        """Stack per-layer (K, V) (each (B, H, N, D)) in ascending layer order; ``keys=False`` drops the keys.
+        ``heads_last``: held as (L, B, N, H, D) in memory (still shaped (L, B, H, N, D)), the layout of the fusers'
+        rows (one per token, heads side by side): :func:`~fedrefine.fuser.stacked.rows` is a view then."""
         if not kv:
             raise ValueError("A KVStack needs at least one layer.")
         layers = tuple(sorted(kv))
-        stacked_keys = torch.stack([kv[i][0] for i in layers]) if keys else None  # (L, B, H, N, D)
-        return cls(layers, stacked_keys, torch.stack([kv[i][1] for i in layers]))
+
+        def stack(tensors: list[Tensor]) -> Tensor:  # (L, B, H, N, D)
+            if not heads_last:
+                return torch.stack(tensors)
+            return torch.stack([t.transpose(1, 2) for t in tensors]).transpose(2, 3)  # one copy, heads-last
+
+        stacked_keys = stack([kv[i][0] for i in layers]) if keys else None
+        return cls(layers, stacked_keys, stack([kv[i][1] for i in layers]))
 
     def slots(self, layers: Sequence[int]) -> Tensor:
         """The slot of each of ``layers`` (repeats allowed), as an index tensor."""
