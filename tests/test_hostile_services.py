@@ -38,8 +38,8 @@ def wide():
 class Served:
     """A participant server in this process and a channel to it (closed and stopped on exit)."""
 
-    def __init__(self, participant, limits: ServeLimits) -> None:
-        self.server, self.port = serve_participant(participant, limits=limits)
+    def __init__(self, participant, limits: ServeLimits | None = None, batching=None) -> None:
+        self.server, self.port = serve_participant(participant, limits=limits, batching=batching)
         self.server.start()
         self.channels: list[grpc.Channel] = []
 

@@ -40,18 +40,13 @@ class BatchingConfig:
         default=True, metadata={"help": "Batch concurrent requests (false: one request per model call, in arrival order)."}
     )
     max_batch: int = field(default=16, metadata={"help": "Most requests merged into one model call."})
-    max_batch_tokens: int = field(
-        default=65536, metadata={"help": "Most padded tokens (rows x width) in one merged model call; a request "
-                                         "larger than this runs alone."}
-    )
-    max_queue_delay_ms: float = field(
-        default=5.0, metadata={"help": "Longest a request waits for others to join its batch (from its arrival); "
-                                       "a full batch runs at once."}
-    )
-    max_queue: int = field(
-        default=64, metadata={"help": "Requests waiting for a model call; one more is refused RESOURCE_EXHAUSTED "
-                                      "with a retry hint (trailing metadata grpc-retry-pushback-ms)."}
-    )
+    max_batch_tokens: int = field(default=65536, metadata={
+        "help": "Most padded tokens (rows x width) in one merged model call; a request larger than this runs alone."})
+    max_queue_delay_ms: float = field(default=5.0, metadata={
+        "help": "Longest a request waits for others to join its batch (from its arrival); a full batch runs at once."})
+    max_queue: int = field(default=64, metadata={
+        "help": "Requests waiting for a model call; one more is refused RESOURCE_EXHAUSTED with a retry hint "
+                "(trailing metadata grpc-retry-pushback-ms)."})
     max_wait_s: float = field(
         default=120.0, metadata={"help": "Longest a request waits in the queue (or its own deadline, if shorter); "
                                          "then it is answered DEADLINE_EXCEEDED and never run."}

@@ -26,6 +26,7 @@ from fedrefine.participants.chat import encode_chat
 from fedrefine.participants.generation import Reply, generate_replies
 from fedrefine.privacy.rephrase import Rephraser, Rephrasing
 from fedrefine.runtime.requests import PrefillPlan
+from fedrefine.wire.format import serialize_message
 from fedrefine.wire.message import KVMessage, prefill_message
 
 
@@ -96,7 +97,18 @@ class ModelCalls:
                 return self.rephrase(payloads)
         raise TypeError(f"no model call for {kind.__name__}")
 
-    def prefill(self, plans: Sequence[PrefillPlan]) -> list[tuple[KVMessage, float]]:
+    def prefill(self, plans: Sequence[PrefillPlan]) -> list[tuple[bytes, float, float]]:
+        """(message bytes, forward seconds, encode seconds) per plan: one forward pass over every plan's rows
+        (B_total, width), then each plan's message encoded with its codec (here: in the model thread, one after
+        another, rather than in each caller's thread at once, where they would contend for the GIL)."""
+        encoded = []
+        for message, seconds in self.messages(plans):
+            start = time.perf_counter()
+            data = serialize_message(message, plans[len(encoded)].codec)
+            encoded.append((data, seconds, time.perf_counter() - start))
+        return encoded
+
+    def messages(self, plans: Sequence[PrefillPlan]) -> list[tuple[KVMessage, float]]:
         """(message, forward seconds) per plan: one forward pass over every plan's rows (B_total, width)."""
         device = self.participant.device
         input_ids = torch.cat([p.input_ids for p in plans]).to(device)  # (B_total, width)

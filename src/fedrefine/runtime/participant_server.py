@@ -49,7 +49,7 @@ from fedrefine.runtime.serving import (
 )
 from fedrefine.settings import SettingsError, documented
 from fedrefine.wire.codecs import CODEC_NAMES
-from fedrefine.wire.format import FORMAT_NAME, FORMAT_VERSION, serialize_message
+from fedrefine.wire.format import FORMAT_NAME, FORMAT_VERSION
 
 SERVICE_NAME = "fedrefine.participant.v1.Participant"
 #: Bytes of message per streamed chunk (well under gRPC's 4 MiB default message size).
@@ -140,11 +140,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
             done = self._model_call(context, call, "Prefill", *prefill_key(plan), plan)
             if done is None:  # the client left (deadline or cancel) while this call waited
                 return
-            message, prefill_seconds = done
-            start = time.perf_counter()
-            data = serialize_message(message, plan.codec)
-            del message
-            encode_seconds = time.perf_counter() - start
+            data, prefill_seconds, encode_seconds = done
             if self.drill.tamper:
                 data = TAMPERINGS[self.drill.tamper](data)
             if self.drill.truncate:
