@@ -8,7 +8,8 @@ false (one request per model call, in arrival order) and once with the default b
 setting is the same. For each request size (small: 4 prompts x 48 tokens, large: 16 x 256; fp32 messages) and
 each client count, that many clients (threads of this process, a connection each) send Prefill requests one
 after another for ``--warmup-s`` + ``--window-s`` seconds, reading each reply's chunks without decoding them (a
-light client). Requests completed inside the window give the throughput and latency percentiles; a refused
+light client). Requests completed inside the window (``--large-scale`` x longer for large requests, and its
+warmup too) give the throughput and the latency percentiles (of those requests); a refused
 request (RESOURCE_EXHAUSTED) is counted and retried after the server's retry hint. Every loop is bounded by
 the window and every call by a deadline.
 
@@ -86,7 +87,7 @@ def load(port: int, request: pb.PrefillRequest, clients: int, warmup_s: float, w
                     time.sleep(retry_hint_s(err))
                     continue
                 done = time.monotonic()
-                if sent >= begin and done <= end:
+                if begin <= done <= end:  # completed in the window (warmup: at least one round trip)
                     latencies[index].append(done - sent)
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
@@ -111,8 +112,9 @@ def run_mode(mode: str, args, workdir: Path) -> dict:
         for size in args.sizes:
             request = request_of(*SIZES[size])
             out[size] = []
+            scale = args.large_scale if size == "large" else 1.0
             for clients in args.clients:
-                row = load(port, request, clients, args.warmup_s, args.window_s)
+                row = load(port, request, clients, args.warmup_s * scale, args.window_s * scale)
                 print(mode, size, row, flush=True)
                 out[size].append(row)
     return out
@@ -166,6 +168,7 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--server-threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--server-core", type=int, default=None, help="pin the server to this core (default: not)")
+    parser.add_argument("--large-scale", type=float, default=2.0, help="window and warmup x this for large requests")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--out", default="benchmarks/results/serve_load")
     args = parser.parse_args()
@@ -180,6 +183,7 @@ def main() -> None:
         "server": f"{args.server_threads} torch threads, " + (f"core {args.server_core}" if args.server_core is not None
                                                                 else "not pinned") + "; clients in one process",
         "batching": vars(config), "clients": args.clients, "window_s": args.window_s, "warmup_s": args.warmup_s,
+        "large_scale": args.large_scale,
         "sizes": {k: {"prompts": p, "tokens": t} for k, (p, t) in SIZES.items()},
         "results": results, "bars": bars(results, config),
     }
