@@ -60,13 +60,14 @@ REAL_SENDER, REAL_RECEIVER = "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen3-0.6B"
 
 # --- servers ---------------------------------------------------------------------------------------
 @contextmanager
-def served(args: list[str], workdir: Path, name: str, core: int):
-    """``fedrefine serve <args>`` on a free port, pinned to ``core`` with one torch thread; yields its port."""
+def served(args: list[str], workdir: Path, name: str, core: int | None, threads: int = 1):
+    """``fedrefine serve <args>`` on a free port, pinned to ``core`` (None: not pinned) with ``threads`` torch
+    threads; yields its port."""
     ready, log = workdir / f"{name}.port", (workdir / f"{name}.log").open("w")
     command = [sys.executable, "-m", "fedrefine.cli", "serve", *args, "--port", "0", "--ready-file", str(ready)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                               preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+                               preexec_fn=None if core is None else lambda: os.sched_setaffinity(0, {core}))
     try:
         deadline = time.monotonic() + 300
         while not ready.exists():

@@ -38,8 +38,8 @@ def wide():
 class Served:
     """A participant server in this process and a channel to it (closed and stopped on exit)."""
 
-    def __init__(self, participant, limits: ServeLimits) -> None:
-        self.server, self.port = serve_participant(participant, limits=limits)
+    def __init__(self, participant, limits: ServeLimits | None = None, batching=None) -> None:
+        self.server, self.port = serve_participant(participant, limits=limits, batching=batching)
         self.server.start()
         self.channels: list[grpc.Channel] = []
 
@@ -97,7 +97,10 @@ def test_slow_readers_cannot_freeze_health_identity_or_the_other_clients(wide):
                 time.sleep(0.2)
         assert chunks and chunks[0].total_bytes > 0 and time.monotonic() - start < 5  # within the send timeout
         codes = [code_of(r) for r in readers]
-        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 8
+        # each reader was refused (no reply slot freed in time) or cancelled (evicted, or past its send timeout):
+        # only the readers holding the max_calls slots at the end may read their reply whole
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) + codes.count(grpc.StatusCode.CANCELLED) >= 10
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 4
         assert grpc.StatusCode.CANCELLED in codes  # a stalled reader was cancelled (the other may read on: OK)
         assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.OK}
         assert list(served.stub().Prefill(small, timeout=20))  # the slots are free again

@@ -6,11 +6,14 @@
     Rephrase  -> rewrites of queries (when the served config offers rephrasing)
     health    -> gRPC's standard health service
 
-Requests are validated field by field before any model runs (:mod:`fedrefine.runtime.requests`), and one
-model call runs at a time. Calls that run a model or stream are admitted by a
-:class:`~fedrefine.runtime.admission.CallGate` (bounded per client and in total, each send with a deadline),
-so health and Identity stay answerable whatever other clients do. A call whose client has gone (cancelled,
-or past its deadline) is not run. Every refusal is INVALID_ARGUMENT or RESOURCE_EXHAUSTED, short, and logged.
+Requests are validated field by field before any model runs (:mod:`fedrefine.runtime.requests`). Model calls
+run one at a time in a :class:`~fedrefine.runtime.batcher.Batcher`, which merges concurrent compatible requests
+into one call (:mod:`fedrefine.runtime.model_calls`; each gets exactly its unbatched result) from a bounded
+queue: a full queue answers RESOURCE_EXHAUSTED with a retry hint. Calls that run a model or stream are admitted
+by a :class:`~fedrefine.runtime.admission.CallGate` (bounded per client and in total, each send with a
+deadline); a call waiting in the queue holds a waiting place, not a reply slot. So health and Identity stay
+answerable whatever other clients do. A call whose client has gone (cancelled, or past its deadline) is not
+run. Every refusal is INVALID_ARGUMENT, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, short, and logged.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from fedrefine.participants import Participant
-from fedrefine.participants.generation import generate_replies
 from fedrefine.participants.precision import cast_for_precision, resolve_precision
 from fedrefine.participants.sources import ParticipantSource
 from fedrefine.privacy.rephrase import RephraseConfig, Rephraser
 from fedrefine.runtime.admission import CallGate, checked, refuse
+from fedrefine.runtime.batcher import Batcher, BatcherClosed, BatchingConfig, QueueFull
 from fedrefine.runtime.drills import TAMPERINGS
 from fedrefine.runtime.identities import identity_json
+from fedrefine.runtime.model_calls import HintWork, ModelCalls, RephraseWork, hint_key, prefill_key, rephrase_key
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
 from fedrefine.runtime.requests import ServeLimits, check_hint, check_prefill, check_rephrase
@@ -46,8 +50,7 @@ from fedrefine.runtime.serving import (
 )
 from fedrefine.settings import SettingsError, documented
 from fedrefine.wire.codecs import CODEC_NAMES
-from fedrefine.wire.format import FORMAT_NAME, FORMAT_VERSION, serialize_message
-from fedrefine.wire.message import prefill_message
+from fedrefine.wire.format import FORMAT_NAME, FORMAT_VERSION
 
 SERVICE_NAME = "fedrefine.participant.v1.Participant"
 #: Bytes of message per streamed chunk (well under gRPC's 4 MiB default message size).
@@ -79,6 +82,7 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         rephraser: set when this participant offers rephrasing.
         limits: request limits.
         drill: deliberate faults (tests and drills only).
+        batching: how concurrent requests share model calls.
     """
 
     def __init__(
@@ -87,11 +91,37 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
         rephraser: Rephraser | None = None,
         limits: ServeLimits | None = None,
         drill: FaultDrill | None = None,
+        batching: BatchingConfig | None = None,
     ) -> None:
         self.participant, self.rephraser = participant, rephraser
         self.limits, self.drill = limits or ServeLimits(), drill or FaultDrill()
-        self.gate = CallGate(self.limits.max_calls, self.limits.max_calls_per_client, self.limits.send_timeout_s)
-        self._model_lock = threading.Lock()  # one model call at a time: they share the CPU threads / the GPU
+        self.batching = batching or BatchingConfig()
+        # waiting places: the queue, the batch being run, and as many ready calls waiting for a reply slot
+        waiting = self.batching.max_queue + 2 * self.batching.max_batch
+        self.gate = CallGate(self.limits.max_calls, self.limits.max_calls_per_client, self.limits.send_timeout_s, waiting)
+        self.batcher = Batcher(ModelCalls(participant, rephraser), self.batching)  # the one thread running the model
+
+    def close(self) -> None:
+        """Fail the queued calls and stop the model thread (bounded)."""
+        self.batcher.close()
+
+    def _model_call(self, context: grpc.ServicerContext, call, method: str, key, tokens: int, payload):
+        """The payload's result from the batcher (None: the client left), then a reply slot for ``call``."""
+        try:
+            job = self.batcher.submit(key, payload, tokens, context.is_active)
+        except QueueFull as full:
+            refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(full), method, retry_after_s=full.retry_after_s)
+        except BatcherClosed as err:
+            refuse(context, grpc.StatusCode.UNAVAILABLE, f"{err}; retry later", method)
+        try:
+            result = self.batcher.result(job, context.time_remaining())
+        except (TimeoutError, BatcherClosed) as err:
+            if not context.is_active():
+                return None
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if isinstance(err, TimeoutError) else grpc.StatusCode.UNAVAILABLE
+            refuse(context, code, f"the model queue did not run this request: {err}", method)
+        self.gate.take_slot(call, method)
+        return result
 
     def Identity(self, request: pb.IdentityRequest, context: grpc.ServicerContext) -> pb.IdentityReply:
         return pb.IdentityReply(
@@ -105,21 +135,13 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
     # --- Prefill ---------------------------------------------------------------------------------
     def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> Iterator[pb.MessageChunk]:
         plan = checked(check_prefill, context, "Prefill", request, self.participant, self.limits)
-        with self.gate.admit(context, "Prefill") as call:
+        with self.gate.admit(context, "Prefill", queued=True) as call:
             if self.drill.delay_s:
                 time.sleep(self.drill.delay_s)
-            with self._model_lock:
-                if not context.is_active():  # the client left (deadline or cancel) while this call waited
-                    return
-                start = time.perf_counter()
-                device = self.participant.device
-                message = prefill_message(self.participant, plan.input_ids.to(device), plan.attention_mask.to(device),
-                                          plan.layers, None if plan.sent is None else plan.sent.to(device))
-                prefill_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            data = serialize_message(message, plan.codec)
-            del message
-            encode_seconds = time.perf_counter() - start
+            done = self._model_call(context, call, "Prefill", *prefill_key(plan), plan)
+            if done is None:  # the client left (deadline or cancel) while this call waited
+                return
+            data, prefill_seconds, encode_seconds = done
             if self.drill.tamper:
                 data = TAMPERINGS[self.drill.tamper](data)
             if self.drill.truncate:
@@ -128,20 +150,23 @@ class ParticipantServicer(pb_grpc.ParticipantServicer):
 
     # --- Hint / Rephrase -------------------------------------------------------------------------
     def Hint(self, request: pb.HintRequest, context: grpc.ServicerContext) -> pb.HintReply:
-        prompts, max_new_tokens, batch_size = checked(check_hint, context, "Hint", request, self.participant, self.limits)
-        with self.gate.admit(context, "Hint"), self._model_lock:
-            if not context.is_active():
+        work = HintWork(*checked(check_hint, context, "Hint", request, self.participant, self.limits))
+        with self.gate.admit(context, "Hint", queued=True) as call:
+            replies = self._model_call(context, call, "Hint", *hint_key(self.participant, work), work)
+            if replies is None:
                 return pb.HintReply()
-            replies = generate_replies(self.participant, prompts, max_new_tokens, batch_size)
         return pb.HintReply(replies=[pb.Reply(text=r.text, token_ids=list(r.token_ids), seconds=r.seconds) for r in replies])
 
     def Rephrase(self, request: pb.RephraseRequest, context: grpc.ServicerContext) -> pb.RephraseReply:
         if self.rephraser is None:
             refuse(context, grpc.StatusCode.UNIMPLEMENTED, "this participant does not offer rephrasing (serve it with "
                                                            "a `rephrase:` section)", "Rephrase")
-        queries, variant = checked(check_rephrase, context, "Rephrase", request, self.limits)
-        with self.gate.admit(context, "Rephrase"), self._model_lock:
-            found = self.rephraser.rephrase(queries, variant)
+        work = RephraseWork(*checked(check_rephrase, context, "Rephrase", request, self.limits))
+        key, tokens = rephrase_key(self.rephraser, work)
+        with self.gate.admit(context, "Rephrase", queued=True) as call:
+            found = self._model_call(context, call, "Rephrase", key, tokens, work)
+            if found is None:
+                return pb.RephraseReply()
         return pb.RephraseReply(rephrasings=[
             pb.Rephrasing(original=r.original, text=r.text, num_tokens=r.num_tokens, seconds=r.seconds) for r in found
         ])
@@ -159,6 +184,27 @@ def chunks(data: bytes, prefill_seconds: float, encode_seconds: float) -> Iterat
         yield chunk
 
 
+class ParticipantServer:
+    """A :class:`grpc.Server` (every method passed through) whose ``stop`` also stops the servicer's model thread,
+    once the calls in flight had their grace."""
+
+    def __init__(self, server: grpc.Server, servicer: ParticipantServicer) -> None:
+        self._server, self.servicer = server, servicer
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)
+
+    def stop(self, grace: float | None) -> threading.Event:
+        stopped = self._server.stop(grace)
+
+        def close() -> None:
+            stopped.wait((grace or 0) + 5)
+            self.servicer.close()
+
+        threading.Thread(target=close, name="fedrefine-batcher-close", daemon=True).start()
+        return stopped
+
+
 def serve_participant(
     participant: Participant,
     host: str = "127.0.0.1",
@@ -168,12 +214,14 @@ def serve_participant(
     rephrase_cache_dir: str | None = None,
     limits: ServeLimits | None = None,
     drill: FaultDrill | None = None,
+    batching: BatchingConfig | None = None,
 ) -> tuple[grpc.Server, int]:
-    """A (not yet started) server for ``participant`` and the port it is bound to."""
+    """A (not yet started) server for ``participant`` and the port it is bound to (stopping it, see
+    :func:`~fedrefine.runtime.serving.new_server`, also stops its model thread)."""
     security = security or ServerSecurity()
     rephraser = None if rephrase is None else Rephraser(participant, rephrase, rephrase_cache_dir)
-    servicer = ParticipantServicer(participant, rephraser, limits, drill)
-    server = new_server(security, workers=servicer.gate.workers)
+    servicer = ParticipantServicer(participant, rephraser, limits, drill, batching)
+    server = ParticipantServer(new_server(security, workers=servicer.gate.workers), servicer)
     pb_grpc.add_ParticipantServicer_to_server(servicer, server)
     add_health(server, SERVICE_NAME)
     bound = security.add_port(server, f"{host}:{port}")
@@ -195,6 +243,8 @@ def config_parser() -> ArgumentParser:
     parser.add_argument("--rephrase", type=RephraseConfig | None, default=None, help="offer rephrasing with these settings")
     parser.add_argument("--rephrase_cache_dir", type=str | None, default=None, help="cache of its rephrasings")
     parser.add_argument("--limits", type=ServeLimits, default=ServeLimits(), help="request limits")
+    parser.add_argument("--batching", type=BatchingConfig, default=BatchingConfig(),
+                        help="how concurrent requests share model calls")
     parser.add_argument("--drill", type=FaultDrill, default=FaultDrill(), help="deliberate faults (drills and tests)")
     parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--precision", type=str | None, default=None,
@@ -218,7 +268,7 @@ def main(argv: list[str]) -> None:
     participant = load_served(init.participant, args.precision)
     server, port = serve_participant(
         participant, args.host, args.port, security_from(args), init.rephrase, args.rephrase_cache_dir,
-        init.limits, init.drill,
+        init.limits, init.drill, init.batching,
     )
     logger.info("serving %s", participant.identity.key)
     serve_forever(server, port, f"participant {participant.identity.name_or_path}", args.ready_file)

@@ -40,11 +40,13 @@ class ServeLimits:
     )
     max_new_tokens: int = field(default=512, metadata={"help": "Longest Hint reply a request may ask for."})
     max_calls: int = field(
-        default=8, metadata={"help": "Model or streaming calls (Prefill, Hint, Rephrase) at once, over all clients; "
-                                     "more are refused RESOURCE_EXHAUSTED. Health and Identity are never limited."}
+        default=8, metadata={"help": "Prefill, Hint and Rephrase calls replying (streaming) at once, over all clients; "
+                                     "more are refused RESOURCE_EXHAUSTED. Calls waiting for the model take a place in "
+                                     "the batching queue instead (batching.max_queue). Health and Identity are never "
+                                     "limited."}
     )
     max_calls_per_client: int = field(
-        default=4, metadata={"help": "The same, per client connection."}
+        default=4, metadata={"help": "Calls in progress (waiting or replying) per client connection."}
     )
     send_timeout_s: float = field(
         default=10.0, metadata={"help": "A streamed chunk its client does not take within this long cancels the call."}
