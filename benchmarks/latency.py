@@ -25,7 +25,7 @@ The issue's bars are listed with each ratio and whether it is met. Writes benchm
 Fusers are the shipped real-pair config's (configs/qwen3_qwen25.yaml), random weights; ``c2c.values`` is the
 same fuser without its key stream (values-only fusion), ``c2c.hidden128`` the same at half its width. The
 fuser's matrix products are also timed alone, with their multiply-accumulates against the receiver's: the
-floor of the fuse step. Every phase runs with glibc told to keep large freed blocks in its heap
+floor of the fuse step (``fuse_over_fuser_matmul_floor`` is the median ratio of fuse steps and floors timed in turn). Every phase runs with glibc told to keep large freed blocks in its heap
 (``--heap-tunables``; '' for glibc's defaults): fusion's large temporaries otherwise cost page faults on
 each call, a standard CPU-inference setting, recorded in the results.
 """
@@ -168,20 +168,28 @@ def c2c_stages(model: FusedReceiver, batch: FusionBatch, senders: list[str], own
         stages["receiver_own_prompt"] = (alone[0] + seconds(lambda: model(batch), device)) / 2
     if not own_prompt:  # the fusion step itself, timed alone: prompt-position and concat fusion run it before the
         # receiver's last tokens (last-token fusion runs inside them: there only the difference measures it)
-        ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
-        inputs = model.fusion_inputs(batch, messages)
-        own = prefill_all_but_last(model.receiver, ids, mask) if model.strategy.aligns else None
-        stages["fuse_step"] = seconds(lambda: model.strategy.prepare(model.receiver, ids, mask, inputs, own), device)
+        stages["fuse_step"] = seconds(fuse_step(model, batch, messages), device)
     stages["bytes"] = float(sum(m.nbytes for m in messages.values()))
     stages["sender_bytes"] = {n: float(m.nbytes) for n, m in messages.items()}
     return stages
 
 
-def fuser_matmul_floor(fuser: Fuser, receiver: Participant, tokens: int, repeats: int) -> dict[str, float]:
+def fuse_step(model: FusedReceiver, batch: FusionBatch, messages: dict) -> Callable[[], object]:
+    """The fusion step alone (prompt-position or concat fusion), over the receiver's prefill of all but the last token."""
+    ids, mask = batch.receiver_input_ids, batch.receiver_attention_mask
+    inputs = model.fusion_inputs(batch, messages)
+    own = prefill_all_but_last(model.receiver, ids, mask) if model.strategy.aligns else None
+    return lambda: model.strategy.prepare(model.receiver, ids, mask, inputs, own)
+
+
+def fuser_matmul_floor(fuser: Fuser, receiver: Participant, tokens: int, repeats: int,
+                       step: Callable[[], object] | None = None) -> dict[str, float]:
     """The fuser's matrix products alone (its stacked inference weights, ``tokens`` rows of random inputs):
     the part of the fuse step that no change to the code around them removes. With the multiply-accumulates
     of those products and of the receiver's own over its prompt (its decoder layers' weight matrices per
-    token, the output head for one; attention scores left out), the floor as a ratio, by time and by count."""
+    token, the output head for one; attention scores left out), the floor as a ratio, by time and by count.
+    ``step`` (the fuse step whose floor this is): timed in turn with the products, ``repeats`` pairs, so the ratio
+    is the median of paired ratios (drift between two separately timed medians moved it by 0.2 and more here)."""
     stack = fuser._stacks.stack
     if stack is None:
         raise RuntimeError("Run the fuser once in inference before timing its products (it stacks its weights then).")
@@ -198,12 +206,18 @@ def fuser_matmul_floor(fuser: Fuser, receiver: Participant, tokens: int, repeats
             torch.bmm(x, w)  # (L, tokens, in) @ (L, in, out)
 
     products()
-    times = [seconds(products, receiver.device) for _ in range(repeats)]
+    times, steps = [], []
+    for _ in range(repeats):
+        if step is not None:
+            steps.append(seconds(step, receiver.device))
+        times.append(seconds(products, receiver.device))
     fuser_macs = sum(w.numel() * tokens for w in weights)
     decoder = sum(p.numel() for name, p in receiver.model.named_parameters() if ".layers." in name and p.dim() == 2)
     head = receiver.model.get_output_embeddings().weight.numel()
+    paired = {} if step is None else {"fuse_step_paired_s": statistics.median(steps),
+                                      "fuse_over_floor_paired": statistics.median(f / m for f, m in zip(steps, times))}
     return {"fuser_matmuls_s": statistics.median(times), "fuser_macs": float(fuser_macs),
-            "receiver_macs": float(decoder * (tokens + 1) + head)}
+            "receiver_macs": float(decoder * (tokens + 1) + head)} | paired
 
 
 # --- one measurement pass ----------------------------------------------------------------------------
@@ -304,6 +318,20 @@ class Bench:
             self.bf16 = model, batch_for(model, self.messages, 1)
         model, batch = self.bf16
         return {"receiver": seconds(lambda: model(batch), self.device)}
+
+    def fuse_step(self, size: int) -> Callable[[], object]:
+        """c2c:1's fuse step at batch ``size`` (the pair the floor is about), its message sent once."""
+        model = self.models["prompt"]
+        batch = batch_for(model, self.messages, size)
+        with torch.no_grad():
+            messages = {"s0": model.sending.send("s0", batch.senders["s0"])}
+            step = fuse_step(model, batch, messages)
+
+        def run() -> None:
+            with torch.no_grad():
+                step()
+
+        return run
 
     def measure(self, size: int, repeats: int) -> dict[str, dict]:
         chosen = {"receiver", *filter(None, self.args.routes.split(","))}
@@ -426,8 +454,9 @@ def fuse_ratios(results: dict) -> dict[str, float]:
     for size in (1, 16):
         batch = results.get(f"batch_{size}", {})
         if "fuser_floor" in batch and "c2c:1" in batch:
-            suffix = "" if size == 1 else "_batch16"
-            out[f"fuse_over_fuser_matmul_floor{suffix}"] = batch["c2c:1"]["stages"]["fuse"] / batch["fuser_floor"]["fuser_matmuls_s"]
+            suffix, floor = "" if size == 1 else "_batch16", batch["fuser_floor"]
+            out[f"fuse_over_fuser_matmul_floor{suffix}"] = floor.get(
+                "fuse_over_floor_paired", batch["c2c:1"]["stages"]["fuse"] / floor["fuser_matmuls_s"])
     if "receiver.bf16" in results.get("batch_1", {}):  # reported, no bar
         b1 = results["batch_1"]
         out["bf16_receiver_over_fp32_receiver"] = b1["receiver.bf16"]["stages"]["receiver"] / b1["receiver"]["stages"]["receiver"]
@@ -509,8 +538,12 @@ def markdown(payload: dict) -> str:
     for size in (1, 16):
         floor = results.get(f"batch_{size}", {}).get("fuser_floor")
         if floor is not None:
+            paired = "" if "fuse_over_floor_paired" not in floor else (
+                f" Timed in turn with them, the fuse step takes {floor['fuse_step_paired_s']:.3f} s: "
+                f"{floor['fuse_over_floor_paired']:.3f}x its floor (median of the pairs' ratios).")
             lines += [f"The fuser's matrix products alone (c2c:1, batch {size}, its own weights): {floor['fuser_matmuls_s']:.3f} s; "
-                      f"{floor['fuser_macs'] / 1e9:.2f} G multiply-accumulates against the receiver's {floor['receiver_macs'] / 1e9:.1f} G.", ""]
+                      f"{floor['fuser_macs'] / 1e9:.2f} G multiply-accumulates against the receiver's {floor['receiver_macs'] / 1e9:.1f} G."
+                      + paired, ""]
     if "critical_path_measured" in results:
         m = results["critical_path_measured"]
         lines += ["## Critical path with the sender in its own process (1 sender, each on its own core, 1 thread)", "",
@@ -536,12 +569,13 @@ def run_phase(args, device: torch.device, dtype: torch.dtype) -> dict:
         result["receiver_tokens"] = int(batch_for(bench.models["prompt"], bench.messages, 1).receiver_attention_mask.sum())
         fuser = bench.models["prompt"].fuser_for("s0")  # the prompt-position fusion fuses all but the last token
         if fuser._stacks.stack is not None:  # c2c:1 ran (not so in a partial run without it)
-            result["fuser_floor"] = fuser_matmul_floor(fuser, bench.receiver, result["receiver_tokens"] - 1, args.repeats)
+            result["fuser_floor"] = fuser_matmul_floor(fuser, bench.receiver, result["receiver_tokens"] - 1,
+                                                       args.floor_repeats, bench.fuse_step(1))
     elif args.phase == "batch_16":
         result = bench.measure(16, args.batch16_repeats)
         tokens = int(batch_for(bench.models["prompt"], bench.messages, 1).receiver_attention_mask.sum()) - 1
         result["fuser_floor"] = fuser_matmul_floor(bench.models["prompt"].fuser_for("s0"), bench.receiver, 16 * tokens,
-                                                   args.batch16_repeats)
+                                                   max(args.batch16_repeats, args.floor_repeats // 3), bench.fuse_step(16))
     elif args.phase == "training":
         result = bench.training_step(args.repeats)
     else:
@@ -556,6 +590,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch16-repeats", type=int, default=3)
+    parser.add_argument("--floor-repeats", type=int, default=15,
+                        help="fuse step / matmul floor pairs timed in turn (batch 16: a third, at least --batch16-repeats)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="default benchmarks/results/latency (gpu/latency on CUDA)")

@@ -220,8 +220,13 @@ def counted_fusion(model, monkeypatch):
     monkeypatch.setattr(model.strategy, "prepare", counted_prepare)
     for fuser in model.fusers:
         monkeypatch.setattr(fuser, "forward", counted(fuser.forward))
-        streams = fuser.layer_streams  # last-token fusion in inference runs each layer's streams (a call per layer)
-        monkeypatch.setattr(fuser, "layer_streams", lambda streams=streams: {i: counted(s) for i, s in streams().items()})
+        streams = fuser.inference_streams  # last-token fusion in inference runs each layer's streams (a call per layer)
+
+        def counted_streams(streams=streams):
+            stack, by_layer = streams()
+            return stack, {i: counted(s) for i, s in by_layer.items()}
+
+        monkeypatch.setattr(fuser, "inference_streams", counted_streams)
     return counts
 
 

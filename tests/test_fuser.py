@@ -247,7 +247,7 @@ def test_a_registry_refuses_a_fuser_in_a_misnamed_folder_naming_the_expected_one
 
 
 @pytest.mark.parametrize("num_blocks", [2, 3, 4])
-@pytest.mark.parametrize("batch, length", [(1, 1), (2, 5)])  # a few rows (norm first) and many (bias as a weight row)
+@pytest.mark.parametrize("batch, length", [(1, 1), (2, 5)])  # a few rows (bias by its own product) and many (bias as a weight row)
 def test_stacked_streams_equal_the_per_layer_loop_at_every_depth(receiver, qwen2_sender, num_blocks, batch, length):
     torch.manual_seed(5)
     fuser = Fuser(qwen2_sender.identity, receiver.identity, FuserConfig(hidden_size=16, num_blocks=num_blocks)).eval()
@@ -259,5 +259,7 @@ def test_stacked_streams_equal_the_per_layer_loop_at_every_depth(receiver, qwen2
     looped = fuser(sender, theirs)
     with torch.no_grad():
         stacked = fuser(sender, theirs)
+    # with a projection block, it and the weight block share one norm, up product and GELU (their up Linears side by side)
+    assert (fuser.inference_stack().value.branches_up is not None) == (num_blocks > 2)
     torch.testing.assert_close(stacked.keys, looped.keys.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stacked.values, looped.values.detach(), rtol=1e-5, atol=1e-6)

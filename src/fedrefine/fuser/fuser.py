@@ -161,10 +161,11 @@ class Fuser(nn.Module):
         """Every open layer's weights stacked for inference (see :mod:`fedrefine.fuser.stacked`)."""
         return self._stacks.of(self, self.layers, tuple(i for i, is_open in enumerate(self.open_layers()) if is_open))
 
-    def layer_streams(self) -> dict[int, StackedStream]:
-        """Open layer -> its [K ;] V streams as one stack (what the last prompt token's fusion runs per layer)."""
-        self.inference_stack()
-        return self._stacks.layer_streams(self.layers)
+    def inference_streams(self) -> tuple[StackedLayers, dict[int, StackedStream]]:
+        """:meth:`inference_stack`, and open layer -> its [K ;] V streams as one stack (what the last prompt token's
+        fusion runs per layer): the parameters' versions checked once for both."""
+        stack = self.inference_stack()
+        return stack, self._stacks.layer_streams(self.layers)
 
     def _stacked_forward(self, runs: list[int], sender: KVStack, receiver: KVStack | None, scale: Tensor | None) -> KVStack:
         """Inference over the layers ``runs`` at once (see :mod:`fedrefine.fuser.stacked`); same outputs as the loop."""

@@ -43,8 +43,8 @@ def inverse_rms(x: Tensor, eps: float | None) -> Tensor:
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
-#: At most this many rows per layer (one fused token), the RMSNorm runs first, as one kernel: fewer, not larger
-#: kernels matter there (the copy it makes is a row).
+#: At most this many rows per layer (one fused token), the projection's bias is added by its own product: the ones
+#: column that saves a pass over many rows costs a copy of its own there.
 FEW_ROWS = 8
 
 
@@ -53,12 +53,11 @@ def normalised_product(x: Tensor, eps: float | None, weight: Tensor, normalised:
     applied to the product, so no normalised copy of ``x`` is made (the product is the narrower when the
     input is the receiver's heads side by side). ``normalised=False``: plain ``x @ weight``. ``bias`` (L, 1, out)
     or (L, M, out) is added."""
-    if normalised and x.shape[-2] <= FEW_ROWS:
-        x, normalised = F.rms_norm(x, (x.shape[-1],), eps=eps), False
     if not normalised:
         return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
-    product = torch.bmm(x, weight).mul_(inverse_rms(x, eps))
-    return product if bias is None else product.add_(bias)
+    if bias is None:
+        return torch.bmm(x, weight).mul_(inverse_rms(x, eps))
+    return torch.addcmul(bias, torch.bmm(x, weight), inverse_rms(x, eps))
 
 
 def rows(states: Tensor) -> Tensor:
@@ -90,7 +89,20 @@ class StackedBlock:
     def __call__(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """(L, M, dim) -> (L, M, dim), into ``out`` when given."""
         weight, bias = self.up
-        return torch.add(linear(F.gelu(normalised_product(x, self.eps, weight, bias=bias)), self.down), x, out=out)
+        return self.finish(x, F.gelu(normalised_product(x, self.eps, weight, bias=bias)), out)
+
+    def finish(self, x: Tensor, inner: Tensor, out: Tensor | None = None) -> Tensor:
+        """``x + W2 inner``: the block after its GELU (``inner`` (L, M, inner_dim)), into ``out`` when given."""
+        return torch.add(linear(inner, self.down), x, out=out)
+
+
+def shared_up(first: StackedBlock, second: StackedBlock) -> Stacked | None:
+    """Two blocks reading the same input, their up Linears side by side (L, dim, inner + inner'): the norms' scales are
+    folded into the weights, so one norm factor, one product and one GELU serve both. None when their norms differ
+    in eps (then each runs its own)."""
+    if first.eps != second.eps:
+        return None
+    return torch.cat((first.up[0], second.up[0]), dim=-1), torch.cat((first.up[1], second.up[1]), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,7 @@ class StackedStream:
     weight_head: Stacked
     heads: int
     head_dim: int
+    branches_up: Stacked | None = None  # the first projection block's and the weight block's up Linears side by side
 
     @classmethod
     def of(cls, streams: Sequence[nn.Module]) -> StackedStream:
@@ -125,7 +138,7 @@ class StackedStream:
         receiver_input = None
         if first.input.in_features > sender_dim:  # the stream reads the receiver too
             receiver_input = _linear(inputs, receiver_norms, slice(sender_dim, None))[0]
-        return cls(
+        stream = cls(
             normalised,
             first.sender_norm.eps if normalised else None,
             first.receiver_norm.eps if normalised and first.receiver_norm is not None else None,
@@ -139,6 +152,9 @@ class StackedStream:
             first.receiver_heads,
             first.receiver_head_dim,
         )
+        if not stream.projection_blocks:
+            return stream
+        return replace(stream, branches_up=shared_up(stream.projection_blocks[0], stream.weight_block))
 
     def __call__(self, sender: Tensor | None, receiver: Tensor | None, scale: Tensor | None = None,
                  sender_part: Tensor | None = None) -> Tensor:
@@ -150,8 +166,9 @@ class StackedStream:
         if self.receiver_input is not None:
             h = normalised_product(rows(receiver), self.receiver_eps, self.receiver_input, self.normalised, h)
         h = self.trunk(h)
-        p = self._projection(h).view(layers, batch, length, self.heads, self.head_dim)
-        w = torch.sigmoid(linear(self.weight_block(h), self.weight_head)).view(layers, batch, length, self.heads, 1)
+        first_inner, weighted = self._branches(h)
+        p = self._projection(h, first_inner).view(layers, batch, length, self.heads, self.head_dim)
+        w = torch.sigmoid(linear(weighted, self.weight_head)).view(layers, batch, length, self.heads, 1)
         if scale is not None:
             w = w * scale[..., None, None]
         return p.mul_(w).transpose(2, 3)  # (L, B, H_t, N, D_t)
@@ -162,18 +179,31 @@ class StackedStream:
         weight, bias = self.sender_input if weight is None else weight
         return normalised_product(rows(sender), self.sender_eps, weight, self.normalised, bias)
 
-    def _projection(self, h: Tensor) -> Tensor:
-        """(L, M, hidden) -> (L, M, H_t * D_t): the projection blocks and the projection. Over many rows the last block
-        writes ``p`` beside a ones column, read by the weight over its bias row: the bias costs no pass of its own."""
-        if h.shape[-2] <= FEW_ROWS:
-            for block in self.projection_blocks:
-                h = block(h)
+    def _branches(self, h: Tensor) -> tuple[Tensor | None, Tensor]:
+        """The trunk's output ``h`` (L, M, hidden) into its two branches: the first projection block's GELU output
+        (None without :attr:`branches_up`) and the weight block's output. With :attr:`branches_up` the two blocks'
+        norm, up Linear and GELU run once, for both."""
+        if self.branches_up is None:
+            return None, self.weight_block(h)
+        weight, bias = self.branches_up
+        inner = F.gelu(normalised_product(h, self.weight_block.eps, weight, bias=bias))  # (L, M, both inner dims)
+        split = self.projection_blocks[0].up[0].shape[-1]  # the first projection block's inner dim (each block has its own)
+        return inner[..., :split], self.weight_block.finish(h, inner[..., split:])
+
+    def _projection(self, h: Tensor, first_inner: Tensor | None = None) -> Tensor:
+        """(L, M, hidden) -> (L, M, H_t * D_t): the projection blocks and the projection (``first_inner``: the first
+        block's GELU output, made by :meth:`_branches`). Over many rows the last block writes ``p`` beside a ones
+        column, read by the weight over its bias row: the bias costs no pass of its own."""
+        blocks, ones = self.projection_blocks, None
+        if h.shape[-2] > FEW_ROWS:
+            ones = h.new_empty((*h.shape[:-1], h.shape[-1] + 1))  # [p ; 1]
+            ones[..., -1] = 1
+        for i, block in enumerate(blocks):
+            out = ones[..., :-1] if ones is not None and i == len(blocks) - 1 else None
+            h = block(h, out=out) if i or first_inner is None else block.finish(h, first_inner, out)
+        if ones is None:
             return linear(h, self.projection)
-        ones = h.new_empty((*h.shape[:-1], h.shape[-1] + 1))  # [p ; 1]
-        ones[..., -1] = 1
-        for i, block in enumerate(self.projection_blocks):
-            h = block(h, out=ones[..., :-1] if i == len(self.projection_blocks) - 1 else None)
-        if not self.projection_blocks:
+        if not blocks:
             ones[..., :-1].copy_(h)
         return torch.bmm(ones, self.projection_with_bias)
 

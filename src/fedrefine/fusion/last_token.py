@@ -80,8 +80,7 @@ class LastTokenFusion:
     @staticmethod
     def _sender(item: FusionInput, read: KVStack, scale: Tensor, in_cache: bool) -> _Sender:
         fuser = item.fuser
-        streams = fuser.layer_streams()
-        stack = fuser.inference_stack()  # every open layer's streams, stacked: the sender's half in one product each
+        stack, streams = fuser.inference_streams()  # every open layer's, stacked: the sender's half in one product each
         opened = [i for i in streams if fuser.layer_map[i] in read.layers]
         carried = (read.values,) if read.keys is None or not fuser.fuses_keys else (read.keys, read.values)
         scales = scale.new_zeros((scale.shape[0], len(carried), *scale.shape[1:]))  # (L_t, S, B, 1)
