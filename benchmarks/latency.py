@@ -14,9 +14,9 @@ Per route: stage seconds (rephrase, sender prefill, transfer at 10 / 100 / 1000 
 fuse, receiver), serial total, and the critical path with the senders beside the receiver:
 max(rephrase + sender + transfer, receiver alone) + added. ``fuse`` is the fusion step timed on its own
 (last-token fusion runs inside the receiver's last token: there it is ``added``); ``added`` is what the
-receiver with fusion takes beyond the receiver alone on the same prompt. Measured too:
-C2C with the senders in threads of this process, and (one sender) with the sender in its own process
-pinned to its own core, one thread each; and (batch 1) the receiver alone cast to bf16 (``receiver.bf16``, the same
+receiver with fusion takes beyond the receiver alone on the same prompt. Measured too: C2C with the senders
+in threads of one process (a process of its own: see PHASES), and (one sender) with the sender in its own
+process pinned to its own core, one thread each; and (batch 1) the receiver alone cast to bf16 (``receiver.bf16``, the same
 seeded weights and token ids: ``bf16_receiver_over_fp32_receiver``, reported without a bar). ``added`` of last-token
 fusion is the median of its paired differences (in each run the receiver alone, with fusion twice, alone again).
 The issue's bars are listed with each ratio and whether it is met. Writes benchmarks/results/latency.{json,md}
@@ -206,6 +206,8 @@ def fuser_matmul_floor(fuser: Fuser, receiver: Participant, tokens: int, repeats
             torch.bmm(x, w)  # (L, tokens, in) @ (L, in, out)
 
     products()
+    if step is not None:  # warm-up
+        step()
     times, steps = [], []
     for _ in range(repeats):
         if step is not None:
@@ -333,9 +335,12 @@ class Bench:
 
         return run
 
-    def measure(self, size: int, repeats: int) -> dict[str, dict]:
+    def measure(self, size: int, repeats: int, threads: bool = False) -> dict[str, dict]:
+        """The routes at batch ``size``: those with the senders in threads (``threads``), or all the others; the
+        receiver alone with either."""
         chosen = {"receiver", *filter(None, self.args.routes.split(","))}
-        routes = {n: r for n, r in self.routes(size).items() if not self.args.routes or n in chosen}
+        routes = {n: r for n, r in self.routes(size).items() if (not self.args.routes or n in chosen)
+                  and (n == "receiver" or n.endswith(" threads") == threads)}
         runs: dict[str, list[dict]] = {name: [] for name in routes}
         with torch.no_grad():
             for run in routes.values():  # warm-up
@@ -558,8 +563,11 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
-#: Each phase runs in its own process (memory: all five models fit 24 GiB, not with batch-16 activations too).
-PHASES = {"batch_1": 4, "batch_16": 1, "training": 1, "critical_path_measured": 1}
+#: Each phase runs in its own process (memory: all five models fit 24 GiB, not with batch-16 activations too), with
+#: the number of senders it loads. The routes with the senders in threads have their own processes (``threads_*``):
+#: once a process had run torch in a pool of sender threads, every later route in it ran 1.4-1.5x slower here (the
+#: receiver alone 0.73 s before, 1.01-1.10 s after), which skewed every other figure of the phase.
+PHASES = {"batch_1": 4, "threads_1": 4, "batch_16": 1, "threads_16": 1, "training": 1, "critical_path_measured": 1}
 
 
 def run_phase(args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -576,6 +584,9 @@ def run_phase(args, device: torch.device, dtype: torch.dtype) -> dict:
         tokens = int(batch_for(bench.models["prompt"], bench.messages, 1).receiver_attention_mask.sum()) - 1
         result["fuser_floor"] = fuser_matmul_floor(bench.models["prompt"].fuser_for("s0"), bench.receiver, 16 * tokens,
                                                    max(args.batch16_repeats, args.floor_repeats // 3), bench.fuse_step(16))
+    elif args.phase.startswith("threads_"):
+        size = int(args.phase.removeprefix("threads_"))
+        result = bench.measure(size, args.repeats if size == 1 else args.batch16_repeats, threads=True)
     elif args.phase == "training":
         result = bench.training_step(args.repeats)
     else:
@@ -619,6 +630,12 @@ def main() -> None:
             out = Path(tmp) / f"{phase}.json"
             subprocess.run([sys.executable, __file__, *argv, "--phase", phase, "--phase-out", str(out)], check=True, env=env)
             results[phase] = json.loads(out.read_text())
+    peak_rss = max(r.pop("peak_rss_gib") for r in results.values())
+    for size in (1, 16):  # the threads routes join their batch's table (their receiver alone is kept apart)
+        if f"threads_{size}" in results and f"batch_{size}" in results:
+            threaded = results.pop(f"threads_{size}")
+            results[f"batch_{size}"] |= {k: v for k, v in threaded.items() if k.endswith(" threads")}
+            results[f"batch_{size}"]["receiver_in_threads_phase_s"] = threaded["receiver"]["stages"]["receiver"]
     out = args.out or ("benchmarks/results/gpu/latency" if device.type == "cuda" else "benchmarks/results/latency")
     payload = {
         "command": script_command(), "commit": git_commit(),
@@ -628,7 +645,7 @@ def main() -> None:
         "fuser": shipped_fuser_config() | {"dropout": 0.0, "from": SHIPPED_CONFIG}, "glibc_tunables": args.heap_tunables,
         "phases": phases, "routes": args.routes or "all",
         "receiver_tokens": results.get("batch_1", {}).pop("receiver_tokens", None),
-        "peak_rss_gib": max(r.pop("peak_rss_gib") for r in results.values()),
+        "peak_rss_gib": peak_rss,
         "results": results,
     }
     payload["ratios"] = ratios(results)
