@@ -16,12 +16,14 @@ import torch
 from conftest import QWEN2_SPEC, chatty
 from fedrefine.participants import build_tiny_participant
 from fedrefine.runtime.admission import RETRY_AFTER_KEY
-from fedrefine.runtime.batcher import Batcher, BatcherClosed, BatchingConfig, QueueFull
+from fedrefine.runtime.batcher import MIN_RETRY_AFTER_S, Batcher, BatcherClosed, BatchingConfig, QueueFull
 from fedrefine.runtime.model_calls import chat_lengths
+from fedrefine.runtime.participant_client import CallSettings, ParticipantClient, retry_hint_s
 from fedrefine.runtime.participant_server import ServeLimits, config_parser, instantiate
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.settings import SettingsError
 from fedrefine.toyworld.lightning import ToyParticipant
+from fedrefine.wire import SenderUnavailable
 from fedrefine.wire.format import deserialize_message
 from test_hostile_services import Served
 
@@ -303,6 +305,55 @@ def test_a_full_queue_is_refused_resource_exhausted_with_a_retry_hint(toy):
         release.set()
         for call in (running, queued):
             assert isinstance(call.result(WAIT_S), bytes)
+
+
+def test_the_client_calls_again_after_the_retry_hint_while_the_queue_is_full_and_never_past_its_limits(toy):
+    with Served(toy, batching=BatchingConfig(max_queue=1, max_queue_delay_ms=0)) as served:
+        release, run = threading.Event(), served.server.servicer.batcher.run
+        served.server.servicer.batcher.run = lambda key, payloads: (release.wait(WAIT_S), run(key, payloads))[1]  # a slow model
+        request = pb.PrefillRequest(prompts=[pb.TokenRow(ids=[5, 6, 7])], codec="fp32")
+        running = in_background(lambda s=served.stub(): prefill_bytes(s, request))  # takes the model
+        time.sleep(0.3)
+        queued = in_background(lambda s=served.stub(): prefill_bytes(s, request))  # fills the queue
+        time.sleep(0.3)
+        endpoint = f"grpc://127.0.0.1:{served.port}"
+
+        def prefill(retries: int):
+            client = ParticipantClient(endpoint, toy.identity, calls=CallSettings(deadline_s=WAIT_S, busy_retries=retries))
+            return client.prefill(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), [0], None, "fp32", 128,
+                                  [toy.identity.key])
+
+        with pytest.raises(SenderUnavailable, match="queue is full") as refused:  # no retries: refused at once
+            prefill(0)
+        assert refused.value.reason == "refused"
+        waited = time.monotonic()
+        with pytest.raises(SenderUnavailable, match="queue is full"):  # two retries, each after the hint: still full
+            prefill(2)
+        assert time.monotonic() - waited >= 2 * MIN_RETRY_AFTER_S
+        threading.Timer(0.5, release.set).start()  # the queue drains while the client waits and calls again
+        delivery = prefill(1000)
+        assert delivery.message.attention_mask.shape == (1, 3)
+        for call in (running, queued):
+            assert isinstance(call.result(WAIT_S), bytes)
+
+
+@pytest.mark.parametrize("code, metadata, expected", [
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, ((RETRY_AFTER_KEY, "250"),), 0.25),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, (), None),  # a bounded request field: no hint, no retry
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, ((RETRY_AFTER_KEY, "-5"),), None),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, ((RETRY_AFTER_KEY, "1e9"),), None),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, ((RETRY_AFTER_KEY, "86400000"),), None),  # a day: over the longest wait
+    (grpc.StatusCode.UNAVAILABLE, ((RETRY_AFTER_KEY, "250"),), None),
+])
+def test_a_retry_hint_is_read_only_from_a_full_queue_refusal_and_only_within_bounds(code, metadata, expected):
+    class Refusal(grpc.RpcError):
+        def code(self):
+            return code
+
+        def trailing_metadata(self):
+            return metadata
+
+    assert retry_hint_s(Refusal()) == expected
 
 
 def test_64_clients_at_once_fit_the_default_limits_and_nothing_is_refused(toy):

@@ -1,5 +1,6 @@
 """A receiver's client for a served participant: connect (with backoff), check its identity, and prefill
-or write hints within a deadline; every failure becomes :class:`~fedrefine.wire.SenderUnavailable`.
+or write hints within a deadline; every failure becomes :class:`~fedrefine.wire.SenderUnavailable`. A call the
+server refuses for a full queue is sent again after the server's retry hint, a bounded number of times.
 
 Bytes on the wire are counted as the transport carries the reply: each streamed chunk's serialised
 size plus gRPC's 5-byte message prefix (HTTP/2 frame headers and TLS records are not counted).
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import grpc
 from torch import Tensor
@@ -18,6 +20,7 @@ from torch import Tensor
 from fedrefine.participants import Participant, ParticipantIdentity
 from fedrefine.participants.generation import Reply
 from fedrefine.participants.sources import ParticipantSource
+from fedrefine.runtime.admission import RETRY_AFTER_KEY
 from fedrefine.runtime.identities import identity_from_json
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
@@ -26,6 +29,7 @@ from fedrefine.settings import SettingsError, documented
 from fedrefine.wire.format import MAX_MESSAGE_BYTES, MessageRequest, WireFormatError, deserialize_message
 from fedrefine.wire.remote import Delivery, HintDelivery, RemoteSender, RemoteSource, SenderUnavailable
 
+T = TypeVar("T")
 #: gRPC's length-prefixed message framing: 1 byte compressed flag + 4 bytes length, per message.
 GRPC_MESSAGE_PREFIX = 5
 _REASONS = {
@@ -55,9 +59,15 @@ class CallSettings:
         metadata={"help": "After a failed set-up, calls fail at once for this long before the next attempt (a sender "
                           "that is down costs one set-up per interval, not one per query)."},
     )
+    busy_retries: int = field(
+        default=2,
+        metadata={"help": "Times a call the server refused for a full queue (RESOURCE_EXHAUSTED with a retry hint) is "
+                          "sent again after the hinted wait, within the call's deadline; 0: never."},
+    )
 
     def __post_init__(self) -> None:
-        if min(self.deadline_s, self.connect_timeout_s) <= 0 or self.connect_retries < 1 or self.retry_after_s < 0:
+        if min(self.deadline_s, self.connect_timeout_s) <= 0 or self.connect_retries < 1 or self.retry_after_s < 0 \
+                or self.busy_retries < 0:
             raise SettingsError(f"Call settings must be positive (at least one connection attempt), got {self}.")
 
 
@@ -155,6 +165,21 @@ class ParticipantClient(RemoteSender):
     def _unavailable(self, err: grpc.RpcError) -> SenderUnavailable:
         return SenderUnavailable(self.endpoint, _REASONS.get(err.code(), "error"), _detail(err))
 
+    def _call(self, call: Callable[[float], T]) -> T:
+        """``call(timeout)``, sent again after the server's retry hint while it refuses for a full queue (at most
+        :attr:`CallSettings.busy_retries` times, never past the deadline); any other failure ends it at once."""
+        deadline = time.monotonic() + self.calls.deadline_s
+        for attempt in range(self.calls.busy_retries + 1):
+            try:
+                return call(max(deadline - time.monotonic(), 1e-3))
+            except grpc.RpcError as err:
+                wait = retry_hint_s(err)
+                if wait is None or attempt == self.calls.busy_retries or time.monotonic() + wait >= deadline:
+                    raise self._unavailable(err) from None
+                logger.info("%s: queue full, calling again in %.3f s", self.endpoint, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
     # --- calls -----------------------------------------------------------------------------------
     def prefill(
         self,
@@ -178,10 +203,9 @@ class ParticipantClient(RemoteSender):
         )
         if sent is not None:
             request.sent.extend(pb.TokenRow(ids=row.nonzero().flatten().tolist()) for row in sent.cpu())
-        start = time.perf_counter()
-        parts, total, sender_seconds, carried = [], 0, 0.0, 0
-        try:
-            for chunk in stub.Prefill(request, timeout=self.calls.deadline_s, metadata=self._metadata):
+        def receive(timeout: float) -> tuple[list[bytes], int, float, int]:  # each attempt starts afresh
+            parts, total, sender_seconds, carried = [], 0, 0.0, 0
+            for chunk in stub.Prefill(request, timeout=timeout, metadata=self._metadata):
                 carried += chunk.ByteSize() + GRPC_MESSAGE_PREFIX
                 total = total or chunk.total_bytes
                 if max(total, sum(map(len, parts)) + len(chunk.data)) > max_message_bytes:
@@ -191,8 +215,10 @@ class ParticipantClient(RemoteSender):
                     )
                 parts.append(chunk.data)
                 sender_seconds = chunk.prefill_seconds + chunk.encode_seconds or sender_seconds
-        except grpc.RpcError as err:
-            raise self._unavailable(err) from None
+            return parts, total, sender_seconds, carried
+
+        start = time.perf_counter()
+        parts, total, sender_seconds, carried = self._call(receive)
         seconds = time.perf_counter() - start
         data = b"".join(parts)
         if len(data) != total:
@@ -210,10 +236,7 @@ class ParticipantClient(RemoteSender):
         stub = self.connect()
         request = pb.HintRequest(prompts=list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
         start = time.perf_counter()
-        try:
-            reply = stub.Hint(request, timeout=self.calls.deadline_s, metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise self._unavailable(err) from None
+        reply = self._call(lambda timeout: stub.Hint(request, timeout=timeout, metadata=self._metadata))
         seconds = time.perf_counter() - start
         if len(reply.replies) != len(prompts):
             raise SenderUnavailable(self.endpoint, "invalid_message", f"{len(reply.replies)} hints for {len(prompts)} prompts")
@@ -223,12 +246,27 @@ class ParticipantClient(RemoteSender):
     def rephrase(self, queries: Sequence[str], variant: str | None = None) -> list[pb.Rephrasing]:
         """The served participant's rephrasings of ``queries`` (it must offer rephrasing)."""
         stub = self.connect()
-        try:
-            reply = stub.Rephrase(pb.RephraseRequest(queries=list(queries), variant=variant or ""),
-                                  timeout=self.calls.deadline_s, metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise self._unavailable(err) from None
+        request = pb.RephraseRequest(queries=list(queries), variant=variant or "")
+        reply = self._call(lambda timeout: stub.Rephrase(request, timeout=timeout, metadata=self._metadata))
         return list(reply.rephrasings)
+
+
+#: The longest server retry hint a call waits for (a longer one ends the call: the sender is left out).
+MAX_RETRY_HINT_S = 5.0
+
+
+def retry_hint_s(err: grpc.RpcError) -> float | None:
+    """The seconds a RESOURCE_EXHAUSTED refusal asks to wait before calling again (its ``grpc-retry-pushback-ms``
+    trailing metadata), or None: another failure, no hint, or a hint that is not a number from 0 to
+    :data:`MAX_RETRY_HINT_S` (a server's metadata is not trusted)."""
+    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    try:
+        hint = dict(err.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
+        seconds = int(hint) / 1000 if isinstance(hint, str) and hint.isdigit() and len(hint) <= 9 else None
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds is not None and seconds <= MAX_RETRY_HINT_S else None
 
 
 def _detail(err: BaseException | None) -> str:
