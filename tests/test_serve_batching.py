@@ -287,15 +287,21 @@ def test_batched_hints_equal_the_unbatched_ones():
 
 
 # --- served: limits, refusals, shutdown ----------------------------------------------------------------
+def held_full(served: Served) -> tuple[threading.Event, pb.PrefillRequest, list[Future]]:
+    """A queue of one held full: the model blocked (until the event is set) on one call, another waiting."""
+    release, run = threading.Event(), served.server.servicer.batcher.run
+    served.server.servicer.batcher.run = lambda key, payloads: (release.wait(WAIT_S), run(key, payloads))[1]  # a slow model
+    request = pb.PrefillRequest(prompts=[pb.TokenRow(ids=[5, 6, 7])], codec="fp32")
+    running = in_background(lambda s=served.stub(): prefill_bytes(s, request))  # takes the model
+    time.sleep(0.3)
+    queued = in_background(lambda s=served.stub(): prefill_bytes(s, request))  # fills the queue
+    time.sleep(0.3)
+    return release, request, [running, queued]
+
+
 def test_a_full_queue_is_refused_resource_exhausted_with_a_retry_hint(toy):
     with Served(toy, batching=BatchingConfig(max_queue=1, max_queue_delay_ms=0)) as served:
-        release, run = threading.Event(), served.server.servicer.batcher.run
-        served.server.servicer.batcher.run = lambda key, payloads: (release.wait(WAIT_S), run(key, payloads))[1]  # a slow model
-        request = pb.PrefillRequest(prompts=[pb.TokenRow(ids=[5, 6, 7])], codec="fp32")
-        running = in_background(lambda s=served.stub(): prefill_bytes(s, request))  # takes the model
-        time.sleep(0.3)
-        queued = in_background(lambda s=served.stub(): prefill_bytes(s, request))  # fills the queue
-        time.sleep(0.3)
+        release, request, calls = held_full(served)
         with pytest.raises(grpc.RpcError) as refused:
             list(served.stub().Prefill(request, timeout=WAIT_S))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -303,19 +309,13 @@ def test_a_full_queue_is_refused_resource_exhausted_with_a_retry_hint(toy):
         hint = dict(refused.value.trailing_metadata())[RETRY_AFTER_KEY]
         assert int(hint) >= 1
         release.set()
-        for call in (running, queued):
+        for call in calls:
             assert isinstance(call.result(WAIT_S), bytes)
 
 
 def test_the_client_calls_again_after_the_retry_hint_while_the_queue_is_full_and_never_past_its_limits(toy):
     with Served(toy, batching=BatchingConfig(max_queue=1, max_queue_delay_ms=0)) as served:
-        release, run = threading.Event(), served.server.servicer.batcher.run
-        served.server.servicer.batcher.run = lambda key, payloads: (release.wait(WAIT_S), run(key, payloads))[1]  # a slow model
-        request = pb.PrefillRequest(prompts=[pb.TokenRow(ids=[5, 6, 7])], codec="fp32")
-        running = in_background(lambda s=served.stub(): prefill_bytes(s, request))  # takes the model
-        time.sleep(0.3)
-        queued = in_background(lambda s=served.stub(): prefill_bytes(s, request))  # fills the queue
-        time.sleep(0.3)
+        release, _, calls = held_full(served)
         endpoint = f"grpc://127.0.0.1:{served.port}"
 
         def prefill(retries: int):
@@ -333,7 +333,7 @@ def test_the_client_calls_again_after_the_retry_hint_while_the_queue_is_full_and
         threading.Timer(0.5, release.set).start()  # the queue drains while the client waits and calls again
         delivery = prefill(1000)
         assert delivery.message.attention_mask.shape == (1, 3)
-        for call in (running, queued):
+        for call in calls:
             assert isinstance(call.result(WAIT_S), bytes)
 
 
