@@ -183,12 +183,12 @@ def fuse_step(model: FusedReceiver, batch: FusionBatch, messages: dict) -> Calla
 
 
 def fuser_matmul_floor(fuser: Fuser, receiver: Participant, tokens: int, repeats: int,
-                       step: Callable[[], object] | None = None) -> dict[str, float]:
+                       step: Callable[[], object]) -> dict[str, float]:
     """The fuser's matrix products alone (its stacked inference weights, ``tokens`` rows of random inputs):
     the part of the fuse step that no change to the code around them removes. With the multiply-accumulates
     of those products and of the receiver's own over its prompt (its decoder layers' weight matrices per
     token, the output head for one; attention scores left out), the floor as a ratio, by time and by count.
-    ``step`` (the fuse step whose floor this is): timed in turn with the products, ``repeats`` pairs, so the ratio
+    ``step`` (the fuse step whose floor this is) is timed in turn with the products, ``repeats`` pairs, and the ratio
     is the median of paired ratios (drift between two separately timed medians moved it by 0.2 and more here)."""
     stack = fuser._stacks.stack
     if stack is None:
@@ -206,20 +206,17 @@ def fuser_matmul_floor(fuser: Fuser, receiver: Participant, tokens: int, repeats
             torch.bmm(x, w)  # (L, tokens, in) @ (L, in, out)
 
     products()
-    if step is not None:  # warm-up
-        step()
+    step()  # warm-up
     times, steps = [], []
     for _ in range(repeats):
-        if step is not None:
-            steps.append(seconds(step, receiver.device))
+        steps.append(seconds(step, receiver.device))
         times.append(seconds(products, receiver.device))
     fuser_macs = sum(w.numel() * tokens for w in weights)
     decoder = sum(p.numel() for name, p in receiver.model.named_parameters() if ".layers." in name and p.dim() == 2)
     head = receiver.model.get_output_embeddings().weight.numel()
-    paired = {} if step is None else {"fuse_step_paired_s": statistics.median(steps),
-                                      "fuse_over_floor_paired": statistics.median(f / m for f, m in zip(steps, times))}
     return {"fuser_matmuls_s": statistics.median(times), "fuser_macs": float(fuser_macs),
-            "receiver_macs": float(decoder * (tokens + 1) + head)} | paired
+            "receiver_macs": float(decoder * (tokens + 1) + head), "fuse_step_paired_s": statistics.median(steps),
+            "fuse_over_floor_paired": statistics.median(f / m for f, m in zip(steps, times))}
 
 
 # --- one measurement pass ----------------------------------------------------------------------------
@@ -458,10 +455,9 @@ def fuse_ratios(results: dict) -> dict[str, float]:
     out = {}
     for size in (1, 16):
         batch = results.get(f"batch_{size}", {})
-        if "fuser_floor" in batch and "c2c:1" in batch:
-            suffix, floor = "" if size == 1 else "_batch16", batch["fuser_floor"]
-            out[f"fuse_over_fuser_matmul_floor{suffix}"] = floor.get(
-                "fuse_over_floor_paired", batch["c2c:1"]["stages"]["fuse"] / floor["fuser_matmuls_s"])
+        if "fuser_floor" in batch:
+            suffix = "" if size == 1 else "_batch16"
+            out[f"fuse_over_fuser_matmul_floor{suffix}"] = batch["fuser_floor"]["fuse_over_floor_paired"]
     if "receiver.bf16" in results.get("batch_1", {}):  # reported, no bar
         b1 = results["batch_1"]
         out["bf16_receiver_over_fp32_receiver"] = b1["receiver.bf16"]["stages"]["receiver"] / b1["receiver"]["stages"]["receiver"]
@@ -543,9 +539,8 @@ def markdown(payload: dict) -> str:
     for size in (1, 16):
         floor = results.get(f"batch_{size}", {}).get("fuser_floor")
         if floor is not None:
-            paired = "" if "fuse_over_floor_paired" not in floor else (
-                f" Timed in turn with them, the fuse step takes {floor['fuse_step_paired_s']:.3f} s: "
-                f"{floor['fuse_over_floor_paired']:.3f}x its floor (median of the pairs' ratios).")
+            paired = (f" Timed in turn with them, the fuse step takes {floor['fuse_step_paired_s']:.3f} s: "
+                      f"{floor['fuse_over_floor_paired']:.3f}x its floor (median of the pairs' ratios).")
             lines += [f"The fuser's matrix products alone (c2c:1, batch {size}, its own weights): {floor['fuser_matmuls_s']:.3f} s; "
                       f"{floor['fuser_macs'] / 1e9:.2f} G multiply-accumulates against the receiver's {floor['receiver_macs'] / 1e9:.1f} G."
                       + paired, ""]

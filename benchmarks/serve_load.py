@@ -35,8 +35,8 @@ import torch
 from remote_latency import served  # noqa: E402 (benchmarks/ is on the path of a script run from it)
 
 from fedrefine.bench.records import git_commit, markdown_table, script_command, write_results
-from fedrefine.runtime.admission import RETRY_AFTER_KEY
 from fedrefine.runtime.batcher import BatchingConfig
+from fedrefine.runtime.participant_client import retry_hint_s
 from fedrefine.runtime.protos import participant_pb2 as pb
 from fedrefine.runtime.protos import participant_pb2_grpc as pb_grpc
 
@@ -55,13 +55,6 @@ def channel(port: int) -> grpc.Channel:
     """A channel with its own connection (gRPC shares one between channels to one target by default)."""
     return grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1),
                                                                ("grpc.max_receive_message_length", 8 << 20)])
-
-
-def retry_hint_s(err: grpc.RpcError) -> float:
-    for key, value in err.trailing_metadata() or ():
-        if key == RETRY_AFTER_KEY:
-            return min(1.0, int(value) / 1000)
-    return 0.05
 
 
 def load(port: int, request: pb.PrefillRequest, clients: int, warmup_s: float, window_s: float) -> dict:
@@ -84,7 +77,8 @@ def load(port: int, request: pb.PrefillRequest, clients: int, warmup_s: float, w
                         time.sleep(0.05)
                         continue
                     refused[index] += 1
-                    time.sleep(retry_hint_s(err))
+                    hint = retry_hint_s(err, longest=float("inf"))  # the client's parser; waits capped at 1 s here
+                    time.sleep(0.05 if hint is None else min(1.0, hint))
                     continue
                 done = time.monotonic()
                 if begin <= done <= end:  # completed in the window (warmup: at least one round trip)

@@ -168,17 +168,17 @@ class ParticipantClient(RemoteSender):
     def _call(self, call: Callable[[float], T]) -> T:
         """``call(timeout)``, sent again after the server's retry hint while it refuses for a full queue (at most
         :attr:`CallSettings.busy_retries` times, never past the deadline); any other failure ends it at once."""
-        deadline = time.monotonic() + self.calls.deadline_s
-        for attempt in range(self.calls.busy_retries + 1):
+        deadline, retries = time.monotonic() + self.calls.deadline_s, self.calls.busy_retries
+        while True:
             try:
                 return call(max(deadline - time.monotonic(), 1e-3))
             except grpc.RpcError as err:
                 wait = retry_hint_s(err)
-                if wait is None or attempt == self.calls.busy_retries or time.monotonic() + wait >= deadline:
+                if wait is None or retries == 0 or time.monotonic() + wait >= deadline:
                     raise self._unavailable(err) from None
+                retries -= 1
                 logger.info("%s: queue full, calling again in %.3f s", self.endpoint, wait)
                 time.sleep(wait)
-        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     # --- calls -----------------------------------------------------------------------------------
     def prefill(
@@ -255,10 +255,10 @@ class ParticipantClient(RemoteSender):
 MAX_RETRY_HINT_S = 5.0
 
 
-def retry_hint_s(err: grpc.RpcError) -> float | None:
+def retry_hint_s(err: grpc.RpcError, longest: float = MAX_RETRY_HINT_S) -> float | None:
     """The seconds a RESOURCE_EXHAUSTED refusal asks to wait before calling again (its ``grpc-retry-pushback-ms``
-    trailing metadata), or None: another failure, no hint, or a hint that is not a number from 0 to
-    :data:`MAX_RETRY_HINT_S` (a server's metadata is not trusted)."""
+    trailing metadata), or None: another failure, no hint, or a hint that is not a number from 0 to ``longest``
+    (a server's metadata is not trusted)."""
     if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return None
     try:
@@ -266,7 +266,7 @@ def retry_hint_s(err: grpc.RpcError) -> float | None:
         seconds = int(hint) / 1000 if isinstance(hint, str) and hint.isdigit() and len(hint) <= 9 else None
     except (TypeError, ValueError):
         return None
-    return seconds if seconds is not None and seconds <= MAX_RETRY_HINT_S else None
+    return seconds if seconds is not None and seconds <= longest else None
 
 
 def _detail(err: BaseException | None) -> str:
