@@ -156,7 +156,8 @@ def plot_point_to_point(rows: Sequence[dict[str, Any]], senders: Sequence[str], 
         heights = [100 * r["accuracy"] for r in values]
         errors = [[h - 100 * r["ci_low"] for h, r in zip(heights, values)],
                   [100 * r["ci_high"] - h for h, r in zip(heights, values)]]
-        axes.bar(xs, heights, width, yerr=errors, capsize=3, color=ROUTE_COLOURS[route], label=ROUTE_LABELS[route])
+        label = ROUTE_LABELS[route] + (", pairwise" if any(r.get("gated") is False for r in values) else "")
+        axes.bar(xs, heights, width, yerr=errors, capsize=3, color=ROUTE_COLOURS[route], label=label)
     alone = [r["accuracy"] for r in ok if r["route"] == "receiver"]
     if alone:
         axes.axhline(100 * alone[0], color="black", linestyle="--", linewidth=1, label="receiver alone")
