@@ -321,6 +321,37 @@ def test_a_sweep_weighs_its_senders_through_the_named_gate_and_trains_a_missing_
         toy_sweep(tmp_path, {"residual": toy_registries["residual"]}, gates={"concat": str(gate_dir)})
 
 
+def test_lone_senders_fuse_pairwise_past_the_gate_when_gate_singles_is_off(tmp_path, toy_registries):
+    from fedrefine.fusion import SenderStateGate
+
+    fusers = list(toy_sweep(tmp_path, toy_registries).federation.receiver(
+        "receiver", ["llama", "qwen2"], registry=FuserRegistry(toy_registries["residual"])).fusers)
+    gate = SenderStateGate(fusers, hidden_size=4)
+    for reader in gate.readers:
+        torch.nn.init.constant_(reader[-1].bias, -60.0)  # every sender weighed 0: a gated cell is the receiver alone
+    gate.save(tmp_path / "gate", fusers)
+    settings = dict(routes=["c2c.residual"], query_modes=["original"], subsets=[["llama", "qwen2"]], num_questions=8)
+    runs = {
+        name: toy_sweep(tmp_path, toy_registries, output_dir=str(tmp_path / name), **settings, **extra)
+        for name, extra in [("ungated", {}), ("gated", {"gates": {"residual": str(tmp_path / "gate")}}),
+                            ("pairwise", {"gates": {"residual": str(tmp_path / "gate")}, "gate_singles": False})]
+    }
+    rows = {name: {r["key"]: r for r in sweep.run(command="test")} for name, sweep in runs.items()}
+    alone = rows["ungated"]["receiver"]["accuracy"]
+    for single in ("c2c.residual:llama", "c2c.residual:qwen2"):
+        assert rows["gated"][single]["gated"] is True and rows["gated"][single]["accuracy"] == alone
+        assert rows["pairwise"][single]["gated"] is False
+        assert rows["pairwise"][single]["accuracy"] == rows["ungated"][single]["accuracy"]  # the fuser alone
+        assert "gated" not in rows["ungated"][single]
+    both = "c2c.residual:llama+qwen2"
+    assert rows["pairwise"][both]["gated"] is True and rows["pairwise"][both]["accuracy"] == alone
+    assert runs["pairwise"].model("residual", gated=False).source_gate is None
+    prints = {name: sweep.fusion.fingerprints(["residual"])["residual"] for name, sweep in runs.items()}
+    assert len(set(prints.values())) == 3  # a results file of one never resumes as another
+    table = (tmp_path / "pairwise" / "sweep.md").read_text()
+    assert "| c2c.residual (pairwise) | original | llama |" in table and "gate_singles: false" in table
+
+
 def test_gate_training_runs_fedrefine_fit_over_the_sweeps_registry(tmp_path, monkeypatch):
     from fedrefine.bench import fuser_training
 

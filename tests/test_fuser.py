@@ -246,11 +246,35 @@ def test_a_registry_refuses_a_fuser_in_a_misnamed_folder_naming_the_expected_one
         FuserRegistry(tmp_path / "registry").has(llama_sender.identity, receiver.identity)
 
 
+def test_a_fuser_reading_keys_and_values_together_feeds_the_senders_keys_into_the_value_deltas(receiver, llama_sender):
+    torch.manual_seed(0)
+    config = FuserConfig(hidden_size=16, reads_kv_together=True)
+    fuser = Fuser(llama_sender.identity, receiver.identity, config).eval()
+    for parameter in fuser.parameters():  # the projection starts at zero: make the deltas visible
+        torch.nn.init.normal_(parameter, std=0.1)
+    sender_dim = llama_sender.identity.num_kv_heads * llama_sender.identity.head_dim
+    assert fuser.layers[0].value.input.in_features == 2 * sender_dim + receiver.identity.num_kv_heads * receiver.identity.head_dim
+    sender_layers, theirs = random_layers(llama_sender.identity), random_layers(receiver.identity)
+    other_keys = KVStack(sender_layers.layers, torch.randn_like(sender_layers.keys), sender_layers.values)
+    first, second = fuser(sender_layers, theirs), fuser(other_keys, theirs)
+    assert not torch.allclose(first.values, second.values)  # only the sender's keys changed
+    separate = Fuser(llama_sender.identity, receiver.identity, FuserConfig(hidden_size=16)).eval()
+    torch.testing.assert_close(separate(sender_layers, theirs).values, separate(other_keys, theirs).values)
+    assert fuser_parameter_count(llama_sender.identity, receiver.identity, config) > fuser_parameter_count(
+        llama_sender.identity, receiver.identity, FuserConfig(hidden_size=16))
+    with pytest.raises(ValueError, match="reads_kv_together reads the sender's keys.*fuse_keys true"):
+        FuserConfig(reads_kv_together=True, fuse_keys=False)
+    with pytest.raises(ValueError, match="reads_kv_together=True"):
+        FuserConfig(reads_kv_together=True, variant="c2c_reference")
+
+
 @pytest.mark.parametrize("num_blocks", [2, 3, 4])
 @pytest.mark.parametrize("batch, length", [(1, 1), (2, 5)])  # a few rows (bias by its own product) and many (bias as a weight row)
-def test_stacked_streams_equal_the_per_layer_loop_at_every_depth(receiver, qwen2_sender, num_blocks, batch, length):
+@pytest.mark.parametrize("together", [False, True])  # each stream reading the sender's [K ; V]
+def test_stacked_streams_equal_the_per_layer_loop_at_every_depth(receiver, qwen2_sender, num_blocks, batch, length, together):
     torch.manual_seed(5)
-    fuser = Fuser(qwen2_sender.identity, receiver.identity, FuserConfig(hidden_size=16, num_blocks=num_blocks)).eval()
+    config = FuserConfig(hidden_size=16, num_blocks=num_blocks, reads_kv_together=together)
+    fuser = Fuser(qwen2_sender.identity, receiver.identity, config).eval()
     for layer in fuser.layers:
         for stream in (layer.key, layer.value):
             torch.nn.init.normal_(stream.projection.weight, std=0.5)

@@ -222,7 +222,8 @@ def _last_token_pair(receiver, llama_sender, qwen2_sender, case, fuse_at="last")
         keys = [True, case != "mixed"]
         fusers = [make_pair(receiver, s, fuse_at=fuse_at, fuse_keys=k).fusers[0] for s, k in zip((llama_sender, qwen2_sender), keys)]
         return FusedReceiver(receiver, [llama_sender, qwen2_sender], fusers, combine="parallel" if case == "parallel" else "sequential").eval()
-    config = {"keys": {}, "values_only": {"fuse_keys": False}, "reference": {"variant": "c2c_reference"}}[case]
+    config = {"keys": {}, "values_only": {"fuse_keys": False}, "reference": {"variant": "c2c_reference"},
+              "kv_together": {"reads_kv_together": True}}[case]
     pair = make_pair(receiver, llama_sender, fuse_at=fuse_at, **config).eval()
     for name, parameter in pair.fusers[0].named_parameters():  # the reference's blocks start at zero too
         if "projection" in name or "gate" in name:
@@ -230,7 +231,7 @@ def _last_token_pair(receiver, llama_sender, qwen2_sender, case, fuse_at="last")
     return pair
 
 
-@pytest.mark.parametrize("case", ["keys", "values_only", "reference", "parallel", "sequential", "mixed"])
+@pytest.mark.parametrize("case", ["keys", "values_only", "reference", "kv_together", "parallel", "sequential", "mixed"])
 def test_last_token_inference_fusion_equals_the_general_fusion(receiver, llama_sender, qwen2_sender, case):
     from fedrefine.fusion.last_token import LastTokenFusion
 
@@ -249,7 +250,7 @@ def test_last_token_inference_fusion_equals_the_general_fusion(receiver, llama_s
     torch.testing.assert_close(read.last_logits, general[:, 0], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["keys", "values_only", "reference", "parallel", "sequential", "mixed"])
+@pytest.mark.parametrize("case", ["keys", "values_only", "reference", "kv_together", "parallel", "sequential", "mixed"])
 def test_prompt_fusion_in_inference_equals_the_general_fusion(receiver, llama_sender, qwen2_sender, case):
     """The inference path (stacked fusers, heads-last receiver stack, key deltas rotated into it in place) against
     autograd's (the per-layer fusers, every sum out of place), at every aligned prompt position."""

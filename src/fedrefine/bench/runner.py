@@ -67,6 +67,8 @@ class BenchSweep:
         query_modes: any of ``original``, ``shared``, ``private``.
         subsets: ``prefixes`` (first k senders), ``all`` (every non-empty subset) or explicit lists.
         singles: also evaluate every single sender (point-to-point, Fig. 3b).
+        gate_singles: single-sender cells of a gated mode go through the gate too (False: pairwise, through the
+            sender's fuser alone; their rows say ``gated: false``).
         split: evaluation split (default: the data module's ``test_split``).
         num_questions: the first N questions of the split (None: all).
         batch_size: questions per batch.
@@ -94,6 +96,7 @@ class BenchSweep:
         query_modes: list[str] | None = None,
         subsets: SubsetPolicy | list[list[str]] = "prefixes",
         singles: bool = True,
+        gate_singles: bool = True,
         split: str | None = None,
         num_questions: int | None = None,
         batch_size: int = 32,
@@ -114,7 +117,7 @@ class BenchSweep:
         self.federation = Federation(participants, registry=None)  # each fusion mode has its own registry
         self.console = Console()
         self.fusion = SweepFusion(self.federation, receiver, senders, registries, gates, train_missing, train_missing_gate,
-                                  self.console)
+                                  gate_singles, self.console)
         self.cells = expand_cells(senders, routes or list(ROUTES), query_modes or list(QUERY_MODES), subsets, singles)
         self.evaluation = evaluation or EvaluationConfig()
         self.link_mbit_per_s = link_mbit_per_s
@@ -122,7 +125,7 @@ class BenchSweep:
         self.logger, self.device = logger, torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                                         "cpu" if device == "auto" else device)
         self.precision = resolve_precision(precision, self.device)
-        self._models: dict[str | None, FusedReceiver] = {}
+        self._models: dict[tuple[str | None, bool], FusedReceiver] = {}
         self._planner: QueryPlanner | None = None
         self.commit = git_commit()  # the code this sweep runs, read once: the tree may change while it runs
 
@@ -143,19 +146,21 @@ class BenchSweep:
         """Make sure every fuser and named gate the C2C cells need exists (training the missing ones)."""
         self.fusion.prepare(self.fusion_modes)
 
-    def model(self, mode: str | None) -> FusedReceiver:
-        """The receiver with every sender: through ``mode``'s fusers, or (None) for routes without fusion."""
+    def model(self, mode: str | None, gated: bool = True) -> FusedReceiver:
+        """The receiver with every sender: through ``mode``'s fusers (weighed by its gate, if any, when ``gated``),
+        or (None) for routes without fusion."""
         mode = mode or (self.fusion_modes[0] if self.fusion_modes else None)
-        if mode not in self._models:
+        key = (mode, gated and mode in self.fusion.gates)
+        if key not in self._models:
             if mode is None:  # receiver / T2T only: fusers are never called, any will do
                 receiver = self.participant(self.receiver_name)
                 senders = [self.participant(n) for n in self.sender_names]
                 fusers = [Fuser(s.identity, receiver.identity, FuserConfig(hidden_size=8, num_blocks=2)) for s in senders]
                 model = FusedReceiver(receiver, senders, fusers, sender_names=self.sender_names)
             else:
-                model = self.fusion.receiver(mode)
-            self._models[mode] = cast_for_precision(model, self.precision).to(self.device).eval()
-        return self._models[mode]
+                model = self.fusion.receiver(mode, gated)
+            self._models[key] = cast_for_precision(model, self.precision).to(self.device).eval()
+        return self._models[key]
 
     def questions(self) -> QuestionDataset:
         """The evaluation questions (the first ``num_questions`` of the split)."""
@@ -186,11 +191,15 @@ class BenchSweep:
         return self.model(cell.fusion).strategy.aligned_messages
 
     def evaluate(self, cell: Route, questions: QuestionDataset) -> dict[str, Any]:
-        """Run one cell on every question; returns its result row."""
-        model = self.model(cell.fusion)
+        """Run one cell on every question; returns its result row (a C2C cell of a gated mode says whether it went
+        through the gate: ``gated``)."""
+        mode = (cell.fusion or (self.fusion_modes or [None])[0]) if cell.kind == "c2c" else None
+        gated = mode in self.fusion.gates and self.fusion.gated(mode, len(cell.senders))
+        model = self.model(cell.fusion, gated)
         evaluator = Evaluator(model, [cell.resolve(model.sender_names)], self.evaluation, self.planner)
         with precision_context(self.precision, self.device):
-            return result_row(cell, evaluator.run(questions, self.batch_size, self.device), self.link_mbit_per_s, self.commit)
+            row = result_row(cell, evaluator.run(questions, self.batch_size, self.device), self.link_mbit_per_s, self.commit)
+        return {**row, "gated": gated} if mode in self.fusion.gates else row
 
     def header(self, fingerprint: str | None, command: str, fusion_fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
         """What the results file records besides its rows."""

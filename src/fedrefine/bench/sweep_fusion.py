@@ -30,6 +30,9 @@ class SweepFusion:
         gates: a gating network's directory per fusion mode (a ``FederationModule``'s ``export_dir``).
         train_missing: trains fusers missing from a registry (None: a missing fuser is an error).
         train_missing_gate: trains a gate named in ``gates`` but missing there (None: an error).
+        gate_singles: whether a lone sender goes through its mode's gate too (False: it fuses pairwise, through its
+            fuser alone, as point-to-point communication; a gate trained with every sender present may lower a
+            lone sender's weight).
         console: where training is announced.
     """
 
@@ -42,6 +45,7 @@ class SweepFusion:
         gates: dict[str, str] | None = None,
         train_missing: FuserTraining | None = None,
         train_missing_gate: GateTraining | None = None,
+        gate_singles: bool = True,
         console: Console | None = None,
     ) -> None:
         self.registries = {mode: FuserRegistry(path) for mode, path in (registries or {}).items()}
@@ -54,6 +58,7 @@ class SweepFusion:
             raise SettingsError(f"gates names fusion modes {without_registry} without a registry; set registries.<mode> too.")
         self.federation, self.receiver_name, self.sender_names = federation, receiver, list(senders)
         self.train_missing, self.train_missing_gate = train_missing, train_missing_gate
+        self.gate_singles = gate_singles
         self.console = console or Console()
 
     def registry(self, mode: str) -> FuserRegistry:
@@ -97,15 +102,20 @@ class SweepFusion:
         self.console.print(f"[bold]Training the missing gating network[/] of {self.receiver_name} ({mode})")
         self.train_missing_gate.fit(mode, self.registry(mode).root, directory)
 
-    def receiver(self, mode: str) -> FusedReceiver:
-        """The receiver with every sender through ``mode``'s fusers, weighed by its gate when one is named."""
+    def gated(self, mode: str, n_senders: int) -> bool:
+        """Whether a cell of ``mode`` with ``n_senders`` senders weighs them through a gate."""
+        return mode in self.gates and (n_senders > 1 or self.gate_singles)
+
+    def receiver(self, mode: str, gated: bool = True) -> FusedReceiver:
+        """The receiver with every sender through ``mode``'s fusers, weighed by its gate when one is named (and
+        ``gated``)."""
         model = self.federation.receiver(self.receiver_name, self.sender_names, registry=self.registry(mode))
-        if mode in self.gates:
+        if gated and mode in self.gates:
             model.source_gate = load_gate(self.gates[mode], list(model.fusers))
         return model
 
     def fingerprints(self, modes: Sequence[str]) -> dict[str, str]:
-        """Per fusion mode, a hash of each sender's fuser weights and the gate's."""
+        """Per fusion mode, a hash of each sender's fuser weights, the gate's, and whether lone senders skip it."""
         receiver = self.federation.participant(self.receiver_name)
         prints = {}
         for mode in modes:
@@ -116,5 +126,7 @@ class SweepFusion:
             if mode in self.gates:
                 for path in sorted(self.gates[mode].glob("*.safetensors")):
                     digest.update(b"gate" + path.read_bytes())
+                if not self.gate_singles:
+                    digest.update(b"lone senders pairwise")
             prints[mode] = digest.hexdigest()[:16]
         return prints

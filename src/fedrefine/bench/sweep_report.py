@@ -28,7 +28,7 @@ CSV_COLUMNS = (
     "route", "query_mode", "senders", "n_senders", "status", "accuracy", "ci_low", "ci_high", "receiver_accuracy",
     "latency_s", *(f"{stage}_s" for stage in STAGES), "bytes_per_token", "bytes_per_token_by_sender",
     "bytes_per_question", "leakage_overlap", "leakage_private_tokens", "rephrasings_unfaithful", "n_questions",
-    "failed",
+    "failed", "gated",
 )
 ROUTE_LABELS = {"receiver": "receiver alone", "c2c.residual": "KV (C2C residual)", "c2c.concat": "KV (C2C concat)",
                 "t2t": "Token (T2T)"}
@@ -82,10 +82,12 @@ def markdown(rows: Sequence[dict[str, Any]], title: str, command: str, commit: s
             continue
         stages = " | ".join(f"{r[f'{stage}_s']:.4f}" for stage in STAGES)
         lines.append(
-            f"| {r['route']} | {r['query_mode']} | {r['senders'] or '-'} | {_pct(r['accuracy'])} | "
+            f"| {r['route']}{' (pairwise)' if r.get('gated') is False else ''} | {r['query_mode']} | {r['senders'] or '-'} | {_pct(r['accuracy'])} | "
             f"{_pct(r['ci_low'])}-{_pct(r['ci_high'])} | {_pct(r['receiver_accuracy'])} | {r['latency_s']:.4f} | "
             f"{stages} | {r['bytes_per_token']:g} |"
         )
+    if any(r.get("gated") is False for r in rows):
+        lines += ["", "(pairwise): a lone sender fused through its fuser alone, not the mode's gate (`gate_singles: false`)."]
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:
         lines += ["", f"{len(skipped)} cell(s) cannot run and were not evaluated:", ""]
@@ -154,7 +156,8 @@ def plot_point_to_point(rows: Sequence[dict[str, Any]], senders: Sequence[str], 
         heights = [100 * r["accuracy"] for r in values]
         errors = [[h - 100 * r["ci_low"] for h, r in zip(heights, values)],
                   [100 * r["ci_high"] - h for h, r in zip(heights, values)]]
-        axes.bar(xs, heights, width, yerr=errors, capsize=3, color=ROUTE_COLOURS[route], label=ROUTE_LABELS[route])
+        label = ROUTE_LABELS[route] + (", pairwise" if any(r.get("gated") is False for r in values) else "")
+        axes.bar(xs, heights, width, yerr=errors, capsize=3, color=ROUTE_COLOURS[route], label=label)
     alone = [r["accuracy"] for r in ok if r["route"] == "receiver"]
     if alone:
         axes.axhline(100 * alone[0], color="black", linestyle="--", linewidth=1, label="receiver alone")

@@ -55,6 +55,13 @@ class FuserConfig:
         metadata=_help("Residual mode: False computes the deltas from the sender's states alone, so the fuser "
                        "cannot key on receiver features of tokens the receiver never learned."),
     )
+    reads_kv_together: bool = field(
+        default=False,
+        metadata=_help("Residual mode: True has each stream (K and V) read the sender's keys and values side by "
+                       "side, instead of the K stream the sender's keys and the V stream its values (a sender's "
+                       "top-layer keys and values together can hold more of an answer than either alone). The input "
+                       "Linear of each stream is twice as wide on the sender's side; the message is unchanged."),
+    )
     fuse_at: FuseAt = field(
         default="prompt",
         metadata=_help("Residual mode: which receiver tokens are fused. prompt (the C2C reference): every aligned "
@@ -107,6 +114,11 @@ class FuserConfig:
                 f"token_alignment {self.token_alignment!r} is the C2C reference's, for residual fusion of the prompt; "
                 f"got mode {self.mode!r}, fuse_at {self.fuse_at!r}: set token_alignment 'spans' or fuse_at 'prompt'."
             )
+        if self.reads_kv_together and (self.mode != "residual" or not self.fuse_keys):
+            raise ValueError(
+                f"reads_kv_together reads the sender's keys beside its values in residual fusion; got mode {self.mode!r}, "
+                f"fuse_keys {self.fuse_keys}: set mode 'residual' and fuse_keys true, or reads_kv_together false."
+            )
         if self.variant == "c2c_reference":
             self._check_reference()
         if self.fuse_at != "prompt" and self.mode != "residual":
@@ -117,7 +129,7 @@ class FuserConfig:
     def _check_reference(self) -> None:
         """The reference's projector adds to the receiver's cache from both caches, keys and values alike."""
         conflicts = {"mode": (self.mode, "residual"), "fuse_keys": (self.fuse_keys, True),
-                     "reads_receiver": (self.reads_receiver, True)}
+                     "reads_receiver": (self.reads_receiver, True), "reads_kv_together": (self.reads_kv_together, False)}
         wrong = [f"{name}={got!r} (needs {needed!r})" for name, (got, needed) in conflicts.items() if got != needed]
         if self.num_blocks < 3:
             wrong.append(f"num_blocks={self.num_blocks} (needs >= 3)")

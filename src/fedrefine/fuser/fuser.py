@@ -36,7 +36,7 @@ from fedrefine.fuser.files import (
     read_weights,
     write_weights,
 )
-from fedrefine.fuser.layers import LAYER_FUSERS, KeyFrame, LayerFuser
+from fedrefine.fuser.layers import LAYER_FUSERS, KeyFrame, LayerFuser, stream_inputs
 from fedrefine.fuser.reference import ReferenceLayerFuser
 from fedrefine.fuser.stacked import InferenceStacks, StackedLayers, StackedStream
 from fedrefine.kv.stack import KVStack
@@ -175,8 +175,9 @@ class Fuser(nn.Module):
             values = stacked.value(sender.values, None) * gates.view(-1, 1, 1, 1, 1)
             return KVStack(tuple(runs), stacked.key(sender.keys, None), values)
         key_scale, value_scale = self._stream_scales(runs, scale, receiver.values)
-        values = stacked.value(sender.values, receiver.values, value_scale)  # residual deltas; open gates are 1 in eval
-        keys = None if stacked.key is None else stacked.key(sender.keys, receiver.keys, key_scale)
+        key_input, value_input = stream_inputs(sender.keys, sender.values, self.config.reads_kv_together)
+        values = stacked.value(value_input, receiver.values, value_scale)  # residual deltas; open gates are 1 in eval
+        keys = None if stacked.key is None else stacked.key(key_input, receiver.keys, key_scale)
         return KVStack(tuple(runs), keys, values)
 
     def _stream_scales(self, runs: list[int], scale: Tensor | None, like: Tensor) -> tuple[Tensor | None, Tensor | None]:

@@ -7,7 +7,8 @@ Per receiver layer, separately for keys and values (shapes (B, H, N, D))::
     w = sigmoid(W_w FFN(h) + b_w)                 per-token, per-head weight (B, H_t, N, 1)
     delta = g * w * p                             g: the layer's binary-concrete gate
 
-Residual mode returns the deltas; concat mode reads the sender alone and returns new cache entries.
+Residual mode returns the deltas; concat mode reads the sender alone and returns new cache entries. With
+``reads_kv_together`` both streams read ``s = [K_s ; V_s]`` (each head's key and value side by side).
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ KVPair = tuple[Tensor | None, Tensor]
 #: The frame of the keys a layer fuser reads and writes: ``position_free`` (rotary embedding removed; the caller
 #: un-rotates and re-rotates) or ``cache`` (rotated, as the cache holds them: the C2C reference's frame).
 KeyFrame = Literal["position_free", "cache"]
+
+
+def stream_inputs(keys: Tensor | None, values: Tensor, together: bool) -> KVPair:
+    """What the K and the V stream read of the sender's keys and values (..., D_s): each its own, or (``together``)
+    both the two side by side (..., 2 D_s)."""
+    if not together:
+        return keys, values
+    both = torch.cat((keys, values), dim=-1)
+    return both, both
 
 
 class FeedForwardBlock(nn.Module):
@@ -112,7 +122,8 @@ class LayerFuser(nn.Module):
 
     def __init__(self, sender: ParticipantIdentity, receiver: ParticipantIdentity, config: FuserConfig) -> None:
         super().__init__()
-        sender_dim = sender.num_kv_heads * sender.head_dim
+        self.reads_kv_together = config.reads_kv_together  # each stream reads the sender's [K ; V]
+        sender_dim = sender.num_kv_heads * sender.head_dim * (2 if self.reads_kv_together else 1)
         fuse_keys = config.fuse_keys or config.mode == "concat"  # concat entries need keys of their own
         self.key = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config) if fuse_keys else None
         self.value = StreamFuser(sender_dim, receiver.num_kv_heads, receiver.head_dim, config)
@@ -133,6 +144,7 @@ class ResidualLayerFuser(LayerFuser):
 
     def forward(self, sender: KVPair, receiver: KVPair, temperature: Tensor, scale: Tensor | None = None) -> KVPair:
         g = self.gate(temperature)
+        sender = stream_inputs(*sender, self.reads_kv_together)  # (B, H_s, N, D_s or 2 D_s) each
         delta_values = g * self.value(sender[1], receiver[1], scale)  # (B, H_t, N, D_t)
         if self.key is None:
             return None, delta_values

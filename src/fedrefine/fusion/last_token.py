@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedrefine.fuser.layers import stream_inputs
 from fedrefine.fuser.stacked import StackedStream
 from fedrefine.fusion.strategy import FusionInput
 from fedrefine.kv.cache import LayerKV, positions_from_mask
@@ -83,6 +84,8 @@ class LastTokenFusion:
         stack, streams = fuser.inference_streams()  # every open layer's, stacked: the sender's half in one product each
         opened = [i for i in streams if fuser.layer_map[i] in read.layers]
         carried = (read.values,) if read.keys is None or not fuser.fuses_keys else (read.keys, read.values)
+        if fuser.config.reads_kv_together:  # both streams read the sender's [K ; V]
+            carried = stream_inputs(read.keys, read.values, True)
         scales = scale.new_zeros((scale.shape[0], len(carried), *scale.shape[1:]))  # (L_t, S, B, 1)
         parts = {}
         if opened:
