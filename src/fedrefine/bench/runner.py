@@ -149,7 +149,7 @@ class BenchSweep:
     def model(self, mode: str | None, gated: bool = True) -> FusedReceiver:
         """The receiver with every sender: through ``mode``'s fusers (weighed by its gate, if any, when ``gated``),
         or (None) for routes without fusion."""
-        mode = mode or (self.fusion_modes[0] if self.fusion_modes else None)
+        mode = self._mode(mode)
         key = (mode, gated and mode in self.fusion.gates)
         if key not in self._models:
             if mode is None:  # receiver / T2T only: fusers are never called, any will do
@@ -161,6 +161,10 @@ class BenchSweep:
                 model = self.fusion.receiver(mode, gated)
             self._models[key] = cast_for_precision(model, self.precision).to(self.device).eval()
         return self._models[key]
+
+    def _mode(self, fusion: str | None) -> str | None:
+        """A cell's fusion mode: its own, or the sweep's first (None: the sweep fuses nothing)."""
+        return fusion or (self.fusion_modes[0] if self.fusion_modes else None)
 
     def questions(self) -> QuestionDataset:
         """The evaluation questions (the first ``num_questions`` of the split)."""
@@ -193,8 +197,8 @@ class BenchSweep:
     def evaluate(self, cell: Route, questions: QuestionDataset) -> dict[str, Any]:
         """Run one cell on every question; returns its result row (a C2C cell of a gated mode says whether it went
         through the gate: ``gated``)."""
-        mode = (cell.fusion or (self.fusion_modes or [None])[0]) if cell.kind == "c2c" else None
-        gated = mode in self.fusion.gates and self.fusion.gated(mode, len(cell.senders))
+        mode = self._mode(cell.fusion) if cell.kind == "c2c" else None
+        gated = self.fusion.gated(mode, len(cell.senders))
         model = self.model(cell.fusion, gated)
         evaluator = Evaluator(model, [cell.resolve(model.sender_names)], self.evaluation, self.planner)
         with precision_context(self.precision, self.device):

@@ -102,8 +102,8 @@ class SweepFusion:
         self.console.print(f"[bold]Training the missing gating network[/] of {self.receiver_name} ({mode})")
         self.train_missing_gate.fit(mode, self.registry(mode).root, directory)
 
-    def gated(self, mode: str, n_senders: int) -> bool:
-        """Whether a cell of ``mode`` with ``n_senders`` senders weighs them through a gate."""
+    def gated(self, mode: str | None, n_senders: int) -> bool:
+        """Whether a cell of ``mode`` (None: no fusion) with ``n_senders`` senders weighs them through a gate."""
         return mode in self.gates and (n_senders > 1 or self.gate_singles)
 
     def receiver(self, mode: str, gated: bool = True) -> FusedReceiver:

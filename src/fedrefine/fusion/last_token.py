@@ -83,9 +83,8 @@ class LastTokenFusion:
         fuser = item.fuser
         stack, streams = fuser.inference_streams()  # every open layer's, stacked: the sender's half in one product each
         opened = [i for i in streams if fuser.layer_map[i] in read.layers]
-        carried = (read.values,) if read.keys is None or not fuser.fuses_keys else (read.keys, read.values)
-        if fuser.config.reads_kv_together:  # both streams read the sender's [K ; V]
-            carried = stream_inputs(read.keys, read.values, True)
+        carried = ((read.values,) if read.keys is None or not fuser.fuses_keys  # what the [K ;] V streams read
+                   else stream_inputs(read.keys, read.values, fuser.config.reads_kv_together))
         scales = scale.new_zeros((scale.shape[0], len(carried), *scale.shape[1:]))  # (L_t, S, B, 1)
         parts = {}
         if opened:
